@@ -1,0 +1,70 @@
+"""Timing that is right on a GPU and cheap on a CPU, for the bench_*.py files.
+
+Every benchmark compares providers (fastresnet, torch eager, torch.compile,
+cuDNN ...) in one run, so the report can give ratios measured in the same
+process on the same device. Sizes are the paper's (batch 256, 224x224) on a
+GPU and tiny on the CPU, so that `pytest bench/ --benchmark` finishes here in
+minutes. FASTRESNET_BENCH_SHORT=1 cuts the rounds (used by gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    batch: int  # images per step
+    image_size: int  # pixels per side of an ImageNet-style input
+    cifar_batch: int  # images per step for the 32x32 CIFAR nets
+    rounds: int  # timed repetitions (the median is reported)
+    warmup_rounds: int  # untimed repetitions first: compilation, autotuning, caches
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sizes() -> BenchSizes:
+    short = os.environ.get("FASTRESNET_BENCH_SHORT", "0") == "1"
+    if device().type == "cuda":
+        return BenchSizes(batch=256, image_size=224, cifar_batch=512, rounds=10 if short else 30, warmup_rounds=3)
+    return BenchSizes(batch=2, image_size=64, cifar_batch=16, rounds=3, warmup_rounds=1)
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on a GPU (the speed setting); off on the CPU (fp32)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run(benchmark, fn, *, dev: torch.device, group: str, provider: str, baseline: bool = False, **extra):
+    """Time `fn()` with pytest-benchmark, synchronizing inside the timed call.
+
+    `extra` goes into the JSON (`images`, `bytes`, `flops` per call let the
+    report turn the median time into img/s, GB/s or TFLOP/s); `baseline`
+    marks the provider the others are divided by in the same group.
+    """
+    s = sizes()
+
+    def timed():
+        out = fn()
+        synchronize(dev)
+        return out
+
+    benchmark.group = group
+    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device_name(dev), **extra)
+    return benchmark.pedantic(timed, rounds=s.rounds, warmup_rounds=s.warmup_rounds, iterations=1)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return "cpu"

@@ -1,0 +1,53 @@
+"""Which implementation runs an op: the Triton kernel or the eager reference.
+
+Every fused op asks `use_triton(tensor)` in Python, before the op is called,
+so that `torch.compile` traces one path only: on CUDA it traces the Triton
+op, on the CPU it traces the reference (Triton has no CPU backend; its
+interpreter cannot run under fake tensors).
+
+Switches (read at call time, so tests can flip them):
+  FASTRESNET_FORCE_REFERENCE=1  always run the eager reference.
+  TRITON_INTERPRET=1            run the Triton kernels on the CPU through
+                                Triton's interpreter (slow; for tests). It
+                                must be set before `fastresnet.kernels`
+                                is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+FORCE_REFERENCE_ENV = "FASTRESNET_FORCE_REFERENCE"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+    return True
+
+
+def force_reference() -> bool:
+    return _env_flag(FORCE_REFERENCE_ENV)
+
+
+def triton_interpreter() -> bool:
+    return _env_flag("TRITON_INTERPRET")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the Triton kernels should run on `tensor`'s device."""
+    if force_reference() or not triton_available():
+        return False
+    if tensor.is_cuda:
+        return True
+    return tensor.device.type == "cpu" and triton_interpreter()
