@@ -354,3 +354,31 @@ def test_gpu_compiled_fused_resnet_bf16():
     for (name, a), b in zip(fused.named_parameters(), reference.parameters()):
         scale = max(1e-3, b.grad.abs().max().item())
         assert_close(a.grad, b.grad, atol=0.1 * scale, rtol=0.1, name=f"grad {name}")
+
+
+def test_many_programs_and_partials(monkeypatch):
+    """Small blocks force what a GPU does at full size: many row ranges merged
+    by _bn_stats_finalize, loops over several tiles, tiles straddling images,
+    channel blocks with a ragged end."""
+    from fastresnet.kernels import bn_act as kernels
+
+    block_m, block_c, rows_per_program = 16, 8, 32
+
+    def small_plan(x):
+        rows_total = x.shape[0] * x.shape[2] * x.shape[3]
+        return -(-rows_total // rows_per_program), rows_per_program, block_m, block_c, 4
+
+    monkeypatch.setattr(kernels, "_reduction_plan", small_plan)
+    monkeypatch.setattr(kernels, "_elementwise_blocks", lambda x: (block_m, block_c, 4))
+    shape = (3, 11, 5, 5)  # 75 rows in 3 ranges of 2 tiles: ranges and tiles end mid-image
+    x = make_input(shape, torch.float32, channels_last=True, mean=1e3)
+    res = make_input(shape, torch.float32, channels_last=False)
+    # relu=False: at mean 1e3 the fp32 reference's own error (~1e-4) can flip a ReLU mask.
+    check_batch_norm_act(x, *bn_state(11), True, res, False, grad_tol=(1e-3, 1e-3), out_tol=(1e-3, 1e-3))
+    scale, shift = channel_vector(11), channel_vector(11)
+    y = affine_act(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    grad_y = torch.randn_like(y)
+    expected = affine_act_reference(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    assert_close(y, expected, atol=1e-3, rtol=1e-3, name="affine y")
+    for a, e in zip(grads_of(y, [x, scale, shift], grad_y), grads_of(expected, [x, scale, shift], grad_y)):
+        assert_close(a, e, atol=1e-2, rtol=1e-3, name="affine grad")
