@@ -29,10 +29,13 @@ IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", 
 
 
 class BadImageError(ValueError):
-    """A dataset file that cannot be used; the message starts with its path."""
+    """A dataset file that cannot be used; the message starts with its path.
 
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    Also constructible from the message alone, as DataLoader does when it
+    re-raises a worker's exception in the main process."""
+
+    def __init__(self, path: str | Path, reason: str | None = None) -> None:
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
 
