@@ -33,9 +33,18 @@ from .folder import BadImageError, ImageList, open_rgb, scan_image_folder
 from .folder_loader import EpochDataset, FolderLoader
 from .loader import Shard
 
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still are the nvJPEG path
-# that needs nothing beyond torchvision on the GPU machines (torch 2.11 ... 2.14).
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+
+
+def decode_to_rgb(data, device: torch.device):
+    """torchvision's decode_jpeg (nvJPEG on a GPU), one tensor or a list.
+
+    torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are
+    still the nvJPEG path that needs nothing beyond torchvision on the GPU
+    machines (torch 2.11 ... 2.14), so the warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
 
 JPEG_START = b"\xff\xd8"
 JPEG_END = b"\xff\xd9"
@@ -76,7 +85,7 @@ class BytesDataset(EpochDataset):
         if gpu_decodable(data):
             return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), label, index
         try:
-            image = np.asarray(open_rgb(path))
+            image = np.array(open_rgb(path))
         except BadImageError:
             if self.cfg.bad_files == "fail":
                 raise
@@ -113,7 +122,7 @@ class NvjpegLoader(FolderLoader):
         decoded: list[torch.Tensor | None] = [data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload]
         jpegs = [payload[i][1] for i in jpeg_positions]
         try:
-            results = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            results = decode_to_rgb(jpegs, self.device) if jpegs else []
         except RuntimeError:
             results = [self.decode_alone(payload[i]) for i in jpeg_positions]
         for position, image in zip(jpeg_positions, results, strict=True):
@@ -127,10 +136,10 @@ class NvjpegLoader(FolderLoader):
         on their way, so under either policy it raises, naming the file."""
         _, data, index = entry
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return decode_to_rgb(data, self.device)
         except RuntimeError:
             path = self.dataset.images.files[index]
-            image = torch.from_numpy(np.asarray(open_rgb(path))).permute(2, 0, 1).contiguous()
+            image = torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1).contiguous()
             return image.to(self.device)
 
     def views(self, image: torch.Tensor, index: int) -> torch.Tensor:
