@@ -1,13 +1,15 @@
-"""ImageFolder back ends on the CPU: torchvision workers and nvJPEG's code path with the CPU decoder."""
+"""ImageFolder back ends end to end on a small tinted fake ImageNet, on the CPU."""
 
 import pytest
 import torch
 from data_helpers import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, dominant_class, fake_imagenet_root
 
-from fastresnet.data import DataConfig, build_loaders
+from fastresnet.data import DataConfig, build_loaders, dali_available
 
 CPU = torch.device("cpu")
-BACKENDS = ["torchvision", "nvjpeg"]
+# On the CPU: torchvision's workers; the nvJPEG code path with torchvision's CPU decoder;
+# DALI's pipeline CPU-only (device_id=None), where DALI is installed.
+BACKENDS = ["torchvision", "nvjpeg"] + (["dali"] if dali_available() else [])
 
 
 def config(backend, **overrides):
