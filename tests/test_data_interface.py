@@ -102,3 +102,27 @@ def test_config_rejects_bad_values_by_name(field, value):
 def test_file_back_ends_need_a_root():
     with pytest.raises(ValueError, match="root"):
         build_loaders(DataConfig(backend="torchvision"), device=CPU)
+
+
+def test_the_package_and_every_other_back_end_work_without_dali(tmp_path):
+    """DALI is optional: hide it and import fastresnet.data afresh in a clean interpreter."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["nvidia.dali"] = None  # makes `import nvidia.dali` fail as if it were not installed
+import torch
+from fastresnet.data import DataConfig, build_loaders, dali_available, resolve_backend
+assert not dali_available()
+assert resolve_backend(DataConfig(root={str(tmp_path)!r}), torch.device("cuda")) == "nvjpeg"
+assert build_loaders(DataConfig(batch_size=8), device=torch.device("cpu")).backend == "digits"
+try:
+    build_loaders(DataConfig(backend="dali", root={str(tmp_path)!r}), device=torch.device("cpu"))
+except ImportError as error:
+    assert "nvidia-dali" in str(error), error
+else:
+    raise AssertionError("the dali back end built without DALI")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
