@@ -104,7 +104,8 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
             **pixel_normalisation(types.FLOAT),
         )
         if cfg.lighting_std > 0:
-            images = images + lighting_offset(cfg.lighting_std)
+            offset = lighting_offset(cfg.lighting_std)  # drawn on the CPU: 3 numbers per image
+            images = images + (offset.gpu() if decode_device == "mixed" else offset)
         images = fn.cast(images, dtype=image_dtype)
     return images, labels
 
