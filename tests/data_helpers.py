@@ -50,6 +50,11 @@ def jpeg_bytes(mode: str = "RGB", size=(64, 48), colour=(200, 30, 30)) -> bytes:
     return buffer.getvalue()
 
 
+def broken_after_header() -> bytes:
+    good = jpeg_bytes(size=(256, 192))
+    return good[: len(good) // 3] + b"\xff\x01" * 200 + b"\xff\xd9"
+
+
 def png_bytes(size=(64, 48), colour=(30, 200, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
@@ -73,6 +78,9 @@ BAD_FILES = {
     "truncated_jpeg": (lambda: jpeg_bytes(size=(256, 192))[:600], "error"),
     "corrupt_jpeg": (lambda: jpeg_bytes()[:20] + b"\x00garbage" * 50 + b"\xff\xd9", "error"),
     "text_named_jpeg": (lambda: b"this is not an image\n" * 10, "error"),
+    # a JPEG whose frame header still reads as a 3-component JPEG with an end marker, so the
+    # nvjpeg back end sends it to the batched decoder, which fails: the one-by-one fallback runs
+    "broken_after_header": (lambda: broken_after_header(), "error"),
     "grayscale_jpeg": (lambda: jpeg_bytes(mode="L"), "handled"),
     "cmyk_jpeg": (lambda: jpeg_bytes(mode="CMYK"), "handled"),
     "png_named_jpeg": (lambda: png_bytes(), "handled"),
