@@ -64,7 +64,9 @@ def loader_config(provider: str, root: Path) -> DataConfig:
     s = sizes()
     workers = max(1, (os.cpu_count() or 2) - 2)
     dtype = "bfloat16" if device().type == "cuda" else "float32"
-    return DataConfig(backend=provider, root=str(root), batch_size=s.batch, image_size=s.image_size, workers=workers, dtype=dtype)
+    return DataConfig(
+        backend=provider, root=str(root), batch_size=s.batch, image_size=s.image_size, workers=workers, dtype=dtype
+    )
 
 
 def batch_stream(loader):
@@ -90,8 +92,15 @@ def test_loader_throughput(benchmark, fake_imagenet, provider, split):
             images, _ = next(stream)
         return images
 
-    run(benchmark, pull, dev=dev, group=f"data-{split}", provider=provider, baseline=provider == "torchvision",
-        images=STEPS_PER_ROUND * loader.batch_size)
+    run(
+        benchmark,
+        pull,
+        dev=dev,
+        group=f"data-{split}",
+        provider=provider,
+        baseline=provider == "torchvision",
+        images=STEPS_PER_ROUND * loader.batch_size,
+    )
 
 
 def training_model(dev: torch.device, num_classes: int) -> torch.nn.Module:
@@ -100,8 +109,11 @@ def training_model(dev: torch.device, num_classes: int) -> torch.nn.Module:
     if dev.type == "cuda":
         return torchvision.models.resnet50(num_classes=num_classes)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(8, num_classes),
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, num_classes),
     )
 
 
@@ -125,8 +137,13 @@ def test_training_fed_by_loader(benchmark, fake_imagenet, provider):
     dev = device()
     if provider == "synthetic":
         s = sizes()
-        cfg = DataConfig(backend="synthetic", batch_size=s.batch, image_size=s.image_size, num_classes=1000,
-                         synthetic_steps=batches_needed())
+        cfg = DataConfig(
+            backend="synthetic",
+            batch_size=s.batch,
+            image_size=s.image_size,
+            num_classes=1000,
+            synthetic_steps=batches_needed(),
+        )
     else:
         cfg = loader_config(provider, fake_imagenet)
     data = build_loaders(cfg, device=dev)
@@ -140,5 +157,13 @@ def test_training_fed_by_loader(benchmark, fake_imagenet, provider):
 
     assert torch.isfinite(train())
     kind = "compute" if provider == "synthetic" else "total"
-    run(benchmark, train, dev=dev, group="data-feeds-training", provider=provider, baseline=provider == "synthetic",
-        images=STEPS_PER_ROUND * cfg.batch_size, throughput=kind)
+    run(
+        benchmark,
+        train,
+        dev=dev,
+        group="data-feeds-training",
+        provider=provider,
+        baseline=provider == "synthetic",
+        images=STEPS_PER_ROUND * cfg.batch_size,
+        throughput=kind,
+    )

@@ -3,14 +3,25 @@ and the device-resident sets. Run by bench/gpu_check.sh; skipped without CUDA.""
 
 import pytest
 import torch
-from data_helpers import BAD_FILES, CLASSES, TRAIN_PER_CLASS, add_bad_file, dominant_class, fake_imagenet_root, small_folder
+from data_helpers import (
+    BAD_FILES,
+    CLASSES,
+    TRAIN_PER_CLASS,
+    add_bad_file,
+    dominant_class,
+    fake_imagenet_root,
+    small_folder,
+)
 from test_data_cifar10 import write_fake_cifar
 
 from fastresnet.data import DataConfig, build_loaders, dali_available, resolve_backend
 from fastresnet.data.folder import BadImageError
 
 pytestmark = pytest.mark.cuda
-GPU_BACKENDS = ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed"))]
+GPU_BACKENDS = [
+    "nvjpeg",
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
+]
 
 
 def cuda():
@@ -28,7 +39,9 @@ def check_on_gpu(images, labels, *, batch, size, dtype, crops=1):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("recipe, dtype", [("rrc", "float16"), ("paper-scale", "bfloat16"), ("rrc", "float32")])
 def test_gpu_train_pipeline(backend, recipe, dtype):
-    cfg = DataConfig(backend=backend, root=str(fake_imagenet_root()), batch_size=4, recipe=recipe, dtype=dtype, workers=2)
+    cfg = DataConfig(
+        backend=backend, root=str(fake_imagenet_root()), batch_size=4, recipe=recipe, dtype=dtype, workers=2
+    )
     data = build_loaders(cfg, device=cuda(), seed=0)
     batches = list(data.train)
     assert len(batches) == len(data.train) == CLASSES * TRAIN_PER_CLASS // 4

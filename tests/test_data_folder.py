@@ -92,6 +92,7 @@ def test_workers_give_the_same_batches_as_the_main_process():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paper_lighting_shifts_each_image_by_one_colour(backend):
     """PCA lighting adds one RGB offset per image (the crops and flips stay the same)."""
+
     def first_batch(std):
         cfg = config(backend, recipe="paper-scale", lighting_std=std)
         return next(iter(build_loaders(cfg, device=CPU, seed=5).train))[0]

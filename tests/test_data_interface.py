@@ -57,7 +57,10 @@ def test_digits_shuffle_is_deterministic_per_epoch_and_changes_between_epochs():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shards_are_disjoint_and_cover_the_data(world_size):
     for train in (True, False):
-        shards = [Shard(rank, world_size, seed=5).indices(101, epoch=4, shuffle=train, even=train) for rank in range(world_size)]
+        shards = [
+            Shard(rank, world_size, seed=5).indices(101, epoch=4, shuffle=train, even=train)
+            for rank in range(world_size)
+        ]
         joined = torch.cat(shards)
         assert len(joined.unique()) == len(joined)
         assert len(joined) == (101 - 101 % world_size if train else 101)
@@ -73,7 +76,9 @@ def test_digits_ranks_see_disjoint_images():
 
 
 def test_synthetic_gives_fixed_random_batches_on_the_device():
-    cfg = DataConfig(backend="synthetic", batch_size=4, image_size=40, num_classes=7, synthetic_steps=5, dtype="bfloat16")
+    cfg = DataConfig(
+        backend="synthetic", batch_size=4, image_size=40, num_classes=7, synthetic_steps=5, dtype="bfloat16"
+    )
     data = build_loaders(cfg, device=CPU)
     batches = epoch_batches(data.train)
     assert len(batches) == len(data.train) == 5 and data.train.num_samples == 20

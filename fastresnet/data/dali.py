@@ -37,7 +37,9 @@ try:
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError as error:  # DALI is optional (the `dali` extra)
-    raise ImportError("the dali back end needs NVIDIA DALI: pip install nvidia-dali-cuda130 (fastresnet[dali])") from error
+    raise ImportError(
+        "the dali back end needs NVIDIA DALI: pip install nvidia-dali-cuda130 (fastresnet[dali])"
+    ) from error
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, LIGHTING_EIGVAL, LIGHTING_EIGVEC, nhwc_to_model_layout
 from .config import DataConfig
@@ -69,7 +71,10 @@ def decode(jpegs, cfg: DataConfig, device: str, **crop):
 
 def pixel_normalisation(image_dtype):
     return dict(
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], dtype=image_dtype, output_layout="HWC"
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        dtype=image_dtype,
+        output_layout="HWC",
     )
 
 
@@ -89,7 +94,14 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
     size = cfg.image_size
     mirror = fn.random.coin_flip(probability=0.5)
     if cfg.recipe == "rrc":
-        images = decode(jpegs, cfg, decode_device, random_area=list(cfg.rrc_scale), random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
+        images = decode(
+            jpegs,
+            cfg,
+            decode_device,
+            random_area=list(cfg.rrc_scale),
+            random_aspect_ratio=list(RRC_RATIO),
+            num_attempts=10,
+        )
         images = fn.resize(images, resize_x=size, resize_y=size)
         images = fn.crop_mirror_normalize(images, mirror=mirror, **pixel_normalisation(image_dtype))
     else:  # paper-scale: shorter side to s ~ U[256, 480], random size x size crop, lighting
@@ -182,7 +194,9 @@ class DaliLoader(Loader):
             except StopIteration:
                 break
             except RuntimeError as error:  # DALI reports a decode failure as RuntimeError
-                undelivered = [i for i in mine[delivered * self.batch_size :] if self.images.files[i] not in self.excluded]
+                undelivered = [
+                    i for i in mine[delivered * self.batch_size :] if self.images.files[i] not in self.excluded
+                ]
                 self.handle_decode_failure(error, [self.images.files[i] for i in undelivered])
                 files = [i for i in undelivered if self.images.files[i] not in self.excluded]
                 if not files:

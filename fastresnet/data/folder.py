@@ -94,7 +94,9 @@ def _scan_class(class_dir: Path, images: ImageList, bad_files: str) -> list[str]
                 usable.append(path)
             else:
                 extension = os.path.splitext(name)[1] or "none"
-                handle_bad(BadImageError(path, f"not an image file (extension {extension!r})"), bad_files, images.skipped)
+                handle_bad(
+                    BadImageError(path, f"not an image file (extension {extension!r})"), bad_files, images.skipped
+                )
     if not usable:
         handle_bad(BadImageError(class_dir, "empty class folder: no image files"), bad_files, images.skipped)
     return usable

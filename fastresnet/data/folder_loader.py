@@ -34,7 +34,9 @@ class FolderLoader(Loader):
     batch with skipped files is that much shorter.
     """
 
-    def __init__(self, dataset: EpochDataset, cfg: DataConfig, *, device: torch.device, shard: Shard, train: bool) -> None:
+    def __init__(
+        self, dataset: EpochDataset, cfg: DataConfig, *, device: torch.device, shard: Shard, train: bool
+    ) -> None:
         super().__init__()
         self.dataset, self.cfg, self.device, self.shard, self.train = dataset, cfg, device, shard, train
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size

@@ -34,7 +34,6 @@ from .folder_loader import EpochDataset, FolderLoader
 from .loader import Shard
 
 
-
 def decode_to_rgb(data, device: torch.device):
     """torchvision's decode_jpeg (nvJPEG on a GPU), one tensor or a list.
 
@@ -122,7 +121,9 @@ class NvjpegLoader(FolderLoader):
         """All images of the batch as (3, H, W) uint8 on the device (None: a bad file, skipped);
         the JPEGs in one decoder call."""
         jpeg_positions = [i for i, (kind, _, _) in enumerate(payload) if kind == "jpeg"]
-        decoded: list[torch.Tensor | None] = [data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload]
+        decoded: list[torch.Tensor | None] = [
+            data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload
+        ]
         jpegs = [payload[i][1] for i in jpeg_positions]
         try:
             results = decode_to_rgb(jpegs, self.device) if jpegs else []
@@ -159,7 +160,12 @@ class NvjpegLoader(FolderLoader):
             view = crop_resize(image, box, size)
             return view.flip(3) if rng.random() < 0.5 else view
         if cfg.ten_crop:
-            five = torch.cat([crop_resize(image, box, size) for box in five_boxes(width, height, size=size, resize=cfg.resize_before_crop)])
+            five = torch.cat(
+                [
+                    crop_resize(image, box, size)
+                    for box in five_boxes(width, height, size=size, resize=cfg.resize_before_crop)
+                ]
+            )
             return torch.cat([five, five.flip(3)])
         return crop_resize(image, centre_box(width, height, size=size, resize=cfg.resize_before_crop), size)
 

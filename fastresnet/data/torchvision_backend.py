@@ -87,7 +87,9 @@ def build_torchvision(cfg: DataConfig, *, device: torch.device, shard: Shard):
 
     train_list, val_list = scan_image_folder(cfg.root, bad_files=cfg.bad_files)
     return DataLoaders(
-        train=TorchvisionLoader(PillowDataset(train_list, cfg, train=True), cfg, device=device, shard=shard, train=True),
+        train=TorchvisionLoader(
+            PillowDataset(train_list, cfg, train=True), cfg, device=device, shard=shard, train=True
+        ),
         val=TorchvisionLoader(PillowDataset(val_list, cfg, train=False), cfg, device=device, shard=shard, train=False),
         num_classes=len(train_list.classes),
         image_size=cfg.image_size,
