@@ -26,7 +26,7 @@ from harness import autocast, device, run, sizes
 from fastresnet.data import DataConfig, build_loaders, dali_available
 from fastresnet.data.fake_imagenet import make_fake_imagenet
 
-STEPS_PER_ROUND = 4 if device().type == "cuda" else 1  # batches pulled per timed call
+STEPS_PER_ROUND = 2 if device().type == "cuda" else 1  # batches pulled per timed call
 UNIQUE_CLASSES, UNIQUE_PER_CLASS = 4, 32  # distinct photographs: 128 (GPU) ...
 PROVIDERS = ["torchvision", "nvjpeg", "dali"]
 

@@ -136,3 +136,14 @@ def test_cifar_bad_folders_name_the_problem(tmp_path, problem):
             pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, file)
     with pytest.raises((FileNotFoundError, ValueError), match=str(root.name)):
         build_loaders(DataConfig(backend="cifar10", root=str(root)), device=CPU)
+
+
+def test_verify_checks_a_cifar_folder(cifar_root, tmp_path, capsys):
+    from fastresnet.data.__main__ import main as data_cli
+
+    assert data_cli(["verify", str(cifar_root)]) == 0
+    assert "checked 120 images: 0 error(s)" in capsys.readouterr().out
+    broken = write_fake_cifar(tmp_path / "broken", per_batch=4)
+    (broken / "data_batch_4").write_bytes(b"junk")
+    assert data_cli(["verify", str(broken)]) == 1
+    assert "data_batch_4" in capsys.readouterr().out
