@@ -10,10 +10,12 @@ from __future__ import annotations
 import atexit
 import functools
 import io
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,6 +25,7 @@ from fastresnet.data.fake_imagenet import make_fake_imagenet
 CLASSES = 3
 TRAIN_PER_CLASS = 6
 VAL_PER_CLASS = 2
+CIFAR_PER_BATCH = 20  # images per fake CIFAR pickle batch: 100 train, 20 test
 
 
 @functools.cache
@@ -91,3 +94,20 @@ def add_bad_file(root: Path, kind: str) -> Path:
     path = root / "train" / "a" / f"bad_{kind}.JPEG"
     path.write_bytes(BAD_FILES[kind][0]())
     return path
+
+
+def class_value(label):
+    return 20 * label + 15  # every pixel of a class-k image has this value: the label can be read back
+
+
+def write_fake_cifar(root, per_batch=CIFAR_PER_BATCH):
+    """A cifar-10-batches-py folder in the real pickle format; red plane = position, blue = batch."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        labels = [(index + i) % 10 for i in range(per_batch)]
+        data = np.stack([np.full(3072, class_value(k), dtype=np.uint8) for k in labels])
+        data[:, :1024] = 12 * np.arange(per_batch)[:, None]  # red plane: the position in the batch ...
+        data[:, 2048:] = 40 * index  # ... blue plane: which batch; green plane: the class
+        with (root / name).open("wb") as file:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, file)
+    return root

@@ -5,28 +5,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from data_helpers import CIFAR_PER_BATCH as PER_BATCH
+from data_helpers import write_fake_cifar
 
 from fastresnet.data import DataConfig, build_loaders
 from fastresnet.data.cifar10 import load_cifar10
 
 CPU = torch.device("cpu")
-PER_BATCH = 20  # images per fake pickle batch: 100 train, 20 test
-
-
-def class_value(label):
-    return 20 * label + 15  # every pixel of a class-k image has this value: the label can be read back
-
-
-def write_fake_cifar(root, per_batch=PER_BATCH):
-    root.mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        labels = [(index + i) % 10 for i in range(per_batch)]
-        data = np.stack([np.full(3072, class_value(k), dtype=np.uint8) for k in labels])
-        data[:, :1024] = 12 * np.arange(per_batch)[:, None]  # red plane: the position in the batch ...
-        data[:, 2048:] = 40 * index  # ... blue plane: which batch; green plane: the class
-        with (root / name).open("wb") as file:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, file)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from data_helpers import (
     dominant_class,
     fake_imagenet_root,
     small_folder,
+    write_fake_cifar,
 )
-from test_data_cifar10 import write_fake_cifar
 
 from fastresnet.data import DataConfig, build_loaders, dali_available, resolve_backend
 from fastresnet.data.folder import BadImageError
