@@ -41,6 +41,10 @@ def test_bad_file_is_skipped_and_counted(tmp_path, backend, kind):
     labels = torch.cat([y for _, y in batches])
     assert train.skipped == 1
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]  # the 6 good images, labels intact
+    train.set_epoch(1)
+    with pytest.warns(UserWarning, match="skipped 1 bad file"):
+        labels = torch.cat([y for _, y in train])
+    assert train.skipped == 2 and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]  # skipped again, counted again
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
