@@ -41,6 +41,10 @@ def test_bad_file_is_skipped_and_counted(tmp_path, backend, kind):
     labels = torch.cat([y for _, y in batches])
     assert train.skipped == 1
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]  # the 6 good images, labels intact
+    train.set_epoch(1)
+    with pytest.warns(UserWarning, match="skipped 1 bad file"):
+        labels = torch.cat([y for _, y in train])
+    assert train.skipped == 2 and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]  # skipped again, counted again
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,6 +97,17 @@ def test_non_image_file_fails_or_is_skipped(tmp_path, backend):
     assert loaders(tmp_path, backend, bad_files="skip").train.skipped == 1
 
 
+def test_the_nvjpeg_header_check_lets_the_broken_jpeg_through_to_the_batched_decoder():
+    from data_helpers import broken_after_header
+
+    from fastresnet.data.nvjpeg import gpu_decodable
+
+    assert gpu_decodable(broken_after_header())
+    assert not gpu_decodable(BAD_FILES["truncated_jpeg"][0]())
+    assert not gpu_decodable(BAD_FILES["cmyk_jpeg"][0]())
+    assert not gpu_decodable(BAD_FILES["png_named_jpeg"][0]())
+
+
 def test_val_class_unknown_to_train_is_an_error(tmp_path):
     small_folder(tmp_path)
     (tmp_path / "val" / "zebra").mkdir()
@@ -118,7 +133,7 @@ def test_verify_lists_every_problem_and_exits_1(tmp_path, capsys):
         assert line.startswith("error" if BAD_FILES[kind][1] == "error" else "note")
     assert any("notes.txt" in line and line.startswith("error") for line in lines)
     assert any("empty class" in line for line in lines)
-    assert lines[-1].startswith("checked 18 images: 5 error(s), 3 note(s)")
+    assert lines[-1].startswith("checked 19 images: 6 error(s), 3 note(s)")
 
 
 def test_verify_passes_a_clean_dataset_and_fails_a_missing_one(tmp_path, capsys):
@@ -130,11 +145,14 @@ def test_verify_passes_a_clean_dataset_and_fails_a_missing_one(tmp_path, capsys)
 def test_make_fake_imagenet_writes_real_jpegs_at_imagenet_sizes(tmp_path, capsys):
     from PIL import Image
 
+    from fastresnet.data.fake_imagenet import IMAGENET_SIZES
+
     assert data_cli(["make-fake-imagenet", str(tmp_path), "--classes", "2", "--images-per-class", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
     files = sorted(tmp_path.rglob("*.JPEG"))
     assert len(files) == 2 * 3 + 2 * 1
     for path in files:
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.mode == "RGB"
-            assert 300 <= min(image.size) <= 500 and max(image.size) == 500 or max(image.size) == 400
+            assert image.size in IMAGENET_SIZES
     assert data_cli(["verify", str(tmp_path)]) == 0

@@ -87,3 +87,17 @@ def test_workers_give_the_same_batches_as_the_main_process():
     serial = torch.cat([x for x, _ in build_loaders(config("torchvision"), device=CPU, seed=4).train])
     parallel = torch.cat([x for x, _ in build_loaders(config("torchvision", workers=2), device=CPU, seed=4).train])
     assert torch.equal(serial, parallel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_lighting_shifts_each_image_by_one_colour(backend):
+    """PCA lighting adds one RGB offset per image (the crops and flips stay the same)."""
+
+    def first_batch(std):
+        cfg = config(backend, recipe="paper-scale", lighting_std=std)
+        return next(iter(build_loaders(cfg, device=CPU, seed=5).train))[0]
+
+    shift = first_batch(0.1) - first_batch(0.0)
+    per_channel = shift.mean(dim=(2, 3), keepdim=True)
+    assert (shift - per_channel).abs().max() < 1e-4
+    assert per_channel.abs().max() > 1e-3 and per_channel.abs().max() < 0.5

@@ -37,7 +37,9 @@ try:
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError as error:  # DALI is optional (the `dali` extra)
-    raise ImportError("the dali back end needs NVIDIA DALI: pip install nvidia-dali-cuda130 (fastresnet[dali])") from error
+    raise ImportError(
+        "the dali back end needs NVIDIA DALI: pip install nvidia-dali-cuda130 (fastresnet[dali])"
+    ) from error
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, LIGHTING_EIGVAL, LIGHTING_EIGVEC, nhwc_to_model_layout
 from .config import DataConfig
@@ -69,7 +71,10 @@ def decode(jpegs, cfg: DataConfig, device: str, **crop):
 
 def pixel_normalisation(image_dtype):
     return dict(
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], dtype=image_dtype, output_layout="HWC"
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        dtype=image_dtype,
+        output_layout="HWC",
     )
 
 
@@ -84,12 +89,25 @@ def lighting_offset(std: float):
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
     jpegs, labels = fn.readers.file(
-        files=files, labels=labels, shard_id=shard_id, num_shards=num_shards, random_shuffle=False, name=READER
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        stick_to_shard=True,
+        name=READER,
     )
     size = cfg.image_size
     mirror = fn.random.coin_flip(probability=0.5)
     if cfg.recipe == "rrc":
-        images = decode(jpegs, cfg, decode_device, random_area=list(cfg.rrc_scale), random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
+        images = decode(
+            jpegs,
+            cfg,
+            decode_device,
+            random_area=list(cfg.rrc_scale),
+            random_aspect_ratio=list(RRC_RATIO),
+            num_attempts=10,
+        )
         images = fn.resize(images, resize_x=size, resize_y=size)
         images = fn.crop_mirror_normalize(images, mirror=mirror, **pixel_normalisation(image_dtype))
     else:  # paper-scale: shorter side to s ~ U[256, 480], random size x size crop, lighting
@@ -104,7 +122,8 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
             **pixel_normalisation(types.FLOAT),
         )
         if cfg.lighting_std > 0:
-            images = images + lighting_offset(cfg.lighting_std)
+            offset = lighting_offset(cfg.lighting_std)  # drawn on the CPU: 3 numbers per image
+            images = images + (offset.gpu() if decode_device == "mixed" else offset)
         images = fn.cast(images, dtype=image_dtype)
     return images, labels
 
@@ -112,7 +131,13 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
 @pipeline_def(enable_conditionals=False)
 def val_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
     jpegs, labels = fn.readers.file(
-        files=files, labels=labels, shard_id=shard_id, num_shards=num_shards, random_shuffle=False, name=READER
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        stick_to_shard=True,
+        name=READER,
     )
     images = fn.resize(decode(jpegs, cfg, decode_device), resize_shorter=cfg.resize_before_crop)
     size, normalisation = cfg.image_size, pixel_normalisation(image_dtype)
@@ -169,10 +194,18 @@ class DaliLoader(Loader):
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.epoch_files()
+        size = self.shard_size(len(order))
         start = self.shard.rank * len(order) // self.shard.world_size
-        mine = order[start : start + self.shard_size(len(order))]  # what DALI's shard holds, in order
-        delivered, skipped_before = 0, self.skipped
-        files, shard_id, num_shards, iterator = order, self.shard.rank, self.shard.world_size, None
+        mine = order[start : start + size]  # what DALI's shard of `order` holds, in delivery order
+        pending = [i for i in mine if self.images.files[i] not in self.excluded]
+        skipped_before = self.skipped
+        self.skipped += len(mine) - len(pending)  # bad files found in an earlier epoch: skipped again
+        if len(pending) == size:  # DALI shards the epoch's list itself
+            files, shard_id, num_shards = order, self.shard.rank, self.shard.world_size
+        else:  # this rank's files without the known bad ones
+            files, shard_id, num_shards = pending, 0, 1
+        delivered = from_current = 0
+        iterator = None
         while delivered < len(self):
             try:
                 if iterator is None:  # DALI's iterator runs the first batch when it is made
@@ -181,28 +214,35 @@ class DaliLoader(Loader):
             except StopIteration:
                 break
             except RuntimeError as error:  # DALI reports a decode failure as RuntimeError
-                undelivered = [i for i in mine[delivered * self.batch_size :] if self.images.files[i] not in self.excluded]
-                self.handle_decode_failure(error, [self.images.files[i] for i in undelivered])
-                files = [i for i in undelivered if self.images.files[i] not in self.excluded]
-                if not files:
+                undelivered = pending[from_current * self.batch_size :]
+                # DALI reads ahead, and past the end of the shard it wraps around to the shard's start
+                in_flight = undelivered[: self.read_ahead] + pending[: self.read_ahead]
+                self.handle_decode_failure(error, [self.images.files[i] for i in in_flight])
+                pending = [i for i in undelivered if self.images.files[i] not in self.excluded]
+                if not pending:
                     break
-                shard_id, num_shards, iterator = 0, 1, None  # this rank's remaining files only
+                files, shard_id, num_shards, iterator, from_current = pending, 0, 1, None, 0
                 continue
             delivered += 1
+            from_current += 1
             yield self.to_model_input(outputs[0])
         report_skipped(self.skipped - skipped_before, f"DaliLoader epoch {self.epoch}")
 
-    def handle_decode_failure(self, error: RuntimeError, undelivered: list[str]) -> None:
+    @property
+    def read_ahead(self) -> int:
+        """Files DALI may be decoding beyond those delivered: the current and prefetched batches."""
+        return (PREFETCH_DEPTH + 2) * self.batch_size
+
+    def handle_decode_failure(self, error: RuntimeError, in_flight: list[str]) -> None:
         """Find the file(s) DALI choked on; raise (fail) or exclude and count them (skip).
 
         DALI names the file only sometimes ("Failed to decode sample #3 : path");
-        otherwise the culprit is among the batches in flight (the current one
-        and the prefetched ones), which Pillow checks."""
+        otherwise the culprit is among the files in flight, which Pillow checks."""
+        in_flight = list(dict.fromkeys(in_flight))
         match = FAILED_SAMPLE.search(str(error))
-        if match and match.group(1) in undelivered:
+        if match and match.group(1) in in_flight:
             bad = [match.group(1)]
         else:
-            in_flight = undelivered[: (PREFETCH_DEPTH + 2) * self.batch_size]
             with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool:
                 bad = [path for path, ok in zip(in_flight, pool.map(decodes, in_flight), strict=True) if not ok]
         last_line = str(error).strip().splitlines()[-1]
@@ -229,7 +269,7 @@ class DaliLoader(Loader):
             batch_size=self.batch_size,
             num_threads=max(1, self.cfg.workers),
             device_id=(self.device.index or 0) if gpu else None,
-            seed=epoch_seed(self.shard.seed, self.epoch) % (2**31) + 7 * self.shard.rank,
+            seed=(epoch_seed(self.shard.seed, self.epoch) + 7 * self.shard.rank) % (2**31 - 1),
             prefetch_queue_depth=PREFETCH_DEPTH,
         )
         pipeline.build()

@@ -31,7 +31,9 @@ def sample_photographs() -> list[Image.Image]:
     try:
         from sklearn.datasets import load_sample_images
     except ImportError as error:
-        raise ImportError("make-fake-imagenet needs scikit-learn (its sample photographs): pip install scikit-learn") from error
+        raise ImportError(
+            "make-fake-imagenet needs scikit-learn (its sample photographs): pip install scikit-learn"
+        ) from error
     return [Image.fromarray(image) for image in load_sample_images().images]
 
 

@@ -19,13 +19,15 @@ ImageFolder numbers them, and val uses the same mapping.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
+# torchvision ImageFolder's extensions; every one decodes in Pillow, torchvision and DALI
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
 class BadImageError(ValueError):
@@ -66,24 +68,35 @@ def scan_split(split_dir: str | Path, *, classes: list[str] | None = None, bad_f
     if unknown:
         raise ValueError(f"{split_dir}/{unknown[0]} is a class folder that the training split does not have")
     images = ImageList(files=[], labels=[], classes=classes)
+    label_of = {name: label for label, name in enumerate(classes)}
     for name in found:
         class_files = _scan_class(split_dir / name, images, bad_files)
         images.files += class_files
-        images.labels += [classes.index(name)] * len(class_files)
+        images.labels += [label_of[name]] * len(class_files)
     if not images.files:
         raise ValueError(f"{split_dir} holds no usable image files")
     return images
 
 
 def _scan_class(class_dir: Path, images: ImageList, bad_files: str) -> list[str]:
+    """Image files under one class folder (subfolders included), sorted.
+
+    os.walk's scandir knows each entry's type without a stat call: ImageNet's
+    1.28 million files list in seconds."""
     usable = []
-    for path in sorted(class_dir.rglob("*")):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            usable.append(str(path))
-        else:
-            handle_bad(BadImageError(path, f"not an image file (extension {path.suffix or 'none'!r})"), bad_files, images.skipped)
+    for folder, subfolders, names in os.walk(class_dir):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                usable.append(path)
+            else:
+                extension = os.path.splitext(name)[1] or "none"
+                handle_bad(
+                    BadImageError(path, f"not an image file (extension {extension!r})"), bad_files, images.skipped
+                )
     if not usable:
         handle_bad(BadImageError(class_dir, "empty class folder: no image files"), bad_files, images.skipped)
     return usable

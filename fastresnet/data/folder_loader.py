@@ -30,10 +30,13 @@ class FolderLoader(Loader):
 
     Subclasses give the dataset (what a worker does per file), the collate
     function and `to_model_input` (what the main process does per batch on the
-    device). A batch from the workers is (payload, labels, skipped count).
+    device). A batch from the workers is (payload, labels, skipped count); a
+    batch with skipped files is that much shorter.
     """
 
-    def __init__(self, dataset: EpochDataset, cfg: DataConfig, *, device: torch.device, shard: Shard, train: bool) -> None:
+    def __init__(
+        self, dataset: EpochDataset, cfg: DataConfig, *, device: torch.device, shard: Shard, train: bool
+    ) -> None:
         super().__init__()
         self.dataset, self.cfg, self.device, self.shard, self.train = dataset, cfg, device, shard, train
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
@@ -66,15 +69,18 @@ class FolderLoader(Loader):
             skipped_this_epoch += skipped
             if len(labels) == 0:
                 continue  # every file of this batch was bad and skipped
-            labels = labels.to(self.device, non_blocking=True)
-            yield self.to_model_input(payload, generator), labels
+            images, labels, dropped = self.to_model_input(payload, labels, generator)
+            skipped_this_epoch += dropped
+            if len(labels):
+                yield images, labels.to(self.device, non_blocking=True)
         self.skipped += skipped_this_epoch
         report_skipped(skipped_this_epoch, f"{type(self).__name__} epoch {self.epoch}")
 
     def collate(self, samples):
         raise NotImplementedError
 
-    def to_model_input(self, payload, generator: torch.Generator) -> torch.Tensor:
+    def to_model_input(self, payload, labels: torch.Tensor, generator: torch.Generator):
+        """(images on the device, their labels, files found bad here and dropped)."""
         raise NotImplementedError
 
     def finish_on_device(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,6 @@ from .folder_loader import EpochDataset, FolderLoader
 from .loader import Shard
 
 
-
 def decode_to_rgb(data, device: torch.device):
     """torchvision's decode_jpeg (nvJPEG on a GPU), one tensor or a list.
 
@@ -111,15 +110,20 @@ class NvjpegLoader(FolderLoader):
     def collate(self, samples):
         return collate_encoded(samples)
 
-    def to_model_input(self, payload, generator: torch.Generator) -> torch.Tensor:
+    def to_model_input(self, payload, labels: torch.Tensor, generator: torch.Generator):
         decoded = self.decode(payload)
-        views = [self.views(image, index) for image, (_, _, index) in zip(decoded, payload, strict=True)]
-        return self.finish_on_device(torch.cat(views), generator)
+        kept = [position for position, image in enumerate(decoded) if image is not None]
+        views = [self.views(decoded[position], payload[position][2]) for position in kept]
+        images = self.finish_on_device(torch.cat(views), generator) if views else None
+        return images, labels[kept], len(payload) - len(kept)
 
-    def decode(self, payload) -> list[torch.Tensor]:
-        """All images of the batch as (3, H, W) uint8 on the device; JPEGs in one decoder call."""
+    def decode(self, payload) -> list[torch.Tensor | None]:
+        """All images of the batch as (3, H, W) uint8 on the device (None: a bad file, skipped);
+        the JPEGs in one decoder call."""
         jpeg_positions = [i for i, (kind, _, _) in enumerate(payload) if kind == "jpeg"]
-        decoded: list[torch.Tensor | None] = [data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload]
+        decoded: list[torch.Tensor | None] = [
+            data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload
+        ]
         jpegs = [payload[i][1] for i in jpeg_positions]
         try:
             results = decode_to_rgb(jpegs, self.device) if jpegs else []
@@ -129,18 +133,20 @@ class NvjpegLoader(FolderLoader):
             decoded[position] = image
         return decoded
 
-    def decode_alone(self, entry) -> torch.Tensor:
-        """One JPEG the batched call choked on: the GPU alone, else Pillow, else a bad file.
-
-        A bad file here cannot be dropped from a batch whose labels are already
-        on their way, so under either policy it raises, naming the file."""
+    def decode_alone(self, entry) -> torch.Tensor | None:
+        """One JPEG the batched call choked on: the decoder alone, else Pillow, else a bad file."""
         _, data, index = entry
         try:
             return decode_to_rgb(data, self.device)
         except RuntimeError:
-            path = self.dataset.images.files[index]
-            image = torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1).contiguous()
-            return image.to(self.device)
+            pass
+        try:
+            image = open_rgb(self.dataset.images.files[index])
+        except BadImageError:
+            if self.cfg.bad_files == "fail":
+                raise
+            return None
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(self.device)
 
     def views(self, image: torch.Tensor, index: int) -> torch.Tensor:
         cfg, size = self.cfg, self.cfg.image_size
@@ -154,7 +160,12 @@ class NvjpegLoader(FolderLoader):
             view = crop_resize(image, box, size)
             return view.flip(3) if rng.random() < 0.5 else view
         if cfg.ten_crop:
-            five = torch.cat([crop_resize(image, box, size) for box in five_boxes(width, height, size=size, resize=cfg.resize_before_crop)])
+            five = torch.cat(
+                [
+                    crop_resize(image, box, size)
+                    for box in five_boxes(width, height, size=size, resize=cfg.resize_before_crop)
+                ]
+            )
             return torch.cat([five, five.flip(3)])
         return crop_resize(image, centre_box(width, height, size=size, resize=cfg.resize_before_crop), size)
 

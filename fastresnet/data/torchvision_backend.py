@@ -77,9 +77,9 @@ class TorchvisionLoader(FolderLoader):
     def collate(self, samples):
         return collate_views(samples)
 
-    def to_model_input(self, payload: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def to_model_input(self, payload: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         images = uint8_to_unit(payload.to(self.device, non_blocking=True))
-        return self.finish_on_device(nhwc_to_model_layout(images), generator)
+        return self.finish_on_device(nhwc_to_model_layout(images), generator), labels, 0
 
 
 def build_torchvision(cfg: DataConfig, *, device: torch.device, shard: Shard):
@@ -87,7 +87,9 @@ def build_torchvision(cfg: DataConfig, *, device: torch.device, shard: Shard):
 
     train_list, val_list = scan_image_folder(cfg.root, bad_files=cfg.bad_files)
     return DataLoaders(
-        train=TorchvisionLoader(PillowDataset(train_list, cfg, train=True), cfg, device=device, shard=shard, train=True),
+        train=TorchvisionLoader(
+            PillowDataset(train_list, cfg, train=True), cfg, device=device, shard=shard, train=True
+        ),
         val=TorchvisionLoader(PillowDataset(val_list, cfg, train=False), cfg, device=device, shard=shard, train=False),
         num_classes=len(train_list.classes),
         image_size=cfg.image_size,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .cifar10 import load_cifar10
 from .build import is_cifar_folder
-from .folder import BadImageError, ImageList, open_rgb, scan_split
+from .cifar10 import load_cifar10
+from .folder import BadImageError, open_rgb, scan_split
 
-EXTENSION_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF"}
+EXTENSION_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ def check_image(path: str) -> list[Problem]:
     notes = []
     expected = EXTENSION_FORMATS.get(Path(path).suffix.lower())
     if expected and found_format != expected:
-        notes.append(Problem(path, f"a {found_format} file named {Path(path).suffix} (decoded by content)", error=False))
+        notes.append(
+            Problem(path, f"a {found_format} file named {Path(path).suffix} (decoded by content)", error=False)
+        )
     if mode != "RGB":
         notes.append(Problem(path, f"{mode} image (converted to RGB)", error=False))
     return notes
@@ -87,4 +89,4 @@ def summarise(problems: list[Problem], checked: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ImageList", "Problem", "summarise", "verify_dataset"]
+__all__ = ["Problem", "summarise", "verify_dataset"]
