@@ -220,7 +220,7 @@ def test_fuse_zoo_style_plain_block_and_skips():
                 out = out + (x if self.downsample is None else self.downsample(x))
             return self.relu(out)
 
-    ZooBasicBlock.__name__ = "BasicBlock"
+    ZooBasicBlock.__name__ = "PlainBlock"
     ZooBasicBlock.__module__ = "fastresnet.models.resnet"
     plain = randomize_all_bns(ZooBasicBlock(8, 8, residual=False))
     with_se = tv_resnet.BasicBlock(8, 8)
