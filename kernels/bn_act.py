@@ -362,8 +362,11 @@ def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     m = x.shape[0] * x.shape[2] * x.shape[3]
     c_pow2 = triton.next_power_of_2(x.shape[1])
     if x.is_cuda:
+        # 64x64 tiles: each thread keeps 2x32 fp32 accumulators and has two
+        # 16-byte loads per tensor in flight per iteration. Untuned: a first
+        # guess until bench/bench_bn_act.py has run on an H100.
         block_c = min(c_pow2, 64)
-        block_m = max(16, 2048 // block_c)
+        block_m = max(16, 4096 // block_c)
         target_programs = 4 * _multiprocessors(x.device.index or 0)
     else:
         block_c = min(c_pow2, 256)

@@ -112,10 +112,19 @@ def randomize_all_bns(model):
     return model
 
 
-def tiny_resnet(block=tv_resnet.BasicBlock, num_classes=10):
-    """torchvision's ResNet-18 layout with one block per stage."""
-    model = tv_resnet.ResNet(block, [1, 1, 1, 1], num_classes=num_classes)
-    return randomize_all_bns(model).to(DEVICE).to(memory_format=torch.channels_last)
+def tiny_resnet(widths=(8, 16, 32), num_classes=10):
+    """ResNet-18's layout scaled down: a stem, then one torchvision BasicBlock per
+    stage (stride 2 and a conv1x1+BN downsample from the second stage on)."""
+    layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    for i, width in enumerate(widths):
+        inplanes = widths[max(i - 1, 0)]
+        downsample = None
+        if i > 0:
+            downsample = nn.Sequential(tv_resnet.conv1x1(inplanes, width, 2), nn.BatchNorm2d(width))
+        layers.append(tv_resnet.BasicBlock(inplanes, width, 2 if i > 0 else 1, downsample))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes)]
+    model = randomize_all_bns(nn.Sequential(*layers))
+    return model.to(DEVICE).to(memory_format=torch.channels_last)
 
 
 def compare_forward_backward(model, fused, x, *, atol=2e-4):
@@ -160,9 +169,9 @@ def test_fuse_shares_tensors_and_trains_like_unfused():
     assert fuse_bn_act(fused_model) is fused_model
     after = fused_model.state_dict()
     assert list(after) == list(before) and all(after[k].data_ptr() == p for k, p in before.items())
-    assert sum(isinstance(m, BasicBlock) for m in fused_model.modules()) == 4
+    assert sum(isinstance(m, BasicBlock) for m in fused_model.modules()) == 3
 
-    x = channels_last_input(4, 3, 32, 32)
+    x = channels_last_input(4, 3, 16, 16)
     target = torch.randint(0, 10, (4,), device=DEVICE)
     losses = {}
     for name, model in (("unfused", reference), ("fused", fused_model)):
@@ -183,6 +192,18 @@ def test_fuse_shares_tensors_and_trains_like_unfused():
     assert_close(fused_model(x[:1]), reference(x[:1]), atol=1e-3, rtol=1e-3, name="eval output")
 
 
+def test_fuse_torchvision_resnet50_structure():
+    """Every block of a full torchvision ResNet-50 is replaced, nothing skipped,
+    state_dict keys unchanged and strictly loadable into a fresh torchvision model."""
+    model = tv_resnet.resnet50()
+    keys = list(model.state_dict())
+    _, report = fuse_bn_act(model, return_report=True)
+    assert len(report.replaced) == 16 and not report.skipped
+    assert sum(isinstance(m, Bottleneck) for m in model.modules()) == 16
+    assert list(model.state_dict()) == keys
+    tv_resnet.resnet50().load_state_dict(model.state_dict(), strict=True)
+
+
 def test_fuse_zoo_style_plain_block_and_skips():
     """A model-zoo block (torchvision names plus residual=False for plain nets)
     is fused without the addition; blocks with extras or other norms are skipped."""
@@ -199,7 +220,7 @@ def test_fuse_zoo_style_plain_block_and_skips():
                 out = out + (x if self.downsample is None else self.downsample(x))
             return self.relu(out)
 
-    ZooBasicBlock.__name__ = "BasicBlock"
+    ZooBasicBlock.__name__ = "PlainBlock"
     ZooBasicBlock.__module__ = "fastresnet.models.resnet"
     plain = randomize_all_bns(ZooBasicBlock(8, 8, residual=False))
     with_se = tv_resnet.BasicBlock(8, 8)
@@ -230,7 +251,7 @@ def test_fused_model_compiles_fullgraph_on_reference_path(monkeypatch):
     """On the CPU torch.compile traces the reference (Triton cannot be compiled
     here); the compiled fused blocks match eager ones, forward and backward."""
     monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
-    model = nn.Sequential(BasicBlock(8, 8), Bottleneck(8, 2)).to(DEVICE).to(memory_format=torch.channels_last)
+    model = nn.Sequential(Bottleneck(8, 2)).to(DEVICE).to(memory_format=torch.channels_last)
     randomize_all_bns(model)
     compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
     x = channels_last_input(2, 8, 6, 6).requires_grad_()

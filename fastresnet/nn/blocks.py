@@ -214,9 +214,15 @@ def _fused_copy(block: nn.Module, kind: str) -> _FusedBlock:
 
 
 def _block_kind(module: nn.Module) -> Optional[str]:
+    """"BasicBlock", "Bottleneck" or None. torchvision's and timm's blocks go by
+    their exact class names; fastresnet's model zoo promises torchvision's
+    forward for every *Block / *Bottleneck class (PlainBlock included), and the
+    kind follows from whether there is a conv3."""
     cls = type(module)
     if cls in (BasicBlock, Bottleneck):  # already fused
         return None
+    if cls.__module__.startswith("fastresnet.models") and cls.__name__.endswith(("Block", "Bottleneck")):
+        return "Bottleneck" if hasattr(module, "conv3") else "BasicBlock"
     if cls.__name__ in _FUSED_TYPES and cls.__module__.startswith(_BLOCK_MODULE_PREFIXES):
         return cls.__name__
     return None
