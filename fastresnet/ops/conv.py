@@ -112,9 +112,10 @@ def _run_reference(x, p: PreparedConvBN, residual, relu):
 
 
 def _triton_supports(x, p: PreparedConvBN, residual) -> bool:
-    # The kernel indexes in int32; grouped convs go to cuDNN.
+    # The kernel indexes in int32; grouped convs and float64 go to cuDNN (or the reference).
     n, c, h, w = p.output_shape(x)
-    return p.groups == 1 and x.numel() < 2**31 and n * c * h * w < 2**31
+    supported_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return supported_dtype and p.groups == 1 and x.numel() < 2**31 and n * c * h * w < 2**31
 
 
 def _run_triton(x, p: PreparedConvBN, residual, relu):
