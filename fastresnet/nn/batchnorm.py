@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from fastresnet.ops.bn_act import batch_norm_act
