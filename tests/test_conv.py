@@ -174,9 +174,11 @@ def _candidates():
     return {"slow": lambda: "slow", "fast": lambda: "fast", "broken": lambda: 1 / 0}
 
 
-def test_dispatch_measures_once_and_caches_on_disk(cache_dir, fake_timer):
+def test_dispatch_measures_once_and_caches_on_disk(cache_dir, fake_timer, caplog):
     cpu = torch.device("cpu")
-    assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
+    with caplog.at_level("INFO", logger="fastresnet.dispatch"):
+        assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
+    assert "dispatch k1 -> fast (fast 1.000 ms, slow 3.000 ms)" in caplog.text
     assert sorted(fake_timer) == ["fast", "slow"]  # "broken" raised and was skipped
     assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
     assert len(fake_timer) == 2  # the second call was answered from memory
