@@ -216,8 +216,11 @@ def test_convert_fastresnet_zoo(name, reference_path):
     assert len(converted.fastresnet_report.replaced) == 10 and not converted.fastresnet_report.left
     assert_same_state_dict(converted, model)
     x = torch.randn(2, 3, 32, 32)
+    folded = fastresnet.fold_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-5
+        assert relative_error(folded(x), model(x)) < 1e-5
 
 
 def test_convert_rejects_unknown_mode():
