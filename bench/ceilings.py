@@ -1,0 +1,91 @@
+"""Measure the device's two ceilings and describe the environment.
+
+The copy bandwidth (a large device-to-device copy, bytes read + written)
+and the dense bf16 matrix rate (an 8192^3 product on random data) are the
+floors every kernel's achieved GB/s or TFLOP/s is compared with
+(../shared/MEASURING.md). On a CPU it only reports the environment.
+
+    python bench/ceilings.py --out ceilings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+
+import torch
+
+
+def environment() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    for name in ("triton", "torchvision", "timm"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:
+            info[name] = None
+    if torch.cuda.is_available():
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def _median_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the JSON here as well as to stdout")
+    args = parser.parse_args(argv)
+    result = {"environment": environment()}
+    if torch.cuda.is_available():
+        result["copy_gbs"] = copy_bandwidth_gbs()
+        result["bf16_matmul_tflops"] = matmul_tflops()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One prepared run for a GPU machine with no network (../shared/MEASURING.md):
+# install the project over the packages already there, print versions and the
+# GPU, measure the device's ceilings, run the CUDA tests (real Triton
+# compilation catches what the interpreter cannot), then every benchmark in a
+# short mode, and write JSON + a markdown table into OUTDIR.
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# Each stage has its own time limit, so one slow stage cannot eat the others;
+# STAGE_SECONDS overrides the per-stage limit. Exit status: 0 when every
+# stage passed, else the number of stages that failed.
+set -u
+out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+stage_seconds=${STAGE_SECONDS:-150}
+mkdir -p "$out/logs"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 FASTRESNET_BENCH_SHORT=1 FASTRESNET_CACHE_DIR="$out/logs/cache"
+failed=0
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/logs/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name (limit ${seconds}s)"
+    local start=$SECONDS
+    timeout "$seconds" "$@" > "$out/logs/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$out/logs/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+stage install 120 python3 -m pip install --no-deps --no-build-isolation -e .
+stage ceilings 60 python3 bench/ceilings.py --out "$out/ceilings.json"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+stage cuda-tests "$stage_seconds" python3 -m pytest tests -m cuda -q -x -p no:cacheprovider
+for file in bench/bench_*.py; do
+    name=$(basename "$file" .py)
+    stage "$name" "$stage_seconds" python3 -m pytest "$file" --benchmark -q -p no:cacheprovider \
+        --benchmark-json="$out/logs/$name.json" --benchmark-columns=median,iqr,rounds
+done
+
+jsons=$(ls "$out"/logs/bench_*.json 2>/dev/null)
+if [ -n "$jsons" ]; then
+    python3 bench/report.py $jsons --ceilings "$out/ceilings.json" > "$out/results.md"
+    cat "$out/results.md"
+fi
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+echo "stages failed: $failed"
+exit $failed

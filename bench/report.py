@@ -1,0 +1,87 @@
+"""Turn pytest-benchmark JSON files into the markdown table of bench/RESULTS.md.
+
+Each benchmark group (e.g. "resnet50 train step") compares providers measured
+in the same run; the provider marked `baseline` is the denominator of the
+ratio column. Per-call `images`, `bytes` and `flops` in extra_info become
+img/s, GB/s and TFLOP/s, and, given the measured ceilings, a fraction of the
+device's copy bandwidth or bf16 matrix rate.
+
+    python bench/report.py bench.json [more.json ...] [--ceilings ceilings.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def load_benchmarks(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows.extend(json.load(f).get("benchmarks", []))
+    return rows
+
+
+def _throughput(extra: dict, seconds: float, ceilings: dict) -> str:
+    parts = []
+    if extra.get("images"):
+        parts.append(f"{extra['images'] / seconds:,.0f} img/s")
+    if extra.get("flops"):
+        tflops = extra["flops"] / seconds / 1e12
+        ceiling = ceilings.get("bf16_matmul_tflops")
+        parts.append(f"{tflops:,.1f} TFLOP/s" + (f" ({tflops / ceiling:.0%} of matmul)" if ceiling else ""))
+    if extra.get("bytes"):
+        gbs = extra["bytes"] / seconds / 1e9
+        ceiling = ceilings.get("copy_gbs")
+        parts.append(f"{gbs:,.0f} GB/s" + (f" ({gbs / ceiling:.0%} of copy)" if ceiling else ""))
+    return ", ".join(parts)
+
+
+def render(benchmarks: list[dict], ceilings: dict) -> str:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in benchmarks:
+        groups[bench.get("group") or bench["name"]].append(bench)
+    lines = [
+        "| group | provider | median ms | vs baseline | throughput |",
+        "|---|---|---:|---:|---|",
+    ]
+    for group in sorted(groups):
+        rows = groups[group]
+        baseline = next((r for r in rows if r["extra_info"].get("baseline")), None)
+        base_median = baseline["stats"]["median"] if baseline else None
+        for row in sorted(rows, key=lambda r: r["stats"]["median"]):
+            extra, median = row["extra_info"], row["stats"]["median"]
+            ratio = f"{base_median / median:.2f}x" if base_median else "-"
+            provider = extra.get("provider", row["name"]) + (" (baseline)" if row is baseline else "")
+            lines.append(
+                f"| {group} | {provider} | {median * 1e3:.3f} | {ratio} | {_throughput(extra, median, ceilings)} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("--ceilings", help="output of bench/ceilings.py")
+    args = parser.parse_args(argv)
+    ceilings = {}
+    if args.ceilings:
+        with open(args.ceilings) as f:
+            ceilings = json.load(f)
+    env = ceilings.get("environment", {})
+    if env:
+        print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    if "copy_gbs" in ceilings:
+        print(
+            f"Measured ceilings: copy {ceilings['copy_gbs']:,.0f} GB/s, "
+            f"bf16 matmul {ceilings['bf16_matmul_tflops']:,.0f} TFLOP/s\n"
+        )
+    print(render(load_benchmarks(args.json), ceilings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
