@@ -1,0 +1,27 @@
+"""Data back ends: DALI, nvJPEG, torchvision, cifar10, digits and synthetic, chosen by name.
+
+    from fastresnet.data import DataConfig, build_loaders
+    data = build_loaders(DataConfig(backend="auto", root="/data/imagenet"), device=torch.device("cuda"),
+                         rank=rank, world_size=world_size, seed=0)
+    for epoch in range(epochs):
+        data.train.set_epoch(epoch)
+        for images, labels in data.train:  # normalised, NCHW shape, channels_last memory, on the device
+            ...
+
+DALI is optional: this package imports, and every other back end works, without it.
+"""
+
+from .build import DataLoaders, build_loaders, dali_available, resolve_backend
+from .config import BACKENDS, RECIPES, DataConfig
+from .loader import Loader
+
+__all__ = [
+    "BACKENDS",
+    "RECIPES",
+    "DataConfig",
+    "DataLoaders",
+    "Loader",
+    "build_loaders",
+    "dali_available",
+    "resolve_backend",
+]

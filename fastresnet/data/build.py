@@ -1,0 +1,68 @@
+"""`build_loaders`: one entry point that picks a back end by name and builds its loaders."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+from .loader import Loader, Shard
+
+
+@dataclass
+class DataLoaders:
+    train: Loader
+    val: Loader
+    num_classes: int
+    image_size: int  # pixels per side of the images the model gets
+    backend: str  # the back end actually used ("auto" resolved)
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def is_cifar_folder(root: str | Path) -> bool:
+    return (Path(root) / "data_batch_1").is_file() or (Path(root) / "test_batch").is_file()
+
+
+def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
+    """`auto`: digits without a root; cifar10 for a cifar-10-batches-py folder; for an
+    ImageFolder, DALI if it imports and the device is a GPU, else nvJPEG on a GPU,
+    else torchvision's CPU workers."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if cfg.root is None:
+        return "digits"
+    if is_cifar_folder(cfg.root):
+        return "cifar10"
+    if device.type == "cuda":
+        return "dali" if dali_available() else "nvjpeg"
+    return "torchvision"
+
+
+def build_loaders(
+    cfg: DataConfig, *, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> DataLoaders:
+    """Train and val loaders for this rank; `set_epoch(e)` on them before each epoch."""
+    device = torch.device(device)
+    shard = Shard(rank=rank, world_size=world_size, seed=seed)
+    backend = resolve_backend(cfg, device)
+    if backend not in ("digits", "synthetic") and cfg.root is None:
+        raise ValueError(f"the {backend} back end reads a dataset folder: set DataConfig.root")
+    if backend == "digits":
+        from .digits import build_digits as build
+    elif backend == "synthetic":
+        from .synthetic import build_synthetic as build
+    elif backend == "cifar10":
+        from .cifar10 import build_cifar10 as build
+    elif backend == "torchvision":
+        from .torchvision_backend import build_torchvision as build
+    elif backend == "nvjpeg":
+        from .nvjpeg import build_nvjpeg as build
+    elif backend == "dali":
+        from .dali import build_dali as build
+    return build(cfg, device=device, shard=shard)

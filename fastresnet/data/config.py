@@ -1,0 +1,70 @@
+"""The one typed config of the data back ends, with units in comments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "dali", "nvjpeg", "torchvision", "cifar10", "digits", "synthetic")
+RECIPES = ("rrc", "paper-scale")
+BAD_FILE_POLICIES = ("fail", "skip")
+CIFAR_SPLITS = ("full", "45k5k")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DataConfig:
+    backend: str = "auto"  # auto | dali | nvjpeg | torchvision | cifar10 | digits | synthetic
+    root: str | None = None  # dataset folder: ImageFolder root with train/ and val/, or cifar-10-batches-py
+    batch_size: int = 128  # images per step per process
+    val_batch_size: int | None = None  # images per val step per process (None: batch_size)
+    workers: int = 8  # CPU decoding processes (torchvision) or threads (dali)
+    recipe: str = "rrc"  # train augmentation: "rrc" (random-resized-crop) | "paper-scale" (He et al. 2015)
+    image_size: int = 224  # pixels per side of the train and val crops (ImageNet back ends, synthetic)
+    val_resize: int | None = None  # pixels of the shorter side before the val centre crop (None: image_size / 0.875)
+    ten_crop: bool = False  # val: 10 crops per image (4 corners + centre, and their flips)
+    dtype: str = "float32"  # float32 | float16 | bfloat16: the dtype of the images handed to the model
+    drop_last: bool = True  # train: drop the last partial batch (val never drops, never pads)
+    bad_files: str = "fail"  # "fail": stop at the first bad file, naming it | "skip": skip it and count it
+    cifar_split: str = "full"  # cifar10: "full" (50k train / 10k test) | "45k5k" (the paper's 45k train / 5k val)
+    hw_decoder_load: float = 0.65  # dali: share of JPEGs sent to the hardware decoder (A100/H100), 0..1
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # rrc: range of the crop's area, as a fraction of the image's
+    scale_range: tuple[int, int] = (256, 480)  # paper-scale: range of the shorter side in pixels before the crop
+    lighting_std: float = 0.1  # paper-scale: std of the PCA colour lighting noise (AlexNet's value)
+    num_classes: int = 1000  # synthetic: number of classes of the random labels
+    synthetic_steps: int = 100  # synthetic: batches per epoch
+    synthetic_val_steps: int = 10  # synthetic: val batches per epoch
+    pin_memory: bool = True  # torchvision: page-locked host batches for asynchronous copies to the GPU
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("bad_files", self.bad_files, BAD_FILE_POLICIES)
+        _check_choice("cifar_split", self.cifar_split, CIFAR_SPLITS)
+        _check_choice("dtype", self.dtype, tuple(DTYPES))
+        for name in ("batch_size", "image_size", "num_classes", "synthetic_steps", "synthetic_val_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"DataConfig.workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"DataConfig.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.val_batch_size or self.batch_size
+
+    @property
+    def resize_before_crop(self) -> int:
+        """Shorter side before the val centre crop: 256 for a 224 crop, as in the paper."""
+        return self.val_resize or round(self.image_size / 0.875)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"DataConfig.{name} must be one of {', '.join(choices)}; got {value!r}")

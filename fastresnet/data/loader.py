@@ -1,0 +1,140 @@
+"""What every back end hands the training loop: `Loader`s of (images, labels).
+
+A Loader yields normalised float images, NCHW in shape and channels_last in
+memory, and int64 labels, both on the training device. The shuffle of epoch
+e is a function of (seed, e) only, the same on every rank, and each rank takes
+a disjoint slice of it, so that a multi-GPU run sees every image at most once
+per epoch and a rerun with the same seed sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Loader:
+    """Base of all back ends' loaders: iteration, length, epoch and counters."""
+
+    num_samples: int  # images this rank sees per epoch (after sharding and dropping)
+    batch_size: int  # images per step
+    crops: int = 1  # views per image in a batch: 10 for a ten-crop val loader
+    skipped: int = 0  # bad files skipped so far under bad_files="skip"
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle: epoch e always gives the same order for a given seed."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of a dataset one rank reads, and how it is shuffled."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of size {self.world_size}")
+
+    def indices(self, n: int, *, epoch: int, shuffle: bool, even: bool) -> torch.Tensor:
+        """This rank's sample indices (CPU int64) out of n for this epoch.
+
+        The permutation depends only on (seed, epoch), so all ranks agree on it;
+        rank r takes every world_size-th element starting at r: disjoint shards.
+        `even` cuts the tail so that every rank has exactly n // world_size
+        samples (training, where ranks must take the same number of steps);
+        otherwise the first n % world_size ranks get one more (evaluation, where
+        every sample must be seen exactly once).
+        """
+        if shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if even:
+            order = order[: n - n % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def count(self, n: int, *, even: bool) -> int:
+        if even:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One 63-bit seed per (seed, epoch), far apart for neighbouring epochs."""
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return num_samples // batch_size
+    return -(-num_samples // batch_size)
+
+
+class TensorLoader(Loader):
+    """Batches out of a dataset that already lives on the device.
+
+    `images` is indexed on its first dimension (uint8 NHWC or float, whatever
+    `transform` expects); `transform(images, generator)` turns one batch of it
+    into the model's input and runs on the device, so an epoch costs no host
+    work beyond one permutation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        shard: Shard,
+        train: bool,
+        drop_last: bool,
+        transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels.to(device=images.device, dtype=torch.int64)
+        self.batch_size, self.shard, self.train = batch_size, shard, train
+        self.drop_last = drop_last and train
+        self.transform = transform
+        self.num_samples = shard.count(len(images), even=train)
+        if self.drop_last:
+            self.num_samples -= self.num_samples % batch_size
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[Batch]:
+        indices = self.shard.indices(len(self.images), epoch=self.epoch, shuffle=self.train, even=self.train)
+        indices = indices[: self.num_samples].to(self.images.device)
+        generator = self._augment_generator()
+        for start in range(0, len(indices), self.batch_size):
+            chosen = indices[start : start + self.batch_size]
+            if self.drop_last and len(chosen) < self.batch_size:
+                break
+            yield self.transform(self.images[chosen], generator), self.labels[chosen]
+
+    def _augment_generator(self) -> torch.Generator | None:
+        """Random crops and flips: seeded per (seed, epoch, rank), on the data's device."""
+        if not self.train:
+            return None
+        generator = torch.Generator(device=self.images.device)
+        generator.manual_seed(epoch_seed(self.shard.seed, self.epoch) + 7 * self.shard.rank + 1)
+        return generator
