@@ -90,3 +90,47 @@ def replace_fields(cfg, **changes):
     for head, sub in nested.items():
         flat[head] = replace_fields(flat.get(head, getattr(cfg, head)), **sub)
     return dataclasses.replace(cfg, **flat)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Semantic checks across fields (types were checked when the values were parsed)."""
+    from fastresnet.models import list_models
+    from fastresnet.training.fields import ConfigError
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.model in list_models(), f"model {cfg.model!r} is not in the zoo; choose one of: {', '.join(list_models())}")
+    need(cfg.shortcut in ("", "A", "B", "C"), f"shortcut must be A, B, C or empty, got {cfg.shortcut!r}")
+    need(cfg.length > 0, f"length must be > 0 ({cfg.unit}s), got {cfg.length}")
+    need(cfg.unit == "epoch" or float(cfg.length).is_integer(), f"length in steps must be whole, got {cfg.length}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.base_batch_size >= 0, f"base_batch_size must be >= 0, got {cfg.base_batch_size}")
+    need(cfg.lr_decay > 0, f"lr_decay must be > 0, got {cfg.lr_decay}")
+    need(cfg.schedule != "step" or len(cfg.lr_milestones) > 0, "schedule 'step' needs lr_milestones (in `unit`)")
+    need(list(cfg.lr_milestones) == sorted(cfg.lr_milestones), f"lr_milestones must ascend, got {cfg.lr_milestones}")
+    need(all(m > 0 for m in cfg.lr_milestones), f"lr_milestones must be > 0, got {cfg.lr_milestones}")
+    need(cfg.plateau_patience >= 1, f"plateau_patience must be >= 1 evaluation, got {cfg.plateau_patience}")
+    need(cfg.schedule != "plateau" or cfg.eval_every >= 1, "schedule 'plateau' needs evaluations: eval_every >= 1")
+    need(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr], got {cfg.min_lr}")
+    need(cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.warmup < cfg.length, f"warmup ({cfg.warmup}) must be shorter than length ({cfg.length})")
+    need(0 <= cfg.warmup_until_train_error <= 100, "warmup_until_train_error is a percentage in [0, 100]")
+    need(cfg.warmup_lr >= 0, f"warmup_lr must be >= 0, got {cfg.warmup_lr}")
+    need(cfg.warmup_kind != "constant" or cfg.warmup_lr > 0, "a constant warm-up needs warmup_lr > 0")
+    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
+    need(not cfg.nesterov or cfg.momentum > 0, "nesterov needs momentum > 0")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(cfg.log_every >= 1, f"log_every must be >= 1 step, got {cfg.log_every}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 epochs, got {cfg.eval_every}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 epochs, got {cfg.checkpoint_every}")
+    need(cfg.stop_at_step >= 0, f"stop_at_step must be >= 0, got {cfg.stop_at_step}")
+    need("/" not in cfg.run_name, f"run_name is a folder name, not a path: {cfg.run_name!r}")
+    if cfg.device != "auto":
+        try:
+            kind = __import__("torch").device(cfg.device).type
+        except RuntimeError:
+            raise ConfigError(f"device {cfg.device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+        need(kind in ("cpu", "cuda"), f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")

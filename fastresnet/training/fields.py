@@ -94,6 +94,8 @@ def _coerce(value, kind):
             parts = list(value)
         else:
             raise TypeError("expected a list")
+        if len(args) > 1 and args[1] is not Ellipsis and len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} values, got {len(parts)}")
         items = [_coerce(p, item) for p in parts]
         return tuple(items) if origin is tuple else items
     if kind is bool:
@@ -136,7 +138,10 @@ def apply_flat(cfg, values: dict[str, Any], source: str):
             checked[name] = coerce(name, value, known[name])
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-    return replace_fields(cfg, **checked)
+    try:
+        return replace_fields(cfg, **checked)
+    except (ValueError, TypeError) as err:  # a nested dataclass's own __post_init__ check
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
