@@ -6,3 +6,38 @@ must compute.
 """
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.float().view(1, -1, 1, 1)
+
+
+def affine_act_reference(x, scale, shift, residual=None, relu=True, center=None):
+    """y = act((x - center[c]) * scale[c] + shift[c] + residual), computed in fp32,
+    returned in x's dtype and memory format. Kernel: kernels/bn_act.py `_affine_act_fwd`."""
+    z = x.float()
+    if center is not None:
+        z = z - _per_channel(center)
+    z = z * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        z = z + residual.float()
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
+
+
+def batch_norm_act_reference(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, residual=None, relu=True
+):
+    """act(F.batch_norm(x) + residual): BatchNorm in fp32 (running stats updated
+    in place by F.batch_norm, unbiased variance), then the residual add and ReLU.
+    Kernels: kernels/bn_act.py `_bn_stats_*` then `_affine_act_fwd`."""
+    z = F.batch_norm(x.float(), running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual.float()
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
