@@ -120,3 +120,109 @@ def test_affine_act_rejects_bad_inputs():
         affine_act(x, ok, ok, residual=x[:1])
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         affine_act(x.detach().double(), ok, ok)
+
+
+# ---------------------------------------------------------------------------
+# batch_norm_act
+# ---------------------------------------------------------------------------
+
+
+def bn_state(c, *, affine=True):
+    """(weight, bias, running_mean, running_var) with non-trivial values."""
+    weight = channel_vector(c, low=0.5, high=2.0) if affine else None
+    bias = channel_vector(c) if affine else None
+    running_mean = torch.randn(c, device=DEVICE)
+    running_var = torch.rand(c, device=DEVICE) + 0.5
+    return weight, bias, running_mean, running_var
+
+
+def check_batch_norm_act(x, weight, bias, running_mean, running_var, training, residual, relu, *,
+                         momentum=0.1, eps=1e-5, grad_tol=None, out_tol=None):
+    """Run op and reference on copies of the running stats; compare outputs,
+    running stats and the gradients of every input that requires one."""
+    stats = (running_mean, running_var)
+    ref_stats = tuple(s.clone() if s is not None else None for s in stats)
+    y = batch_norm_act(x, weight, bias, *stats, training, momentum, eps, residual, relu)
+    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, training, momentum, eps, residual, relu)
+    atol, rtol = out_tol or (None, None)
+    assert y.dtype == x.dtype
+    assert_close(y, expected, atol=atol, rtol=rtol, name="y")
+    for name, actual, ref in zip(["running_mean", "running_var"], stats, ref_stats):
+        if actual is not None:
+            assert_close(actual, ref, atol=1e-5, rtol=1e-5, name=name)
+
+    grad_y = torch.randn_like(y)
+    inputs = [t for t in (x, weight, bias, residual) if t is not None and t.requires_grad]
+    atol, rtol = grad_tol or GRAD_TOL[x.dtype]
+    for t, a, e in zip(inputs, grads_of(y, inputs, grad_y), grads_of(expected, inputs, grad_y)):
+        name = {id(x): "x", id(weight): "weight", id(bias): "bias", id(residual): "residual"}[id(t)]
+        assert_close(a, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, name=f"grad {name}")
+    return y
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_batch_norm_act_training_matches_reference(shape, dtype, residual, relu):
+    x = make_input(shape, dtype, channels_last=True, mean=0.5, std=2.0)
+    res = make_input(shape, dtype, channels_last=True) if residual else None
+    check_batch_norm_act(x, *bn_state(shape[1]), True, res, relu)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_act_layouts_train_and_eval(channels_last, training):
+    shape = (3, 20, 4, 5)
+    x = make_input(shape, torch.float32, channels_last=channels_last)
+    res = make_input(shape, torch.float32, channels_last=not channels_last)
+    y = check_batch_norm_act(x, *bn_state(20), training, res, True)
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_norm_act_train_then_eval(dtype):
+    """Several training steps move the running stats exactly like F.batch_norm;
+    eval then normalises with them (batch of one included)."""
+    c = 24
+    weight, bias, running_mean, running_var = bn_state(c)
+    ref_mean, ref_var = running_mean.clone(), running_var.clone()
+    for step in range(3):
+        x = make_input((2, c, 3, 3), dtype, channels_last=True, mean=float(step), requires_grad=False)
+        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.3, 1e-5)
+        batch_norm_act_reference(x, weight, bias, ref_mean, ref_var, True, 0.3, 1e-5)
+    assert_close(running_mean, ref_mean, atol=1e-5, rtol=1e-5, name="running_mean")
+    assert_close(running_var, ref_var, atol=1e-5, rtol=1e-5, name="running_var")
+    x = make_input((1, c, 2, 3), dtype, channels_last=True)
+    check_batch_norm_act(x, weight, bias, running_mean, running_var, False, None, True)
+
+
+def test_batch_norm_act_no_affine_no_running_stats():
+    x = make_input((2, 9, 3, 3), torch.float32, channels_last=True)
+    check_batch_norm_act(x, None, None, None, None, True, None, True)
+
+
+def test_batch_norm_act_large_mean_is_accurate():
+    """Mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance."""
+    shape = (8, 16, 8, 8)
+    x = make_input(shape, torch.float32, channels_last=True, mean=1e3, std=1.0, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(16, affine=True)
+    exact_mean, exact_var = running_mean.double(), running_var.double()
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    exact = torch.nn.functional.batch_norm(
+        x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
+    )
+    assert_close(y.double(), exact, atol=1e-3, rtol=1e-3, name="y")
+    assert_close(running_mean.double(), exact_mean, atol=1e-3, rtol=0, name="running_mean")
+    assert_close(running_var.double(), exact_var, atol=0, rtol=1e-3, name="running_var")
+
+
+def test_batch_norm_act_errors_like_pytorch():
+    x = make_input((1, 4, 1, 1), torch.float32, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="must be given when training=False"):
+        batch_norm_act(x, weight, bias, None, None, False, 0.1, 1e-5)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
+        batch_norm_act(x, weight, bias, running_mean, running_var[:3], False, 0.1, 1e-5)
