@@ -105,6 +105,17 @@ def test_grouped_conv_falls_back_to_reference():
     assert_close(got, conv_bn_act_reference(x, weight, scale, shift, 1, 1, None, True, 1, 4))
 
 
+@pytest.mark.parametrize("name", ["triton", "cudnn_affine"])  # cudnn_fused needs cuDNN: a cuda test
+def test_each_cpu_runnable_implementation_matches(name):
+    from fastresnet.ops.conv import IMPLEMENTATIONS, _candidates
+
+    x, weight, scale, shift, res = _problem(16, 24, 3, 2, 1, 1, 7, 7, torch.float16, residual=True)
+    p = PreparedConvBN(weight, scale, shift, 2, 1)
+    assert name in _candidates(x, p, res)
+    out = IMPLEMENTATIONS[name](x, p, res, True)
+    assert_close(out, _expected(x, weight, scale, shift, 2, 1, res, True, 1), atol=4e-3, rtol=4e-3)
+
+
 def test_bad_inputs_name_the_problem():
     x, weight, scale, shift, _ = _problem(8, 8, 3, 1, 1, 1, 5, 5, torch.float32)
     with pytest.raises(ValueError, match="channels"):

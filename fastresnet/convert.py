@@ -1,0 +1,123 @@
+"""`convert(model, mode="inference")`: swap the ResNet blocks of any model for fused ones, in place.
+
+Recognised blocks: BasicBlock and Bottleneck of torchvision (resnet*, resnext*,
+wide_resnet*, and the backbones of its detection/segmentation models, whose
+BatchNorms are FrozenBatchNorm2d when pretrained), of timm's ResNet family, and
+of fastresnet's model zoo (torchvision's attribute names, plus an optional
+boolean `residual` and any parameter-free `downsample` module). A block is
+replaced only when every part of it is understood: plain nn.Conv2d convs,
+foldable BatchNorms, ReLU activations, and no extra layers (squeeze-excite,
+anti-aliasing, drop-block, drop-path) that are not Identity. Anything else is
+left alone, with the reason recorded in the report.
+
+The fused blocks take over the original children, so the state_dict keys and
+values are unchanged and an original checkpoint still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch.nn as nn
+
+from fastresnet.fold import foldable_reason
+from fastresnet.nn.inference_blocks import FusedBasicBlock, FusedBottleneck
+
+log = logging.getLogger("fastresnet.convert")
+
+_BLOCK_MODULES = ("torchvision.models.resnet", "timm.models.resnet", "fastresnet.models")
+_BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck")
+_RELU_NAMES = ("relu", "act1", "act2", "act3")
+_OPTIONAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What convert() did: one (path, class, ...) row per replaced block and per layer it left alone."""
+
+    replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (path, old class, new class)
+    left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (path, class, reason)
+
+    def __str__(self) -> str:
+        lines = [f"fastresnet.convert: replaced {len(self.replaced)} blocks, left {len(self.left)} layers"]
+        lines += [f"  replaced {path or '<root>'}: {old} -> {new}" for path, old, new in self.replaced]
+        lines += [f"  left {path or '<root>'} ({cls}): {why}" for path, cls, why in self.left]
+        return "\n".join(lines)
+
+
+def is_resnet_block(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in _BLOCK_CLASS_NAMES and cls.__module__.startswith(_BLOCK_MODULES)
+
+
+def unsupported_reason(block: nn.Module) -> str | None:
+    """Why `block` (a recognised ResNet block) cannot be fused, or None."""
+    num_convs = 3 if hasattr(block, "conv3") else 2
+    expected = {f"{kind}{i}" for kind in ("conv", "bn") for i in range(1, num_convs + 1)} | {"downsample"}
+    for i in range(1, num_convs + 1):
+        conv, bn = getattr(block, f"conv{i}", None), getattr(block, f"bn{i}", None)
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+            return f"conv{i} is {type(conv).__name__} (padding_mode {getattr(conv, 'padding_mode', '?')}), not a zero-padded nn.Conv2d"
+        reason = foldable_reason(bn) if bn is not None else "missing"
+        if reason:
+            return f"bn{i}: {reason}"
+    if not isinstance(getattr(block, "residual", True), bool):
+        return "attribute 'residual' is not a bool"
+    for name, child in block.named_children():
+        if name in expected:
+            continue
+        if name in _RELU_NAMES and type(child) is nn.ReLU:
+            continue
+        if name in _OPTIONAL_IDENTITY_NAMES and isinstance(child, nn.Identity):
+            continue
+        return f"child '{name}' ({type(child).__name__}) has no fused equivalent"
+    return None
+
+
+def _fused_block(block: nn.Module) -> nn.Module:
+    cls = FusedBottleneck if hasattr(block, "conv3") else FusedBasicBlock
+    return cls(block).train(block.training)
+
+
+def _convert_children(module: nn.Module, prefix: str, report: ConversionReport) -> None:
+    for name, child in list(module.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        if is_resnet_block(child):
+            reason = unsupported_reason(child)
+            if reason is None:
+                fused = _fused_block(child)
+                setattr(module, name, fused)
+                report.replaced.append((path, type(child).__name__, type(fused).__name__))
+                continue
+            report.left.append((path, type(child).__name__, reason))
+        elif isinstance(child, nn.Conv2d):
+            report.left.append((path, type(child).__name__, "outside a supported block: runs unchanged"))
+        _convert_children(child, path, report)
+
+
+def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) -> nn.Module:
+    """Replace the supported ResNet blocks of `model` with fused ones, in place; return the model.
+
+    mode="inference" is the only mode so far: the fused blocks run the Triton
+    or cuDNN fused path in eval mode and the original eager computation in
+    training mode. The report (a ConversionReport) is kept as
+    `model.fastresnet_report`, logged on "fastresnet.convert" and printed when
+    `verbose`.
+    """
+    if mode != "inference":
+        raise ValueError(f"convert: mode={mode!r} is not supported; only mode='inference' is implemented")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    report = ConversionReport()
+    if is_resnet_block(model) and unsupported_reason(model) is None:
+        fused = _fused_block(model)
+        report.replaced.append(("", type(model).__name__, type(fused).__name__))
+        model = fused
+    else:
+        _convert_children(model, "", report)
+    model.fastresnet_report = report
+    log.info("%s", report)
+    if verbose:
+        print(report)
+    return model
