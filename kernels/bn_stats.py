@@ -71,12 +71,16 @@ def _merge_once(mean_part, m2_part, m, rows, group):
     return mean_out, m2_out, rows * group
 
 
-def finalize_stats(mean_part, m2_part, m, rows, eps):
-    """(mean, invstd, unbiased var) per channel, fp32, from [P, C] partials of `rows` rows each over m rows."""
+def finalize_stats(mean_part, m2_part, m, rows, eps, max_parts=None):
+    """(mean, invstd, unbiased var) per channel, fp32, from [P, C] partials of `rows` rows each over m rows.
+
+    More than max_parts partials (default: 256 on a GPU, 4096 under the
+    interpreter, where one finalize program is cheapest) are merged in parallel first."""
     if m <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {m} rows")
     on_gpu = mean_part.is_cuda
-    max_parts = 256 if on_gpu else 4096  # the interpreter: one finalize program is cheapest
+    if max_parts is None:
+        max_parts = 256 if on_gpu else 4096
     while mean_part.shape[0] > max_parts:
         mean_part, m2_part, rows = _merge_once(mean_part, m2_part, m, rows, group=32)
     parts, c = mean_part.shape
