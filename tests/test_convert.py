@@ -174,8 +174,8 @@ def test_training_mode_runs_the_eager_blocks(reference_path):
 
 
 def test_convert_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="mode='train'"):
-        fastresnet.convert(torchvision.models.resnet18(), mode="train")
+    with pytest.raises(ValueError, match="mode='bogus'"):
+        fastresnet.convert(torchvision.models.resnet18(), mode="bogus")
 
 
 def test_unsupported_blocks_are_left_and_named(reference_path):

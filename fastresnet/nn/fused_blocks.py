@@ -178,7 +178,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         return pairs
 
     def _triton_supported(self, x: Tensor) -> bool:
-        return x.dtype.is_floating_point and all(
+        # The kernels index in int32; a bottleneck's widest activation is at most 4x its input.
+        return x.dtype.is_floating_point and 4 * x.numel() < 2**31 and all(
             _conv_supported(conv) and _uses_batch_stats(bn) for conv, bn in self._conv_bn_pairs()
         )
 
