@@ -323,3 +323,26 @@ def test_gpu_measured_dispatch_records_a_choice(tmp_path, monkeypatch):
     assert any(d["key"].startswith("fused_train_block") for d in dispatch.decisions())
     # the timing steps do not count: only the real step moved the running statistics
     assert int(fused.bn1.num_batches_tracked) == int(state["bn1.num_batches_tracked"]) + 1
+
+
+def test_timm_blocks_convert_and_match(monkeypatch):
+    import timm
+    from timm.models.resnet import BasicBlock as TimmBasicBlock
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+    from timm.models.resnet import downsample_avg
+
+    # One small timm block through the Triton path (the interpreter on a CPU), avg-pool shortcut (avg_down).
+    ref = _randomise_bns(TimmBasicBlock(8, 16, 2, downsample_avg(8, 16, 1, stride=2))).to(DEVICE)
+    fused = convert(copy.deepcopy(ref), mode="train")
+    assert type(fused) is fused_blocks.FusedBasicBlock
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    _compare_step(fused, ref, x, torch.float32)
+    _compare_buffers(fused, ref)
+    # A whole timm ResNet on the reference path: every block replaced, state_dict unchanged.
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
+    model = timm.models.resnet.ResNet(block=TimmBottleneck, layers=[1, 1, 1, 1], num_classes=3)
+    keys = list(model.state_dict())
+    convert(model, mode="train")
+    assert len(model.fastresnet_report.replaced) == 4
+    assert list(model.state_dict()) == keys
