@@ -102,11 +102,13 @@ def _affine_act_fwd(
 
 # Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of rows,
 # numerically safe for a large mean: every value is first shifted by a pivot
-# (the range's first row, close to the mean), each [BLOCK_M, BLOCK_C] tile
-# gets its own mean and M2 by two passes over registers, and tiles are merged
-# with Chan et al.'s parallel formula
-#     delta = mean_b - mean_a,  n = n_a + n_b,
-#     mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+# (the range's first row, close to the mean); then each of the BLOCK_M row
+# slots of the [BLOCK_M, BLOCK_C] tile keeps its own Welford accumulator in
+# registers as the program walks down its rows,
+#     n += 1,  delta = x - mean,  mean += delta / n,  M2 += delta * (x - mean),
+# so no value crosses threads inside the loop. At the end the slots merge
+# with Chan et al.'s parallel formula,
+#     mean = sum(n_s mean_s) / n,  M2 = sum(M2_s) + sum(n_s (mean_s - mean)^2).
 # Program (p, c-block) writes the partial of rows [p*ROWS, (p+1)*ROWS).
 @triton.jit
 def _bn_stats_partial(
@@ -126,27 +128,27 @@ def _bn_stats_partial(
     row_end = tl.minimum(row_begin + ROWS, M)
     pivot_offs = _row_offsets(row_begin, HW, x_sn, x_shw) + cols * x_sc
     pivot = tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32)
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - pivot[None, :], 0.0)
-        tile_count = tl.minimum(row_end - start, BLOCK_M).to(tl.float32)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(deviation * deviation, axis=0)
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
-    tl.store(mean_part_ptr + pid * C + cols, mean + pivot, mask=col_mask)
-    tl.store(m2_part_ptr + pid * C + cols, m2, mask=col_mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :]
+        count += row_mask.to(tl.float32)
+        inv_count = tl.where(row_mask, 1.0 / tl.maximum(count, 1.0), 0.0)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta * inv_count[:, None]
+        m2 += delta * (x - mean)
+    total = tl.sum(count, axis=0)
+    weighted = count[:, None] * mean
+    range_mean = tl.sum(weighted, axis=0) / total
+    spread = mean - range_mean[None, :]
+    range_m2 = tl.sum(m2, axis=0) + tl.sum(count[:, None] * spread * spread, axis=0)
+    tl.store(mean_part_ptr + pid * C + cols, range_mean + pivot, mask=col_mask)
+    tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
 
 
 # Merge the P partials of _bn_stats_partial into the batch statistics. With
@@ -195,7 +197,9 @@ def _bn_stats_finalize(
 # Backward reduction pass. With g = dy * [z > 0] (the ReLU mask recomputed
 # from the inputs) and xc = x - center, each program sums g and g * xc over a
 # range of rows: sum(g) is dshift (dbeta), sum(g * xc) is dscale (and, times
-# invstd, dgamma). Partials go to [P, C] buffers; the caller adds them up.
+# invstd, dgamma). The sums build up in [BLOCK_M, BLOCK_C] registers and are
+# reduced across threads once, at the end. Partials go to [P, C] buffers; the
+# caller adds them up.
 @triton.jit
 def _affine_act_bwd_reduce(
     dy_ptr,  # upstream gradient, strides dy_s*
@@ -221,8 +225,8 @@ def _affine_act_bwd_reduce(
     col_mask = cols < C
     row_begin = pid * ROWS
     row_end = tl.minimum(row_begin + ROWS, M)
-    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
@@ -231,10 +235,10 @@ def _affine_act_bwd_reduce(
             rows, cols, mask, col_mask, HW,
             dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
         )
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(g * xc, axis=0)
-    tl.store(sum_g_part_ptr + pid * C + cols, sum_g, mask=col_mask)
-    tl.store(sum_gx_part_ptr + pid * C + cols, sum_gx, mask=col_mask)
+        sum_g += g
+        sum_gx += g * xc
+    tl.store(sum_g_part_ptr + pid * C + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    tl.store(sum_gx_part_ptr + pid * C + cols, tl.sum(sum_gx, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -358,8 +362,11 @@ def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     m = x.shape[0] * x.shape[2] * x.shape[3]
     c_pow2 = triton.next_power_of_2(x.shape[1])
     if x.is_cuda:
+        # 64x64 tiles: each thread keeps 2x32 fp32 accumulators and has two
+        # 16-byte loads per tensor in flight per iteration. Untuned: a first
+        # guess until bench/bench_bn_act.py has run on an H100.
         block_c = min(c_pow2, 64)
-        block_m = max(16, 2048 // block_c)
+        block_m = max(16, 4096 // block_c)
         target_programs = 4 * _multiprocessors(x.device.index or 0)
     else:
         block_c = min(c_pow2, 256)

@@ -226,3 +226,161 @@ def test_batch_norm_act_errors_like_pytorch():
         batch_norm_act(x, weight, bias, None, None, False, 0.1, 1e-5)
     with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
         batch_norm_act(x, weight, bias, running_mean, running_var[:3], False, 0.1, 1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Custom-op registration, torch.compile, random shapes
+# ---------------------------------------------------------------------------
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT
+    dispatch of every op: what torch.compile relies on."""
+    x = make_input((2, 8, 3, 3), torch.float32, channels_last=True)
+    weight, bias = channel_vector(8, low=0.5, high=2.0), channel_vector(8)
+    res = make_input((2, 8, 3, 3), torch.float32, channels_last=True)
+    center = torch.randn(8, device=DEVICE)
+    ops = torch.ops.fastresnet
+    grad_y = torch.randn_like(x)
+    mean, invstd = x.detach().mean((0, 2, 3)), torch.rand(8, device=DEVICE) + 0.5
+    # The backward ops have no derivative of their own (no double backward).
+    xd, wd, bd, rd = (t.detach() for t in (x, weight, bias, res))
+    for op, args in [
+        (ops.affine_act.default, (x, weight, bias, center, res, True)),
+        (ops.affine_act.default, (x, weight, bias, None, None, False)),
+        (ops.affine_act_backward.default, (grad_y, xd, wd, bd, center, rd, True, True)),
+        (ops.affine_act_backward.default, (grad_y, xd, wd, bd, None, None, True, False)),
+        (ops.batch_norm_act_train.default, (x, weight, bias, res, 1e-5, True)),
+        (ops.batch_norm_act_backward.default, (grad_y, xd, wd, bd, mean, invstd, rd, True)),
+    ]:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@pytest.mark.cuda
+def test_ops_compile_fullgraph_on_the_kernel_path():
+    """torch.compile(fullgraph=True) over the custom ops themselves: same outputs,
+    gradients and running statistics as eager. (It passes on the CPU too, with
+    the kernels in the interpreter, but Inductor's build takes ~30 s here;
+    test_custom_ops_pass_opcheck covers the AOT tracing on the CPU.)"""
+
+    def train_then_eval(x, weight, bias, running_mean, running_var, residual):
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, residual, True)
+        return batch_norm_act(y, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, False)
+
+    shape = (2, 8, 4, 4)
+    x = make_input(shape, torch.float32, channels_last=True)
+    res = make_input(shape, torch.float32, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(8)
+    eager_stats = (running_mean.clone(), running_var.clone())
+    compiled = torch.compile(train_then_eval, fullgraph=True)
+    y = compiled(x, weight, bias, running_mean, running_var, res)
+    expected = train_then_eval(x, weight, bias, *eager_stats, res)
+    assert_close(y, expected, name="y")
+    assert_close(running_mean, eager_stats[0], name="running_mean")
+    grad_y = torch.randn_like(y)
+    for a, e in zip(grads_of(y, [x, weight, bias, res], grad_y), grads_of(expected, [x, weight, bias, res], grad_y)):
+        assert_close(a, e, name="grad")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 40),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    training=st.booleans(),
+    residual=st.booleans(),
+    relu=st.booleans(),
+    channels_last=st.booleans(),
+)
+def test_batch_norm_act_random_shapes(n, c, h, w, training, residual, relu, channels_last):
+    hypothesis.assume(not training or n * h * w > 1)
+    x = make_input((n, c, h, w), torch.float32, channels_last=channels_last)
+    res = make_input((n, c, h, w), torch.float32, channels_last=True) if residual else None
+    # Few values per channel make BatchNorm's gradient ill-conditioned: scale the tolerance.
+    check_batch_norm_act(x, *bn_state(c), training, res, relu, grad_tol=(1e-3, 1e-3))
+
+
+# ---------------------------------------------------------------------------
+# GPU only: real ResNet-50 stage shapes, bf16, compiled Triton path
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_resnet50_shapes(shape, dtype):
+    x = make_input(shape, dtype, channels_last=True, mean=0.5, std=2.0)
+    res = make_input(shape, dtype, channels_last=True)
+    check_batch_norm_act(x, *bn_state(shape[1]), True, res, True)
+    check_batch_norm_act(x, *bn_state(shape[1]), False, res, True)
+
+
+@pytest.mark.cuda
+def test_gpu_large_mean_many_rows():
+    """Mean 1e3 over 256*56*56 rows: the partial/merge scheme at full size."""
+    x = make_input((256, 64, 56, 56), torch.float32, channels_last=True, mean=1e3, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(64)
+    exact_mean, exact_var = running_mean.double(), running_var.double()
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    exact = torch.nn.functional.batch_norm(
+        x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
+    )
+    assert_close(y.double(), exact, atol=1e-3, rtol=1e-3, name="y")
+    assert_close(running_var.double(), exact_var, atol=0, rtol=1e-3, name="running_var")
+
+
+@pytest.mark.cuda
+def test_gpu_compiled_fused_resnet_bf16():
+    """torchvision ResNet-50 layout (one block per stage) fused, compiled with
+    fullgraph=True on the Triton path, bf16 autocast: close to the unfused model."""
+    import copy
+
+    from torchvision.models import resnet as tv_resnet
+
+    from fastresnet.nn import fuse_bn_act
+
+    reference = tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1]).cuda().to(memory_format=torch.channels_last)
+    fused = torch.compile(fuse_bn_act(copy.deepcopy(reference)), fullgraph=True)
+    x = make_input((16, 3, 128, 128), torch.float32, channels_last=True, requires_grad=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, expected = fused(x), reference(x)
+    assert_close(y.float(), expected.float(), atol=5e-2, rtol=5e-2, name="logits")
+    y.float().square().mean().backward()
+    expected.float().square().mean().backward()
+    for (name, a), b in zip(fused.named_parameters(), reference.parameters()):
+        scale = max(1e-3, b.grad.abs().max().item())
+        assert_close(a.grad, b.grad, atol=0.1 * scale, rtol=0.1, name=f"grad {name}")
+
+
+def test_many_programs_and_partials(monkeypatch):
+    """Small blocks force what a GPU does at full size: many row ranges merged
+    by _bn_stats_finalize, loops over several tiles, tiles straddling images,
+    channel blocks with a ragged end."""
+    from fastresnet.kernels import bn_act as kernels
+
+    block_m, block_c, rows_per_program = 16, 8, 32
+
+    def small_plan(x):
+        rows_total = x.shape[0] * x.shape[2] * x.shape[3]
+        return -(-rows_total // rows_per_program), rows_per_program, block_m, block_c, 4
+
+    monkeypatch.setattr(kernels, "_reduction_plan", small_plan)
+    monkeypatch.setattr(kernels, "_elementwise_blocks", lambda x: (block_m, block_c, 4))
+    shape = (3, 11, 5, 5)  # 75 rows in 3 ranges of 2 tiles: ranges and tiles end mid-image
+    x = make_input(shape, torch.float32, channels_last=True, mean=1e3)
+    res = make_input(shape, torch.float32, channels_last=False)
+    # relu=False: at mean 1e3 the fp32 reference's own error (~1e-4) can flip a ReLU mask.
+    check_batch_norm_act(x, *bn_state(11), True, res, False, grad_tol=(1e-3, 1e-3), out_tol=(1e-3, 1e-3))
+    scale, shift = channel_vector(11), channel_vector(11)
+    y = affine_act(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    grad_y = torch.randn_like(y)
+    expected = affine_act_reference(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    assert_close(y, expected, atol=1e-3, rtol=1e-3, name="affine y")
+    for a, e in zip(grads_of(y, [x, scale, shift], grad_y), grads_of(expected, [x, scale, shift], grad_y)):
+        assert_close(a, e, atol=1e-2, rtol=1e-3, name="affine grad")
