@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 
 import torch.nn as nn
 
 from fastresnet.fold import foldable_reason
+from fastresnet.nn.folded_layers import fold_chain, is_folded_conv
 from fastresnet.nn.inference_blocks import FusedBasicBlock, FusedBottleneck
 
 log = logging.getLogger("fastresnet.convert")
@@ -30,6 +32,7 @@ _BLOCK_MODULES = ("torchvision.models.resnet", "timm.models.resnet", "fastresnet
 _BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck")
 _RELU_NAMES = ("relu", "act1", "act2", "act3")
 _OPTIONAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")
+_NET_CLASS_NAMES = ("ResNet", "CifarResNet")  # forward: conv1 -> bn1 -> relu (or act1) first
 
 
 @dataclasses.dataclass
@@ -85,7 +88,50 @@ def _fused_block(block: nn.Module, mode: str = "inference") -> nn.Module:
     return cls(block).train(block.training)
 
 
-def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, mode: str = "inference") -> None:
+def _runs_children_in_order(module: nn.Module) -> bool:
+    """nn.Sequential (or a subclass keeping its forward) and torchvision's IntermediateLayerGetter."""
+    if isinstance(module, nn.Sequential):
+        return type(module).forward is nn.Sequential.forward
+    return type(module).__name__ == "IntermediateLayerGetter" and type(module).__module__.startswith("torchvision")
+
+
+def _chains(module: nn.Module) -> list[tuple[str, str, str | None]]:
+    """(conv, bn, relu or None) child names that `module`'s forward calls one after another."""
+    cls = type(module)
+    if cls.__name__ in _NET_CLASS_NAMES and cls.__module__.startswith(_BLOCK_MODULES):
+        relu = next((n for n in ("relu", "act1") if hasattr(module, n)), None)
+        return [("conv1", "bn1", relu)] if hasattr(module, "conv1") and hasattr(module, "bn1") else []
+    if not _runs_children_in_order(module):
+        return []
+    names = [n for n, _ in module.named_children()]
+    chains = []
+    for i in range(len(names) - 1):
+        relu = names[i + 2] if i + 2 < len(names) else None
+        chains.append((names[i], names[i + 1], relu))
+    return chains
+
+
+def _fold_chains(module: nn.Module, prefix: str, report: ConversionReport, uses: Counter) -> None:
+    """Fuse the conv -> BN (-> ReLU) chains among module's children (stems, Sequentials)."""
+    for conv_name, bn_name, relu_name in _chains(module):
+        conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or foldable_reason(bn) is not None:
+            continue
+        relu = getattr(module, relu_name) if relu_name else None
+        if type(relu) is not nn.ReLU or uses[id(relu)] != 1:
+            relu_name = None
+        if uses[id(conv)] != 1 or uses[id(bn)] != 1:
+            continue  # a module used twice cannot change behaviour for one of its uses
+        fold_chain(module, conv_name, bn_name, relu_name)
+        path = f"{prefix}.{conv_name}" if prefix else conv_name
+        parts = "+".join(type(m).__name__ for m in (conv, bn, relu) if m is not None and (m is not relu or relu_name))
+        report.replaced.append((path, parts, "conv_bn_act (conv keeps its class; BN/ReLU pass through in eval)"))
+
+
+def _convert_children(
+    module: nn.Module, prefix: str, report: ConversionReport, uses: Counter, mode: str = "inference"
+) -> None:
+    _fold_chains(module, prefix, report, uses)
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         if is_resnet_block(child):
@@ -96,9 +142,9 @@ def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, 
                 report.replaced.append((path, type(child).__name__, type(fused).__name__))
                 continue
             report.left.append((path, type(child).__name__, reason))
-        elif isinstance(child, nn.Conv2d):
+        elif isinstance(child, nn.Conv2d) and not is_folded_conv(child):
             report.left.append((path, type(child).__name__, "outside a supported block: runs unchanged"))
-        _convert_children(child, path, report, mode)
+        _convert_children(child, path, report, uses, mode)
 
 
 def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) -> nn.Module:
@@ -108,8 +154,8 @@ def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) ->
     eval mode and the original eager computation in training mode.
     mode="train": fastresnet.nn.fused_blocks' blocks, which also fuse the
     training step (BatchNorm statistics in the conv epilogue, normalise-on-load;
-    the path measured per shape) and run the inference path in eval mode. The report (a ConversionReport) is kept as
-    `model.fastresnet_report`, logged on "fastresnet.convert" and printed when
+    the path measured per shape) and run the inference path in eval mode.
+    The report (a ConversionReport) is kept as `model.fastresnet_report`, logged on "fastresnet.convert" and printed when
     `verbose`.
     """
     if mode not in ("inference", "train"):
@@ -122,7 +168,8 @@ def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) ->
         report.replaced.append(("", type(model).__name__, type(fused).__name__))
         model = fused
     else:
-        _convert_children(model, "", report, mode)
+        uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        _convert_children(model, "", report, uses, mode)
     model.fastresnet_report = report
     log.info("%s", report)
     if verbose:

@@ -24,10 +24,11 @@ switch, as F.conv2d does) and full fp32 otherwise. Triton's interpreter
 computes bf16 dots wrongly, so under the interpreter DOT_IN_FP32 converts the
 tiles to fp32 before the dot.
 
-Two K loops: for C >= 16 the taps are unrolled (static (kh, kw) loops around a
-loop over channel blocks, so the row masks are computed once per tap); for the
-7x7 stem with C = 3 a flat loop over K decodes (kh, kw, c) per element, which
-keeps the K tiles full instead of padding 3 channels up to 16.
+Two K loops: for C >= 16 one loop over (tap, channel block) steps, each
+loading BLOCK_K contiguous channels of one tap (as torch inductor's conv
+template does when it does not unroll); for the 7x7 stem with C = 3 a flat
+loop over K decodes (kh, kw, c) per element, which keeps the K tiles full
+instead of padding 3 channels up to 16.
 """
 
 from __future__ import annotations
@@ -126,20 +127,21 @@ def _conv_bn_act_fwd(
             b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
     else:
-        for kh in tl.static_range(KH):
-            in_h = out_h * STRIDE_H - PAD_H + kh * DIL_H
-            h_ok = m_ok & (in_h >= 0) & (in_h < IN_H)
-            for kw in tl.static_range(KW):
-                in_w = out_w * STRIDE_W - PAD_W + kw * DIL_W
-                row_ok = h_ok & (in_w >= 0) & (in_w < IN_W)
-                a_rows = x_rows + in_h * stride_xh + in_w * stride_xw
-                b_cols = w_cols + (kh * KW + kw) * IN_C
-                for c0 in range(0, IN_C, BLOCK_K):
-                    c = c0 + offs_k
-                    c_ok = c < IN_C
-                    a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(b_cols[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
+        # One loop over (tap, channel block) rather than a loop per tap, so the
+        # software pipeline (num_stages) also hides latency when IN_C fits in one
+        # or two K steps (3x3 convs with 64 channels).
+        k_blocks = tl.cdiv(IN_C, BLOCK_K)
+        for step in range(0, KH * KW * k_blocks):
+            tap = step // k_blocks
+            c = (step - tap * k_blocks) * BLOCK_K + offs_k
+            c_ok = c < IN_C
+            in_h = out_h * STRIDE_H - PAD_H + (tap // KW) * DIL_H
+            in_w = out_w * STRIDE_W - PAD_W + (tap % KW) * DIL_W
+            row_ok = m_ok & (in_h >= 0) & (in_h < IN_H) & (in_w >= 0) & (in_w < IN_W)
+            a_rows = x_rows + in_h * stride_xh + in_w * stride_xw
+            a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (tap * IN_C + c)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
 
     scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)

@@ -2,5 +2,6 @@
 
 from fastresnet.nn.batchnorm import BatchNormAct2d
 from fastresnet.nn.blocks import BasicBlock, Bottleneck, FuseReport, fuse_bn_act
+from fastresnet.nn.inference_blocks import FusedBasicBlock, FusedBottleneck
 
-__all__ = ["BatchNormAct2d", "BasicBlock", "Bottleneck", "FuseReport", "fuse_bn_act"]
+__all__ = ["BatchNormAct2d", "BasicBlock", "Bottleneck", "FuseReport", "fuse_bn_act", "FusedBasicBlock", "FusedBottleneck"]

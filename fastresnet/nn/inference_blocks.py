@@ -54,6 +54,26 @@ def prepare_conv_bn(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> Prepa
     )
 
 
+class ConvBNCache:
+    """Prepared (folded, packed, cast) forms of conv-BN pairs, rebuilt when their sources change."""
+
+    def __init__(self):
+        self._prepared: dict[str, tuple[tuple, PreparedConvBN]] = {}
+
+    def prepared(self, name: str, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> PreparedConvBN:
+        key = _source_key(conv, bn, dtype)
+        cached = self._prepared.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, prepare_conv_bn(conv, bn, dtype))
+            self._prepared[name] = cached
+        return cached[1]
+
+    def run(self, name, conv, bn, x, residual=None, relu=True) -> torch.Tensor:
+        """conv_bn_act of x through the pair (conv, bn), under the cache entry `name`."""
+        prepared = self.prepared(name, conv, bn, compute_dtype(x))
+        return conv_bn_act_prepared(x, prepared, residual, relu)
+
+
 class _FusedResNetBlock(nn.Module):
     """Shared machinery: (conv{i}, bn{i}) stages, a shortcut, the fused and the eager forward."""
 
@@ -67,24 +87,15 @@ class _FusedResNetBlock(nn.Module):
         self.downsample = getattr(block, "downsample", None)
         self.residual = bool(getattr(block, "residual", True))
         self.replaced_class = f"{type(block).__module__}.{type(block).__qualname__}"
-        self._prepared: dict[str, tuple[tuple, PreparedConvBN]] = {}
+        self._folded = ConvBNCache()
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaced_class}, residual={self.residual}"
 
     # -- fused (inference) ------------------------------------------------
 
-    def _prepared_for(self, name: str, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> PreparedConvBN:
-        key = _source_key(conv, bn, dtype)
-        cached = self._prepared.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, prepare_conv_bn(conv, bn, dtype))
-            self._prepared[name] = cached
-        return cached[1]
-
     def _fused_conv_bn(self, name, conv, bn, x, residual=None, relu=True):
-        prepared = self._prepared_for(name, conv, bn, compute_dtype(x))
-        return conv_bn_act_prepared(x, prepared, residual, relu)
+        return self._folded.run(name, conv, bn, x, residual, relu)
 
     def _projection(self):
         """(parameter-free modules to run first, conv, bn) when downsample is such a Sequential, else None."""

@@ -14,8 +14,9 @@ once per shape by fastresnet.ops.dispatch, cached on disk):
   "cudnn_affine" F.conv2d (channels_last) and then the fused scale/shift/add/ReLU
                  epilogue kernel of fastresnet.ops.bn_act (when present).
 
-The fixed rule (FASTRESNET_DISPATCH=fixed) is "cudnn_fused": never slower
-than eager PyTorch's conv + BN + ReLU. On the CPU the op runs the eager
+The fixed rule (FASTRESNET_DISPATCH=fixed, see fixed_choice) uses cuDNN's
+conv with a one-pass epilogue: never slower than eager PyTorch's conv + BN +
+ReLU. On the CPU the op runs the eager
 reference (exact), or the Triton kernel through the interpreter when
 TRITON_INTERPRET=1 (tests).
 
@@ -34,7 +35,6 @@ from fastresnet import backend
 from fastresnet.ops import dispatch
 from fastresnet.reference import conv_bn_act_reference
 
-FIXED_CHOICE = "cudnn_fused"
 
 
 def _pair(v) -> tuple[int, int]:
@@ -67,6 +67,7 @@ class PreparedConvBN:
         self.shift = shift.detach().float().contiguous()
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.groups = int(groups)
+        self.choices: dict[tuple, str] = {}  # dispatch decisions per call signature (see conv_bn_act_prepared)
 
     @property
     def out_channels(self) -> int:
@@ -111,9 +112,10 @@ def _run_reference(x, p: PreparedConvBN, residual, relu):
 
 
 def _triton_supports(x, p: PreparedConvBN, residual) -> bool:
-    # The kernel indexes in int32; grouped convs go to cuDNN.
+    # The kernel indexes in int32; grouped convs and float64 go to cuDNN (or the reference).
     n, c, h, w = p.output_shape(x)
-    return p.groups == 1 and x.numel() < 2**31 and n * c * h * w < 2**31
+    supported_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return supported_dtype and p.groups == 1 and x.numel() < 2**31 and n * c * h * w < 2**31
 
 
 def _run_triton(x, p: PreparedConvBN, residual, relu):
@@ -161,6 +163,19 @@ def _candidates(x, p: PreparedConvBN, residual) -> list[str]:
     if _affine_act() is not None:
         names.append("cudnn_affine")
     return names
+
+
+def fixed_choice(names: list[str], residual, relu: bool) -> str:
+    """The rule without measurement: never slower than eager conv + BN + ReLU, and always runnable.
+
+    A conv without epilogue beyond the BN is cuDNN's conv with the folded bias
+    (one call). Otherwise cuDNN's conv and the one-pass epilogue kernel, which
+    replaces eager's two or three passes; cuDNN's own fused conv-bias-ReLU is
+    not trusted blindly (it refuses some dtype/layout combinations).
+    """
+    if residual is None and not relu:
+        return "cudnn_fused"
+    return "cudnn_affine" if "cudnn_affine" in names else "cudnn_fused"
 
 
 def problem_key(x, p: PreparedConvBN, residual, relu) -> str:
@@ -224,10 +239,16 @@ def conv_bn_act_prepared(x, prepared: PreparedConvBN, residual=None, relu=True) 
     if x.device.type == "cpu":  # Triton's interpreter (tests): the kernel where it applies
         run = _run_triton if _triton_supports(x, prepared, residual) else _run_reference
         return run(x, prepared, residual, relu)
-    names = _candidates(x, prepared, residual)
-    candidates = {name: functools.partial(IMPLEMENTATIONS[name], x, prepared, residual, relu) for name in names}
-    choice = dispatch.choose(problem_key(x, prepared, residual, relu), candidates, FIXED_CHOICE, x.device)
-    return candidates[choice]()
+    # The choice per call signature is kept on the prepared weight: no key string or dict on the hot path.
+    signature = (dispatch.dispatch_mode(), x.shape, x.stride(), residual is None, relu)
+    choice = prepared.choices.get(signature)
+    if choice is None:
+        names = _candidates(x, prepared, residual)
+        candidates = {name: functools.partial(IMPLEMENTATIONS[name], x, prepared, residual, relu) for name in names}
+        fixed = fixed_choice(names, residual, relu)
+        choice = dispatch.choose(problem_key(x, prepared, residual, relu), candidates, fixed, x.device)
+        prepared.choices[signature] = choice
+    return IMPLEMENTATIONS[choice](x, prepared, residual, relu)
 
 
 def conv_bn_act(
