@@ -11,9 +11,9 @@ and ReLU are applied to each A tile as it is loaded:
     a[m, k] = relu((x[m, k] - mean_in[c]) * invstd_in[c] * gamma_in[c] + beta_in[c])
 
 so the normalised activation never exists in memory. Taps that fall in the
-zero padding, and channels past IN_C, must contribute 0 to the conv of the
-*normalised* input, so they are masked to 0 after the prologue (relu(beta) of a
-padded zero would be wrong).
+zero padding must contribute 0 to the conv of the *normalised* input, so they
+are masked to 0 after the prologue (relu(beta) of a padded zero would be
+wrong); channels past IN_C meet zero weights.
 
 Epilogue (statistics). The raw output tile is stored in the output dtype, and
 the values as stored (rounded, so the statistics describe exactly the tensor
@@ -34,10 +34,18 @@ from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _tile_config
 
 
 @triton.jit
-def _normalise_on_load(a, ok, mean_in, scale_in, beta_in):
-    """relu((a - mean) * scale + beta) in fp32 where `ok`, 0 elsewhere (padding, ragged channels)."""
-    z = (a.to(tl.float32) - mean_in[None, :]) * scale_in[None, :] + beta_in[None, :]
-    return tl.where(ok, tl.maximum(z, 0.0), 0.0)
+def _normalise_on_load(a, ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr, MASK: tl.constexpr):
+    """relu(a * scale[c] + shift[c]) in fp32, with scale = gamma * invstd and shift = beta - mean * scale
+    worked out per channel (BLOCK_K values) so that each element costs one FMA and a max: on Hopper
+    this prologue runs on the CUDA cores beside the tensor-core MMA and must stay small.
+    MASK: zero where not `ok` (padding taps of a 3x3). A 1x1 conv without padding skips it: its
+    masked rows are never stored and its ragged channels meet zero weights."""
+    scale = tl.load(invstd_in_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_in_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(beta_in_ptr + c, mask=c_ok, other=0.0) - tl.load(mean_in_ptr + c, mask=c_ok, other=0.0) * scale
+    z = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    if MASK:
+        z = tl.where(ok, z, 0.0)
+    return z
 
 
 @triton.jit
@@ -100,11 +108,10 @@ def _conv_stats_fwd(
                 a_ok = row_ok[:, None] & c_ok[None, :]
                 a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=a_ok, other=0.0)
                 if NORM_INPUT:
-                    mean_in = tl.load(mean_in_ptr + c, mask=c_ok, other=0.0)
-                    scale_in = tl.load(invstd_in_ptr + c, mask=c_ok, other=0.0)
-                    scale_in *= tl.load(gamma_in_ptr + c, mask=c_ok, other=0.0)
-                    beta_in = tl.load(beta_in_ptr + c, mask=c_ok, other=0.0)
-                    a = _normalise_on_load(a, a_ok, mean_in, scale_in, beta_in).to(w_ptr.dtype.element_ty)
+                    a = _normalise_on_load(
+                        a, a_ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr,
+                        (PAD_H + PAD_W) > 0,
+                    ).to(w_ptr.dtype.element_ty)
                 b = tl.load(b_cols[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
 
