@@ -66,6 +66,7 @@ def _conv_stats_fwd(
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,  # zero padding (of the normalised input) on each side
     KH: tl.constexpr, KW: tl.constexpr,  # filter size
     NORM_INPUT: tl.constexpr,  # apply the previous BatchNorm + ReLU to x while loading
+    HAS_PADDING: tl.constexpr,  # PAD_H or PAD_W > 0: padding taps must be zeroed after the prologue
     DOT_IN_FP32: tl.constexpr,  # interpreter only: dot in fp32
     FP32_MODE: tl.constexpr,  # see kernels/conv.py _dot_acc
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -94,26 +95,25 @@ def _conv_stats_fwd(
     x_rows = x_ptr + batch * stride_xn
     w_cols = w_ptr + offs_n * K_TOTAL
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        in_h = out_h * STRIDE_H - PAD_H + kh
-        h_ok = m_ok & (in_h >= 0) & (in_h < IN_H)
-        for kw in tl.static_range(KW):
-            in_w = out_w * STRIDE_W - PAD_W + kw
-            row_ok = h_ok & (in_w >= 0) & (in_w < IN_W)
-            a_rows = x_rows + in_h * stride_xh + in_w * stride_xw
-            b_cols = w_cols + (kh * KW + kw) * IN_C
-            for c0 in range(0, IN_C, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < IN_C
-                a_ok = row_ok[:, None] & c_ok[None, :]
-                a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=a_ok, other=0.0)
-                if NORM_INPUT:
-                    a = _normalise_on_load(
-                        a, a_ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr,
-                        (PAD_H + PAD_W) > 0,
-                    ).to(w_ptr.dtype.element_ty)
-                b = tl.load(b_cols[None, :] + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
+    # One loop over (tap, channel block), as kernels/conv.py does, so the software
+    # pipeline also hides latency when IN_C fits in one or two K steps.
+    k_blocks = tl.cdiv(IN_C, BLOCK_K)
+    for step in range(0, KH * KW * k_blocks):
+        tap = step // k_blocks
+        c = (step - tap * k_blocks) * BLOCK_K + offs_k
+        c_ok = c < IN_C
+        in_h = out_h * STRIDE_H - PAD_H + tap // KW
+        in_w = out_w * STRIDE_W - PAD_W + tap % KW
+        row_ok = m_ok & (in_h >= 0) & (in_h < IN_H) & (in_w >= 0) & (in_w < IN_W)
+        a_ok = row_ok[:, None] & c_ok[None, :]
+        a_rows = x_rows + in_h * stride_xh + in_w * stride_xw
+        a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=a_ok, other=0.0)
+        if NORM_INPUT:
+            a = _normalise_on_load(
+                a, a_ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr, HAS_PADDING
+            ).to(w_ptr.dtype.element_ty)
+        b = tl.load(w_cols[None, :] + (tap * IN_C + c)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     y = acc.to(out_ptr.dtype.element_ty)
@@ -162,7 +162,7 @@ def conv_stats_fwd(x, packed_weight, out, stride, padding, norm_input=None, inte
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         out.stride(0), out.stride(2), out.stride(3), out.stride(1),
         STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], KH=kh, KW=kw,
-        NORM_INPUT=norm_input is not None,
+        NORM_INPUT=norm_input is not None, HAS_PADDING=padding[0] > 0 or padding[1] > 0,
         DOT_IN_FP32=interpreted, FP32_MODE=_fp32_mode(x.dtype, interpreted),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
