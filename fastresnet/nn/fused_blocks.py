@@ -238,7 +238,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
             x = x.detach().requires_grad_(x.requires_grad)
             out = self.run_path(path, x)
             inputs = [p for p in self.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
-            torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+            if inputs:  # a frozen block in training mode has no backward to time
+                torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
 
 
 class FusedBasicBlock(_TrainingFusedBlock):
