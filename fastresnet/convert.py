@@ -78,7 +78,12 @@ def unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
-def _fused_block(block: nn.Module) -> nn.Module:
+def _fused_block(block: nn.Module, mode: str = "inference") -> nn.Module:
+    if mode == "train":
+        from fastresnet.nn import fused_blocks as training_blocks
+
+        cls = training_blocks.FusedBottleneck if hasattr(block, "conv3") else training_blocks.FusedBasicBlock
+        return cls(block).train(block.training)
     cls = FusedBottleneck if hasattr(block, "conv3") else FusedBasicBlock
     return cls(block).train(block.training)
 
@@ -123,44 +128,48 @@ def _fold_chains(module: nn.Module, prefix: str, report: ConversionReport, uses:
         report.replaced.append((path, parts, "conv_bn_act (conv keeps its class; BN/ReLU pass through in eval)"))
 
 
-def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, uses: Counter) -> None:
+def _convert_children(
+    module: nn.Module, prefix: str, report: ConversionReport, uses: Counter, mode: str = "inference"
+) -> None:
     _fold_chains(module, prefix, report, uses)
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         if is_resnet_block(child):
             reason = unsupported_reason(child)
             if reason is None:
-                fused = _fused_block(child)
+                fused = _fused_block(child, mode)
                 setattr(module, name, fused)
                 report.replaced.append((path, type(child).__name__, type(fused).__name__))
                 continue
             report.left.append((path, type(child).__name__, reason))
         elif isinstance(child, nn.Conv2d) and not is_folded_conv(child):
             report.left.append((path, type(child).__name__, "outside a supported block: runs unchanged"))
-        _convert_children(child, path, report, uses)
+        _convert_children(child, path, report, uses, mode)
 
 
 def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) -> nn.Module:
     """Replace the supported ResNet blocks of `model` with fused ones, in place; return the model.
 
-    mode="inference" is the only mode so far: the fused blocks run the Triton
-    or cuDNN fused path in eval mode and the original eager computation in
-    training mode. The report (a ConversionReport) is kept as
-    `model.fastresnet_report`, logged on "fastresnet.convert" and printed when
+    mode="inference": the fused blocks run the Triton or cuDNN fused path in
+    eval mode and the original eager computation in training mode.
+    mode="train": fastresnet.nn.fused_blocks' blocks, which also fuse the
+    training step (BatchNorm statistics in the conv epilogue, normalise-on-load;
+    the path measured per shape) and run the inference path in eval mode.
+    The report (a ConversionReport) is kept as `model.fastresnet_report`, logged on "fastresnet.convert" and printed when
     `verbose`.
     """
-    if mode != "inference":
-        raise ValueError(f"convert: mode={mode!r} is not supported; only mode='inference' is implemented")
+    if mode not in ("inference", "train"):
+        raise ValueError(f"convert: mode={mode!r} is not supported; use 'inference' or 'train'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     report = ConversionReport()
     if is_resnet_block(model) and unsupported_reason(model) is None:
-        fused = _fused_block(model)
+        fused = _fused_block(model, mode)
         report.replaced.append(("", type(model).__name__, type(fused).__name__))
         model = fused
     else:
         uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        _convert_children(model, "", report, uses)
+        _convert_children(model, "", report, uses, mode)
     model.fastresnet_report = report
     log.info("%s", report)
     if verbose:

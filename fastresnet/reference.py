@@ -68,3 +68,26 @@ def batch_norm_act_reference(
     if relu:
         z = torch.relu(z)
     return z.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Training-time conv + BatchNorm fusion (kernels/conv_train.py, kernels/bn_stats.py)
+# ---------------------------------------------------------------------------
+
+
+def normalise_act_reference(x, mean, invstd, gamma, beta, relu=True):
+    """relu((x - mean) * invstd * gamma + beta) in fp32, returned in x's dtype: the
+    BatchNorm + ReLU that kernels/conv_train.py applies to its input on load."""
+    z = (x.float() - _per_channel(mean)) * _per_channel(invstd * gamma) + _per_channel(beta)
+    return (torch.relu(z) if relu else z).to(x.dtype)
+
+
+def conv_stats_reference(x, weight, stride=1, padding=0, norm_input=None):
+    """(y, mean, biased var) with y = conv2d(a, weight) in x's dtype, where a is x,
+    or normalise_act_reference(x, *norm_input) when norm_input = (mean, invstd,
+    gamma, beta) is given; mean and var are y's per-channel batch statistics in
+    fp32 (of y as stored). Kernel: kernels/conv_train.py `_conv_stats_fwd`."""
+    a = x if norm_input is None else normalise_act_reference(x, *norm_input)
+    y = F.conv2d(a, weight.to(x.dtype), None, stride, padding)
+    var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), unbiased=False)
+    return y, mean, var

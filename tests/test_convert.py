@@ -224,8 +224,8 @@ def test_convert_fastresnet_zoo(name, reference_path):
 
 
 def test_convert_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="mode='train'"):
-        fastresnet.convert(torchvision.models.resnet18(), mode="train")
+    with pytest.raises(ValueError, match="mode='bogus'"):
+        fastresnet.convert(torchvision.models.resnet18(), mode="bogus")
 
 
 def test_unsupported_blocks_are_left_and_named(reference_path):
