@@ -35,7 +35,8 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> No
         if train:
             ax.plot([s for s, _ in train], [e for _, e in train], color=colour, lw=0.7, alpha=0.8)
         if test:
-            ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label)
+            ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label,
+                    marker="o" if len(test) < 30 else None)
     ax.set_title(title)
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")

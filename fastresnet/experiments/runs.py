@@ -129,6 +129,6 @@ def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], 
             say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "
                 "run the same command again to continue where it stopped")
             return outcomes, False
-        if outcome.action == "finished earlier":
-            say(f"    finished earlier: test error {outcome.summary['final_test_error']:.2f}%")
+        say(f"    {outcome.action}: test error {outcome.summary['final_test_error']:.2f}%, "
+            f"final training error {outcome.summary['final_train_error']:.2f}%")
     return outcomes, True
