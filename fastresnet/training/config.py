@@ -33,7 +33,7 @@ class TrainConfig:
 
     # --- how long, and the learning-rate schedule (lengths in `unit`)
     unit: Literal["epoch", "step"] = "epoch"  # unit of length, lr_milestones and warmup; step = one optimizer step
-    length: float = 6.0  # training length, in `unit`
+    length: float = 15.0  # training length, in `unit`
     lr: float = 0.1  # peak learning rate (per base_batch_size images per step if that is set)
     base_batch_size: int = 0  # linear scaling: lr * global_batch / base_batch_size; 0 = lr as given
     schedule: Literal["constant", "step", "cosine", "plateau"] = "cosine"

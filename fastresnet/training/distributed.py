@@ -88,3 +88,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if is_active():
         dist.barrier()
+
+
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average BN running statistics across ranks (before evaluating or saving).
+
+    DDP broadcasts rank 0's buffers at the start of each forward, so after the last
+    step every rank holds its own batch's update; averaging makes them identical and
+    uses every rank's data.
+    """
+    if not is_active():
+        return
+    world = dist.get_world_size()
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world)
+        else:  # num_batches_tracked: the same count on every rank; take rank 0's
+            dist.broadcast(buffer, src=0)

@@ -89,6 +89,7 @@ class Trainer:
         self.total_steps = self._to_steps(cfg.length)
         self.schedule = LRSchedule(self._schedule_spec())
         self.optimizer = build_optimizer(self.model, cfg, device, self.schedule.lr_at(0))
+        self.train_step = make_train_step(self.prepared.runner, self.criterion, self.optimizer, self.amp, self.scaler)
 
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.epoch_start_rng: dict | None = None
@@ -212,18 +213,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.current_lr = lr
-        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
-        with autocast:
-            logits = self.prepared.runner(images)
-            loss = self.criterion(logits, labels)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.train_step(images, labels)
         self.accumulator.add(loss, logits, labels)
 
     # --- logging (the only host syncs)
@@ -271,6 +261,7 @@ class Trainer:
         return evaluate_model(self.model, self.data.val, self.device, self.amp, self.cfg.channels_last)
 
     def _evaluate_and_log(self) -> None:
+        distributed.average_buffers(self.model)
         result = self.evaluate()
         self.last_eval = result
         if self.schedule.observe_test_error(result["top1_error"]):
@@ -285,7 +276,7 @@ class Trainer:
     # --- checkpoints
 
     def _save(self) -> None:
-        distributed.barrier()
+        distributed.average_buffers(self.model)  # also a barrier: every rank reaches the save
         if not self.info.is_main:
             self.saved_at = self.step
             return
@@ -356,6 +347,29 @@ class Trainer:
             self.progress.note(f"test accuracy: top-1 {top1:.2f}%, top-5 {self.last_eval['top5']:.2f}% "
                                f"({self.data.val.crops} crop{'s' if self.data.val.crops > 1 else ''})")
         self.progress.note(f"outputs in {self.run_dir}: config.json env.json metrics.jsonl curves.png {CHECKPOINT_NAME}")
+
+
+def make_train_step(runner: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    amp: torch.dtype | None, scaler: torch.amp.GradScaler | None):
+    """One optimizer step on a batch, returning (loss, logits) still on the device: no host syncs."""
+    device_type = next(runner.parameters()).device.type
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        autocast = torch.autocast(device_type, dtype=amp) if amp is not None else nullcontext()
+        with autocast:
+            logits = runner(images)
+            loss = criterion(logits, labels)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skips the update when a gradient overflowed fp16
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros
+        return loss, logits
+
+    return train_step
 
 
 @torch.no_grad()
