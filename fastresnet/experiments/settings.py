@@ -1,9 +1,9 @@
 """What every experiment shares: where outputs go, which data, the training budget.
 
-The budget defaults to the paper's CIFAR-10 recipe when a CIFAR-10 folder is
-given (batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, stop at
-64k, weight decay 1e-4, momentum 0.9, evaluation every epoch on the 10k test
-images) and to a small one on the bundled `digits` set (1500 training
+Every run starts from the `paper-cifar` recipe (batch 128, lr 0.1, weight
+decay 1e-4, momentum 0.9, ResNet-110 warmed up at 0.01). The budget defaults
+to the paper's when a CIFAR-10 folder is given (lr divided by 10 at 32k and
+48k iterations, stop at 64k, evaluation every epoch on the 10k test images) and to a small one on the bundled `digits` set (1500 training
 images: 11 steps per epoch at batch 128), which trains in seconds on a GPU
 and minutes on a CPU. Any TrainConfig field can still be set with
 `--set field=value` (for example `--set compile=off`).
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from fastresnet.data import DataConfig
 from fastresnet.training import TrainConfig
+from fastresnet.training.config import replace_fields
 from fastresnet.training.fields import ConfigError, apply_flat
+from fastresnet.training.recipes import read_recipe, recipe_values
 
 from .runs import run_name
 
@@ -32,8 +34,7 @@ class Budget:
 PAPER_CIFAR_BUDGET = Budget(iterations=64000, milestones=(32000, 48000), eval_every=1)
 DIGITS_BUDGET = Budget(iterations=400, milestones=(200, 300), eval_every=2)
 PAPER_BATCH = 128  # images per step
-PAPER_LR = 0.1
-WARMUP_DEPTH = 110  # the paper warms ResNet-110 up at lr 0.01 until the training error is below 80%
+RECIPE = "paper-cifar"  # fastresnet/recipes/paper-cifar.toml: lr, momentum, weight decay, ResNet-110 warm-up
 
 
 @dataclass
@@ -72,29 +73,21 @@ class Settings:
 
 
 def train_config(settings: Settings, model: str, shortcut: str = "") -> TrainConfig:
-    """The paper's CIFAR recipe for `model` with the settings' budget and data."""
+    """The `paper-cifar` recipe for `model` (with its ResNet-110 warm-up), the settings' budget and data."""
     budget = settings.budget()
     if shortcut == "A":  # the CIFAR nets' default: the same run as no option given (degradation's ResNets)
         shortcut = ""
-    cfg = TrainConfig(
-        model=model, shortcut=shortcut, data=settings.data_config(),
-        unit="step", length=float(budget.iterations), lr=PAPER_LR,
+    recipe = recipe_values(read_recipe(RECIPE), model)
+    cfg = apply_flat(TrainConfig(), {**recipe, "model": model}, f"recipe {RECIPE}")
+    log_every = min(cfg.log_every, max(1, budget.iterations // 50))  # short runs still draw a curve
+    cfg = replace_fields(
+        cfg, shortcut=shortcut, data=settings.data_config(), unit="step", length=float(budget.iterations),
         schedule="step" if budget.milestones else "constant", lr_milestones=tuple(float(m) for m in budget.milestones),
-        lr_decay=10.0, momentum=0.9, weight_decay=1e-4,
-        eval_every=budget.eval_every, log_every=max(1, min(20, budget.iterations // 50)),
-        out_dir=str(settings.out / "runs"), progress=settings.progress, seed=settings.seed,
-        stop_at_step=settings.stop_at_step,
+        eval_every=budget.eval_every, log_every=log_every, out_dir=str(settings.out / "runs"),
+        progress=settings.progress, seed=settings.seed, stop_at_step=settings.stop_at_step,
     )
-    if depth_of(model) >= WARMUP_DEPTH:
-        cfg = apply_flat(cfg, {"warmup_until_train_error": 80.0, "warmup_kind": "constant", "warmup_lr": 0.01},
-                         "the paper's ResNet-110 warm-up")
     cfg = apply_flat(cfg, settings.overrides, "--set")
     return apply_flat(cfg, {"run_name": run_name(cfg)}, "run name")
-
-
-def depth_of(model: str) -> int:
-    digits = "".join(ch for ch in model if ch.isdigit())
-    return int(digits) if digits else 0
 
 
 # --- the command-line flags every experiment shares
