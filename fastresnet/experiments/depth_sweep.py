@@ -33,7 +33,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
     runs = result["runs"]
     models = list(runs)
     figure = curves_and_finals(folder / "depth_sweep.png", [runs[m] for m in models], models,
-                               "ResNets by depth", result["paper_test_error"])
+                               "ResNets by depth", result["paper_test_error"], "paper (Table 6, CIFAR-10)")
     rows = [[m, f"{runs[m]['params'] / 1e6:.2f}M", f"{result['paper_params'][m] / 1e6:.2f}M",
              runs[m]["final_train_error"], runs[m]["final_test_error"], result["paper_test_error"][m]]
             for m in models]

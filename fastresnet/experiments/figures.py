@@ -74,7 +74,7 @@ def figure7(path: Path, responses: dict[str, list[float]]) -> Path:
 
 
 def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], title: str,
-                      paper: dict[str, float] | None = None) -> Path:
+                      paper: dict[str, float] | None = None, paper_label: str = "paper") -> Path:
     """Error curves on the left; final test error per net (ours, and the paper's where given) on the right."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -83,7 +83,7 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4, label="this run")
     if paper:
         right.bar([i + 0.2 for i in x], [paper.get(label, float("nan")) for label in labels], width=0.4,
-                  label="paper")
+                  label=paper_label)
     right.set_xticks(list(x), labels)
     right.set_ylabel("final test error (%)")
     right.grid(alpha=0.3, axis="y")

@@ -143,13 +143,14 @@ def findings(nets: list[dict]) -> dict:
 
 def write_outputs(folder: Path, result: dict, say) -> dict:
     nets, f = result["nets"], result["findings"]
+    deeper = {True: "yes", False: "no", None: "n/a (fewer than two ResNet depths)"}[f["deeper_resnet_smaller"]]
     figure = figure7(folder / "figure7.png", {label(n["model"]): n["stds"] for n in nets})
     rows = [[label(n["model"]), len(n["stds"]), f["mean_std"][n["model"]], max(n["stds"]), min(n["stds"]),
              {True: "yes", False: "no"}.get(f["resnet_below_plain"].get(n["model"]), "-")] for n in nets]
     text = (
         "# Layer responses (std of each 3x3 conv's output after BN, before ReLU/addition)\n\n"
         + markdown_table(["net", "3x3 layers", "mean std", "max std", "min std", "below its plain twin"], rows)
-        + f"\nDeeper ResNet smaller: {f['deeper_resnet_smaller']}.\n\n{result['paper']}\n"
+        + f"\nDeeper ResNet smaller (mean std falls with depth): {deeper}.\n\n{result['paper']}\n"
     )
     table = write_text(folder / "table.md", text)
     numbers = write_json(folder / "results.json", result)

@@ -47,7 +47,8 @@ def run(settings: Settings, depth: int, threshold: float = DEFAULT_THRESHOLD, sa
 def write_outputs(folder: Path, result: dict, say) -> dict:
     runs = result["runs"]
     figure = curves_and_finals(folder / "shortcuts.png", [runs[o] for o in OPTIONS], list(OPTIONS),
-                               f"{result['model']}: shortcut options", result["paper_top1_error"])
+                               f"{result['model']}: shortcut options", result["paper_top1_error"],
+                               "paper (Table 3, ImageNet ResNet-34 top-1)")
     rows = [[o, runs[o]["params"], runs[o]["final_train_error"], runs[o]["final_test_error"],
              result["paper_top1_error"][o]] for o in OPTIONS]
     text = (
