@@ -134,8 +134,10 @@ def test_time_to_accuracy(benchmark, model, provider):
             if top1 >= target:
                 break
 
-    benchmark.pedantic(train_to_target, rounds=1, iterations=1)
-    reached = history[-1][2] >= target
+    # One long call, so pytest-benchmark directly (harness.run repeats its call); compile time counts.
     benchmark.group = f"{model} CIFAR-10 time to {target:g}% test accuracy"
-    benchmark.extra_info.update(provider=provider, baseline=provider == "paper", target=target, reached=reached,
-                                epochs=history[-1][0], seconds=history[-1][1], history=history)
+    benchmark.extra_info.update(provider=provider, baseline=provider == "paper", target=target,
+                                device=harness.device_name(program.device))
+    benchmark.pedantic(train_to_target, rounds=1, iterations=1)
+    benchmark.extra_info.update(reached=history[-1][2] >= target, epochs=history[-1][0], seconds=history[-1][1],
+                                history=history)

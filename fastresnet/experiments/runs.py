@@ -94,7 +94,7 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
 def summarize(run_dir: Path) -> dict:
     """The numbers an experiment reports for one run, all read from its metrics.jsonl and config.json."""
     config = json.loads((run_dir / "config.json").read_text())
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = latest_per_step(read_jsonl(run_dir / "metrics.jsonl"))
     train_records = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     last_step = max((r["step"] for r in records), default=0)
@@ -111,6 +111,12 @@ def summarize(run_dir: Path) -> dict:
         "final_test_error": evals[-1]["top1_error"] if evals else math.nan,
         "run_dir": str(run_dir),
     }
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """One record per (kind, step), the last written: a run resumed from its final checkpoint evaluates again."""
+    latest = {(r.get("kind"), r.get("step")): r for r in records}
+    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("kind") != "train"))
 
 
 def mean(values: list[float]) -> float:
