@@ -176,3 +176,19 @@ def test_run_names_follow_the_settings(tmp_path):
 def test_bad_arguments_are_clear_errors(argv, message, capsys, tmp_path):
     assert experiments_main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_degradation_and_layer_responses_on_the_gpu(tmp_path):
+    """The GPU path (bf16 autocast, channels_last, fused blocks; compile off to keep it short) end to end."""
+    settings = Settings(out=tmp_path, iterations=4, eval_every=0, batch_size=64, progress="off",
+                        overrides={"compile": "off"})
+    result = degradation.run(settings, DEPTHS, say=lambda *_: None)
+    assert set(result["runs"]) == set(NETS.values())
+    for summary in result["runs"].values():
+        assert math.isfinite(summary["final_test_error"]) and math.isfinite(summary["final_train_error"])
+    config = json.loads((run_dir(tmp_path, "resnet20") / "config.json").read_text())
+    assert config["amp"] == "auto" and config["device"] == "auto"
+    responses = layer_responses.run(settings, DEPTHS)
+    assert all(len(n["stds"]) == (19 if n["model"].endswith("20") else 31) for n in responses["nets"])
+    assert all(math.isfinite(s) and s > 0 for n in responses["nets"] for s in n["stds"])
