@@ -171,6 +171,7 @@ def test_run_names_follow_the_settings(tmp_path):
     (["degradation", "--depths", "20,21"], "choose from"),
     (["shortcuts", "--depth", "18"], "choose one of"),
     (["depth-sweep", "--set", "lr"], "FIELD=VALUE"),
+    (["depth-sweep", "--iterations", "100", "--milestones", "50,100"], "inside the run"),
     (["depth-sweep", "--set", "no_such_field=1"], "unknown config field"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys, tmp_path):

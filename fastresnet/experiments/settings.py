@@ -56,7 +56,9 @@ class Settings:
         milestones = self.milestones
         if milestones is None:  # the paper's milestones at the same fractions (1/2 and 3/4) of the run
             milestones = tuple(round(m * iterations / base.iterations) for m in base.milestones)
-        milestones = tuple(m for m in milestones if 0 < m < iterations)
+            milestones = tuple(m for m in milestones if 0 < m < iterations)
+        elif not all(0 < m < iterations for m in milestones):
+            raise ConfigError(f"--milestones {milestones}: each must lie inside the run's 1..{iterations - 1} steps")
         return Budget(iterations, milestones, self.eval_every if self.eval_every is not None else base.eval_every)
 
     def data_config(self) -> DataConfig:
