@@ -19,7 +19,7 @@ from pathlib import Path
 from . import paper
 from .figures import figure6
 from .runs import FINAL_WINDOW, train_all
-from .settings import Settings, parse_depths, train_config
+from .settings import Settings, parse_depths, provenance, train_config
 from .tables import markdown_table, write_json, write_text
 
 NAME = "degradation"
@@ -64,6 +64,7 @@ def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MAR
     residual = [summaries[f"resnet{d}"] for d in depths]
     result = {
         "experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
+        **provenance(settings),
         "depths": list(depths), "runs": summaries,
         "verdict": verdict([s["final_train_error"] for s in plain], [s["final_train_error"] for s in residual],
                            margin),

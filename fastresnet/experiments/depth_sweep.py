@@ -8,7 +8,7 @@ from pathlib import Path
 from . import paper
 from .figures import curves_and_finals
 from .runs import train_all
-from .settings import Settings, parse_depths, train_config
+from .settings import Settings, parse_depths, provenance, train_config
 from .tables import markdown_table, write_json, write_text
 
 NAME = "depth-sweep"
@@ -23,6 +23,7 @@ def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
         return None
     runs = {o.model: o.summary for o in outcomes}
     result = {"experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
+              **provenance(settings),
               "depths": list(depths), "runs": runs,
               "paper_test_error": {m: paper.TABLE6_TEST_ERROR[m] for m in models},
               "paper_params": {m: paper.TABLE6_PARAMS[m] for m in models}}

@@ -32,7 +32,7 @@ from fastresnet.training.fields import apply_flat, flatten
 from . import paper
 from .figures import figure7
 from .runs import train_all
-from .settings import Settings, parse_depths, train_config
+from .settings import Settings, parse_depths, provenance, train_config
 from .tables import markdown_table, write_json, write_text
 
 NAME = "layer-responses"
@@ -127,7 +127,8 @@ def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | No
             return None
         checkpoints = [str(o.run_dir) for o in outcomes]
     nets = [measure(path, device) for path in checkpoints]
-    result = {"experiment": NAME, "nets": nets, "findings": findings(nets), "paper": paper.FIGURE7_FINDING}
+    result = {"experiment": NAME, **provenance(settings), "nets": nets, "findings": findings(nets),
+              "paper": paper.FIGURE7_FINDING}
     return write_outputs(settings.out / NAME, result, say)
 
 

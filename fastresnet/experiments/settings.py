@@ -3,8 +3,9 @@
 Every run starts from the `paper-cifar` recipe (batch 128, lr 0.1, weight
 decay 1e-4, momentum 0.9, ResNet-110 warmed up at 0.01). The budget defaults
 to the paper's when a CIFAR-10 folder is given (lr divided by 10 at 32k and
-48k iterations, stop at 64k, evaluation every epoch on the 10k test images) and to a small one on the bundled `digits` set (1500 training
-images: 11 steps per epoch at batch 128), which trains in seconds on a GPU
+48k iterations, stop at 64k, evaluation every epoch on the 10k test images)
+and to a small one on the bundled `digits` set (1500 training images: 11
+steps per epoch at batch 128), which trains in seconds on a GPU
 and minutes on a CPU. Any TrainConfig field can still be set with
 `--set field=value` (for example `--set compile=off`).
 """
@@ -12,14 +13,19 @@ and minutes on a CPU. Any TrainConfig field can still be set with
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from fastresnet.data import DataConfig
 from fastresnet.training import TrainConfig
 from fastresnet.training.config import replace_fields
 from fastresnet.training.fields import ConfigError, apply_flat
 from fastresnet.training.recipes import read_recipe, recipe_values
+from fastresnet.training.rundir import environment
 
 from .runs import run_name
 
@@ -144,3 +150,18 @@ def parse_depths(text: str, allowed: tuple[int, ...]) -> tuple[int, ...]:
     if bad or not depths:
         raise ConfigError(f"depths {text!r}: choose from {', '.join(map(str, allowed))}")
     return tuple(sorted(set(depths)))
+
+
+def provenance(settings: Settings) -> dict:
+    """What a result needs to be traced: the experiment's settings, versions, device and git revision."""
+    return {"settings": {**settings.__dict__, "out": str(settings.out), "budget": settings.budget().__dict__},
+            "environment": _environment()}
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict:
+    """Once per process: the git and device queries take a second or two."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device, world_size=1)
+    env["command"] = " ".join([sys.executable, "-m", "fastresnet.experiments", *sys.argv[1:]])
+    return env

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import paper
 from .figures import curves_and_finals
 from .runs import train_all
-from .settings import Settings, train_config
+from .settings import Settings, provenance, train_config
 from .tables import markdown_table, write_json, write_text
 
 NAME = "shortcuts"
@@ -36,7 +36,8 @@ def run(settings: Settings, depth: int, threshold: float = DEFAULT_THRESHOLD, sa
     errors = [runs[o]["final_test_error"] for o in OPTIONS]
     spread = max(errors) - min(errors)
     result = {
-        "experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__, "model": model,
+        "experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
+        **provenance(settings), "model": model,
         "runs": runs, "spread": spread, "threshold": threshold, "small": spread <= threshold,
         "criterion": f"spread of final test errors (max - min over A, B, C) <= {threshold:g} points",
         "paper_top1_error": paper.TABLE3_TOP1_ERROR, "paper": paper.TABLE3_FINDING,
