@@ -11,7 +11,7 @@
 # budget (TOTAL_SECONDS): a stage gets at most what is left, so one slow
 # stage cannot eat the others and the run ends in time. A stage that runs out
 # gets SIGINT first, so pytest still writes the benchmarks it finished.
-# BENCH_FILES (space-separated paths) picks the benchmark files and their order.
+# CUDA_TEST_SECONDS limits the CUDA tests alone; BENCH_FILES (space-separated paths) picks the benchmark files and their order.
 # Exit status: 0 when every stage passed, else the number that failed.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -44,7 +44,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
 stage install 120 python3 -m pip install --no-deps --no-build-isolation -e .
 stage ceilings 60 python3 bench/ceilings.py --out "$out/ceilings.json"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
-stage cuda-tests "$stage_seconds" python3 -m pytest tests -m cuda -q -x -p no:cacheprovider
+stage cuda-tests "${CUDA_TEST_SECONDS:-$stage_seconds}" python3 -m pytest tests -m cuda -q -p no:cacheprovider -rf
 for file in ${BENCH_FILES:-bench/bench_*.py}; do
     name=$(basename "$file" .py)
     stage "$name" "$stage_seconds" python3 -m pytest "$file" --benchmark -q -p no:cacheprovider \
