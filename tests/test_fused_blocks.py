@@ -128,6 +128,16 @@ def test_block_training_and_eval_match_torchvision(spec, dtype):
     _compare_buffers(fused, ref)
 
 
+def test_mixed_path_matches_torchvision():
+    # Triton for the 1x1 convs, the reference conv (cuDNN on a GPU) for the 3x3, one set of ops.
+    ref = _make_block(Bottleneck, 16, 8, 2, "projection")
+    fused = convert(copy.deepcopy(ref), mode="train")
+    fused.forward = lambda x: fused.run_path("mixed", x)
+    x = torch.randn(2, 16, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    _compare_step(fused, ref, x, torch.float32)
+    _compare_buffers(fused, ref)
+
+
 @pytest.mark.parametrize("bn_kwargs", [{"momentum": None}, {"track_running_stats": False}], ids=str)
 def test_batchnorm_options_follow_pytorch(bn_kwargs):
     ref = _make_block(BasicBlock, 8, 8, 1, "identity")
