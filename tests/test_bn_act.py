@@ -311,14 +311,34 @@ def test_batch_norm_act_random_shapes(n, c, h, w, training, residual, relu, chan
 # ---------------------------------------------------------------------------
 
 
+def assert_relative_error(actual, expected, tol, name):
+    """||actual - expected|| <= tol * ||expected||: robust to the rare element
+    whose pre-activation is within rounding of 0, where the ReLU mask of the
+    kernel and the reference may differ (expected a few times per million)."""
+    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+    assert error <= tol, f"{name}: relative error {error.item():.3e} > {tol:g}"
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_resnet50_shapes(shape, dtype):
     x = make_input(shape, dtype, channels_last=True, mean=0.5, std=2.0)
     res = make_input(shape, dtype, channels_last=True)
-    check_batch_norm_act(x, *bn_state(shape[1]), True, res, True)
-    check_batch_norm_act(x, *bn_state(shape[1]), False, res, True)
+    # Without ReLU every element must match; with it, millions of elements make
+    # a few rounding-level mask differences likely, so compare norms.
+    check_batch_norm_act(x, *bn_state(shape[1]), True, res, False)
+    check_batch_norm_act(x, *bn_state(shape[1]), False, res, False)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+    expected = batch_norm_act_reference(
+        x, weight, bias, running_mean.clone(), running_var.clone(), True, 0.1, 1e-5, res, True
+    )
+    assert_relative_error(y, expected, 1e-2, "y")
+    grad_y = torch.randn_like(y)
+    inputs = [x, weight, bias, res]
+    for name, a, e in zip(["x", "weight", "bias", "residual"], grads_of(y, inputs, grad_y), grads_of(expected, inputs, grad_y)):
+        assert_relative_error(a, e, 1e-2, f"grad {name}")
 
 
 @pytest.mark.cuda
@@ -350,12 +370,11 @@ def test_gpu_compiled_fused_resnet_bf16():
     x = make_input((16, 3, 128, 128), torch.float32, channels_last=True, requires_grad=False)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, expected = fused(x), reference(x)
-    assert_close(y.float(), expected.float(), atol=5e-2, rtol=5e-2, name="logits")
+    assert_relative_error(y.float(), expected.float(), 3e-2, "logits")
     y.float().square().mean().backward()
     expected.float().square().mean().backward()
     for (name, a), b in zip(fused.named_parameters(), reference.parameters()):
-        scale = max(1e-3, b.grad.abs().max().item())
-        assert_close(a.grad, b.grad, atol=0.1 * scale, rtol=0.1, name=f"grad {name}")
+        assert_relative_error(a.grad, b.grad, 1e-1, f"grad {name}")
 
 
 def test_many_programs_and_partials(monkeypatch):
@@ -384,3 +403,22 @@ def test_many_programs_and_partials(monkeypatch):
     assert_close(y, expected, atol=1e-3, rtol=1e-3, name="affine y")
     for a, e in zip(grads_of(y, [x, scale, shift], grad_y), grads_of(expected, [x, scale, shift], grad_y)):
         assert_close(a, e, atol=1e-2, rtol=1e-3, name="affine grad")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernels for real")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never runs Triton's compiler: tests/compile_for_hopper.py
+    builds every kernel variant the ops launch for sm_90 (H100/H200), in a
+    process without TRITON_INTERPRET, so a change that breaks GPU compilation
+    shows up on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiled 7 kernel variants" in result.stdout

@@ -92,6 +92,7 @@ def test_batchnorm_act_state_dict_both_ways_and_errors():
         fused.train()(torch.randn(1, 6, 1, 1))
     with pytest.raises(ValueError, match="expected 4D input"):
         fused(torch.randn(2, 6, 3))
+    assert BatchNormAct2d(6, relu=False).apply_relu is False and BatchNormAct2d(6, act=None).apply_relu is False
     with pytest.raises(ValueError, match="act must be"):
         BatchNormAct2d(6, act="gelu")
 

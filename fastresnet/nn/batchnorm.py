@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from fastresnet.ops.bn_act import batch_norm_act
@@ -39,6 +38,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as nn.BatchNorm2d.
         act: "relu" (default) or True for ReLU; None, "identity" or False for none.
+        relu: the same as a bool; when given it overrides act.
     """
 
     def __init__(
@@ -52,9 +52,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         dtype=None,
         *,
         act: Activation = "relu",
+        relu: Optional[bool] = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.apply_relu = _relu_from_act(act)
+        self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, act: Activation = "relu") -> "BatchNormAct2d":
