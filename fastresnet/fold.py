@@ -23,7 +23,7 @@ import torch.nn as nn
 # Modules whose forward runs their children one after another, in order.
 _SEQUENTIAL_CLASS_NAMES = {"Sequential", "IntermediateLayerGetter"}
 # Modules known to compute bn{i}(conv{i}(x)) for each pair of children conv{i}, bn{i}.
-_CONV_BN_PAIR_CLASS_NAMES = {"ResNet", "BasicBlock", "Bottleneck"}
+_CONV_BN_PAIR_CLASS_NAMES = {"ResNet", "CifarResNet", "BasicBlock", "Bottleneck"}
 _RESNET_MODULES = ("torchvision.models.resnet", "timm.models.resnet", "fastresnet.models")
 
 

@@ -174,9 +174,11 @@ def _candidates():
     return {"slow": lambda: "slow", "fast": lambda: "fast", "broken": lambda: 1 / 0}
 
 
-def test_dispatch_measures_once_and_caches_on_disk(cache_dir, fake_timer):
+def test_dispatch_measures_once_and_caches_on_disk(cache_dir, fake_timer, caplog):
     cpu = torch.device("cpu")
-    assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
+    with caplog.at_level("INFO", logger="fastresnet.dispatch"):
+        assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
+    assert "dispatch k1 -> fast (fast 1.000 ms, slow 3.000 ms)" in caplog.text
     assert sorted(fake_timer) == ["fast", "slow"]  # "broken" raised and was skipped
     assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
     assert len(fake_timer) == 2  # the second call was answered from memory
@@ -251,9 +253,18 @@ RESNET50_CONVS = [
 ]
 
 
+# Every conv in bf16; fp16 and fp32 (tf32) on the stem, a 1x1 and a strided 3x3 (each case compiles a kernel).
+GPU_CASES = [(c, torch.bfloat16) for c in RESNET50_CONVS] + [
+    (RESNET50_CONVS[i], dtype) for i in (0, 3, 5) for dtype in (torch.float16, torch.float32)
+]
+
+
+def _case_id(value):
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else "x".join(map(str, value))
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("conv", RESNET50_CONVS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("conv,dtype", GPU_CASES, ids=_case_id)
 def test_triton_kernel_on_gpu(conv, dtype):
     cin, cout, k, stride, pad, size = conv
     x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, 1, size, size, dtype, batch=4, residual=True)

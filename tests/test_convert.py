@@ -174,6 +174,19 @@ def test_checkpoint_loads_and_folded_weights_refresh(reference_path):
         assert relative_error(converted(x), other(x)) < 1e-5
 
 
+def test_dtype_change_after_convert_refreshes_folded_weights(reference_path):
+    model = randomize_bn(torchvision.models.resnet18())
+    converted = converted_copy(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        converted(x)
+        converted.to(torch.bfloat16)
+        model.to(torch.bfloat16)
+        got, expected = converted(x.bfloat16()), model(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got.float(), expected.float()) < 5e-2
+
+
 def test_training_mode_runs_the_eager_blocks(reference_path):
     model = randomize_bn(torchvision.models.resnet18()).train()
     converted = converted_copy(model).train()
@@ -203,8 +216,11 @@ def test_convert_fastresnet_zoo(name, reference_path):
     assert len(converted.fastresnet_report.replaced) == 10 and not converted.fastresnet_report.left
     assert_same_state_dict(converted, model)
     x = torch.randn(2, 3, 32, 32)
+    folded = fastresnet.fold_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-5
+        assert relative_error(folded(x), model(x)) < 1e-5
 
 
 def test_convert_rejects_unknown_mode():
