@@ -1,6 +1,6 @@
 """Fused ResNet blocks for training: statistics in the conv epilogue, normalise-on-load in the next conv.
 
-In training a bottleneck runs, per shape, the fastest of three paths (the
+In training a bottleneck runs, per shape, the fastest of four paths (the
 choice measured once on the GPU, forward + backward, and cached on disk by
 fastresnet.ops.dispatch; the eager path is always a candidate, so a block is
 never slower than the unfused one by construction):
@@ -95,7 +95,7 @@ def _conv_supported(conv: nn.Module) -> bool:
 
 
 class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
-    """Shared machinery: the three training paths, their per-shape choice, eval via the inference block."""
+    """Shared machinery: the four training paths, their per-shape choice, eval via the inference block."""
 
     def __init__(self, block: nn.Module):
         super().__init__(block)
