@@ -360,3 +360,30 @@ def test_timm_blocks_convert_and_match(monkeypatch):
     convert(model, mode="train")
     assert _fused_block_count(model) == 4
     assert list(model.state_dict()) == keys
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor, path: str | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one training forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x) if path is None else model.run_path(path, x)
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("spec", [BLOCKS[1], BLOCKS[4]], ids=["Bottleneck-s2-projection", "BasicBlock-s2-projection"])
+def test_triton_path_saves_no_more_than_eager(spec):
+    ref = _make_block(*spec)
+    fused = convert(copy.deepcopy(ref), mode="train")
+    x = torch.randn(2, spec[1], 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    fused_bytes = _saved_activation_bytes(fused, x, "triton")
+    eager_bytes = _saved_activation_bytes(ref, x)
+    assert 0 < fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
