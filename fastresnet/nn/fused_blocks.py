@@ -194,9 +194,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         if not backend.use_triton(x):
             return ["eager"]
         paths = ["triton"] if self._triton_supported(x) else []
-        if x.is_cuda:
-            mixes = any(tuple(conv.kernel_size) == (1, 1) for conv, _ in self._conv_bn_pairs())
-            paths += (["mixed"] if paths and mixes else []) + ["cudnn_bnact"]
+        if x.is_cuda:  # "mixed" of a block without 1x1 convs: all cuDNN, still nothing normalised saved
+            paths += (["mixed"] if paths else []) + ["cudnn_bnact"]
         return paths + ["eager"]
 
     def _signature(self, x: Tensor) -> tuple:
