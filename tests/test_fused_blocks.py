@@ -263,7 +263,7 @@ def _gpu_pair(cls=Bottleneck, inplanes=256, planes=64, stride=1, shortcut="ident
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", ["triton", "cudnn_bnact"])
+@pytest.mark.parametrize("path", ["triton", "mixed", "cudnn_bnact"])
 @pytest.mark.parametrize("stride,shortcut,inplanes", [(1, "identity", 256), (2, "projection", 256)])
 def test_gpu_paths_match_eager_under_bf16_autocast(path, stride, shortcut, inplanes):
     ref, fused = _gpu_pair(stride=stride, shortcut=shortcut, inplanes=inplanes)
