@@ -99,9 +99,9 @@ def _compare_step(fused, ref, x, dtype):
         assert_close(a.float() / scale, b / scale, atol=atol, rtol=rtol, name=f"grad {name}")
 
 
-def _compare_buffers(fused, ref):
+def _compare_buffers(fused, ref, atol=1e-4, rtol=1e-3):
     for (name, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers()):
-        assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-3, name=name)
+        assert_close(a.float(), b.float(), atol=atol, rtol=rtol, name=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -278,7 +278,7 @@ def test_gpu_paths_match_eager_under_bf16_autocast(path, stride, shortcut, inpla
     for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
         scale = q.grad.abs().max().item() + 1e-6
         assert_close(p.grad / scale, q.grad / scale, atol=6e-2, rtol=6e-2, name=f"{path} grad {name}")
-    _compare_buffers(fused, ref)
+    _compare_buffers(fused, ref, atol=1e-3, rtol=1e-2)  # bf16 convs from different libraries: ulp-level drift
 
 
 @pytest.mark.cuda
