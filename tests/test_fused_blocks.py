@@ -387,3 +387,26 @@ def test_triton_path_saves_no_more_than_eager(spec):
     fused_bytes = _saved_activation_bytes(fused, x, "triton")
     eager_bytes = _saved_activation_bytes(ref, x)
     assert 0 < fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
+
+
+def test_ddp_single_process_trains_like_the_plain_block(tmp_path):
+    # DDP (gloo, world size 1) over a converted block on the Triton path (the interpreter on a CPU):
+    # the reducer must see every parameter's gradient through the custom ops' backward.
+    import torch.distributed as dist
+
+    if DEVICE == "cuda":
+        pytest.skip("the GPU run covers DDP through the cuda tests' single-device paths")
+    ref = _make_block(BasicBlock, 8, 16, 2, "projection")
+    fused = convert(copy.deepcopy(ref), mode="train")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(fused)
+        x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+        ddp(x).square().mean().backward()
+        ref(x).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert_close(p.grad / scale, q.grad / scale, atol=2e-3, rtol=2e-3, name=name)
+    assert "triton" in fused._paths.values()

@@ -58,6 +58,13 @@ def _out_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequen
     return [n, out_c, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
 
 
+def _like(t: Tensor, template: Tensor) -> Tensor:
+    """t with template's strides (copied into it when they differ): what an op returns must have the
+    strides its fake implementation promised to torch.compile, and a weight gradient the strides of the
+    weight (autograd's layout contract; DDP's buckets)."""
+    return t if t.stride() == template.stride() else template.copy_(t)
+
+
 def _rows(t: Tensor) -> Tensor:
     """t itself when issue 3's kernels can address it by strides, else a channels_last copy."""
     bn_act, _, _ = _kernels()
@@ -89,7 +96,8 @@ def _conv_stats_op(
             x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True
         )
         out = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1)
-        out = out.contiguous(memory_format=_memory_format(x))
+        out = _like(out, torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
+                                     memory_format=_memory_format(x)))
         return (out, *bn_act.bn_stats(out, eps))
     out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                       memory_format=_memory_format(x))
@@ -133,9 +141,11 @@ def _conv_stats_backward_op(
         grad_y, a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
         [input_grad or norm, True, False],
     )
+    grad_w = _like(grad_w, torch.empty_like(weight))
     if not norm:
         no_channels = x.new_empty(0, dtype=torch.float32)
-        return (grad_a if input_grad else x.new_empty(0)), grad_w, no_channels, torch.empty_like(no_channels)
+        grad_x = _like(grad_a, torch.empty_like(x)) if input_grad else x.new_empty(0)
+        return grad_x, grad_w, no_channels, torch.empty_like(no_channels)
     del a
     grad_x, sum_g, sum_gxc, _ = bn_act.affine_act_bwd(
         _rows(grad_a), x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True,
