@@ -6,6 +6,7 @@ Providers, same run, same device (GPU: batch 256, bf16 autocast, channels_last):
   fused         the converted block, its path chosen per shape by measurement (never slower than eager)
   fused_triton  the converted block forced onto the Triton path (statistics in the conv epilogue,
                 normalise-on-load): what the kernels alone achieve
+  fused_mixed   forced onto the mixed path (Triton 1x1 convs, cuDNN 3x3 convs, the same ops)
 Every stage shape of ResNet-50 (Bottleneck) and ResNet-18 (BasicBlock); with
 FASTRESNET_BENCH_SHORT=1 one strided and one identity block of each kind (compile time).
 
@@ -48,7 +49,7 @@ SHAPES = [
     ("r18.layer4.1", BasicBlock, 512, 512, 1, 7),
 ]
 SHORT_SHAPES = ("r50.layer2.0", "r50.layer3.1", "r18.layer2.0", "r18.layer3.1")
-PROVIDERS = ["torchvision", "compile", "fused", "fused_triton"]
+PROVIDERS = ["torchvision", "compile", "fused", "fused_triton", "fused_mixed"]
 
 
 def _shapes():
@@ -125,10 +126,10 @@ def _build(provider, reference, x):
             pytest.skip("torch.compile of a block's training step takes too long on this CPU")
         return torch.compile(reference), None
     fused = convert(copy.deepcopy(reference), mode="train")
-    if provider == "fused_triton":
+    if provider in ("fused_triton", "fused_mixed"):
         if dev.type != "cuda" or not fused._triton_supported(x):
             pytest.skip("the Triton path needs a GPU (the interpreter's is correct but meaningless to time)")
-        return fused, "triton"
+        return fused, provider.removeprefix("fused_")
     return fused, None
 
 

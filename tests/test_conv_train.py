@@ -108,10 +108,10 @@ def test_parallel_merge_of_many_partials_is_exact():
     assert_close(var_unbiased.double(), true_var, atol=0, rtol=1e-4, name="variance")
 
 
-def _chain(x, w1, w2, g1, b1, g2, b2, residual):
+def _chain(x, w1, w2, g1, b1, g2, b2, residual, use_cudnn=False):
     """conv3x3 -> bn1 -> relu -> conv1x1 (stride 2) -> bn2 -> + residual -> relu, through the fused ops."""
-    y1, m1, i1, _ = conv_stats(x, w1, 1, 1, EPS)
-    y2, m2, i2, _ = conv_stats(y1, w2, 2, 0, EPS, norm_input=(m1, i1, g1, b1))
+    y1, m1, i1, _ = conv_stats(x, w1, 1, 1, EPS, use_cudnn=use_cudnn)
+    y2, m2, i2, _ = conv_stats(y1, w2, 2, 0, EPS, norm_input=(m1, i1, g1, b1), use_cudnn=use_cudnn)
     return bn_act_stats(y2, m2, i2, g2, b2, residual=residual)
 
 
@@ -121,11 +121,13 @@ def _eager_chain(x, w1, w2, g1, b1, g2, b2, residual):
     return F.relu(F.batch_norm(y2, None, None, g2, b2, True, 0.0, EPS) + residual)
 
 
-@pytest.mark.parametrize("force_reference", [False, True], ids=["triton", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "cudnn", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chain_forward_and_every_gradient_match_eager(dtype, force_reference, monkeypatch):
-    if force_reference:
+def test_chain_forward_and_every_gradient_match_eager(dtype, impl, monkeypatch):
+    if impl == "reference":
         monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
+    if impl == "cudnn" and dtype == torch.float16 and DEVICE == "cpu":
+        pytest.skip("fp16 convs on the CPU: the triton and reference cases cover fp16")
     n, c, h, mid, out_c = 2, 8, 9, 12, 16
     x = _channels_last(torch.randn(n, c, h, h, device=DEVICE))
     args = [
@@ -136,7 +138,7 @@ def test_chain_forward_and_every_gradient_match_eager(dtype, force_reference, mo
     ]
     fused_args = [t.detach().clone().to(dtype if t.dim() == 4 else torch.float32).requires_grad_() for t in args]
     eager_args = [t.detach().clone().requires_grad_() for t in args]
-    fused, eager = _chain(*fused_args), _eager_chain(*eager_args)
+    fused, eager = _chain(*fused_args, use_cudnn=impl == "cudnn"), _eager_chain(*eager_args)
     grad = torch.randn_like(eager)
     fused.backward(grad.to(dtype))
     eager.backward(grad)
@@ -173,3 +175,21 @@ def test_conv_stats_on_gpu_at_a_resnet50_shape(dtype):
     own_var, own_mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
     assert_close(mean, own_mean, atol=1e-4, rtol=1e-4, name="mean")
     assert_close(invstd, torch.rsqrt(own_var + EPS), atol=1e-3, rtol=1e-3, name="invstd")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda tests compile the kernels for real")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never runs Triton's compiler: tests/compile_conv_train_for_hopper.py builds the
+    conv and merge kernels for sm_90 in a process without TRITON_INTERPRET and checks that the conv's
+    loads are software-pipelined, so a change that breaks GPU compilation shows up on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_conv_train_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "_bn_stats_merge: ok" in result.stdout

@@ -99,9 +99,9 @@ def _compare_step(fused, ref, x, dtype):
         assert_close(a.float() / scale, b / scale, atol=atol, rtol=rtol, name=f"grad {name}")
 
 
-def _compare_buffers(fused, ref):
+def _compare_buffers(fused, ref, atol=1e-4, rtol=1e-3):
     for (name, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers()):
-        assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-3, name=name)
+        assert_close(a.float(), b.float(), atol=atol, rtol=rtol, name=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -125,6 +125,16 @@ def test_block_training_and_eval_match_torchvision(spec, dtype):
     for p in list(fused.parameters()) + list(ref.parameters()):
         p.grad = None
     _compare_step(fused, ref, x, dtype)
+    _compare_buffers(fused, ref)
+
+
+def test_mixed_path_matches_torchvision():
+    # Triton for the 1x1 convs, the reference conv (cuDNN on a GPU) for the 3x3, one set of ops.
+    ref = _make_block(Bottleneck, 16, 8, 2, "projection")
+    fused = convert(copy.deepcopy(ref), mode="train")
+    fused.forward = lambda x: fused.run_path("mixed", x)
+    x = torch.randn(2, 16, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    _compare_step(fused, ref, x, torch.float32)
     _compare_buffers(fused, ref)
 
 
@@ -253,7 +263,7 @@ def _gpu_pair(cls=Bottleneck, inplanes=256, planes=64, stride=1, shortcut="ident
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", ["triton", "cudnn_bnact"])
+@pytest.mark.parametrize("path", ["triton", "mixed", "cudnn_bnact"])
 @pytest.mark.parametrize("stride,shortcut,inplanes", [(1, "identity", 256), (2, "projection", 256)])
 def test_gpu_paths_match_eager_under_bf16_autocast(path, stride, shortcut, inplanes):
     ref, fused = _gpu_pair(stride=stride, shortcut=shortcut, inplanes=inplanes)
@@ -268,7 +278,7 @@ def test_gpu_paths_match_eager_under_bf16_autocast(path, stride, shortcut, inpla
     for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
         scale = q.grad.abs().max().item() + 1e-6
         assert_close(p.grad / scale, q.grad / scale, atol=6e-2, rtol=6e-2, name=f"{path} grad {name}")
-    _compare_buffers(fused, ref)
+    _compare_buffers(fused, ref, atol=1e-3, rtol=1e-2)  # bf16 convs from different libraries: ulp-level drift
 
 
 @pytest.mark.cuda
@@ -350,3 +360,53 @@ def test_timm_blocks_convert_and_match(monkeypatch):
     convert(model, mode="train")
     assert _fused_block_count(model) == 4
     assert list(model.state_dict()) == keys
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor, path: str | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one training forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x) if path is None else model.run_path(path, x)
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("spec", [BLOCKS[1], BLOCKS[4]], ids=["Bottleneck-s2-projection", "BasicBlock-s2-projection"])
+def test_triton_path_saves_no_more_than_eager(spec):
+    ref = _make_block(*spec)
+    fused = convert(copy.deepcopy(ref), mode="train")
+    x = torch.randn(2, spec[1], 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    fused_bytes = _saved_activation_bytes(fused, x, "triton")
+    eager_bytes = _saved_activation_bytes(ref, x)
+    assert 0 < fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
+
+
+def test_ddp_single_process_trains_like_the_plain_block(tmp_path):
+    # DDP (gloo, world size 1) over a converted block on the Triton path (the interpreter on a CPU):
+    # the reducer must see every parameter's gradient through the custom ops' backward.
+    import torch.distributed as dist
+
+    if DEVICE == "cuda":
+        pytest.skip("the GPU run covers DDP through the cuda tests' single-device paths")
+    ref = _make_block(BasicBlock, 8, 16, 2, "projection")
+    fused = convert(copy.deepcopy(ref), mode="train")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(fused)
+        x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+        ddp(x).square().mean().backward()
+        ref(x).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert_close(p.grad / scale, q.grad / scale, atol=2e-3, rtol=2e-3, name=name)
+    assert "triton" in fused._paths.values()

@@ -1,6 +1,6 @@
 """Fused ResNet blocks for training: statistics in the conv epilogue, normalise-on-load in the next conv.
 
-In training a bottleneck runs, per shape, the fastest of three paths (the
+In training a bottleneck runs, per shape, the fastest of four paths (the
 choice measured once on the GPU, forward + backward, and cached on disk by
 fastresnet.ops.dispatch; the eager path is always a candidate, so a block is
 never slower than the unfused one by construction):
@@ -9,6 +9,8 @@ never slower than the unfused one by construction):
                  -> bn_act_stats(y3, bn3, + shortcut): every conv writes its raw output and its
                  BatchNorm statistics at once; no normalised activation is ever stored, and the
                  backward recomputes it (fastresnet.ops.conv_train).
+  "mixed"        the same ops, with cuDNN running the KxK convs (the normalised input written
+                 transiently for it, its statistics in a separate pass) and Triton the 1x1 ones.
   "cudnn_bnact"  cuDNN convs, each BatchNorm (+ add) + ReLU as one fused Triton op
                  (fastresnet.ops.batch_norm_act).
   "eager"        exactly torchvision's forward.
@@ -42,7 +44,7 @@ from fastresnet.ops import dispatch
 from fastresnet.ops.conv import compute_dtype
 from fastresnet.ops.conv_train import bn_act_stats, conv_stats
 
-PATHS = ("triton", "cudnn_bnact", "eager")
+PATHS = ("triton", "mixed", "cudnn_bnact", "eager")
 FIXED_PATH = "eager"
 
 
@@ -93,7 +95,7 @@ def _conv_supported(conv: nn.Module) -> bool:
 
 
 class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
-    """Shared machinery: the three training paths, their per-shape choice, eval via the inference block."""
+    """Shared machinery: the four training paths, their per-shape choice, eval via the inference block."""
 
     def __init__(self, block: nn.Module):
         super().__init__(block)
@@ -106,8 +108,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         """The training forward through one named path (benchmarks and tests call it directly)."""
-        if path == "triton":
-            return self._forward_conv_stats(x)
+        if path in ("triton", "mixed"):
+            return self._forward_conv_stats(x, cudnn_kxk=path == "mixed")
         if path in ("cudnn_bnact", "eager"):
             return self._forward_unfused(x, fused_bn=path == "cudnn_bnact")
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
@@ -140,13 +142,16 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
 
     # -- the fused path ----------------------------------------------------
 
-    def _conv_bn_stats(self, conv, bn, x, norm_input=None):
+    def _conv_bn_stats(self, conv, bn, x, norm_input=None, cudnn_kxk=False):
         weight = conv.weight.to(x.dtype)
-        y, mean, invstd, var_unbiased = conv_stats(x, weight, conv.stride, conv.padding, bn.eps, norm_input)
+        use_cudnn = cudnn_kxk and tuple(conv.kernel_size) != (1, 1)
+        y, mean, invstd, var_unbiased = conv_stats(
+            x, weight, conv.stride, conv.padding, bn.eps, norm_input, use_cudnn
+        )
         _update_running_stats(bn, mean, var_unbiased)
         return y, (mean, invstd, *_affine(bn, x))
 
-    def _fused_shortcut(self, x: Tensor) -> Optional[Tensor]:
+    def _fused_shortcut(self, x: Tensor, cudnn_kxk: bool) -> Optional[Tensor]:
         if not self.residual:
             return None
         if self.downsample is None:
@@ -157,15 +162,16 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         prefix, conv, bn = projection
         for module in prefix:
             x = module(x)
-        y, stats = self._conv_bn_stats(conv, bn, x)
+        y, stats = self._conv_bn_stats(conv, bn, x, cudnn_kxk=cudnn_kxk)
         return bn_act_stats(y, *stats, relu=False)
 
-    def _forward_conv_stats(self, x: Tensor) -> Tensor:
+    def _forward_conv_stats(self, x: Tensor, cudnn_kxk: bool = False) -> Tensor:
         x = x.to(compute_dtype(x))
-        shortcut = self._fused_shortcut(x)
+        shortcut = self._fused_shortcut(x, cudnn_kxk)
         out, stats = x, None
         for i in range(1, self.num_convs + 1):
-            out, stats = self._conv_bn_stats(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out, stats)
+            conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
+            out, stats = self._conv_bn_stats(conv, bn, out, stats, cudnn_kxk)
         return bn_act_stats(out, *stats, residual=shortcut, relu=True)
 
     # -- choosing the path -------------------------------------------------
@@ -188,8 +194,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         if not backend.use_triton(x):
             return ["eager"]
         paths = ["triton"] if self._triton_supported(x) else []
-        if x.is_cuda:
-            paths.append("cudnn_bnact")
+        if x.is_cuda:  # "mixed" of a block without 1x1 convs: all cuDNN, still nothing normalised saved
+            paths += (["mixed"] if paths else []) + ["cudnn_bnact"]
         return paths + ["eager"]
 
     def _signature(self, x: Tensor) -> tuple:

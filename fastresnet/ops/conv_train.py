@@ -58,6 +58,13 @@ def _out_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequen
     return [n, out_c, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
 
 
+def _like(t: Tensor, template: Tensor) -> Tensor:
+    """t with template's strides (copied into it when they differ): what an op returns must have the
+    strides its fake implementation promised to torch.compile, and a weight gradient the strides of the
+    weight (autograd's layout contract; DDP's buckets)."""
+    return t if t.stride() == template.stride() else template.copy_(t)
+
+
 def _rows(t: Tensor) -> Tensor:
     """t itself when issue 3's kernels can address it by strides, else a channels_last copy."""
     bn_act, _, _ = _kernels()
@@ -80,9 +87,18 @@ def _conv_stats_op(
     stride: Sequence[int],
     padding: Sequence[int],
     eps: float,
+    use_cudnn: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var): the raw conv output and its per-channel statistics (fp32)."""
-    _, bn_stats, conv_train = _kernels()
+    bn_act, bn_stats, conv_train = _kernels()
+    if use_cudnn:  # the same op with cuDNN's conv: a transient normalised input, a statistics pass
+        a = x if in_mean is None else bn_act.affine_act_fwd(
+            x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True
+        )
+        out = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1)
+        out = _like(out, torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
+                                     memory_format=_memory_format(x)))
+        return (out, *bn_act.bn_stats(out, eps))
     out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                       memory_format=_memory_format(x))
     norm_input = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
@@ -95,7 +111,7 @@ def _conv_stats_op(
 
 
 @_conv_stats_op.register_fake
-def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
+def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, use_cudnn):
     out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                       memory_format=_memory_format(x))
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
@@ -125,9 +141,11 @@ def _conv_stats_backward_op(
         grad_y, a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
         [input_grad or norm, True, False],
     )
+    grad_w = _like(grad_w, torch.empty_like(weight))
     if not norm:
         no_channels = x.new_empty(0, dtype=torch.float32)
-        return (grad_a if input_grad else x.new_empty(0)), grad_w, no_channels, torch.empty_like(no_channels)
+        grad_x = _like(grad_a, torch.empty_like(x)) if input_grad else x.new_empty(0)
+        return grad_x, grad_w, no_channels, torch.empty_like(no_channels)
     del a
     grad_x, sum_g, sum_gxc, _ = bn_act.affine_act_bwd(
         _rows(grad_a), x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True,
@@ -145,7 +163,7 @@ def _(grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding,
 
 
 def _conv_stats_setup_context(ctx, inputs, output):
-    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, _ = inputs
+    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, _, _ = inputs
     _, mean, invstd, var_unbiased = output
     ctx.save_for_backward(x, weight, in_mean, in_invstd, in_gamma, in_beta)
     ctx.stride, ctx.padding = list(stride), list(padding)
@@ -166,6 +184,7 @@ def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
         None,
         grad_gamma if norm and needs[4] else None,
         grad_beta if norm and needs[5] else None,
+        None,
         None,
         None,
         None,
@@ -268,7 +287,7 @@ def _pair(v) -> list[int]:
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5,
-               norm_input: Optional[Stats] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               norm_input: Optional[Stats] = None, use_cudnn: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var) with y = conv2d(a, weight, stride, padding) (no bias,
     groups 1, dilation 1), a = x, or relu((x - mean) * invstd * gamma + beta) for
     norm_input = (mean, invstd, gamma, beta), the previous conv_stats' statistics.
@@ -277,6 +296,11 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5
     and the unbiased variance (for running_var) are y's per-channel batch
     statistics, fp32. Gradients flow to x (through its BatchNorm, with batch
     statistics), weight, gamma and beta.
+
+    use_cudnn: run the conv with cuDNN instead of the Triton kernel (the
+    normalised input is then written, used and freed, and the statistics take
+    a pass of issue 3's kernels); the backward, and what is saved for it, are
+    the same. Where cuDNN's 3x3 beats the Triton one, a block mixes the two.
     """
     _check_conv_inputs(x, weight, norm_input)
     stride, padding = _pair(stride), _pair(padding)
@@ -285,7 +309,9 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5
     mean_in = invstd_in = gamma_in = beta_in = None
     if norm_input is not None:
         mean_in, invstd_in, gamma_in, beta_in = (v.float() for v in norm_input)
-    return torch.ops.fastresnet.conv_stats(x, weight, mean_in, invstd_in, gamma_in, beta_in, stride, padding, eps)
+    return torch.ops.fastresnet.conv_stats(
+        x, weight, mean_in, invstd_in, gamma_in, beta_in, stride, padding, eps, use_cudnn
+    )
 
 
 def _conv_stats_reference_path(x, weight, stride, padding, eps, norm_input):
