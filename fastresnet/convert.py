@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fastresnet.fold import foldable_reason
 from fastresnet.nn.folded_layers import fold_chain, is_folded_conv
-from fastresnet.nn.inference_blocks import FusedBasicBlock, FusedBottleneck
+from fastresnet.nn.inference_blocks import InferenceBasicBlock, InferenceBottleneck
 
 log = logging.getLogger("fastresnet.convert")
 
@@ -84,7 +84,7 @@ def _fused_block(block: nn.Module, mode: str = "inference") -> nn.Module:
 
         cls = training_blocks.FusedBottleneck if hasattr(block, "conv3") else training_blocks.FusedBasicBlock
         return cls(block).train(block.training)
-    cls = FusedBottleneck if hasattr(block, "conv3") else FusedBasicBlock
+    cls = InferenceBottleneck if hasattr(block, "conv3") else InferenceBasicBlock
     return cls(block).train(block.training)
 
 

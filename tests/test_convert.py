@@ -16,7 +16,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastresnet
-from fastresnet.nn.inference_blocks import FusedBasicBlock, FusedBottleneck
+from fastresnet.nn.inference_blocks import InferenceBasicBlock, InferenceBottleneck
 from fastresnet.testing import assert_close
 
 
@@ -290,7 +290,7 @@ def test_zoo_style_blocks_through_the_kernel(residual):
     model = nn.Sequential(BasicBlock(16, 16, residual=residual), BasicBlock(16, 32, stride=2, residual=residual))
     randomize_bn(model)
     converted = converted_copy(model)
-    assert [type(m) for m in converted] == [FusedBasicBlock, FusedBasicBlock]
+    assert [type(m) for m in converted] == [InferenceBasicBlock, InferenceBasicBlock]
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
@@ -308,7 +308,7 @@ def test_torchvision_blocks_through_the_kernel():
     )
     randomize_bn(block)
     fused = fastresnet.convert(copy.deepcopy(block))
-    assert isinstance(fused, FusedBottleneck)
+    assert isinstance(fused, InferenceBottleneck)
     x = torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_close(fused(x), block(x), atol=1e-4, rtol=1e-4)

@@ -143,14 +143,14 @@ def _is_foldable_bn(module: nn.Module) -> bool:
     return foldable_reason(module) is None
 
 
-class FusedBasicBlock(_FusedResNetBlock):
+class InferenceBasicBlock(_FusedResNetBlock):
     """Inference BasicBlock: relu(bn1(conv1 x)) -> relu(bn2(conv2 .) + shortcut(x)), two fused ops."""
 
     expansion = 1
     num_convs = 2
 
 
-class FusedBottleneck(_FusedResNetBlock):
+class InferenceBottleneck(_FusedResNetBlock):
     """Inference Bottleneck (1x1, 3x3, 1x1; stride wherever the original put it), three fused ops."""
 
     expansion = 4
