@@ -33,3 +33,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rto
             f"{int((diff > allowed).sum())}/{diff.numel()} elements outside atol={atol:g} rtol={rtol:g}; "
             f"worst at flat index {worst}: {actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r}"
         )
+
+
+def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """||actual - exact|| / ||exact||, in float64."""
+    exact64 = exact.detach().double()
+    return ((actual.detach().double() - exact64).norm() / exact64.norm().clamp_min(1e-30)).item()
+
+
+def assert_as_accurate_as(actual, baseline, exact, *, name="tensor", factor=2.0, floor=1e-3):
+    """A low-precision (bf16/fp16) result judged against the fp32 truth `exact`.
+
+    Two bf16 computations of a deep network differ from each other by far more
+    than either differs from the truth, so comparing a fused kernel with eager
+    bf16 elementwise is the wrong test. Instead: the fused result's relative
+    error must be at most `factor` times the error PyTorch's own low-precision
+    computation (`baseline`) makes, plus a small `floor`.
+    """
+    error, baseline_error = relative_error(actual, exact), relative_error(baseline, exact)
+    allowed = factor * baseline_error + floor
+    if not error <= allowed:  # also catches NaN
+        raise AssertionError(
+            f"{name}: relative error {error:.3e} against fp32, PyTorch's own low-precision error "
+            f"{baseline_error:.3e} (allowed {factor:g}x that + {floor:g} = {allowed:.3e})"
+        )

@@ -1,0 +1,25 @@
+"""The comparison helpers the other tests rely on must themselves fail when they should."""
+
+import pytest
+import torch
+
+from fastresnet.testing import assert_as_accurate_as, assert_close, relative_error
+
+
+def test_assert_close_reports_the_largest_difference():
+    with pytest.raises(AssertionError, match=r"max abs diff 1\.000e\+00.*1/3 elements"):
+        assert_close(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]), atol=1e-3, rtol=0)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(torch.zeros(2), torch.zeros(3))
+    assert_close(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-6]))
+
+
+def test_assert_as_accurate_as_compares_errors_against_the_truth():
+    exact = torch.randn(4096)
+    baseline = exact + 1e-2 * torch.randn(4096)
+    assert_as_accurate_as(exact + 1.5e-2 * torch.randn(4096), baseline, exact)
+    with pytest.raises(AssertionError, match="against fp32"):
+        assert_as_accurate_as(exact + 1e-1 * torch.randn(4096), baseline, exact)
+    with pytest.raises(AssertionError):
+        assert_as_accurate_as(torch.full_like(exact, float("nan")), baseline, exact)
+    assert relative_error(2 * exact, exact) == pytest.approx(1.0)
