@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 
 import torch
+
+
+def _git_revision() -> str | None:
+    """The commit measured: FASTRESNET_GIT_REV (a copy without .git), else git's answer."""
+    if os.environ.get("FASTRESNET_GIT_REV"):
+        return os.environ["FASTRESNET_GIT_REV"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
 
 
 def environment() -> dict:
@@ -26,6 +38,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "git": _git_revision(),
     }
     for name in ("triton", "torchvision", "timm"):
         try:

@@ -15,7 +15,6 @@ Switches (read at call time, so tests can flip them):
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,13 +26,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError, or a broken install raising anything else
         return False
     return True
+
+
+# Probed once at import: a plain constant, which torch.compile traces freely
+# (it warns about lru_cache-wrapped functions).
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
 
 
 def force_reference() -> bool:

@@ -5,28 +5,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from data_helpers import CIFAR_PER_BATCH as PER_BATCH
+from data_helpers import write_fake_cifar
 
 from fastresnet.data import DataConfig, build_loaders
 from fastresnet.data.cifar10 import load_cifar10
 
 CPU = torch.device("cpu")
-PER_BATCH = 20  # images per fake pickle batch: 100 train, 20 test
-
-
-def class_value(label):
-    return 20 * label + 15  # every pixel of a class-k image has this value: the label can be read back
-
-
-def write_fake_cifar(root, per_batch=PER_BATCH):
-    root.mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        labels = [(index + i) % 10 for i in range(per_batch)]
-        data = np.stack([np.full(3072, class_value(k), dtype=np.uint8) for k in labels])
-        data[:, :1024] = 12 * np.arange(per_batch)[:, None]  # red plane: the position in the batch ...
-        data[:, 2048:] = 40 * index  # ... blue plane: which batch; green plane: the class
-        with (root / name).open("wb") as file:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, file)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +121,14 @@ def test_cifar_bad_folders_name_the_problem(tmp_path, problem):
             pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, file)
     with pytest.raises((FileNotFoundError, ValueError), match=str(root.name)):
         build_loaders(DataConfig(backend="cifar10", root=str(root)), device=CPU)
+
+
+def test_verify_checks_a_cifar_folder(cifar_root, tmp_path, capsys):
+    from fastresnet.data.__main__ import main as data_cli
+
+    assert data_cli(["verify", str(cifar_root)]) == 0
+    assert "checked 120 images: 0 error(s)" in capsys.readouterr().out
+    broken = write_fake_cifar(tmp_path / "broken", per_batch=4)
+    (broken / "data_batch_4").write_bytes(b"junk")
+    assert data_cli(["verify", str(broken)]) == 1
+    assert "data_batch_4" in capsys.readouterr().out

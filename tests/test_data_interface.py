@@ -57,7 +57,10 @@ def test_digits_shuffle_is_deterministic_per_epoch_and_changes_between_epochs():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shards_are_disjoint_and_cover_the_data(world_size):
     for train in (True, False):
-        shards = [Shard(rank, world_size, seed=5).indices(101, epoch=4, shuffle=train, even=train) for rank in range(world_size)]
+        shards = [
+            Shard(rank, world_size, seed=5).indices(101, epoch=4, shuffle=train, even=train)
+            for rank in range(world_size)
+        ]
         joined = torch.cat(shards)
         assert len(joined.unique()) == len(joined)
         assert len(joined) == (101 - 101 % world_size if train else 101)
@@ -73,7 +76,9 @@ def test_digits_ranks_see_disjoint_images():
 
 
 def test_synthetic_gives_fixed_random_batches_on_the_device():
-    cfg = DataConfig(backend="synthetic", batch_size=4, image_size=40, num_classes=7, synthetic_steps=5, dtype="bfloat16")
+    cfg = DataConfig(
+        backend="synthetic", batch_size=4, image_size=40, num_classes=7, synthetic_steps=5, dtype="bfloat16"
+    )
     data = build_loaders(cfg, device=CPU)
     batches = epoch_batches(data.train)
     assert len(batches) == len(data.train) == 5 and data.train.num_samples == 20
@@ -102,3 +107,27 @@ def test_config_rejects_bad_values_by_name(field, value):
 def test_file_back_ends_need_a_root():
     with pytest.raises(ValueError, match="root"):
         build_loaders(DataConfig(backend="torchvision"), device=CPU)
+
+
+def test_the_package_and_every_other_back_end_work_without_dali(tmp_path):
+    """DALI is optional: hide it and import fastresnet.data afresh in a clean interpreter."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["nvidia.dali"] = None  # makes `import nvidia.dali` fail as if it were not installed
+import torch
+from fastresnet.data import DataConfig, build_loaders, dali_available, resolve_backend
+assert not dali_available()
+assert resolve_backend(DataConfig(root={str(tmp_path)!r}), torch.device("cuda")) == "nvjpeg"
+assert build_loaders(DataConfig(batch_size=8), device=torch.device("cpu")).backend == "digits"
+try:
+    build_loaders(DataConfig(backend="dali", root={str(tmp_path)!r}), device=torch.device("cpu"))
+except ImportError as error:
+    assert "nvidia-dali" in str(error), error
+else:
+    raise AssertionError("the dali back end built without DALI")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -13,15 +13,21 @@ DALI is optional: this package imports, and every other back end works, without 
 
 from .build import DataLoaders, build_loaders, dali_available, resolve_backend
 from .config import BACKENDS, RECIPES, DataConfig
+from .fake_imagenet import make_fake_imagenet
+from .folder import BadImageError
 from .loader import Loader
+from .verify import verify_dataset
 
 __all__ = [
     "BACKENDS",
+    "BadImageError",
     "RECIPES",
     "DataConfig",
     "DataLoaders",
     "Loader",
     "build_loaders",
     "dali_available",
+    "make_fake_imagenet",
     "resolve_backend",
+    "verify_dataset",
 ]

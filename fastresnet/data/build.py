@@ -22,7 +22,11 @@ class DataLoaders:
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    """Whether NVIDIA DALI imports (without importing it: that takes a while)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no `nvidia` namespace, or nvidia.dali blocked in sys.modules
+        return False
 
 
 def is_cifar_folder(root: str | Path) -> bool:

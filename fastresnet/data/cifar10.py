@@ -55,7 +55,9 @@ def read_split(root: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_cifar10(root: str | Path, split: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def load_cifar10(
+    root: str | Path, split: str
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train images, labels), (val images, labels) as uint8 NHWC on the CPU."""
     root = Path(root)
     if not root.is_dir():

@@ -1,0 +1,129 @@
+"""Every conv of ResNet-50 with its BN/ReLU/residual epilogue: fused Triton vs cuDNN.
+
+One group per conv shape (batch 256, 224x224 input, bf16, channels_last on a
+GPU; batch 2 at 64x64, channels / 8, fp32, through the interpreter on the CPU).
+Providers:
+
+  cudnn_bn_act   F.conv2d, then eager inference F.batch_norm, (+ add), ReLU:
+                 what torchvision runs in eval mode (the baseline);
+  cudnn_conv     F.conv2d alone: the floor for any cuDNN-based path;
+  triton         the fused implicit-GEMM kernel alone (kernels/conv.py);
+  fastresnet     conv_bn_act as the library runs it: the dispatcher's choice.
+
+extra_info carries the conv's FLOPs (2 * M * N * K), so the report gives
+TFLOP/s and the fraction of the measured bf16 matrix rate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from fastresnet.ops import dispatch
+from fastresnet.ops.conv import IMPLEMENTATIONS, PreparedConvBN, conv_bn_act_prepared
+from fastresnet.reference import conv_bn_act_reference
+from fastresnet.testing import assert_close
+
+PROVIDERS = ["cudnn_bn_act", "cudnn_conv", "triton", "fastresnet"]
+
+
+def resnet50_convs(image_size: int, width_divisor: int = 1) -> list[dict]:
+    """The distinct convs of a torchvision ResNet-50 (v1.5: stride on the 3x3) and their epilogues.
+
+    `width_divisor` thins every layer (the CPU run goes through Triton's interpreter).
+    """
+    stem = 64 // width_divisor
+    convs = [dict(name="stem7x7", cin=3, cout=stem, k=7, stride=2, size=image_size, res=False, relu=True)]
+    size, cin = image_size // 4, stem
+    for stage, (width, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
+        width //= width_divisor
+        out = width * 4
+        convs += [
+            dict(name=f"l{stage}.0.conv1", cin=cin, cout=width, k=1, stride=1, size=size, res=False, relu=True),
+            dict(name=f"l{stage}.0.conv2", cin=width, cout=width, k=3, stride=stride, size=size, res=False, relu=True),
+            dict(name=f"l{stage}.0.downsample", cin=cin, cout=out, k=1, stride=stride, size=size, res=False, relu=False),
+        ]
+        size //= stride
+        convs += [
+            dict(name=f"l{stage}.conv3", cin=width, cout=out, k=1, stride=1, size=size, res=True, relu=True),
+            dict(name=f"l{stage}.conv1", cin=out, cout=width, k=1, stride=1, size=size, res=False, relu=True),
+        ]
+        if stride != 1:
+            convs.append(dict(name=f"l{stage}.conv2", cin=width, cout=width, k=3, stride=1, size=size, res=False, relu=True))
+        cin = out
+    return convs
+
+
+CONVS = resnet50_convs(harness.sizes().image_size, width_divisor=1 if harness.device().type == "cuda" else 8)
+
+
+def _dtype(dev) -> torch.dtype:
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def _problem(conv: dict, dev):
+    batch, dtype = harness.sizes().batch, _dtype(dev)
+    cl = torch.channels_last
+    x = torch.randn(batch, conv["cin"], conv["size"], conv["size"], device=dev, dtype=dtype).contiguous(memory_format=cl)
+    weight = torch.randn(conv["cout"], conv["cin"], conv["k"], conv["k"], device=dev) / (conv["cin"] * conv["k"] ** 2) ** 0.5
+    bn = dict(
+        running_mean=torch.randn(conv["cout"], device=dev) * 0.1,
+        running_var=torch.rand(conv["cout"], device=dev) + 0.5,
+        weight=torch.rand(conv["cout"], device=dev) + 0.5,
+        bias=torch.randn(conv["cout"], device=dev) * 0.1,
+    )
+    scale = bn["weight"] * torch.rsqrt(bn["running_var"] + 1e-5)
+    shift = bn["bias"] - bn["running_mean"] * scale
+    prepared = PreparedConvBN(weight, scale, shift, conv["stride"], conv["k"] // 2, dtype=dtype)
+    out_size = conv["size"] // conv["stride"]
+    res = None
+    if conv["res"]:
+        res = torch.randn(batch, conv["cout"], out_size, out_size, device=dev, dtype=dtype).contiguous(memory_format=cl)
+    return x, prepared, bn, res
+
+
+def _provider_fn(provider, x, p: PreparedConvBN, bn, res, relu):
+    def cudnn_conv():
+        return F.conv2d(x, p.weight, None, p.stride, p.padding)
+
+    def cudnn_bn_act():
+        y = F.batch_norm(cudnn_conv(), bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, 1e-5)
+        if res is not None:
+            y = y + res
+        return torch.relu_(y) if relu else y
+
+    def triton():
+        return IMPLEMENTATIONS["triton"](x, p, res, relu)
+
+    def fastresnet():
+        return conv_bn_act_prepared(x, p, res, relu)
+
+    return dict(cudnn_conv=cudnn_conv, cudnn_bn_act=cudnn_bn_act, triton=triton, fastresnet=fastresnet)[provider]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("conv", CONVS, ids=[c["name"] for c in CONVS])
+def test_conv_bn_act(benchmark, conv, provider):
+    dev = harness.device()
+    x, p, bn, res = _problem(conv, dev)
+    fn = _provider_fn(provider, x, p, bn, res, conv["relu"])
+    with torch.inference_mode():
+        if provider != "cudnn_conv":  # correctness first, on these inputs
+            expected = conv_bn_act_reference(x.float(), p.raw_weight.float(), p.scale, p.shift, p.stride, p.padding,
+                                             None if res is None else res.float(), conv["relu"])
+            tol = (5e-2, 5e-2) if dev.type == "cuda" else (1e-3, 1e-3)
+            assert_close(fn().float(), expected, atol=tol[0], rtol=tol[1], name=f"{conv['name']} {provider}")
+        out_size = conv["size"] // conv["stride"]
+        m = x.shape[0] * out_size * out_size
+        flops = 2 * m * conv["cout"] * conv["cin"] * conv["k"] ** 2
+        harness.run(
+            benchmark, fn, dev=dev, group=f"resnet50 conv {conv['name']}", provider=provider,
+            baseline=provider == "cudnn_bn_act", flops=flops, dtype=str(x.dtype),
+            shape=f"n{x.shape[0]} {conv['cin']}->{conv['cout']} k{conv['k']} s{conv['stride']} @{conv['size']}",
+            epilogue=("+res" if conv["res"] else "") + ("+relu" if conv["relu"] else ""),
+        )
+        if provider == "fastresnet":
+            decided = [d for d in dispatch.decisions() if d["key"].startswith("conv_bn_act:n%d" % x.shape[0])]
+            benchmark.extra_info["dispatch"] = decided[-1] if decided else "reference (no GPU)"

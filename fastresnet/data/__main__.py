@@ -1,0 +1,47 @@
+"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .fake_imagenet import make_fake_imagenet
+from .verify import summarise, verify_dataset
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check a dataset folder and list its problems (exit 1 on errors)")
+    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, or cifar-10-batches-py")
+    verify.add_argument("--workers", type=int, default=8, help="decoding threads")
+    fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs")
+    fake.add_argument("root", help="output folder (train/ and val/ are created in it)")
+    fake.add_argument("--classes", type=int, required=True, help="number of class folders")
+    fake.add_argument("--images-per-class", type=int, required=True, help="train images per class")
+    fake.add_argument("--val-images-per-class", type=int, default=None, help="val images per class (default: 1/10)")
+    fake.add_argument("--seed", type=int, default=0)
+    fake.add_argument("--tint", action="store_true", help="tint each class a distinct colour (for label tests)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "verify":
+        problems, checked = verify_dataset(args.root, workers=args.workers)
+        print(summarise(problems, checked))
+        return 1 if any(problem.error for problem in problems) else 0
+    root = make_fake_imagenet(
+        args.root,
+        classes=args.classes,
+        images_per_class=args.images_per_class,
+        val_images_per_class=args.val_images_per_class,
+        seed=args.seed,
+        tint=args.tint,
+    )
+    print(f"wrote {root}/train and {root}/val: {args.classes} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

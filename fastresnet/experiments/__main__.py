@@ -1,0 +1,50 @@
+"""`python -m fastresnet.experiments NAME [flags]`; `--help` after NAME lists its flags.
+
+Exit status: 0 done, 1 interrupted (checkpoints saved: run the same command
+again to continue), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastresnet.training import ConfigError, NonFiniteLoss
+
+from . import EXPERIMENTS
+from .settings import add_common_flags, settings_from_args
+
+EXIT_INTERRUPTED, EXIT_BAD_ARGUMENTS = 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastresnet.experiments",
+                                     description="The paper's experiments, one command each.")
+    commands = parser.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    for name, module in EXPERIMENTS.items():
+        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                                  description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_flags(sub)
+        add_common_flags(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = EXPERIMENTS[args.experiment]
+    try:
+        result = module.main(args, settings_from_args(args))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result is None:
+        print(f"{args.experiment}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

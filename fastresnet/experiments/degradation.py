@@ -1,0 +1,100 @@
+"""`degradation`: plain-20/56 against ResNet-20/56, the paper's Figure 6.
+
+The nets train with the same recipe and seed. The finding the paper rests
+on is seen in the *training* error: deeper plain nets train worse, deeper
+residual nets train better. This run shows it when, comparing the final
+training errors (mean over the last 10% of iterations) of consecutive depths,
+
+    every deeper plain net is worse by more than `margin` percentage points, and
+    every deeper residual net is better (lower by any amount).
+
+The verdict, the numbers and the criterion are printed and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import paper
+from .figures import figure6
+from .runs import FINAL_WINDOW, train_all
+from .settings import Settings, parse_depths, provenance, train_config
+from .tables import markdown_table, write_json, write_text
+
+NAME = "degradation"
+DEPTHS = (20, 32, 44, 56, 110)  # the depths with both a plain and a residual CIFAR net in the zoo
+DEFAULT_DEPTHS = "20,56"
+DEFAULT_MARGIN = 0.5  # percentage points of training error
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", default=DEFAULT_DEPTHS,
+                        help=f"plain and residual depths to train (deeper: 20,32,44,56,110); from {DEPTHS}")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help="percentage points by which each deeper plain net must train worse")
+
+
+def verdict(plain_errors: list[float], residual_errors: list[float], margin: float) -> dict:
+    """Whether the degradation shows: plain training error rising with depth, residual falling."""
+    plain_steps = [b - a for a, b in zip(plain_errors, plain_errors[1:])]
+    residual_steps = [b - a for a, b in zip(residual_errors, residual_errors[1:])]
+    plain_rises = bool(plain_steps) and all(d > margin for d in plain_steps)
+    residual_falls = bool(residual_steps) and all(d < 0 for d in residual_steps)
+    return {
+        "criterion": (f"final training error = mean over the last {FINAL_WINDOW:.0%} of iterations; shown if each "
+                      f"deeper plain net's is higher by more than {margin:g} points and each deeper ResNet's is lower"),
+        "plain_increase_with_depth": plain_steps,
+        "residual_increase_with_depth": residual_steps,
+        "plain_rises": plain_rises,
+        "residual_falls": residual_falls,
+        "shown": plain_rises and residual_falls,
+    }
+
+
+def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MARGIN, say=print) -> dict | None:
+    if len(depths) < 2:
+        raise ValueError(f"degradation compares depths: give at least two, got {depths}")
+    models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
+    outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+    if not finished:
+        return None
+    summaries = {o.model: o.summary for o in outcomes}
+    plain = [summaries[f"plain{d}"] for d in depths]
+    residual = [summaries[f"resnet{d}"] for d in depths]
+    result = {
+        "experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
+        **provenance(settings),
+        "depths": list(depths), "runs": summaries,
+        "verdict": verdict([s["final_train_error"] for s in plain], [s["final_train_error"] for s in residual],
+                           margin),
+        "paper": paper.FIGURE6_FINDING,
+    }
+    return write_outputs(settings.out / NAME, result, plain, residual, depths, say)
+
+
+def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> dict:
+    figure = figure6(folder / "figure6.png", plain, residual, depths)
+    rows = []
+    for kind, summaries in (("plain", plain), ("ResNet", residual)):
+        for depth, s in zip(depths, summaries):
+            paper_error = paper.TABLE6_TEST_ERROR.get(s["model"]) if kind == "ResNet" else None
+            rows.append([f"{kind}-{depth}", s["params"], s["final_train_error"], s["final_test_error"], paper_error])
+    v = result["verdict"]
+    text = (
+        f"# Degradation ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
+        + markdown_table(["net", "params", "train error %", "test error %", "paper test error %"], rows)
+        + f"\nDegradation shown: **{'yes' if v['shown'] else 'no'}** "
+        f"(plain rises: {v['plain_rises']}, ResNet falls: {v['residual_falls']}).\n\n"
+        f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"
+    )
+    table = write_text(folder / "table.md", text)
+    numbers = write_json(folder / "results.json", result)
+    say(text)
+    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
+    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
+    return result
+
+
+def main(args: argparse.Namespace, settings: Settings) -> dict | None:
+    return run(settings, parse_depths(args.depths, DEPTHS), args.margin)

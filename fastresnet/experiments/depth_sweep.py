@@ -1,0 +1,63 @@
+"""`depth-sweep`: ResNet-20/32/44/56/110 (1202 on request), beside the paper's Table 6."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import paper
+from .figures import curves_and_finals
+from .runs import train_all
+from .settings import Settings, parse_depths, provenance, train_config
+from .tables import markdown_table, write_json, write_text
+
+NAME = "depth-sweep"
+DEPTHS = (20, 32, 44, 56, 110, 1202)
+DEFAULT_DEPTHS = "20,32,44,56,110"
+
+
+def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
+    models = [f"resnet{d}" for d in depths]
+    outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+    if not finished:
+        return None
+    runs = {o.model: o.summary for o in outcomes}
+    result = {"experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
+              **provenance(settings),
+              "depths": list(depths), "runs": runs,
+              "paper_test_error": {m: paper.TABLE6_TEST_ERROR[m] for m in models},
+              "paper_params": {m: paper.TABLE6_PARAMS[m] for m in models}}
+    return write_outputs(settings.out / NAME, result, say)
+
+
+def write_outputs(folder: Path, result: dict, say) -> dict:
+    runs = result["runs"]
+    models = list(runs)
+    figure = curves_and_finals(folder / "depth_sweep.png", [runs[m] for m in models], models,
+                               "ResNets by depth", result["paper_test_error"], "paper (Table 6, CIFAR-10)")
+    rows = [[m, f"{runs[m]['params'] / 1e6:.2f}M", f"{result['paper_params'][m] / 1e6:.2f}M",
+             runs[m]["final_train_error"], runs[m]["final_test_error"], result["paper_test_error"][m]]
+            for m in models]
+    text = (
+        f"# Depth sweep ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
+        + markdown_table(["net", "params", "paper params", "train error %", "test error %",
+                          "paper test error % (Table 6, CIFAR-10)"], rows)
+    )
+    table = write_text(folder / "table.md", text)
+    numbers = write_json(folder / "results.json", result)
+    say(text)
+    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
+    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
+    return result
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"ResNet depths, from {DEPTHS}")
+    parser.add_argument("--with-1202", action="store_true", help="add ResNet-1202 (19.4M parameters)")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> dict | None:
+    depths = parse_depths(args.depths, DEPTHS)
+    if args.with_1202:
+        depths = tuple(sorted(set(depths) | {1202}))
+    return run(settings, depths)

@@ -1,0 +1,93 @@
+"""The experiments' figures, drawn like the paper's (matplotlib, Agg back end, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLOURS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the experiments draw their figures with matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> None:
+    """Figure 6's style: training error thin, test error bold, one colour per net, against iterations."""
+    for colour, summary, label in zip(COLOURS, summaries, labels):
+        train = summary["train_curve"]
+        test = summary["test_curve"]
+        if train:
+            ax.plot([s for s, _ in train], [e for _, e in train], color=colour, lw=0.7, alpha=0.8)
+        if test:
+            ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label,
+                    marker="o" if len(test) < 30 else None)
+    ax.set_title(title)
+    ax.set_xlabel("iterations")
+    ax.set_ylabel("error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="bold: test, thin: train", fontsize=8)
+
+
+def figure6(path: Path, plain: list[dict], residual: list[dict], depths: tuple[int, ...]) -> Path:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    error_curves(left, plain, [f"plain-{d}" for d in depths], "plain networks")
+    error_curves(right, residual, [f"ResNet-{d}" for d in depths], "residual networks")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def figure7(path: Path, responses: dict[str, list[float]]) -> Path:
+    """Std of each 3x3 layer's response: in network order (top) and sorted by magnitude (bottom)."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7))
+    for colour, (label, stds) in zip(COLOURS, responses.items()):
+        style = "--" if label.startswith("plain") else "-"
+        top.plot(range(1, len(stds) + 1), stds, style, color=colour, lw=1.2, label=label)
+        bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=colour, lw=1.2, label=label)
+    top.set_xlabel("layer index (original)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], title: str,
+                      paper: dict[str, float] | None = None, paper_label: str = "paper") -> Path:
+    """Error curves on the left; final test error per net (ours, and the paper's where given) on the right."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    error_curves(left, summaries, labels, title)
+    x = range(len(labels))
+    right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4, label="this run")
+    if paper:
+        right.bar([i + 0.2 for i in x], [paper.get(label, float("nan")) for label in labels], width=0.4,
+                  label=paper_label)
+    right.set_xticks(list(x), labels)
+    right.set_ylabel("final test error (%)")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path

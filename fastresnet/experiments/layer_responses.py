@@ -1,0 +1,171 @@
+"""`layer-responses`: the spread of each 3x3 layer's output, the paper's Figure 7.
+
+A layer's response is the output of a 3x3 conv after its BN, before the
+ReLU and before the residual addition: in the zoo's torchvision names, the
+output of `bnK` beside `convK`. Its standard deviation is taken over every
+element (images, channels, positions) of the test set, in evaluation mode,
+as the population std from float64 running sums:
+
+    std = sqrt(sum(x^2)/N - (sum(x)/N)^2)
+
+Forward hooks on the BN modules read the statistics inside the hook, because
+the ReLU that follows runs in place and overwrites the tensor afterwards.
+Nets come from checkpoints (`--checkpoint RUN_DIR ...`) or are trained here
+with the settings' budget (reusing `degradation`'s runs of the same budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastresnet.data import build_loaders
+from fastresnet.models import get_model
+from fastresnet.training.checkpoint import load_checkpoint
+from fastresnet.training.config import TrainConfig
+from fastresnet.training.fields import apply_flat, flatten
+
+from . import paper
+from .figures import figure7
+from .runs import train_all
+from .settings import Settings, parse_depths, provenance, train_config
+from .tables import markdown_table, write_json, write_text
+
+NAME = "layer-responses"
+DEPTHS = (20, 32, 44, 56, 110)
+DEFAULT_DEPTHS = "20,56"
+
+
+def conv3x3_responses(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, BN) for every 3x3 conv, in network order: the BN named like the conv (conv2 -> bn2)."""
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            prefix, _, leaf = name.rpartition(".")
+            bn_name = (prefix + "." if prefix else "") + leaf.replace("conv", "bn", 1)
+            bn = modules.get(bn_name)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(f"3x3 conv {name} has no BN named {bn_name} after it")
+            pairs.append((name, bn))
+    return pairs
+
+
+class _RunningMoments:
+    """Sum and sum of squares of a layer's outputs, kept on its device (read once, at the end)."""
+
+    def __init__(self):
+        self.sums = None
+        self.count = 0
+
+    def hook(self, module, inputs, output):
+        x = output.detach().double()
+        sums = torch.stack([x.sum(), x.square().sum()])
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.count += x.numel()
+
+    def std(self) -> float:
+        if self.count == 0:
+            raise RuntimeError("no images went through the net: the loader is empty")
+        total, squares = self.sums.tolist()
+        mean = total / self.count
+        return math.sqrt(max(squares / self.count - mean * mean, 0.0))
+
+
+@torch.no_grad()
+def response_stds(model: nn.Module, images_batches, device: torch.device | str = "cpu") -> list[tuple[str, float]]:
+    """[(conv name, std of its response)] over the batches, in network order; the model in eval mode."""
+    pairs = conv3x3_responses(model)
+    moments = [_RunningMoments() for _ in pairs]
+    handles = [bn.register_forward_hook(m.hook) for (_, bn), m in zip(pairs, moments)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in images_batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(images.to(device).float())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [(name, m.std()) for (name, _), m in zip(pairs, moments)]
+
+
+def load_trained(path: str | Path, device: torch.device) -> tuple[nn.Module, TrainConfig]:
+    """A net and its TrainConfig from a run directory or a checkpoint file of `python -m fastresnet.train`."""
+    state = load_checkpoint(path)
+    cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"the config in {path}")
+    fc = state["model"]["fc.weight"]
+    options = {"num_classes": fc.shape[0], **({"shortcut": cfg.shortcut} if cfg.shortcut else {})}
+    model = get_model(cfg.model, **options)
+    model.load_state_dict(state["model"])
+    return model.to(device), cfg
+
+
+def measure(path: str | Path, device: torch.device) -> dict:
+    model, cfg = load_trained(path, device)
+    data = build_loaders(cfg.data, device=device, seed=cfg.seed)
+    stds = response_stds(model, data.val, device)
+    return {"model": cfg.model, "checkpoint": str(path), "layers": [n for n, _ in stds], "stds": [s for _, s in stds]}
+
+
+def label(model: str) -> str:
+    kind = "plain" if model.startswith("plain") else "ResNet"
+    return f"{kind}-{''.join(ch for ch in model if ch.isdigit())}"
+
+
+def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | None = None, say=print) -> dict | None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not checkpoints:
+        models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
+        outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+        if not finished:
+            return None
+        checkpoints = [str(o.run_dir) for o in outcomes]
+    nets = [measure(path, device) for path in checkpoints]
+    result = {"experiment": NAME, **provenance(settings), "nets": nets, "findings": findings(nets),
+              "paper": paper.FIGURE7_FINDING}
+    return write_outputs(settings.out / NAME, result, say)
+
+
+def findings(nets: list[dict]) -> dict:
+    """Mean std per net; whether each ResNet's is below its plain twin's and falls with ResNet depth."""
+    means = {n["model"]: sum(n["stds"]) / len(n["stds"]) for n in nets}
+    below_plain = {m: means[m] < means[m.replace("resnet", "plain")]
+                   for m in means if m.startswith("resnet") and m.replace("resnet", "plain") in means}
+    resnets = sorted((int("".join(c for c in m if c.isdigit())), v) for m, v in means.items() if m.startswith("resnet"))
+    deeper_smaller = all(b < a for (_, a), (_, b) in zip(resnets, resnets[1:])) if len(resnets) > 1 else None
+    return {"mean_std": means, "resnet_below_plain": below_plain, "deeper_resnet_smaller": deeper_smaller}
+
+
+def write_outputs(folder: Path, result: dict, say) -> dict:
+    nets, f = result["nets"], result["findings"]
+    deeper = {True: "yes", False: "no", None: "n/a (fewer than two ResNet depths)"}[f["deeper_resnet_smaller"]]
+    figure = figure7(folder / "figure7.png", {label(n["model"]): n["stds"] for n in nets})
+    rows = [[label(n["model"]), len(n["stds"]), f["mean_std"][n["model"]], max(n["stds"]), min(n["stds"]),
+             {True: "yes", False: "no"}.get(f["resnet_below_plain"].get(n["model"]), "-")] for n in nets]
+    text = (
+        "# Layer responses (std of each 3x3 conv's output after BN, before ReLU/addition)\n\n"
+        + markdown_table(["net", "3x3 layers", "mean std", "max std", "min std", "below its plain twin"], rows)
+        + f"\nDeeper ResNet smaller (mean std falls with depth): {deeper}.\n\n{result['paper']}\n"
+    )
+    table = write_text(folder / "table.md", text)
+    numbers = write_json(folder / "results.json", result)
+    say(text)
+    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
+    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
+    return result
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"plain and residual depths to train, from {DEPTHS}")
+    parser.add_argument("--checkpoint", nargs="+", default=None,
+                        help="run directories or checkpoint files of trained nets (instead of training them here)")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> dict | None:
+    return run(settings, parse_depths(args.depths, DEPTHS), args.checkpoint)

@@ -1,0 +1,140 @@
+"""Training the runs of an experiment, each once: skip what is finished, resume what is not.
+
+Every experiment trains its nets with `fastresnet.training.train` into
+`<out>/runs/<model>[-<shortcut>]-<hash>/`, where the hash is taken over the
+run's resolved config (without the fields that only change how it is shown).
+So a run is defined by its settings: an experiment re-run with the same
+settings finds its runs; `layer-responses` finds the nets `degradation`
+trained with the same budget; different budgets never mix.
+
+A run is finished when `done.json` sits beside its checkpoint (written after
+`train` returned "completed"). A run with a checkpoint but no `done.json` was
+interrupted (SIGTERM, Ctrl-C, a crash, a kill): it is resumed from that
+checkpoint, after the metrics logged past the checkpoint's step are dropped
+so that no step is counted twice. A run folder with no checkpoint starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastresnet.flops import count_params
+from fastresnet.models import get_model
+from fastresnet.training import TrainConfig, train
+from fastresnet.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fastresnet.training.fields import to_dict
+from fastresnet.training.metrics import read_jsonl
+
+from .tables import write_json, write_text
+
+DONE_NAME = "done.json"
+# Fields that change how a run is shown or stopped, not what it computes.
+PRESENTATION_FIELDS = ("out_dir", "run_name", "progress", "plot", "stop_at_step")
+# The final training error is the mean over this last fraction of the iterations
+# (a single logging window is too noisy to compare nets by).
+FINAL_WINDOW = 0.1
+
+
+def run_name(cfg: TrainConfig) -> str:
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in PRESENTATION_FIELDS}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    shortcut = f"-{cfg.shortcut}" if cfg.shortcut else ""
+    return f"{cfg.model}{shortcut}-{digest}"
+
+
+@dataclass
+class RunOutcome:
+    name: str  # run folder name
+    model: str
+    run_dir: Path
+    status: str  # "completed", "interrupted", "stopped-at-step"
+    action: str  # "trained", "resumed" or "finished earlier"
+    summary: dict = field(default_factory=dict)  # summarize(run_dir) once completed
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "completed"
+
+
+def train_or_resume(cfg: TrainConfig) -> RunOutcome:
+    """Train the run described by `cfg` (whose run_name and out_dir say where), or finish or skip it."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    done = run_dir / DONE_NAME
+    if done.is_file():
+        return RunOutcome(cfg.run_name, cfg.model, run_dir, "completed", "finished earlier", summarize(run_dir))
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if checkpoint.is_file():
+        drop_metrics_after(run_dir, load_checkpoint(checkpoint)["step"])
+        result, action = train(cfg, resume=run_dir), "resumed"
+    else:
+        if run_dir.exists():  # died before its first checkpoint: nothing to keep
+            shutil.rmtree(run_dir)
+        result, action = train(cfg), "trained"
+    outcome = RunOutcome(cfg.run_name, cfg.model, run_dir, result["status"], action)
+    if outcome.finished:
+        outcome.summary = summarize(run_dir)
+        write_json(done, {"result": result, "summary": outcome.summary})
+    return outcome
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Keep the metric records up to the checkpoint's step: the resumed run logs the rest again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def summarize(run_dir: Path) -> dict:
+    """The numbers an experiment reports for one run, all read from its metrics.jsonl and config.json."""
+    config = json.loads((run_dir / "config.json").read_text())
+    records = latest_per_step(read_jsonl(run_dir / "metrics.jsonl"))
+    train_records = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    last_step = max((r["step"] for r in records), default=0)
+    window = [r for r in train_records if r["step"] > (1 - FINAL_WINDOW) * last_step] or train_records[-1:]
+    model = get_model(config["model"], **({"shortcut": config["shortcut"]} if config.get("shortcut") else {}))
+    return {
+        "model": config["model"],
+        "shortcut": config.get("shortcut") or "",
+        "params": count_params(model),
+        "steps": last_step,
+        "train_curve": [[r["step"], r["error"]] for r in train_records],
+        "test_curve": [[r["step"], r["top1_error"]] for r in evals],
+        "final_train_error": mean([r["error"] for r in window]),
+        "final_test_error": evals[-1]["top1_error"] if evals else math.nan,
+        "run_dir": str(run_dir),
+    }
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """One record per (kind, step), the last written: a run resumed from its final checkpoint evaluates again."""
+    latest = {(r.get("kind"), r.get("step")): r for r in records}
+    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("kind") != "train"))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], bool]:
+    """Train the runs in order; stop at the first one that is interrupted. Returns (outcomes, all finished)."""
+    outcomes = []
+    for i, cfg in enumerate(configs, 1):
+        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''}: "
+            f"{Path(cfg.out_dir) / cfg.run_name}")
+        outcome = train_or_resume(cfg)
+        outcomes.append(outcome)
+        if not outcome.finished:
+            say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "
+                "run the same command again to continue where it stopped")
+            return outcomes, False
+        say(f"    {outcome.action}: test error {outcome.summary['final_test_error']:.2f}%, "
+            f"final training error {outcome.summary['final_train_error']:.2f}%")
+    return outcomes, True

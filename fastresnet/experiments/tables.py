@@ -1,0 +1,44 @@
+"""Writing results: markdown tables and JSON, atomically, beside the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A table cell: numbers with `digits` decimals, None or NaN as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    """The first table in `text` as a list of {header: cell} (used by the tests and by readers)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return []
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    headers = cells[0]
+    return [dict(zip(headers, row)) for row in cells[2:]]
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

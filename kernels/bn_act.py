@@ -1,0 +1,456 @@
+"""BatchNorm + residual add + ReLU: Triton kernels and their launch helpers.
+
+Every tensor is NCHW-logical and addressed as rows of channels: row m is the
+pixel (n, h, w) with m = n*H*W + h*W + w, and element (m, c) sits at
+    n * stride_n + (h*W + w) * stride_hw + c * stride_c.
+That needs H and W to share one stride (stride_h == W * stride_w), which holds
+for both channels_last (stride_c == 1: each row is contiguous, the fast case)
+and contiguous NCHW (stride_hw == 1: correct, but rows are gathered, so slower).
+The op layer copies any other layout to channels_last first.
+
+Statistics and all arithmetic are fp32; tensors are loaded in their own dtype
+(fp32, fp16, bf16) and outputs are stored in the output's dtype.
+
+The pre-activation every kernel shares is
+    z = (x - center[c]) * scale[c] * invstd[c] + shift[c] + residual,  y = act(z)
+where `center` and `invstd` are optional. Eval (folded) BatchNorm is
+scale=gamma/sqrt(var+eps), shift=beta-mean*scale; training BatchNorm is
+center=mean, scale=gamma, invstd=1/sqrt(var+eps), shift=beta.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(rows, HW, stride_n, stride_hw):
+    """Memory offset of each row (pixel) m = n*HW + hw."""
+    n = rows // HW
+    return n * stride_n + (rows - n * HW) * stride_hw
+
+
+@triton.jit
+def _channel_scale(scale_ptr, invstd_ptr, cols, col_mask):
+    """scale[c] (times invstd[c] when BatchNorm statistics are given), fp32."""
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if invstd_ptr is not None:
+        scale *= tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _pre_activation(
+    x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+    rows, cols, mask, col_mask, HW,
+    x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+):
+    """Load a [rows, cols] tile and return (x - center, z) in fp32."""
+    x_offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    if center_ptr is not None:
+        x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    scale = _channel_scale(scale_ptr, invstd_ptr, cols, col_mask)
+    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    z = x * scale[None, :] + shift[None, :]
+    if res_ptr is not None:
+        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    return x, z
+
+
+# y = act((x - center) * scale * invstd + shift + residual), one pass, one
+# [BLOCK_M, BLOCK_C] tile per program: reads x (and residual) once, writes y once.
+@triton.jit
+def _affine_act_fwd(
+    x_ptr,  # input, any float dtype, strides x_s*
+    y_ptr,  # output, x's shape, strides y_s*
+    res_ptr,  # residual added before the activation, or None
+    scale_ptr,  # [C] per-channel multiplier (fp32)
+    invstd_ptr,  # [C] 1/sqrt(var+eps) multiplying scale, or None
+    shift_ptr,  # [C] per-channel offset (fp32)
+    center_ptr,  # [C] subtracted from x first (the batch mean), or None
+    M, C, HW,  # rows (N*H*W), channels, pixels per image (H*W)
+    x_sn, x_shw, x_sc,  # x strides: image, pixel, channel
+    y_sn, y_shw, y_sc,  # y strides: image, pixel, channel
+    r_sn, r_shw, r_sc,  # residual strides: image, pixel, channel
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    _, z = _pre_activation(
+        x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+        rows, cols, mask, col_mask, HW, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+    )
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    y_offs = _row_offsets(rows, HW, y_sn, y_shw)[:, None] + cols[None, :] * y_sc
+    tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of rows,
+# numerically safe for a large mean: every value is first shifted by a pivot
+# (the range's first row, close to the mean); then each of the BLOCK_M row
+# slots of the [BLOCK_M, BLOCK_C] tile keeps its own Welford accumulator in
+# registers as the program walks down its rows,
+#     n += 1,  delta = x - mean,  mean += delta / n,  M2 += delta * (x - mean),
+# so no value crosses threads inside the loop. At the end the slots merge
+# with Chan et al.'s parallel formula,
+#     mean = sum(n_s mean_s) / n,  M2 = sum(M2_s) + sum(n_s (mean_s - mean)^2).
+# Program (p, c-block) writes the partial of rows [p*ROWS, (p+1)*ROWS).
+@triton.jit
+def _bn_stats_partial(
+    x_ptr,  # input, any float dtype, strides x_s*
+    mean_part_ptr,  # [P, C] fp32 out: mean of each row range
+    m2_part_ptr,  # [P, C] fp32 out: M2 of each row range
+    M, C, HW,  # rows (N*H*W), channels, pixels per image
+    x_sn, x_shw, x_sc,  # x strides: image, pixel, channel
+    ROWS,  # rows per program, a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    row_begin = pid * ROWS
+    row_end = tl.minimum(row_begin + ROWS, M)
+    pivot_offs = _row_offsets(row_begin, HW, x_sn, x_shw) + cols * x_sc
+    pivot = tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :]
+        count += row_mask.to(tl.float32)
+        inv_count = tl.where(row_mask, 1.0 / tl.maximum(count, 1.0), 0.0)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta * inv_count[:, None]
+        m2 += delta * (x - mean)
+    total = tl.sum(count, axis=0)
+    weighted = count[:, None] * mean
+    range_mean = tl.sum(weighted, axis=0) / total
+    spread = mean - range_mean[None, :]
+    range_m2 = tl.sum(m2, axis=0) + tl.sum(count[:, None] * spread * spread, axis=0)
+    tl.store(mean_part_ptr + pid * C + cols, range_mean + pivot, mask=col_mask)
+    tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
+
+
+# Merge the P partials of _bn_stats_partial into the batch statistics. With
+# d_p = mean_p - pivot (pivot = the first partial's mean, so d_p is small),
+#     mean = pivot + sum(n_p d_p) / M,
+#     M2   = sum(M2_p) + sum(n_p d_p^2) - (sum(n_p d_p))^2 / M,
+# then var = M2 / M (normalises the batch) and M2 / (M - 1) (the unbiased
+# estimate that goes into running_var, as in torch.nn.BatchNorm2d).
+@triton.jit
+def _bn_stats_finalize(
+    mean_part_ptr,  # [P, C] fp32: partial means
+    m2_part_ptr,  # [P, C] fp32: partial M2
+    mean_ptr,  # [C] fp32 out: batch mean
+    invstd_ptr,  # [C] fp32 out: 1 / sqrt(biased var + eps)
+    var_unbiased_ptr,  # [C] fp32 out: M2 / (M - 1)
+    P, M, C,  # partials, rows, channels
+    ROWS,  # rows per partial (the last one may have fewer)
+    eps,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    pivot = tl.load(mean_part_ptr + cols, mask=col_mask, other=0.0)
+    sum_nd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_nd2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        part_mask = parts < P
+        mask = part_mask[:, None] & col_mask[None, :]
+        offs = parts[:, None] * C + cols[None, :]
+        counts = tl.where(part_mask, tl.minimum(M - parts * ROWS, ROWS), 0).to(tl.float32)
+        d = tl.load(mean_part_ptr + offs, mask=mask, other=0.0) - pivot[None, :]
+        d = tl.where(mask, d, 0.0)
+        nd = counts[:, None] * d
+        sum_nd += tl.sum(nd, axis=0)
+        sum_nd2 += tl.sum(nd * d, axis=0)
+        sum_m2 += tl.sum(tl.load(m2_part_ptr + offs, mask=mask, other=0.0), axis=0)
+    m2 = tl.maximum(sum_m2 + sum_nd2 - sum_nd * sum_nd / M, 0.0)
+    tl.store(mean_ptr + cols, pivot + sum_nd / M, mask=col_mask)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / M + eps), mask=col_mask)
+    tl.store(var_unbiased_ptr + cols, m2 / (M - 1), mask=col_mask)
+
+
+# Backward reduction pass. With g = dy * [z > 0] (the ReLU mask recomputed
+# from the inputs) and xc = x - center, each program sums g and g * xc over a
+# range of rows: sum(g) is dshift (dbeta), sum(g * xc) is dscale (and, times
+# invstd, dgamma). The sums build up in [BLOCK_M, BLOCK_C] registers and are
+# reduced across threads once, at the end. Partials go to [P, C] buffers; the
+# caller adds them up.
+@triton.jit
+def _affine_act_bwd_reduce(
+    dy_ptr,  # upstream gradient, strides dy_s*
+    x_ptr,  # input, strides x_s*
+    res_ptr,  # residual, or None
+    scale_ptr,  # [C] scale (gamma in training BatchNorm)
+    invstd_ptr,  # [C] invstd, or None
+    shift_ptr,  # [C] shift (beta)
+    center_ptr,  # [C] center (the batch mean), or None
+    sum_g_part_ptr,  # [P, C] fp32 out: partial sum(g)
+    sum_gx_part_ptr,  # [P, C] fp32 out: partial sum(g * (x - center))
+    M, C, HW,  # rows, channels, pixels per image
+    dy_sn, dy_shw, dy_sc,  # dy strides: image, pixel, channel
+    x_sn, x_shw, x_sc,  # x strides
+    r_sn, r_shw, r_sc,  # residual strides
+    ROWS,  # rows per program, a multiple of BLOCK_M
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    row_begin = pid * ROWS
+    row_end = tl.minimum(row_begin + ROWS, M)
+    sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        g, xc = _masked_grad(
+            dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+            rows, cols, mask, col_mask, HW,
+            dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
+        )
+        sum_g += g
+        sum_gx += g * xc
+    tl.store(sum_g_part_ptr + pid * C + cols, tl.sum(sum_g, axis=0), mask=col_mask)
+    tl.store(sum_gx_part_ptr + pid * C + cols, tl.sum(sum_gx, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _masked_grad(
+    dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+    rows, cols, mask, col_mask, HW,
+    dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU: tl.constexpr,
+):
+    """(g, x - center) for a tile: g = dy through the recomputed ReLU mask."""
+    xc, z = _pre_activation(
+        x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+        rows, cols, mask, col_mask, HW, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+    )
+    dy_offs = _row_offsets(rows, HW, dy_sn, dy_shw)[:, None] + cols[None, :] * dy_sc
+    g = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        g = tl.where(z > 0.0, g, 0.0)
+    return g, xc
+
+
+# Backward elementwise pass: dresidual = g and
+#     dx = s * g + k1[c] + (x - center) * k2[c],   s = scale * invstd.
+# For training BatchNorm (BATCH_STATS) the batch mean and variance depend on x:
+#     dx = s * (g - sum(g) / M - xhat * sum(g * xhat) / M),  xhat = (x - mean) * invstd,
+# so k1 = -s * sum(g) / M and k2 = -s * invstd^2 * sum(g * (x - mean)) / M.
+# Otherwise (folded scale/shift) k1 = k2 = 0 and dx = scale * g.
+@triton.jit
+def _affine_act_bwd_dx(
+    dy_ptr,  # upstream gradient, strides dy_s*
+    x_ptr,  # input, strides x_s*
+    res_ptr,  # residual, or None
+    dx_ptr,  # out: gradient of x, strides dx_s*
+    dres_ptr,  # out: gradient of the residual, or None, strides dr_s*
+    scale_ptr,  # [C] scale (gamma)
+    invstd_ptr,  # [C] invstd, or None
+    shift_ptr,  # [C] shift (beta)
+    center_ptr,  # [C] center (batch mean), or None
+    sum_g_ptr,  # [C] fp32 sum(g) over all rows (read only if BATCH_STATS)
+    sum_gx_ptr,  # [C] fp32 sum(g * (x - center)) (read only if BATCH_STATS)
+    M, C, HW,  # rows, channels, pixels per image
+    dy_sn, dy_shw, dy_sc,  # dy strides: image, pixel, channel
+    x_sn, x_shw, x_sc,  # x strides
+    r_sn, r_shw, r_sc,  # residual strides
+    dx_sn, dx_shw, dx_sc,  # dx strides
+    dr_sn, dr_shw, dr_sc,  # dresidual strides
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    g, xc = _masked_grad(
+        dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+        rows, cols, mask, col_mask, HW,
+        dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
+    )
+    s = _channel_scale(scale_ptr, invstd_ptr, cols, col_mask)
+    dx = g * s[None, :]
+    if BATCH_STATS:
+        invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0)
+        k1 = -s * tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / M
+        k2 = -s * invstd * invstd * tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / M
+        dx += k1[None, :] + xc * k2[None, :]
+    dx_offs = _row_offsets(rows, HW, dx_sn, dx_shw)[:, None] + cols[None, :] * dx_sc
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if dres_ptr is not None:
+        dr_offs = _row_offsets(rows, HW, dr_sn, dr_shw)[:, None] + cols[None, :] * dr_sc
+        tl.store(dres_ptr + dr_offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------
+
+
+def row_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """(image, pixel, channel) strides of an NCHW-logical tensor whose H and W
+    share one stride; (0, 0, 0) for an absent tensor."""
+    if t is None:
+        return (0, 0, 0)
+    _, _, h, w = t.shape
+    stride_n, stride_c, stride_h, stride_w = t.stride()
+    if w == 1:
+        stride_hw = stride_h
+    elif h == 1 or stride_h == w * stride_w:
+        stride_hw = stride_w
+    else:
+        raise ValueError(f"H and W of a tensor with strides {t.stride()} do not share one stride")
+    return (stride_n, stride_hw, stride_c)
+
+
+def has_row_strides(t: torch.Tensor) -> bool:
+    try:
+        row_strides(t)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _elementwise_blocks(x: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for a one-tile-per-program pass."""
+    c_pow2 = triton.next_power_of_2(x.shape[1])
+    if not x.is_cuda:  # the interpreter: few, large programs
+        block_c = min(c_pow2, 256)
+        return max(16, 16384 // block_c), block_c, 4
+    block_c = min(c_pow2, 64)
+    return max(16, 4096 // block_c), block_c, 4
+
+
+def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(P, ROWS, BLOCK_M, BLOCK_C, num_warps): the rows split into P ranges of
+    ROWS rows, so that P * channel blocks programs fill the GPU a few times."""
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    c_pow2 = triton.next_power_of_2(x.shape[1])
+    if x.is_cuda:
+        # 32x64 tiles with 4 warps: ptxas (sm_90a) gives 72 registers for the
+        # statistics and 96 for the backward reduction, so 5+ programs fit
+        # on an SM and 4 per SM run in one wave. Untuned: a first guess until
+        # bench/bench_bn_act.py has run on an H100.
+        block_c = min(c_pow2, 64)
+        block_m = max(16, 2048 // block_c)
+        target_programs = 4 * _multiprocessors(x.device.index or 0)
+    else:
+        block_c = min(c_pow2, 256)
+        block_m = max(16, 16384 // block_c)
+        target_programs = 1
+    channel_blocks = triton.cdiv(x.shape[1], block_c)
+    programs_per_block = max(1, min(triton.cdiv(m, block_m), target_programs // channel_blocks, 1024))
+    rows = triton.cdiv(triton.cdiv(m, programs_per_block), block_m) * block_m
+    return triton.cdiv(m, rows), rows, block_m, block_c, 4
+
+
+def _check_index_range(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and t.numel() >= 2**31:
+            raise ValueError(f"tensor of shape {tuple(t.shape)} has >= 2**31 elements; split the batch")
+
+
+def affine_act_fwd(x, scale, shift, *, center=None, invstd=None, residual=None, relu=True):
+    """y = act((x - center) * scale * invstd + shift + residual), y laid out like x."""
+    _check_index_range(x, residual)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    block_m, block_c, num_warps = _elementwise_blocks(x)
+    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))
+    _affine_act_fwd[grid](
+        x, y, residual, scale, invstd, shift, center,
+        n * h * w, c, h * w,
+        *row_strides(x), *row_strides(y), *row_strides(residual),
+        RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y
+
+
+def bn_stats(x, eps):
+    """Batch mean, invstd and unbiased variance of each channel, fp32."""
+    _check_index_range(x)
+    n, c, h, w = x.shape
+    m = n * h * w
+    parts, rows, block_m, block_c, num_warps = _reduction_plan(x)
+    mean_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
+    m2_part = torch.empty_like(mean_part)
+    _bn_stats_partial[(parts, triton.cdiv(c, block_c))](
+        x, mean_part, m2_part, m, c, h * w, *row_strides(x), rows,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    mean = torch.empty(c, device=x.device, dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    var_unbiased = torch.empty_like(mean)
+    block_p = min(triton.next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
+    finalize_block_c = min(triton.next_power_of_2(c), 64 if x.is_cuda else 1024)
+    _bn_stats_finalize[(triton.cdiv(c, finalize_block_c),)](
+        mean_part, m2_part, mean, invstd, var_unbiased, parts, m, c, rows, eps,
+        BLOCK_P=block_p, BLOCK_C=finalize_block_c, num_warps=4,
+    )
+    return mean, invstd, var_unbiased
+
+
+def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=None, relu=True,
+                   param_grads=True, batch_stats=False):
+    """(dx, sum(g), sum(g * (x - center)), dresidual); the sums are None unless
+    param_grads or batch_stats, dresidual is None without a residual.
+    batch_stats: x's statistics (center, invstd) came from this batch."""
+    _check_index_range(dy, x, residual)
+    n, c, h, w = x.shape
+    m = n * h * w
+    sum_g = sum_gx = None
+    if param_grads or batch_stats:
+        parts, rows, block_m, block_c, num_warps = _reduction_plan(x)
+        sum_g_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
+        sum_gx_part = torch.empty_like(sum_g_part)
+        _affine_act_bwd_reduce[(parts, triton.cdiv(c, block_c))](
+            dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part,
+            m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), rows,
+            RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
+        sum_g, sum_gx = sum_g_part.sum(0), sum_gx_part.sum(0)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(residual) if residual is not None else None
+    block_m, block_c, num_warps = _elementwise_blocks(x)
+    _affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+        dy, x, residual, dx, dres, scale, invstd, shift, center, sum_g, sum_gx,
+        m, c, h * w,
+        *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(dx), *row_strides(dres),
+        RELU=relu, BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return dx, sum_g, sum_gx, dres

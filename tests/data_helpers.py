@@ -1,0 +1,113 @@
+"""Small generated datasets for the data tests, made once per test session.
+
+The fake ImageNet is tinted (class 0 red, 1 green, 2 blue), so a test reads
+an image's class back from its dominant colour after any crop, flip or
+lighting; every bad input of the policy gets its own tiny folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import io
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastresnet.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastresnet.data.fake_imagenet import make_fake_imagenet
+
+CLASSES = 3
+TRAIN_PER_CLASS = 6
+VAL_PER_CLASS = 2
+CIFAR_PER_BATCH = 20  # images per fake CIFAR pickle batch: 100 train, 20 test
+
+
+@functools.cache
+def fake_imagenet_root() -> Path:
+    """3 classes x (6 train + 2 val) tinted photographs at ImageNet sizes: one copy per session."""
+    root = Path(tempfile.mkdtemp(prefix="fastresnet-fake-imagenet-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return make_fake_imagenet(
+        root, classes=CLASSES, images_per_class=TRAIN_PER_CLASS, val_images_per_class=VAL_PER_CLASS, tint=True
+    )
+
+
+def dominant_class(images: torch.Tensor) -> torch.Tensor:
+    """Class of each normalised NCHW image: its strongest mean colour channel (red 0, green 1, blue 2)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).mean(dim=(2, 3)).argmax(1)
+
+
+def jpeg_bytes(mode: str = "RGB", size=(64, 48), colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    image = image if mode == "RGB" else image.convert(mode)
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def broken_after_header() -> bytes:
+    good = jpeg_bytes(size=(256, 192))
+    return good[: len(good) // 3] + b"\xff\x01" * 200 + b"\xff\xd9"
+
+
+def png_bytes(size=(64, 48), colour=(30, 200, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def small_folder(root: Path, classes=("a", "b"), per_class=3) -> Path:
+    """A minimal valid ImageFolder: plain red/green JPEGs."""
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = (220, 20, 20) if label == 0 else (20, 220, 20)
+            for number in range(per_class):
+                (folder / f"{name}_{number}.JPEG").write_bytes(jpeg_bytes(colour=colour))
+    return root
+
+
+# Each bad input: (what it writes into train/a of a small folder, whether it is an error or handled)
+BAD_FILES = {
+    "truncated_jpeg": (lambda: jpeg_bytes(size=(256, 192))[:600], "error"),
+    "corrupt_jpeg": (lambda: jpeg_bytes()[:20] + b"\x00garbage" * 50 + b"\xff\xd9", "error"),
+    "text_named_jpeg": (lambda: b"this is not an image\n" * 10, "error"),
+    # a JPEG whose frame header still reads as a 3-component JPEG with an end marker, so the
+    # nvjpeg back end sends it to the batched decoder, which fails: the one-by-one fallback runs
+    "broken_after_header": (lambda: broken_after_header(), "error"),
+    "grayscale_jpeg": (lambda: jpeg_bytes(mode="L"), "handled"),
+    "cmyk_jpeg": (lambda: jpeg_bytes(mode="CMYK"), "handled"),
+    "png_named_jpeg": (lambda: png_bytes(), "handled"),
+}
+
+
+def add_bad_file(root: Path, kind: str) -> Path:
+    path = root / "train" / "a" / f"bad_{kind}.JPEG"
+    path.write_bytes(BAD_FILES[kind][0]())
+    return path
+
+
+def class_value(label):
+    return 20 * label + 15  # every pixel of a class-k image has this value: the label can be read back
+
+
+def write_fake_cifar(root, per_batch=CIFAR_PER_BATCH):
+    """A cifar-10-batches-py folder in the real pickle format; red plane = position, blue = batch."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        labels = [(index + i) % 10 for i in range(per_batch)]
+        data = np.stack([np.full(3072, class_value(k), dtype=np.uint8) for k in labels])
+        data[:, :1024] = 12 * np.arange(per_batch)[:, None]  # red plane: the position in the batch ...
+        data[:, 2048:] = 40 * index  # ... blue plane: which batch; green plane: the class
+        with (root / name).open("wb") as file:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, file)
+    return root

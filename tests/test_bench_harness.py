@@ -1,0 +1,54 @@
+"""The benchmark harness: `--benchmark` gates the benchmarks, pytest-benchmark's
+own options still work, and the report turns medians into ratios."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+
+
+def _pytest_bench(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/bench_models.py", "-q", "-p", "no:cacheprovider",
+         "-k", "resnet20 and forward", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_benchmarks_are_skipped_without_the_flag():
+    result = _pytest_bench()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped" in result.stdout and "passed" not in result.stdout
+
+
+def test_benchmark_flag_runs_them_and_pytest_benchmark_options_still_work(tmp_path):
+    out = tmp_path / "bench.json"
+    result = _pytest_bench("--benchmark", f"--benchmark-json={out}", "--benchmark-columns=median")
+    assert result.returncode == 0, result.stdout + result.stderr
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert [b["extra_info"]["provider"] for b in benchmarks] == ["fastresnet"]
+    assert benchmarks[0]["extra_info"]["images"] > 0 and benchmarks[0]["stats"]["median"] > 0
+
+
+def _bench(group, provider, median, baseline=False, **extra):
+    return {"name": provider, "group": group, "stats": {"median": median},
+            "extra_info": {"provider": provider, "baseline": baseline, **extra}}
+
+
+def test_report_gives_ratios_against_the_baseline_of_each_group():
+    table = report.render(
+        [
+            _bench("g", "eager", 2.0, baseline=True, images=100),
+            _bench("g", "fused", 0.5, images=100, bytes=1e9),
+            _bench("h", "alone", 1.0),
+        ],
+        {"copy_gbs": 4.0},
+    )
+    assert "| g | eager (baseline) | 2000.000 | 1.00x | 50 img/s |" in table
+    assert "| g | fused | 500.000 | 4.00x | 200 img/s, 2 GB/s (50% of copy) |" in table
+    assert "| h | alone | 1000.000 | - |" in table

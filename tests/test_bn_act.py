@@ -1,0 +1,424 @@
+"""fastresnet.ops.bn_act against fastresnet.reference: outputs, every gradient,
+running statistics; channels_last and NCHW; residual and ReLU on and off.
+
+Without a GPU the Triton kernels run through the interpreter (tests/conftest.py),
+so shapes are ResNet stage shapes scaled down, plus odd ones.
+"""
+
+import pytest
+import torch
+
+from fastresnet.ops.bn_act import affine_act, batch_norm_act
+from fastresnet.reference import affine_act_reference, batch_norm_act_reference
+from fastresnet.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (N, C, H, W): ResNet stages scaled down (channels / 8, pixels / 8), then odd ones:
+# C not a multiple of any block, tiny H*W, one image.
+SHAPES = [
+    (2, 32, 7, 7),
+    (2, 64, 4, 4),
+    (3, 13, 5, 3),
+    (4, 300, 1, 1),
+    (1, 7, 2, 9),
+]
+# Gradients of a reduced-precision op go through fp32 maths but land in the input
+# dtype, so they get the dtype's tolerance scaled by the size of the values.
+GRAD_TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
+
+
+def make_input(shape, dtype, channels_last, *, mean=0.0, std=1.0, requires_grad=True):
+    x = (torch.randn(shape, device=DEVICE) * std + mean).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def channel_vector(c, *, low=-1.0, high=1.0, requires_grad=True):
+    v = torch.empty(c, device=DEVICE).uniform_(low, high)
+    return v.requires_grad_(requires_grad)
+
+
+def grads_of(y, inputs, grad_y):
+    wanted = [t for t in inputs if t is not None]
+    return torch.autograd.grad(y, wanted, grad_y)
+
+
+# ---------------------------------------------------------------------------
+# affine_act
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (True, False)])
+def test_affine_act_matches_reference(shape, dtype, residual, relu):
+    x = make_input(shape, dtype, channels_last=True)
+    scale, shift = channel_vector(shape[1], low=0.5, high=2.0), channel_vector(shape[1])
+    res = make_input(shape, dtype, channels_last=True) if residual else None
+
+    y = affine_act(x, scale, shift, res, relu)
+    expected = affine_act_reference(x, scale, shift, res, relu)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, expected, name="y")
+
+    grad_y = torch.randn_like(y)
+    atol, rtol = GRAD_TOL[dtype]
+    names = ["x", "scale", "shift", "residual"]
+    actual_grads = grads_of(y, [x, scale, shift, res], grad_y)
+    expected_grads = grads_of(expected, [x, scale, shift, res], grad_y)
+    for name, a, e in zip(names, actual_grads, expected_grads):
+        assert_close(a, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, name=f"grad {name}")
+
+
+def test_affine_act_nchw_and_center():
+    """Contiguous NCHW goes through the kernels by strides and stays NCHW;
+    `center` subtracts a large mean before scaling."""
+    shape = (2, 12, 5, 6)
+    x = make_input(shape, torch.float32, channels_last=False, mean=1e3)
+    scale, shift = channel_vector(12), channel_vector(12)
+    center = torch.full((12,), 1e3, device=DEVICE).requires_grad_()
+    res = make_input(shape, torch.float32, channels_last=True)  # a different layout from x
+    y = affine_act(x, scale, shift, res, True, center=center)
+    expected = affine_act_reference(x, scale, shift, res, True, center=center)
+    assert y.is_contiguous()
+    assert_close(y, expected, name="y")
+    grad_y = torch.randn_like(y)
+    for name, a, e in zip(
+        ["x", "scale", "shift", "center", "residual"],
+        grads_of(y, [x, scale, shift, center, res], grad_y),
+        grads_of(expected, [x, scale, shift, center, res], grad_y),
+    ):
+        assert_close(a, e, atol=1e-3, rtol=1e-4, name=f"grad {name}")
+
+
+def test_affine_act_odd_strides_and_frozen_parameters():
+    """A W-slice (H and W without a common stride) is copied to channels_last;
+    a gradient that is an expanded scalar (stride 0) is read by strides; with
+    frozen scale/shift only the elementwise backward runs."""
+    base = make_input((2, 8, 4, 10), torch.float32, channels_last=True, requires_grad=False)
+    x = base[..., ::2].requires_grad_()
+    scale = channel_vector(8, requires_grad=False)
+    shift = channel_vector(8, requires_grad=False)
+    y = affine_act(x, scale, shift)
+    expected = affine_act_reference(x, scale, shift)
+    assert_close(y, expected, name="y")
+    (grad_x,) = torch.autograd.grad(y.sum(), [x])
+    (expected_grad_x,) = torch.autograd.grad(expected.sum(), [x])
+    assert_close(grad_x, expected_grad_x, name="grad x")
+
+
+def test_affine_act_rejects_bad_inputs():
+    x = make_input((2, 4, 3, 3), torch.float32, channels_last=True)
+    ok = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="4-D"):
+        affine_act(x[0], ok, ok)
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\)"):
+        affine_act(x, torch.ones(5, device=DEVICE), ok)
+    with pytest.raises(ValueError, match="residual shape"):
+        affine_act(x, ok, ok, residual=x[:1])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        affine_act(x.detach().double(), ok, ok)
+
+
+# ---------------------------------------------------------------------------
+# batch_norm_act
+# ---------------------------------------------------------------------------
+
+
+def bn_state(c, *, affine=True):
+    """(weight, bias, running_mean, running_var) with non-trivial values."""
+    weight = channel_vector(c, low=0.5, high=2.0) if affine else None
+    bias = channel_vector(c) if affine else None
+    running_mean = torch.randn(c, device=DEVICE)
+    running_var = torch.rand(c, device=DEVICE) + 0.5
+    return weight, bias, running_mean, running_var
+
+
+def check_batch_norm_act(x, weight, bias, running_mean, running_var, training, residual, relu, *,
+                         momentum=0.1, eps=1e-5, grad_tol=None, out_tol=None):
+    """Run op and reference on copies of the running stats; compare outputs,
+    running stats and the gradients of every input that requires one."""
+    stats = (running_mean, running_var)
+    ref_stats = tuple(s.clone() if s is not None else None for s in stats)
+    y = batch_norm_act(x, weight, bias, *stats, training, momentum, eps, residual, relu)
+    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, training, momentum, eps, residual, relu)
+    atol, rtol = out_tol or (None, None)
+    assert y.dtype == x.dtype
+    assert_close(y, expected, atol=atol, rtol=rtol, name="y")
+    for name, actual, ref in zip(["running_mean", "running_var"], stats, ref_stats):
+        if actual is not None:
+            assert_close(actual, ref, atol=1e-5, rtol=1e-5, name=name)
+
+    grad_y = torch.randn_like(y)
+    inputs = [t for t in (x, weight, bias, residual) if t is not None and t.requires_grad]
+    atol, rtol = grad_tol or GRAD_TOL[x.dtype]
+    for t, a, e in zip(inputs, grads_of(y, inputs, grad_y), grads_of(expected, inputs, grad_y)):
+        name = {id(x): "x", id(weight): "weight", id(bias): "bias", id(residual): "residual"}[id(t)]
+        assert_close(a, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, name=f"grad {name}")
+    return y
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_batch_norm_act_training_matches_reference(shape, dtype, residual, relu):
+    x = make_input(shape, dtype, channels_last=True, mean=0.5, std=2.0)
+    res = make_input(shape, dtype, channels_last=True) if residual else None
+    check_batch_norm_act(x, *bn_state(shape[1]), True, res, relu)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_act_layouts_train_and_eval(channels_last, training):
+    shape = (3, 20, 4, 5)
+    x = make_input(shape, torch.float32, channels_last=channels_last)
+    res = make_input(shape, torch.float32, channels_last=not channels_last)
+    y = check_batch_norm_act(x, *bn_state(20), training, res, True)
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_norm_act_train_then_eval(dtype):
+    """Several training steps move the running stats exactly like F.batch_norm;
+    eval then normalises with them (batch of one included)."""
+    c = 24
+    weight, bias, running_mean, running_var = bn_state(c)
+    ref_mean, ref_var = running_mean.clone(), running_var.clone()
+    for step in range(3):
+        x = make_input((2, c, 3, 3), dtype, channels_last=True, mean=float(step), requires_grad=False)
+        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.3, 1e-5)
+        batch_norm_act_reference(x, weight, bias, ref_mean, ref_var, True, 0.3, 1e-5)
+    assert_close(running_mean, ref_mean, atol=1e-5, rtol=1e-5, name="running_mean")
+    assert_close(running_var, ref_var, atol=1e-5, rtol=1e-5, name="running_var")
+    x = make_input((1, c, 2, 3), dtype, channels_last=True)
+    check_batch_norm_act(x, weight, bias, running_mean, running_var, False, None, True)
+
+
+def test_batch_norm_act_no_affine_no_running_stats():
+    x = make_input((2, 9, 3, 3), torch.float32, channels_last=True)
+    check_batch_norm_act(x, None, None, None, None, True, None, True)
+
+
+def test_batch_norm_act_large_mean_is_accurate():
+    """Mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance."""
+    shape = (8, 16, 8, 8)
+    x = make_input(shape, torch.float32, channels_last=True, mean=1e3, std=1.0, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(16, affine=True)
+    exact_mean, exact_var = running_mean.double(), running_var.double()
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    exact = torch.nn.functional.batch_norm(
+        x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
+    )
+    assert_close(y.double(), exact, atol=1e-3, rtol=1e-3, name="y")
+    assert_close(running_mean.double(), exact_mean, atol=1e-3, rtol=0, name="running_mean")
+    assert_close(running_var.double(), exact_var, atol=0, rtol=1e-3, name="running_var")
+
+
+def test_batch_norm_act_errors_like_pytorch():
+    x = make_input((1, 4, 1, 1), torch.float32, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="must be given when training=False"):
+        batch_norm_act(x, weight, bias, None, None, False, 0.1, 1e-5)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
+        batch_norm_act(x, weight, bias, running_mean, running_var[:3], False, 0.1, 1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Custom-op registration, torch.compile, random shapes
+# ---------------------------------------------------------------------------
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT
+    dispatch of every op: what torch.compile relies on."""
+    x = make_input((2, 8, 3, 3), torch.float32, channels_last=True)
+    weight, bias = channel_vector(8, low=0.5, high=2.0), channel_vector(8)
+    res = make_input((2, 8, 3, 3), torch.float32, channels_last=True)
+    center = torch.randn(8, device=DEVICE)
+    ops = torch.ops.fastresnet
+    grad_y = torch.randn_like(x)
+    mean, invstd = x.detach().mean((0, 2, 3)), torch.rand(8, device=DEVICE) + 0.5
+    # The backward ops have no derivative of their own (no double backward).
+    xd, wd, bd, rd = (t.detach() for t in (x, weight, bias, res))
+    for op, args in [
+        (ops.affine_act.default, (x, weight, bias, center, res, True)),
+        (ops.affine_act.default, (x, weight, bias, None, None, False)),
+        (ops.affine_act_backward.default, (grad_y, xd, wd, bd, center, rd, True, True)),
+        (ops.affine_act_backward.default, (grad_y, xd, wd, bd, None, None, True, False)),
+        (ops.batch_norm_act_train.default, (x, weight, bias, res, 1e-5, True)),
+        (ops.batch_norm_act_backward.default, (grad_y, xd, wd, bd, mean, invstd, rd, True)),
+    ]:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@pytest.mark.cuda
+def test_ops_compile_fullgraph_on_the_kernel_path():
+    """torch.compile(fullgraph=True) over the custom ops themselves: same outputs,
+    gradients and running statistics as eager. (It passes on the CPU too, with
+    the kernels in the interpreter, but Inductor's build takes ~30 s here;
+    test_custom_ops_pass_opcheck covers the AOT tracing on the CPU.)"""
+
+    def train_then_eval(x, weight, bias, running_mean, running_var, residual):
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, residual, True)
+        return batch_norm_act(y, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, False)
+
+    shape = (2, 8, 4, 4)
+    x = make_input(shape, torch.float32, channels_last=True)
+    res = make_input(shape, torch.float32, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(8)
+    eager_stats = (running_mean.clone(), running_var.clone())
+    compiled = torch.compile(train_then_eval, fullgraph=True)
+    y = compiled(x, weight, bias, running_mean, running_var, res)
+    expected = train_then_eval(x, weight, bias, *eager_stats, res)
+    assert_close(y, expected, name="y")
+    assert_close(running_mean, eager_stats[0], name="running_mean")
+    grad_y = torch.randn_like(y)
+    for a, e in zip(grads_of(y, [x, weight, bias, res], grad_y), grads_of(expected, [x, weight, bias, res], grad_y)):
+        assert_close(a, e, name="grad")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 40),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    training=st.booleans(),
+    residual=st.booleans(),
+    relu=st.booleans(),
+    channels_last=st.booleans(),
+)
+def test_batch_norm_act_random_shapes(n, c, h, w, training, residual, relu, channels_last):
+    hypothesis.assume(not training or n * h * w > 1)
+    x = make_input((n, c, h, w), torch.float32, channels_last=channels_last)
+    res = make_input((n, c, h, w), torch.float32, channels_last=True) if residual else None
+    # Few values per channel make BatchNorm's gradient ill-conditioned: scale the tolerance.
+    check_batch_norm_act(x, *bn_state(c), training, res, relu, grad_tol=(1e-3, 1e-3))
+
+
+# ---------------------------------------------------------------------------
+# GPU only: real ResNet-50 stage shapes, bf16, compiled Triton path
+# ---------------------------------------------------------------------------
+
+
+def assert_relative_error(actual, expected, tol, name):
+    """||actual - expected|| <= tol * ||expected||: robust to the rare element
+    whose pre-activation is within rounding of 0, where the ReLU mask of the
+    kernel and the reference may differ (expected a few times per million)."""
+    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+    assert error <= tol, f"{name}: relative error {error.item():.3e} > {tol:g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_resnet50_shapes(shape, dtype):
+    x = make_input(shape, dtype, channels_last=True, mean=0.5, std=2.0)
+    res = make_input(shape, dtype, channels_last=True)
+    # Without ReLU every element must match; with it, millions of elements make
+    # a few rounding-level mask differences likely, so compare norms.
+    check_batch_norm_act(x, *bn_state(shape[1]), True, res, False)
+    check_batch_norm_act(x, *bn_state(shape[1]), False, res, False)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+    expected = batch_norm_act_reference(
+        x, weight, bias, running_mean.clone(), running_var.clone(), True, 0.1, 1e-5, res, True
+    )
+    assert_relative_error(y, expected, 1e-2, "y")
+    grad_y = torch.randn_like(y)
+    inputs = [x, weight, bias, res]
+    for name, a, e in zip(["x", "weight", "bias", "residual"], grads_of(y, inputs, grad_y), grads_of(expected, inputs, grad_y)):
+        assert_relative_error(a, e, 1e-2, f"grad {name}")
+
+
+@pytest.mark.cuda
+def test_gpu_large_mean_many_rows():
+    """Mean 1e3 over 256*56*56 rows: the partial/merge scheme at full size."""
+    x = make_input((256, 64, 56, 56), torch.float32, channels_last=True, mean=1e3, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(64)
+    exact_mean, exact_var = running_mean.double(), running_var.double()
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    exact = torch.nn.functional.batch_norm(
+        x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
+    )
+    assert_close(y.double(), exact, atol=1e-3, rtol=1e-3, name="y")
+    assert_close(running_var.double(), exact_var, atol=0, rtol=1e-3, name="running_var")
+
+
+@pytest.mark.cuda
+def test_gpu_compiled_fused_resnet_bf16():
+    """torchvision ResNet-50 layout (one block per stage) fused, compiled with
+    fullgraph=True on the Triton path, bf16 autocast: close to the unfused model."""
+    import copy
+
+    from torchvision.models import resnet as tv_resnet
+
+    from fastresnet.nn import fuse_bn_act
+
+    reference = tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1]).cuda().to(memory_format=torch.channels_last)
+    fused = torch.compile(fuse_bn_act(copy.deepcopy(reference)), fullgraph=True)
+    x = make_input((16, 3, 128, 128), torch.float32, channels_last=True, requires_grad=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, expected = fused(x), reference(x)
+    assert_relative_error(y.float(), expected.float(), 3e-2, "logits")
+    y.float().square().mean().backward()
+    expected.float().square().mean().backward()
+    for (name, a), b in zip(fused.named_parameters(), reference.parameters()):
+        assert_relative_error(a.grad, b.grad, 1e-1, f"grad {name}")
+
+
+def test_many_programs_and_partials(monkeypatch):
+    """Small blocks force what a GPU does at full size: many row ranges merged
+    by _bn_stats_finalize, loops over several tiles, tiles straddling images,
+    channel blocks with a ragged end."""
+    from fastresnet.kernels import bn_act as kernels
+
+    block_m, block_c, rows_per_program = 16, 8, 32
+
+    def small_plan(x):
+        rows_total = x.shape[0] * x.shape[2] * x.shape[3]
+        return -(-rows_total // rows_per_program), rows_per_program, block_m, block_c, 4
+
+    monkeypatch.setattr(kernels, "_reduction_plan", small_plan)
+    monkeypatch.setattr(kernels, "_elementwise_blocks", lambda x: (block_m, block_c, 4))
+    shape = (3, 11, 5, 5)  # 75 rows in 3 ranges of 2 tiles: ranges and tiles end mid-image
+    x = make_input(shape, torch.float32, channels_last=True, mean=1e3)
+    res = make_input(shape, torch.float32, channels_last=False)
+    # relu=False: at mean 1e3 the fp32 reference's own error (~1e-4) can flip a ReLU mask.
+    check_batch_norm_act(x, *bn_state(11), True, res, False, grad_tol=(1e-3, 1e-3), out_tol=(1e-3, 1e-3))
+    scale, shift = channel_vector(11), channel_vector(11)
+    y = affine_act(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    grad_y = torch.randn_like(y)
+    expected = affine_act_reference(x, scale, shift, res, True, center=torch.full((11,), 1e3))
+    assert_close(y, expected, atol=1e-3, rtol=1e-3, name="affine y")
+    for a, e in zip(grads_of(y, [x, scale, shift], grad_y), grads_of(expected, [x, scale, shift], grad_y)):
+        assert_close(a, e, atol=1e-2, rtol=1e-3, name="affine grad")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernels for real")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never runs Triton's compiler: tests/compile_for_hopper.py
+    builds every kernel variant the ops launch for sm_90 (H100/H200), in a
+    process without TRITON_INTERPRET, so a change that breaks GPU compilation
+    shows up on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiled 7 kernel variants" in result.stdout

@@ -1,0 +1,195 @@
+"""`python -m fastresnet.experiments`: a scaled-down degradation on digits, resume, layer responses.
+
+One module-scoped experiment (plain-20/32 and ResNet-20/32, two steps each,
+batch 8) is interrupted, resumed and re-run; the other tests read its runs.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastresnet.data import DataConfig, build_loaders
+from fastresnet.experiments import degradation, layer_responses
+from fastresnet.experiments.__main__ import main as experiments_main
+from fastresnet.experiments.runs import DONE_NAME
+from fastresnet.experiments.settings import PAPER_CIFAR_BUDGET, Settings, train_config
+from fastresnet.experiments.tables import parse_markdown_table
+from fastresnet.models import get_model
+from fastresnet.training.checkpoint import load_checkpoint
+from fastresnet.training.fields import ConfigError
+from fastresnet.training.metrics import read_jsonl
+
+DEPTHS = (20, 32)
+NETS = {"plain-20": "plain20", "plain-32": "plain32", "ResNet-20": "resnet20", "ResNet-32": "resnet32"}
+
+
+def tiny(out, stop_at_step=0) -> Settings:
+    # No per-run curves.png (a presentation field: the runs stay the same runs); the experiment's figure is drawn.
+    return Settings(out=out, iterations=2, eval_every=0, batch_size=8, progress="off", stop_at_step=stop_at_step,
+                    overrides={"plot": "false"})
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    logs = {"interrupted": [], "resumed": [], "rerun": []}
+    interrupted = degradation.run(tiny(out, stop_at_step=1), DEPTHS, say=logs["interrupted"].append)
+    plain20 = next((out / "runs").glob("plain20-*"))
+    first_records = read_jsonl(plain20 / "metrics.jsonl")
+    runs_after_interruption = len(list((out / "runs").iterdir()))
+    done_after_interruption = (plain20 / DONE_NAME).exists()
+    resumed = degradation.run(tiny(out), DEPTHS, say=logs["resumed"].append)
+    checkpoints = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")}
+    rerun = degradation.run(tiny(out), DEPTHS, say=logs["rerun"].append)
+    return {"out": out, "logs": logs, "interrupted": interrupted, "resumed": resumed, "rerun": rerun,
+            "plain20": plain20, "first_records": first_records, "checkpoints": checkpoints,
+            "runs_after_interruption": runs_after_interruption, "done_after_interruption": done_after_interruption}
+
+
+def run_dir(out, model):
+    return next((out / "runs").glob(f"{model}-*"))
+
+
+def test_interrupted_run_keeps_its_checkpoint(experiment):
+    assert experiment["interrupted"] is None
+    assert [r["step"] for r in experiment["first_records"] if r["kind"] == "train"] == [1]
+    assert experiment["runs_after_interruption"] == 1  # the experiment stopped at its first run
+    assert not experiment["done_after_interruption"]
+
+
+def test_rerun_resumes_the_unfinished_run(experiment):
+    log = "\n".join(experiment["logs"]["resumed"])
+    assert log.count("resumed:") == 1 and log.count("trained:") == 3, log
+    records = read_jsonl(experiment["plain20"] / "metrics.jsonl")
+    assert records[0] == experiment["first_records"][0]  # the step-1 record of the first invocation is kept
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]  # no step counted twice
+    assert load_checkpoint(experiment["plain20"])["step"] == 2
+    assert (experiment["plain20"] / DONE_NAME).is_file()
+
+
+def test_rerun_of_a_finished_experiment_trains_nothing(experiment):
+    log = "\n".join(experiment["logs"]["rerun"])
+    assert log.count("finished earlier:") == 4, log
+    assert {p: p.stat().st_mtime_ns for p in experiment["checkpoints"]} == experiment["checkpoints"]
+    assert experiment["rerun"]["runs"] == experiment["resumed"]["runs"]
+
+
+def test_table_numbers_are_those_of_the_metrics_files(experiment):
+    out = experiment["out"]
+    folder = out / "degradation"
+    assert (folder / "figure6.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = parse_markdown_table((folder / "table.md").read_text())
+    assert [r["net"] for r in rows] == list(NETS)
+    saved = json.loads((folder / "results.json").read_text())
+    for row in rows:
+        model = NETS[row["net"]]
+        records = read_jsonl(run_dir(out, model) / "metrics.jsonl")
+        evals = [r for r in records if r["kind"] == "eval"]
+        last_train = [r for r in records if r["kind"] == "train" and r["step"] == 2]  # the last 10% of 2 steps
+        assert len(evals) == 1 and len(last_train) == 1
+        assert row["test error %"] == f"{evals[-1]['top1_error']:.2f}"
+        assert row["train error %"] == f"{last_train[0]['error']:.2f}"
+        assert saved["runs"][model]["final_test_error"] == evals[-1]["top1_error"]
+        assert int(row["params"]) == sum(p.numel() for p in get_model(model).parameters())
+    assert saved["verdict"]["shown"] == (saved["verdict"]["plain_rises"] and saved["verdict"]["residual_falls"])
+
+
+def test_verdict_needs_plain_rising_by_the_margin_and_residual_falling():
+    assert degradation.verdict([10.0, 12.0, 15.0], [9.0, 8.0, 7.5], margin=0.5)["shown"]
+    assert not degradation.verdict([10.0, 10.4], [9.0, 8.0], margin=0.5)["shown"]  # plain rises too little
+    assert not degradation.verdict([10.0, 12.0], [9.0, 9.0], margin=0.5)["shown"]  # ResNet does not fall
+    v = degradation.verdict([10.0, 12.0, 11.0], [9.0, 8.0, 7.0], margin=0.5)
+    assert not v["plain_rises"] and v["residual_falls"]
+    assert v["plain_increase_with_depth"] == [2.0, -1.0]
+
+
+def hand_response_stds(checkpoint_dir, model_name):
+    """Every response collected whole with forward hooks, then one torch.std over all of it."""
+    state = load_checkpoint(checkpoint_dir)
+    model = get_model(model_name)
+    model.load_state_dict(state["model"])
+    model.eval()
+    blocks = len(model.layer1)
+    names = ["bn1"] + [f"layer{s}.{b}.bn{k}" for s in (1, 2, 3) for b in range(blocks) for k in (1, 2)]
+    modules = dict(model.named_modules())
+    outputs = {name: [] for name in names}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o.detach().clone()))
+               for n in names]
+    data = build_loaders(DataConfig(backend="digits", batch_size=8, val_batch_size=500), device=torch.device("cpu"))
+    with torch.no_grad():
+        for images, _ in data.val:
+            model(images)
+    for h in handles:
+        h.remove()
+    return names, [torch.cat(outputs[n]).double().std(correction=0).item() for n in names]
+
+
+def test_layer_responses_equal_a_hand_computation_with_hooks(experiment):
+    out = experiment["out"]
+    checkpoints = [str(run_dir(out, m)) for m in ("plain20", "resnet20")]
+    result = layer_responses.run(tiny(out), DEPTHS, checkpoints=checkpoints, say=lambda *_: None)
+    for net, model in zip(result["nets"], ("plain20", "resnet20")):
+        names, expected = hand_response_stds(run_dir(out, model), model)
+        assert net["model"] == model
+        assert net["layers"] == [n.replace("bn", "conv") for n in names]  # 19 3x3 convs, network order
+        assert len(net["stds"]) == 19
+        for got, want, name in zip(net["stds"], expected, names):
+            assert math.isclose(got, want, rel_tol=1e-6), (name, got, want)
+    folder = out / "layer-responses"
+    assert (folder / "figure7.png").is_file() and (folder / "results.json").is_file()
+    rows = parse_markdown_table((folder / "table.md").read_text())
+    assert [r["net"] for r in rows] == ["plain-20", "ResNet-20"]
+    assert rows[0]["mean std"] == f"{sum(result['nets'][0]['stds']) / 19:.2f}"
+
+
+def test_paper_recipe_on_cifar_and_resnet110_warmup(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"")
+    cfg = train_config(Settings(out=tmp_path, data=str(folder)), "resnet110")
+    assert (cfg.length, cfg.lr_milestones, cfg.data.batch_size, cfg.lr) == (64000, (32000, 48000), 128, 0.1)
+    assert (cfg.weight_decay, cfg.momentum, cfg.data.backend, cfg.unit) == (1e-4, 0.9, "cifar10", "step")
+    assert (cfg.warmup_until_train_error, cfg.warmup_lr, cfg.warmup_kind) == (80.0, 0.01, "constant")
+    assert PAPER_CIFAR_BUDGET.iterations == 64000
+    assert train_config(Settings(out=tmp_path, data=str(folder)), "resnet56").warmup_until_train_error == 0
+    with pytest.raises(ConfigError, match="not a cifar-10-batches-py folder"):
+        train_config(Settings(out=tmp_path, data=str(tmp_path / "nowhere")), "resnet20")
+
+
+def test_run_names_follow_the_settings(tmp_path):
+    a = train_config(tiny(tmp_path), "resnet20")
+    assert a.run_name == train_config(tiny(tmp_path, stop_at_step=1), "resnet20").run_name
+    assert a.run_name == train_config(tiny(tmp_path), "resnet20", "A").run_name  # A is the CIFAR default
+    assert a.run_name != train_config(tiny(tmp_path), "resnet20", "B").run_name
+    assert a.run_name != train_config(Settings(out=tmp_path, iterations=3), "resnet20").run_name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["degradation", "--depths", "20"], "at least two"),
+    (["degradation", "--depths", "20,21"], "choose from"),
+    (["shortcuts", "--depth", "18"], "choose one of"),
+    (["depth-sweep", "--set", "lr"], "FIELD=VALUE"),
+    (["depth-sweep", "--iterations", "100", "--milestones", "50,100"], "inside the run"),
+    (["depth-sweep", "--set", "no_such_field=1"], "unknown config field"),
+])
+def test_bad_arguments_are_clear_errors(argv, message, capsys, tmp_path):
+    assert experiments_main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_degradation_and_layer_responses_on_the_gpu(tmp_path):
+    """The GPU path (bf16 autocast, channels_last, fused blocks; compile off to keep it short) end to end."""
+    settings = Settings(out=tmp_path, iterations=4, eval_every=0, batch_size=64, progress="off",
+                        overrides={"compile": "off"})
+    result = degradation.run(settings, DEPTHS, say=lambda *_: None)
+    assert set(result["runs"]) == set(NETS.values())
+    for summary in result["runs"].values():
+        assert math.isfinite(summary["final_test_error"]) and math.isfinite(summary["final_train_error"])
+    config = json.loads((run_dir(tmp_path, "resnet20") / "config.json").read_text())
+    assert config["amp"] == "auto" and config["device"] == "auto"
+    responses = layer_responses.run(settings, DEPTHS)
+    assert all(len(n["stds"]) == (19 if n["model"].endswith("20") else 31) for n in responses["nets"])
+    assert all(math.isfinite(s) and s > 0 for n in responses["nets"] for s in n["stds"])
