@@ -25,7 +25,7 @@ from fastresnet.flops import count_macs
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
 from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import to_dict
+from fastresnet.training.fields import ConfigError, to_dict
 from fastresnet.training.metrics import (
     EvalAccumulator, JsonLines, Throughput, TrainAccumulator, memory_gib, peak_tflops, train_flops_per_image,
 )
@@ -49,7 +49,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
-        return Trainer(cfg, info, device, Path(resume) if resume else None, stop).run()
+        try:
+            trainer = Trainer(cfg, info, device, Path(resume) if resume else None, stop)
+        except (ValueError, FileNotFoundError) as err:  # a dataset folder, a class count, a batch size
+            raise ConfigError(f"cannot start: {err}") from err
+        return trainer.run()
     finally:
         stop.uninstall()
 
