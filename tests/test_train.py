@@ -55,8 +55,16 @@ def test_default_run_completes_and_says_where_outputs_went(tmp_path):
         assert (run / name).is_file(), name
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["git_revision"]
-    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "train" in kinds and "eval" in kinds
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} <= {r["kind"] for r in records}
+
+    # Standalone evaluation of the checkpoint gives the run's own final test accuracy.
+    from fastresnet.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--checkpoint", str(run), "--output", str(tmp_path / "eval.json")]) == 0
+    standalone = json.loads((tmp_path / "eval.json").read_text())
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert standalone["top1"] == pytest.approx(final["top1"]) and standalone["images"] == 297
 
 
 def test_resnet20_on_digits_reaches_95_percent(tmp_path):
