@@ -48,7 +48,7 @@ def _check_same_network(name, dev):
     reference = _baseline_model(name, dev).eval()
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, *(2 * (224 if dev.type == "cuda" else 32,)), device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 to compare
         torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
 
 

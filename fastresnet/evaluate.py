@@ -10,10 +10,12 @@ Single centre crop by default (data.ten_crop false). Prints one line and, with -
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from fastresnet.data import build_loaders
 from fastresnet.training import distributed
@@ -53,8 +55,6 @@ def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
         raise ConfigError(f"the checkpoint's weights do not fit {cfg.model} with {data.num_classes} classes: {err}") from None
     model = model.to(device)
     if cfg.channels_last:
-        import torch
-
         model = model.to(memory_format=torch.channels_last)
     result = evaluate_model(model, data.val, device, amp_dtype(cfg, device), cfg.channels_last)
     result.update(crops=data.val.crops, model=cfg.model, backend=data.backend, checkpoint=str(checkpoint),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.teardown()
-    if distributed.launched_by_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    if distributed.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     crops = f"{result['crops']}-crop" if result["crops"] > 1 else "centre crop"
     print(f"{result['model']} at step {result['step']} on {result['backend']} ({result['images']} images, {crops}): "

@@ -248,6 +248,7 @@ def test_out_of_memory_says_what_to_change(monkeypatch, capsys, tmp_path):
 
 
 def test_lr_scales_linearly_with_the_global_batch(tmp_path):
+    torch.set_num_threads(1)  # see tests/test_train.py: one thread is far faster on a loaded CPU
     from fastresnet.data import DataConfig
     from fastresnet.training import train
 

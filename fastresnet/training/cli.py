@@ -10,12 +10,15 @@ it still win, e.g. a longer `--length`; a recipe cannot be given with it).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastresnet.data import DataConfig
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
 from fastresnet.training.recipes import list_recipes, read_recipe, recipe_values
@@ -34,21 +37,30 @@ def build_parser(prog: str = "python -m fastresnet.train") -> argparse.ArgumentP
         description="Train a ResNet of the fastresnet zoo. With no arguments: ResNet-20 on the small "
         "`digits` set, about a minute on a CPU.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--recipe", default="", help=f"a named recipe ({', '.join(list_recipes())}) or a .toml file")
     parser.add_argument("--resume", default="", help="a run directory (or its checkpoint.pt) to continue")
     defaults = _flat_defaults(TrainConfig())
+    comments = {**field_comments(TrainConfig), **field_comments(DataConfig, "data.")}
     for name, kind in flat_fields(TrainConfig).items():
-        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         parser.add_argument(
             "--" + name,
             dest=name,
             default=None,  # None = not given; defaults come from TrainConfig, the recipe or the resumed run
             metavar=_metavar(kind),
-            help=f"{'one of ' + ', '.join(choices) if choices else ''} (default: {defaults[name]!r})",
+            help=f"{comments.get(name, '')} (default: {defaults[name]!r})".replace("%", "%%"),
         )
     return parser
+
+
+def field_comments(cls, prefix: str = "") -> dict[str, str]:
+    """The `# comment` after each field in the class source: the units and meaning shown by --help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE)
+    return {prefix + name: text.strip() for name, text in found}
 
 
 def _metavar(kind) -> str:

@@ -18,6 +18,9 @@ from typing import Literal
 from fastresnet.data import DataConfig
 
 
+CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 def _default_data() -> DataConfig:
     # ResNet-20 on the small `digits` set runs in about a minute on a laptop CPU.
     return DataConfig(backend="digits", batch_size=128)
@@ -59,8 +62,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"; under torchrun each process takes cuda:LOCAL_RANK
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype; fp16 adds a GradScaler; auto: bf16 on CUDA
     channels_last: bool = True  # NHWC memory format (tensor cores, fused kernels)
-    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
-    # reduce-overhead = CUDA graphs (torch.compile's cudagraph trees); auto: default on CUDA, off on a CPU
+    compile: CompileMode = "auto"  # torch.compile mode; reduce-overhead adds CUDA graphs; auto: default on CUDA, off on CPU
     fused_blocks: Literal["auto", "on", "off"] = "auto"  # fastresnet's fused conv-BN-ReLU blocks; auto: on with CUDA
     cudnn_benchmark: bool = True  # let cuDNN time its algorithms on the first steps
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on CUDA, gloo on a CPU

@@ -25,7 +25,7 @@ from fastresnet.flops import count_macs
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
 from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import to_dict
+from fastresnet.training.fields import ConfigError, to_dict
 from fastresnet.training.metrics import (
     EvalAccumulator, JsonLines, Throughput, TrainAccumulator, memory_gib, peak_tflops, train_flops_per_image,
 )
@@ -49,7 +49,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
-        return Trainer(cfg, info, device, Path(resume) if resume else None, stop).run()
+        try:
+            trainer = Trainer(cfg, info, device, Path(resume) if resume else None, stop)
+        except (ValueError, FileNotFoundError) as err:  # a dataset folder, a class count, a batch size
+            raise ConfigError(f"cannot start: {err}") from err
+        return trainer.run()
     finally:
         stop.uninstall()
 
@@ -89,6 +93,8 @@ class Trainer:
         self.total_steps = self._to_steps(cfg.length)
         self.schedule = LRSchedule(self._schedule_spec())
         self.optimizer = build_optimizer(self.model, cfg, device, self.schedule.lr_at(0))
+        self.optimizer_impl = "fused" if self.optimizer.defaults.get("fused") else (
+            "foreach" if self.optimizer.defaults.get("foreach") else "for-loop")
         self.train_step = make_train_step(self.prepared.runner, self.criterion, self.optimizer, self.amp, self.scaler)
 
         self.epoch, self.batches_done, self.step = 0, 0, 0
@@ -108,6 +114,8 @@ class Trainer:
         self.accumulator = TrainAccumulator(device)
         self.throughput = Throughput()
         self.window_steps = 0
+        self.timed_steps = 0  # steps in the throughput window (the first step of a process is left out)
+        self.first_step_of_process = True
         self.flops_per_image = train_flops_per_image(self.macs)
         self.peak = peak_tflops(device, "bf16" if self.amp == torch.bfloat16 else "fp16" if self.amp else "off")
 
@@ -186,6 +194,11 @@ class Trainer:
             self.batches_done += 1
             self.step += 1
             self.window_steps += 1
+            self.timed_steps += 1
+            if self.first_step_of_process:  # compilation, cuDNN autotuning, allocator growth: not speed
+                self.first_step_of_process = False
+                self.throughput.restart()
+                self.timed_steps = 0
             self.progress.tick(self.step, self.epoch)
             at_log = self.step % self.cfg.log_every == 0
             if at_log:
@@ -222,7 +235,8 @@ class Trainer:
         if self.window_steps == 0:
             return
         window = self.accumulator.read()
-        speed = self.throughput.read(window["images"])
+        speed = self.throughput.read(self.timed_steps * self.global_batch)
+        self.timed_steps = 0
         steps, self.window_steps = self.window_steps, 0
         self._check_finite(window, steps)
         if self.schedule.observe_train_error(self.step, window["error"]):
@@ -325,7 +339,7 @@ class Trainer:
         )
         self.progress.note(
             f"speed: amp {amp}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
-            f"fused blocks {p.fused_blocks}, optimizer {cfg.optimizer_impl}"
+            f"fused blocks {p.fused_blocks}, SGD {self.optimizer_impl}"
         )
         if self.run_dir is not None:
             self.progress.note(f"outputs: {self.run_dir}")

@@ -119,6 +119,9 @@ class Throughput:
         self.window_start = time.perf_counter()
         self.data_wait = 0.0
 
+    def restart(self) -> None:
+        self.window_start, self.data_wait = time.perf_counter(), 0.0
+
     def waiting(self):
         return _Stopwatch(self)
 
