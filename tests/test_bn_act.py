@@ -422,3 +422,135 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compiled 7 kernel variants" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Dispatch between the fused kernels and eager PyTorch (measured on a GPU)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def measured_on_cpu(tmp_path, monkeypatch):
+    """Let the CPU dispatch as a GPU does, with made-up times: each candidate
+    runs once (so both paths really execute) and eager is 'faster'."""
+    from fastresnet.ops import bn_act as ops
+    from fastresnet.ops import dispatch
+
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
+    dispatch.clear_memory()
+    ops.clear_path_memory()
+    measured = []
+
+    def fake_measure(candidates, device):
+        assert not torch.compiler.is_compiling(), "timed inside a traced region"
+        for fn in candidates.values():
+            fn()
+        measured.append(sorted(candidates))
+        return {"triton": 2.0, "eager": 1.0}
+
+    monkeypatch.setattr(ops, "_measured_dispatch", lambda x: True)
+    monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
+    monkeypatch.setattr(dispatch, "measure", fake_measure)
+    yield measured
+    dispatch.clear_memory()
+    ops.clear_path_memory()
+    dispatch.set_dispatch_mode(None)
+
+
+def test_dispatch_fixed_rule_follows_h200_numbers():
+    from fastresnet.ops.bn_act import fixed_path
+
+    for (n, c, h, w), grad, expected in [
+        ((256, 256, 56, 56), True, "triton"), ((256, 512, 28, 28), True, "eager"),
+        ((256, 2048, 7, 7), True, "eager"), ((256, 1024, 14, 14), False, "triton"),
+        ((256, 2048, 7, 7), False, "eager"),
+    ]:
+        assert fixed_path(torch.empty(n, c, h, w, device="meta"), True, grad) == expected, (n, c, h, w, grad)
+    assert fixed_path(torch.empty(256, 2048, 7, 7, device="meta"), False, True) == "triton"
+
+
+def test_dispatch_measures_once_and_keeps_semantics(measured_on_cpu):
+    """The first call times both paths forward+backward without moving the
+    running statistics; the faster one runs, with F.batch_norm's semantics;
+    later calls reuse the choice; the disk cache and decisions() record it."""
+    from fastresnet.ops import dispatch
+
+    shape = (2, 12, 3, 3)
+    x = make_input(shape, torch.float32, channels_last=True)
+    res = make_input(shape, torch.float32, channels_last=True)
+    state = bn_state(12)
+    check_batch_norm_act(x, *state, True, res, True)  # one running-stats update, same as the reference
+    assert measured_on_cpu == [["eager", "triton"]]
+    (entry,) = dispatch.decisions()
+    assert entry["choice"] == "eager" and entry["key"].startswith("batch_norm_act:train:fwdbwd:x2x12x3x3:float32:cl")
+    check_batch_norm_act(x, *state, True, res, True)
+    assert len(measured_on_cpu) == 1  # remembered
+    with torch.no_grad():  # forward-only is its own problem
+        batch_norm_act(x, *state, True, 0.1, 1e-5, res, True)
+    assert len(measured_on_cpu) == 2 and len(list(dispatch.cache_dir().glob("dispatch-*.json"))) == 1
+
+
+def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):
+    from fastresnet.ops import bn_act as ops
+
+    used = []
+    for name in ("triton", "eager"):
+        monkeypatch.setitem(ops.PATHS, name, lambda *a, _f=ops.PATHS[name], _n=name: used.append(_n) or _f(*a))
+    x = make_input((2, 5, 2, 2), torch.float32, channels_last=True)
+    for mode in ("triton", "eager"):
+        monkeypatch.setenv("FASTRESNET_DISPATCH", mode)
+        check_batch_norm_act(x, *bn_state(5), False, None, True)
+    assert used == ["triton", "eager"] and not measured_on_cpu
+
+
+def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
+    """fullgraph=True: a problem seen eagerly keeps its choice; an unseen one
+    takes the fixed rule (eager for a small training shape); nothing is timed."""
+    weight, bias, running_mean, running_var = bn_state(6)
+
+    def step(x, res):
+        return batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+
+    seen = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
+    step(seen, None)
+    assert len(measured_on_cpu) == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    unseen = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
+    res = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
+    for x, r in ((seen, None), (unseen, res)):
+        y = compiled(x, r)
+        expected = batch_norm_act_reference(x, weight, bias, None, None, True, 0.1, 1e-5, r, True)
+        assert_close(y, expected, name="compiled y")
+        grads_of(y, [x, weight], torch.randn_like(y))
+    assert len(measured_on_cpu) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False])
+def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, training):
+    """On the GPU: both paths are timed at a real ResNet-50 shape (bf16), the
+    choice is logged with its times, and the result is right whichever won."""
+    from fastresnet.ops import bn_act as ops
+    from fastresnet.ops import dispatch
+
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
+    dispatch.clear_memory()
+    ops.clear_path_memory()
+    shape = (32, 1024, 14, 14)
+    x = make_input(shape, torch.bfloat16, channels_last=True)
+    res = make_input(shape, torch.bfloat16, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    ref_stats = (running_mean.clone(), running_var.clone())
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, res, True)
+    (entry,) = dispatch.decisions()
+    print("dispatch decision:", entry)
+    assert set(entry["times_ms"]) == {"triton", "eager"} and entry["source"] == "measured"
+    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, training, 0.1, 1e-5, res, True)
+    assert_relative_error(y, expected, 1e-2, "y")
+    assert_close(running_mean, ref_stats[0], atol=1e-3, rtol=1e-3, name="running_mean")
+    grad_y = torch.randn_like(y)
+    for name, a, e in zip(["x", "weight", "bias", "residual"], grads_of(y, [x, weight, bias, res], grad_y),
+                          grads_of(expected, [x, weight, bias, res], grad_y)):
+        assert_relative_error(a, e, 2e-2, f"grad {name}")

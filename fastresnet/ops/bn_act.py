@@ -16,6 +16,14 @@ torch.compile, which sees their fake implementations, so fullgraph=True
 traces them without a break), or the eager reference, which torch.compile
 traces like any PyTorch code.
 
+On a GPU batch_norm_act also chooses, per problem (shape, strides, dtype,
+train/eval, residual, ReLU, gradient needed), between the fused kernels
+("triton") and PyTorch's own F.batch_norm + add + ReLU ("eager", cuDNN): the
+first call times both, forward and backward, on the real inputs
+(fastresnet.ops.dispatch: disk cache, FASTRESNET_DISPATCH, decisions()), so the
+op is never slower than plain PyTorch. Inside torch.compile nothing is timed:
+an earlier eager call's choice is used, else the fixed rule (fixed_path).
+
 Layouts: channels_last and contiguous NCHW tensors go to the kernels as they
 are (by strides; channels_last is the fast one). A tensor whose H and W do not
 share one stride (for example a slice along W) is first copied to
@@ -27,9 +35,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastresnet import backend
+from fastresnet.ops import dispatch
 from fastresnet.reference import affine_act_reference, batch_norm_act_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -310,6 +320,12 @@ def batch_norm_act(
         return batch_norm_act_reference(
             x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu
         )
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
+    return PATHS[_path_for(*args)](*args)
+
+
+def _triton_batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+    """The fused kernels: (training) statistics pass + one normalise/add/ReLU pass."""
     channels = x.shape[1]
     weight = weight.float() if weight is not None else x.new_ones(channels, dtype=torch.float32)
     bias = bias.float() if bias is not None else x.new_zeros(channels, dtype=torch.float32)
@@ -324,3 +340,117 @@ def batch_norm_act(
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
     return y
+
+
+def _eager_batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+    """What plain PyTorch runs for BatchNorm2d -> add -> ReLU (cuDNN's BatchNorm
+    on a GPU), in x's dtype, running statistics updated by F.batch_norm itself."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = F.relu(y, inplace=True)  # on a fresh tensor; BatchNorm's backward does not need its output
+    return y.to(x.dtype)
+
+
+PATHS = {"triton": _triton_batch_norm_act, "eager": _eager_batch_norm_act}
+
+# ---------------------------------------------------------------------------
+# Per-problem dispatch between the paths (CUDA only)
+# ---------------------------------------------------------------------------
+
+# Below these many rows (N*H*W) per channel the fused training kernels lost to
+# eager cuDNN BatchNorm + add + ReLU on an H200 (bf16, channels_last, batch
+# 256; /work/wt/gpu1, git 940f6a4), fused time / eager time:
+#   forward + backward  56x56x256 0.73 (fused wins), 28x28x512 1.12, 14x14x1024 1.51, 7x7x2048 3.20
+#   forward only        56x56x256 0.60,  28x28x512 0.74,  14x14x1024 0.94,  7x7x2048 1.69
+# Rows: 802,816 / 200,704 / 50,176 / 12,544. A fixed cost of ~0.35 ms per call
+# (launches, small reductions) decides the small shapes, hence a rows threshold.
+TRAIN_GRAD_MIN_ROWS = 2**19
+TRAIN_FORWARD_MIN_ROWS = 2**15
+
+
+def fixed_path(x: Tensor, training: bool, needs_grad: bool) -> str:
+    """The choice when nothing is measured (FASTRESNET_DISPATCH=fixed, inside
+    torch.compile before any eager call): the H200 numbers above. Eval is one
+    pass over x and the residual (3 tensor passes) against eager's BatchNorm,
+    add and ReLU (7), so the kernel is the rule there."""
+    if not training:
+        return "triton"
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    return "triton" if rows >= (TRAIN_GRAD_MIN_ROWS if needs_grad else TRAIN_FORWARD_MIN_ROWS) else "eager"
+
+
+_chosen_paths: dict[tuple, str] = {}  # call signature -> path: no key string is built on the hot path
+
+
+def _measured_dispatch(x: Tensor) -> bool:
+    """Whether this input chooses between paths at all (on a GPU). Elsewhere the
+    Triton path is the interpreter (tests): behaviour there is unchanged."""
+    return x.is_cuda
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _signature(x, residual, training, relu, needs_grad) -> tuple:
+    res = None if residual is None else (residual.stride(), residual.dtype)
+    return (dispatch.dispatch_mode(), tuple(x.shape), x.stride(), x.dtype, res, training, relu, needs_grad, x.device)
+
+
+def problem_key(x, residual, training, relu, needs_grad) -> str:
+    """The dispatch cache key of one problem."""
+    layout = "cl" if x.is_contiguous(memory_format=torch.channels_last) else (
+        "nchw" if x.is_contiguous() else "strided")
+    return (f"batch_norm_act:{'train' if training else 'eval'}:{'fwdbwd' if needs_grad else 'fwd'}"
+            f":x{'x'.join(map(str, x.shape))}:{str(x.dtype).removeprefix('torch.')}:{layout}"
+            f":res{int(residual is not None)}:relu{int(relu)}")
+
+
+def _path_for(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu) -> str:
+    if not _measured_dispatch(x):
+        return "triton"
+    needs_grad = _needs_grad(x, weight, bias, residual)
+    signature = _signature(x, residual, training, relu, needs_grad)
+    if torch.compiler.is_compiling():  # no timing while tracing: an eager call's choice, else the rule
+        mode = signature[0]
+        return mode if mode in PATHS else _chosen_paths.get(signature, fixed_path(x, training, needs_grad))
+    path = _chosen_paths.get(signature)
+    if path is None:
+        candidates = _timing_candidates(x, weight, bias, running_mean, running_var, training, eps, residual,
+                                        relu, needs_grad)
+        key = problem_key(x, residual, training, relu, needs_grad)
+        path = dispatch.choose(key, candidates, fixed_path(x, training, needs_grad), x.device)
+        _chosen_paths[signature] = path
+    return path
+
+
+def _timing_candidates(x, weight, bias, running_mean, running_var, training, eps, residual, relu, needs_grad):
+    """Zero-argument callables that run each path once on the real shapes and
+    dtypes: forward, and backward when the call needs gradients. They work on
+    detached inputs and no running statistics (copies in eval), so timing moves
+    no statistic and accumulates no .grad."""
+
+    def leaf(t):
+        return None if t is None else t.detach().requires_grad_(needs_grad and t.requires_grad)
+
+    x_, w_, b_, r_ = (leaf(t) for t in (x, weight, bias, residual))
+    stats = (None, None) if training else (running_mean.clone(), running_var.clone())
+    wrt = [t for t in (x_, w_, b_, r_) if t is not None and t.requires_grad]
+    grad_y = torch.randn_like(x) if needs_grad else None
+
+    def timed(path):
+        def step():
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                y = path(x_, w_, b_, *stats, training, 0.0, eps, r_, relu)
+                if needs_grad:
+                    torch.autograd.grad(y, wrt, grad_y)
+        return step
+
+    return {name: timed(path) for name, path in PATHS.items()}
+
+
+def clear_path_memory() -> None:
+    """Forget the per-signature choices of this process (tests)."""
+    _chosen_paths.clear()
