@@ -315,8 +315,8 @@ def assert_relative_error(actual, expected, tol, name):
     """||actual - expected|| <= tol * ||expected||: robust to the rare element
     whose pre-activation is within rounding of 0, where the ReLU mask of the
     kernel and the reference may differ (expected a few times per million)."""
-    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
-    assert error <= tol, f"{name}: relative error {error.item():.3e} > {tol:g}"
+    error = relative_error(actual, expected)
+    assert error <= tol, f"{name}: relative error {error:.3e} > {tol:g}"
 
 
 @pytest.mark.cuda
@@ -355,10 +355,19 @@ def test_gpu_large_mean_many_rows():
     assert_close(running_var.double(), exact_var, atol=0, rtol=1e-3, name="running_var")
 
 
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
 @pytest.mark.cuda
 def test_gpu_compiled_fused_resnet_bf16():
     """torchvision ResNet-50 layout (one block per stage) fused, compiled with
-    fullgraph=True on the Triton path, bf16 autocast: close to the unfused model."""
+    fullgraph=True on the Triton path, bf16 autocast. Two bf16 runs differ from
+    each other by their rounding (up to ~25% in the stem's weight gradient at
+    random init), so each is compared with the fp32 model instead: the fused
+    error may be at most twice eager bf16's own error plus a small floor.
+    (On the CPU, compiled with aot_eager over the interpreter, the fused model
+    matches fp32 to 6e-6 and its fp16 error equals eager fp16's.)"""
     import copy
 
     from torchvision.models import resnet as tv_resnet
@@ -367,14 +376,26 @@ def test_gpu_compiled_fused_resnet_bf16():
 
     reference = tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1]).cuda().to(memory_format=torch.channels_last)
     fused = torch.compile(fuse_bn_act(copy.deepcopy(reference)), fullgraph=True)
+    eager_bf16 = copy.deepcopy(reference)
     x = make_input((16, 3, 128, 128), torch.float32, channels_last=True, requires_grad=False)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, expected = fused(x), reference(x)
-    assert_relative_error(y.float(), expected.float(), 3e-2, "logits")
-    y.float().square().mean().backward()
-    expected.float().square().mean().backward()
-    for (name, a), b in zip(fused.named_parameters(), reference.parameters()):
-        assert_relative_error(a.grad, b.grad, 1e-1, f"grad {name}")
+
+    def run(model, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        y.float().square().mean().backward()
+        return y.float(), [p.grad for p in model.parameters()]
+
+    y32, grads32 = run(reference, False)
+    y_fused, grads_fused = run(fused, True)
+    y_eager, grads_eager = run(eager_bf16, True)
+    names = ["logits"] + [name for name, _ in reference.named_parameters()]
+    for name, fused_value, eager_value, exact in zip(
+        names, [y_fused, *grads_fused], [y_eager, *grads_eager], [y32, *grads32]
+    ):
+        fused_error, eager_error = relative_error(fused_value, exact), relative_error(eager_value, exact)
+        assert fused_error <= 2 * eager_error + 1e-2, (
+            f"{name}: fused bf16 error {fused_error:.3e} vs fp32 > 2 x eager bf16's {eager_error:.3e} + 1e-2"
+        )
 
 
 def test_many_programs_and_partials(monkeypatch):
