@@ -63,10 +63,9 @@ _MODULES: dict = {}
 
 def module_for(provider: str, channels: int, mode: str = "full") -> nn.Module:
     """One module per (provider, channels), so torch.compile compiles once per
-    shape and mode family; eval mode gets eval-mode modules with non-trivial
-    running statistics, and the compile provider its own module for backward
-    mode (see training_graph)."""
-    key = (provider, channels, mode == "eval", provider == "compile" and mode == "backward")
+    shape and mode family; eval mode gets eval-mode modules, all with
+    non-trivial running statistics."""
+    key = (provider, channels, mode == "eval")
     if key not in _MODULES:
         module = BatchNormAct2d(channels) if provider in ("fastresnet", "triton") else BnAddRelu(channels)
         module = module.to(DEV).train(mode != "eval")
@@ -78,18 +77,21 @@ def module_for(provider: str, channels: int, mode: str = "full") -> nn.Module:
     return _MODULES[key]
 
 
-def training_graph(provider: str, module: nn.Module, x, residual):
-    """Forward with autograd recording, for backward mode, which times
-    autograd.grad(..., retain_graph=True) over this one graph again and again.
-    AOTAutograd's donated buffers (the backward frees saved activations it
-    consumes) forbid retain_graph ("compiled with non-empty donated buffers
-    which requires ... retain_graph=False"), so the compile provider's training
-    graph is built without them. Its module is separate from the other modes'
-    (module_for), so this setting does not leak into their timings."""
-    if provider != "compile" or not hasattr(torch._functorch.config, "donated_buffer"):
-        return module(x, residual)
-    with torch._functorch.config.patch(donated_buffer=False):
-        return module(x, residual)
+@pytest.fixture(scope="module", autouse=True)
+def no_donated_buffers():
+    """Backward mode times autograd.grad(..., retain_graph=True) over one graph
+    again and again. AOTAutograd's donated buffers (the compiled backward frees
+    saved activations as it consumes them) forbid retain_graph ("compiled with
+    non-empty donated buffers which requires ... retain_graph=False"). Graphs
+    are cached per code object and shape, so one compiled in full mode would be
+    reused in backward mode: switch donation off for every compile of this
+    file (it saves memory, not time), and only for this file."""
+    config = torch._functorch.config
+    if not hasattr(config, "donated_buffer"):  # older torch: no donation
+        yield
+        return
+    with config.patch(donated_buffer=False):
+        yield
 
 
 def activation(shape, requires_grad=False):
@@ -134,7 +136,7 @@ def run_bn_act(benchmark, provider, mode, shape):
             with torch.no_grad():
                 return module(x, residual)
     elif mode == "backward":
-        y = training_graph(provider, module, x, residual)
+        y = module(x, residual)
 
         def step():
             return torch.autograd.grad(y, wrt, grad_y, retain_graph=True)
