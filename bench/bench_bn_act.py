@@ -86,7 +86,7 @@ def no_donated_buffers():
     are cached per code object and shape, so one compiled in full mode would be
     reused in backward mode: switch donation off for every compile of this
     file (it saves memory, not time), and only for this file."""
-    config = torch._functorch.config
+    import torch._functorch.config as config  # a submodule: not loaded by `import torch`
     if not hasattr(config, "donated_buffer"):  # older torch: no donation
         yield
         return
