@@ -111,7 +111,11 @@ def _affine_act_fwd(
 # and two adds (Welford's update needs ~10 operations with a divide, close to
 # the H200's fp32 budget of ~14 per bf16 element at full bandwidth). Each of
 # the BLOCK_M row slots of the [BLOCK_M, BLOCK_C] tile sums in registers as
-# the program walks down its rows; slots are added once at the end.
+# the program walks down its rows; slots are added once at the end. The loop
+# is software-pipelined (tl.range num_stages=3: ptxas shows 16-byte cp.async
+# into shared memory), so each program has the next two tiles in flight while
+# it adds up the current one: only x is read here, and without that a program
+# waits a full memory latency per tile.
 # Program (p, c-block) writes the partial of rows [p*ROWS, (p+1)*ROWS).
 @triton.jit
 def _bn_stats_partial(
@@ -133,7 +137,7 @@ def _bn_stats_partial(
     pivot = tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32)
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for start in range(row_begin, row_end, BLOCK_M):
+    for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=3):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
         offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc

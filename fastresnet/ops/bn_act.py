@@ -377,9 +377,14 @@ def _triton_batch_norm_act(x, weight, bias, running_mean, running_var, training,
     train = torch.ops.fastresnet.batch_norm_act_train if torch.compiler.is_compiling() else _BatchNormActTrain.apply
     y, mean, _, var_unbiased = train(_as_rows(x), weight, bias, _as_rows(residual), eps, relu)
     if running_mean is not None:
+        # running = (1 - momentum) * running + momentum * batch, both statistics
+        # in one launch (four with mul_/add_: host time on short layers).
         with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
+            torch._foreach_lerp_(
+                [running_mean, running_var],
+                [mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)],
+                momentum,
+            )
     return y
 
 
