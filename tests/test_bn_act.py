@@ -28,6 +28,14 @@ SHAPES = [
 GRAD_TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
 
 
+@pytest.fixture(autouse=True)
+def kernels_not_dispatch(monkeypatch):
+    """On a GPU batch_norm_act may choose eager PyTorch (its measured dispatch);
+    these tests check the kernels, so they pin the choice to them. The dispatch
+    tests at the end remove the variable again."""
+    monkeypatch.setenv("FASTRESNET_DISPATCH", "triton")
+
+
 def make_input(shape, dtype, channels_last, *, mean=0.0, std=1.0, requires_grad=True):
     x = (torch.randn(shape, device=DEVICE) * std + mean).to(dtype)
     if channels_last:
