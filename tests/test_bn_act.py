@@ -497,6 +497,8 @@ def test_dispatch_fixed_rule_follows_h200_numbers():
     ]:
         assert fixed_path(torch.empty(n, c, h, w, device="meta"), True, grad) == expected, (n, c, h, w, grad)
     assert fixed_path(torch.empty(256, 2048, 7, 7, device="meta"), False, True) == "triton"
+    # Inside torch.compile Inductor's fusion of the unfused ops won everywhere.
+    assert fixed_path(torch.empty(256, 256, 56, 56, device="meta"), True, True, compiling=True) == "eager"
 
 
 def test_dispatch_measures_once_and_keeps_semantics(measured_on_cpu):
@@ -535,7 +537,7 @@ def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):
 
 def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
     """fullgraph=True: a problem seen eagerly keeps its choice; an unseen one
-    takes the fixed rule (eager for a small training shape); nothing is timed."""
+    takes the fixed rule (Inductor's code, the eager path traced); nothing is timed."""
     weight, bias, running_mean, running_var = bn_state(6)
 
     def step(x, res):
@@ -583,3 +585,18 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
     for name, a, e in zip(["x", "weight", "bias", "residual"], grads_of(y, [x, weight, bias, res], grad_y),
                           grads_of(expected, [x, weight, bias, res], grad_y)):
         assert_relative_error(a, e, 2e-2, f"grad {name}")
+
+
+def test_dispatch_under_compile_uses_eager_choice_else_rule(measured_on_cpu, monkeypatch):
+    """The logic of the traced branch, with is_compiling faked: the choice an
+    eager call measured for this signature, else the compile rule."""
+    from fastresnet.ops import bn_act as ops
+
+    x = make_input((2, 4, 2, 2), torch.float32, channels_last=True)
+    state = bn_state(4)
+    args = (x, *state[:2], *state[2:], True, 0.1, 1e-5, None, True)
+    monkeypatch.setitem(ops._chosen_paths, ops._signature(x, None, True, True, True), "triton")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops._path_for(*args) == "triton"  # the eager call's measurement
+    assert ops._path_for(x[:1], *args[1:]) == "eager"  # unseen: Inductor's code
+    assert not measured_on_cpu
