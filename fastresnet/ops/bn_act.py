@@ -411,8 +411,9 @@ PATHS = {"triton": _triton_batch_norm_act, "eager": _eager_batch_norm_act}
 # 256; /work/wt/gpu1, git 940f6a4), fused time / eager time:
 #   forward + backward  56x56x256 0.73 (fused wins), 28x28x512 1.12, 14x14x1024 1.51, 7x7x2048 3.20
 #   forward only        56x56x256 0.60,  28x28x512 0.74,  14x14x1024 0.94,  7x7x2048 1.69
-# Rows: 802,816 / 200,704 / 50,176 / 12,544. A fixed cost of ~0.35 ms per call
-# (launches, small reductions) decides the small shapes, hence a rows threshold.
+# Rows: 802,816 / 200,704 / 50,176 / 12,544. A fixed ~0.35 ms per call (host time:
+# custom-op dispatch, launches; bench/NOTES_bn_act.md) decides the small shapes,
+# hence a threshold on rows.
 TRAIN_GRAD_MIN_ROWS = 2**19
 TRAIN_FORWARD_MIN_ROWS = 2**15
 
