@@ -1,8 +1,10 @@
 """BatchNorm + residual add + ReLU (training mode): fastresnet vs eager vs torch.compile.
 
-Groups are `bn_act/<mode>/<N>x<C>x<H>x<W>`, mode in forward / backward / full,
-providers:
-  fastresnet  BatchNormAct2d(x, residual): the Triton kernels
+Groups are `bn_act/<mode>/<N>x<C>x<H>x<W>`, mode in forward / backward / full
+(training) and eval (eval-mode forward, running statistics), providers:
+  fastresnet  BatchNormAct2d(x, residual) as users get it: the measured
+              dispatch between the Triton kernels and eager PyTorch
+  triton      the same with FASTRESNET_DISPATCH=triton: always the kernels
   eager       relu(nn.BatchNorm2d(x) + residual), cuDNN/ATen (the baseline)
   compile     torch.compile of the eager module (Inductor's fused kernels)
 and one `copy` group per shape, torch's device-to-device copy, the measured
@@ -15,8 +17,11 @@ compile is skipped: Inductor takes minutes to build these on this CPU).
 `bytes` in extra_info is what the two-pass scheme must move, E elements of the
 activation dtype each:
   forward   4E: read x for the statistics, read x and residual, write y
-  backward  8E: read dy, x, residual to reduce; read them again, write dx, dresidual
-  full     12E
+  backward  7E: read dy, x, residual and write g (= dresidual) in the reduction;
+                read g and x, write dx in the elementwise pass
+                (8E in the run of 940f6a4, before the reduction stored g)
+  full     11E
+  eval      3E: read x and residual, write y
 so median time gives GB/s, comparable between providers and with `copy` (2E).
 """
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from fastresnet.nn import BatchNormAct2d
+from fastresnet.ops import dispatch
 from fastresnet.reference import batch_norm_act_reference
 from fastresnet.testing import assert_close
 
@@ -35,8 +41,8 @@ DEV = harness.device()
 ON_GPU = DEV.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)] if ON_GPU else [(2, 16, 6, 6)]
-PROVIDERS = ["fastresnet", "eager", "compile"]
-MODES = {"forward": 4, "backward": 8, "full": 12}  # elements moved per activation element
+PROVIDERS = ["fastresnet", "triton", "eager", "compile"]
+MODES = {"forward": 4, "backward": 7, "full": 11, "eval": 3}  # elements moved per activation element
 
 
 class BnAddRelu(nn.Module):
@@ -57,14 +63,37 @@ def shape_id(shape) -> str:
 _MODULES: dict = {}
 
 
-def module_for(provider: str, channels: int) -> nn.Module:
-    """One module per (provider, channels), so torch.compile compiles once per shape."""
-    key = (provider, channels)
+def module_for(provider: str, channels: int, mode: str = "full") -> nn.Module:
+    """One module per (provider, channels), so torch.compile compiles once per
+    shape and mode family; eval mode gets eval-mode modules, all with
+    non-trivial running statistics."""
+    key = (provider, channels, mode == "eval")
     if key not in _MODULES:
-        module = BatchNormAct2d(channels) if provider == "fastresnet" else BnAddRelu(channels)
-        module = module.to(DEV).train()
+        module = BatchNormAct2d(channels) if provider in ("fastresnet", "triton") else BnAddRelu(channels)
+        module = module.to(DEV).train(mode != "eval")
+        bn = module if isinstance(module, BatchNormAct2d) else module.bn
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
         _MODULES[key] = torch.compile(module, fullgraph=True) if provider == "compile" else module
     return _MODULES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_donated_buffers():
+    """Backward mode times autograd.grad(..., retain_graph=True) over one graph
+    again and again. AOTAutograd's donated buffers (the compiled backward frees
+    saved activations as it consumes them) forbid retain_graph ("compiled with
+    non-empty donated buffers which requires ... retain_graph=False"). Graphs
+    are cached per code object and shape, so one compiled in full mode would be
+    reused in backward mode: switch donation off for every compile of this
+    file (it saves memory, not time), and only for this file."""
+    import torch._functorch.config as config  # a submodule: not loaded by `import torch`
+    if not hasattr(config, "donated_buffer"):  # older torch: no donation
+        yield
+        return
+    with config.patch(donated_buffer=False):
+        yield
 
 
 def activation(shape, requires_grad=False):
@@ -72,12 +101,14 @@ def activation(shape, requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
-def check_against_reference(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> None:
-    """Output (training mode) against fastresnet.reference on the benchmark's own inputs."""
-    channels = x.shape[1]
-    mean, var = torch.zeros(channels, device=DEV), torch.ones(channels, device=DEV)
+def check_against_reference(module: nn.Module, x: torch.Tensor, residual: torch.Tensor, training: bool) -> None:
+    """Output against fastresnet.reference on the benchmark's own inputs (the
+    reference gets copies of the running statistics, which training moves)."""
+    bn = getattr(module, "_orig_mod", module)
+    bn = bn if isinstance(bn, BatchNormAct2d) else bn.bn
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
     with torch.no_grad():
-        expected = batch_norm_act_reference(x, None, None, mean, var, True, 0.1, 1e-5, residual, True)
+        expected = batch_norm_act_reference(x, None, None, mean, var, training, 0.1, 1e-5, residual, True)
         assert_close(module(x, residual), expected, name="bench output")
 
 
@@ -87,13 +118,22 @@ def check_against_reference(module: nn.Module, x: torch.Tensor, residual: torch.
 def test_bn_act(benchmark, provider, mode, shape):
     if provider == "compile" and not ON_GPU:
         pytest.skip("torch.compile takes minutes to build these kernels on this CPU")
-    module = module_for(provider, shape[1])
-    x, residual = activation(shape, True), activation(shape, True)
-    check_against_reference(module, x, residual)
+    # "triton" pins the dispatch to the kernels for this test only.
+    dispatch.set_dispatch_mode("triton" if provider == "triton" else None)
+    try:
+        run_bn_act(benchmark, provider, mode, shape)
+    finally:
+        dispatch.set_dispatch_mode(None)
+
+
+def run_bn_act(benchmark, provider, mode, shape):
+    module = module_for(provider, shape[1], mode)
+    x, residual = activation(shape, mode != "eval"), activation(shape, mode != "eval")
+    check_against_reference(module, x, residual, training=mode != "eval")
     grad_y = activation(shape)
     wrt = [x, residual, *module.parameters()]
 
-    if mode == "forward":
+    if mode in ("forward", "eval"):
         def step():
             with torch.no_grad():
                 return module(x, residual)

@@ -100,15 +100,22 @@ def _affine_act_fwd(
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of rows,
-# numerically safe for a large mean: every value is first shifted by a pivot
-# (the range's first row, close to the mean); then each of the BLOCK_M row
-# slots of the [BLOCK_M, BLOCK_C] tile keeps its own Welford accumulator in
-# registers as the program walks down its rows,
-#     n += 1,  delta = x - mean,  mean += delta / n,  M2 += delta * (x - mean),
-# so no value crosses threads inside the loop. At the end the slots merge
-# with Chan et al.'s parallel formula,
-#     mean = sum(n_s mean_s) / n,  M2 = sum(M2_s) + sum(n_s (mean_s - mean)^2).
+# Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of n rows,
+# numerically safe for a large mean by shifting: every value is first reduced
+# by a pivot p (the range's first row, a sample of the same channel, so within
+# a few standard deviations of the mean), d = x - p, and the program sums
+#     S1 = sum(d),  S2 = sum(d^2),  then  mean = p + S1 / n,  M2 = S2 - S1^2 / n.
+# The last subtraction cancels only the (mean - p)^2 part of S2 / n, which is a
+# few variances: a few bits of fp32, where sum(x^2) - n mean^2 at mean 1e3,
+# std 1 would lose all 24. Per element that is a convert, a subtract, a select
+# and two adds (Welford's update needs ~10 operations with a divide, close to
+# the H200's fp32 budget of ~14 per bf16 element at full bandwidth). Each of
+# the BLOCK_M row slots of the [BLOCK_M, BLOCK_C] tile sums in registers as
+# the program walks down its rows; slots are added once at the end. The loop
+# is software-pipelined (tl.range num_stages=3: ptxas shows 16-byte cp.async
+# into shared memory), so each program has the next two tiles in flight while
+# it adds up the current one: only x is read here, and without that a program
+# waits a full memory latency per tile.
 # Program (p, c-block) writes the partial of rows [p*ROWS, (p+1)*ROWS).
 @triton.jit
 def _bn_stats_partial(
@@ -128,26 +135,20 @@ def _bn_stats_partial(
     row_end = tl.minimum(row_begin + ROWS, M)
     pivot_offs = _row_offsets(row_begin, HW, x_sn, x_shw) + cols * x_sc
     pivot = tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32)
-    count = tl.zeros([BLOCK_M], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for start in range(row_begin, row_end, BLOCK_M):
+    sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=3):
         rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
         offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot[None, :]
-        count += row_mask.to(tl.float32)
-        inv_count = tl.where(row_mask, 1.0 / tl.maximum(count, 1.0), 0.0)
-        delta = tl.where(mask, x - mean, 0.0)
-        mean += delta * inv_count[:, None]
-        m2 += delta * (x - mean)
-    total = tl.sum(count, axis=0)
-    weighted = count[:, None] * mean
-    range_mean = tl.sum(weighted, axis=0) / total
-    spread = mean - range_mean[None, :]
-    range_m2 = tl.sum(m2, axis=0) + tl.sum(count[:, None] * spread * spread, axis=0)
-    tl.store(mean_part_ptr + pid * C + cols, range_mean + pivot, mask=col_mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (row_end - row_begin).to(tl.float32)
+    s1 = tl.sum(sum_d, axis=0)
+    range_m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / count, 0.0)
+    tl.store(mean_part_ptr + pid * C + cols, pivot + s1 / count, mask=col_mask)
     tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
 
 
@@ -199,7 +200,9 @@ def _bn_stats_finalize(
 # range of rows: sum(g) is dshift (dbeta), sum(g * xc) is dscale (and, times
 # invstd, dgamma). The sums build up in [BLOCK_M, BLOCK_C] registers and are
 # reduced across threads once, at the end. Partials go to [P, C] buffers; the
-# caller adds them up.
+# caller adds them up. With g_ptr the program also stores g itself, which is
+# the residual's gradient: the elementwise pass then reads g back instead of
+# dy, the residual and the recomputed mask (see affine_act_bwd).
 @triton.jit
 def _affine_act_bwd_reduce(
     dy_ptr,  # upstream gradient, strides dy_s*
@@ -211,10 +214,12 @@ def _affine_act_bwd_reduce(
     center_ptr,  # [C] center (the batch mean), or None
     sum_g_part_ptr,  # [P, C] fp32 out: partial sum(g)
     sum_gx_part_ptr,  # [P, C] fp32 out: partial sum(g * (x - center))
+    g_ptr,  # out: g = dy through the ReLU mask (the residual's gradient), or None
     M, C, HW,  # rows, channels, pixels per image
     dy_sn, dy_shw, dy_sc,  # dy strides: image, pixel, channel
     x_sn, x_shw, x_sc,  # x strides
     r_sn, r_shw, r_sc,  # residual strides
+    g_sn, g_shw, g_sc,  # g strides
     ROWS,  # rows per program, a multiple of BLOCK_M
     RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -235,6 +240,9 @@ def _affine_act_bwd_reduce(
             rows, cols, mask, col_mask, HW,
             dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
         )
+        if g_ptr is not None:
+            g_offs = _row_offsets(rows, HW, g_sn, g_shw)[:, None] + cols[None, :] * g_sc
+            tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=mask)
         sum_g += g
         sum_gx += g * xc
     tl.store(sum_g_part_ptr + pid * C + cols, tl.sum(sum_g, axis=0), mask=col_mask)
@@ -356,18 +364,19 @@ def _elementwise_blocks(x: torch.Tensor) -> tuple[int, int, int]:
     return max(16, 4096 // block_c), block_c, 4
 
 
-def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+def _reduction_plan(x: torch.Tensor, tile_elements: int = 2048) -> tuple[int, int, int, int, int]:
     """(P, ROWS, BLOCK_M, BLOCK_C, num_warps): the rows split into P ranges of
-    ROWS rows, so that P * channel blocks programs fill the GPU a few times."""
+    ROWS rows, so that P * channel blocks programs fill the GPU a few times.
+    tile_elements: BLOCK_M * BLOCK_C on a GPU (see the callers)."""
     m = x.shape[0] * x.shape[2] * x.shape[3]
     c_pow2 = triton.next_power_of_2(x.shape[1])
     if x.is_cuda:
-        # 32x64 tiles with 4 warps: ptxas (sm_90a) gives 72 registers for the
-        # statistics and 96 for the backward reduction, so 5+ programs fit
-        # on an SM and 4 per SM run in one wave. Untuned: a first guess until
-        # bench/bench_bn_act.py has run on an H100.
+        # 64 channels (128 bytes of bf16, one 16-byte vector per thread per
+        # row slice) by tile_elements / 64 rows, 4 warps, 4 programs per SM.
+        # ptxas (sm_90a): 72 registers for the statistics at 32x64, 96 for
+        # the backward reduction, so 5+ programs fit on an SM.
         block_c = min(c_pow2, 64)
-        block_m = max(16, 2048 // block_c)
+        block_m = max(16, tile_elements // block_c)
         target_programs = 4 * _multiprocessors(x.device.index or 0)
     else:
         block_c = min(c_pow2, 256)
@@ -377,6 +386,13 @@ def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     programs_per_block = max(1, min(triton.cdiv(m, block_m), target_programs // channel_blocks, 1024))
     rows = triton.cdiv(triton.cdiv(m, programs_per_block), block_m) * block_m
     return triton.cdiv(m, rows), rows, block_m, block_c, 4
+
+
+# The statistics pass loads one tensor: 4 programs per SM with a 32x64 bf16
+# tile keep 16 KB in flight per SM, below the ~25 KB that Little's law asks
+# (4.8 TB/s x ~0.7 us / 132 SMs); a 64x64 tile keeps 32 KB. The backward
+# reduction loads three tensors per tile (dy, x, residual): 48 KB at 32x64.
+_STATS_TILE_ELEMENTS = 4096
 
 
 def _check_index_range(*tensors: torch.Tensor | None) -> None:
@@ -406,7 +422,7 @@ def bn_stats(x, eps):
     _check_index_range(x)
     n, c, h, w = x.shape
     m = n * h * w
-    parts, rows, block_m, block_c, num_warps = _reduction_plan(x)
+    parts, rows, block_m, block_c, num_warps = _reduction_plan(x, _STATS_TILE_ELEMENTS)
     mean_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
     _bn_stats_partial[(parts, triton.cdiv(c, block_c))](
@@ -434,23 +450,35 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
     n, c, h, w = x.shape
     m = n * h * w
     sum_g = sum_gx = None
-    if param_grads or batch_stats:
+    dres = torch.empty_like(residual) if residual is not None else None
+    reduce = param_grads or batch_stats
+    # g = dy or 0 is exact in dres's dtype when that is dy's dtype or fp32.
+    g_from_reduce = reduce and dres is not None and dres.dtype in (dy.dtype, torch.float32)
+    if reduce:
         parts, rows, block_m, block_c, num_warps = _reduction_plan(x)
         sum_g_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
         sum_gx_part = torch.empty_like(sum_g_part)
+        g_out = dres if g_from_reduce else None
         _affine_act_bwd_reduce[(parts, triton.cdiv(c, block_c))](
-            dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part,
-            m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), rows,
+            dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part, g_out,
+            m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(g_out), rows,
             RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
         )
         sum_g, sum_gx = sum_g_part.sum(0), sum_gx_part.sum(0)
     dx = torch.empty_like(x)
-    dres = torch.empty_like(residual) if residual is not None else None
     block_m, block_c, num_warps = _elementwise_blocks(x)
+    if g_from_reduce:
+        # The reduction stored g (= dresidual): the elementwise pass reads it
+        # instead of dy and the residual, with no mask to recompute, so the
+        # backward moves 7 activation-sized tensors instead of 8
+        # (bench/NOTES_bn_act.md).
+        grad_in, res_in, relu_in, dres_out = dres, None, False, None
+    else:
+        grad_in, res_in, relu_in, dres_out = dy, residual, relu, dres
     _affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-        dy, x, residual, dx, dres, scale, invstd, shift, center, sum_g, sum_gx,
+        grad_in, x, res_in, dx, dres_out, scale, invstd, shift, center, sum_g, sum_gx,
         m, c, h * w,
-        *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(dx), *row_strides(dres),
-        RELU=relu, BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        *row_strides(grad_in), *row_strides(x), *row_strides(res_in), *row_strides(dx), *row_strides(dres_out),
+        RELU=relu_in, BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return dx, sum_g, sum_gx, dres

@@ -2,9 +2,19 @@
 without a GPU: Triton's compiler and ptxas run on any machine, the interpreter
 never runs them. Run by tests/test_bn_act.py in a process without
 TRITON_INTERPRET (under it the kernels are interpreter objects).
-Inputs bf16 with channel stride 1 (channels_last), as on the GPU."""
+Inputs bf16 with channel stride 1 (channels_last), as on the GPU, and every
+pointer and pixel/image stride marked divisible by 16, as Triton's launcher
+marks them for ResNet channel counts (so the PTX has the GPU's vector widths).
+
+`--report` also prints, per variant, the registers ptxas (sm_90a) gives a
+thread and the widest global load and store in the PTX (v4.b32 = 16 bytes):
+the evidence behind the block sizes in kernels/bn_act.py."""
 
 import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -17,16 +27,49 @@ from fastresnet.kernels import bn_act as kernels  # noqa: E402
 ACT, F32 = "*bf16", "*fp32"
 
 
-def compile_for_hopper(fn, pointers, constexprs):
+def _divisible_by_16(name, signature) -> bool:
+    """Pointers, the image/pixel strides (multiples of C), C, M and ROWS; not HW
+    (49 and 196 at the 7x7 and 14x14 stages)."""
+    kind = signature[name]
+    return kind.startswith("*") or (kind == "i32" and re.search(r"_s(n|hw)$|^(M|C|ROWS)$", name) is not None)
+
+
+def compile_for_hopper(fn, pointers, constexprs, num_warps=4):
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         else:
             signature[name] = pointers.get(name, "fp32" if name == "eps" else "i32")
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name not in constexprs and _divisible_by_16(name, signature)
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert ".entry" in compiled.asm["ptx"], fn.__name__
+    return compiled.asm["ptx"]
+
+
+def _widest(ptx: str, op: str) -> str:
+    widths = re.findall(rf"{op}\.global(?:\.[a-z0-9_]+)*?(\.v[248])?\.(b16|b32|b64|f32|u16)", ptx)
+    if not widths:
+        return "none"
+    bytes_of = {"b16": 2, "u16": 2, "b32": 4, "f32": 4, "b64": 8}
+    return f"{max(int(v[2:] if v else 1) * bytes_of[t] for v, t in widths)} B"
+
+
+def ptxas_registers(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True)
+    found = re.search(r"Used (\d+) registers", result.stderr)
+    return found.group(1) if found else "?"
 
 
 def main():
@@ -34,18 +77,21 @@ def main():
     channels = {"scale_ptr": F32, "invstd_ptr": F32, "shift_ptr": F32, "center_ptr": F32}
     absent = {"res_ptr": None, "invstd_ptr": None, "center_ptr": None}
     tiles = {"BLOCK_M": 32, "BLOCK_C": 64}
+    stats_tiles = {"BLOCK_M": 64, "BLOCK_C": 64}  # _STATS_TILE_ELEMENTS
+    elementwise_tiles = {"BLOCK_M": 64, "BLOCK_C": 64}  # _elementwise_blocks on a GPU
 
     def strides(fn):
         return {k: v for k, v in unit_stride.items() if k in fn.arg_names}
 
     fwd = kernels._affine_act_fwd
     variants = [
-        (fwd, {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, **channels}, {"RELU": True, **tiles, **strides(fwd)}),
-        (fwd, {"x_ptr": ACT, "y_ptr": ACT, **channels}, {"RELU": False, **tiles, **strides(fwd), **absent}),
+        (fwd, {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, **channels},
+         {"RELU": True, **elementwise_tiles, **strides(fwd)}),
+        (fwd, {"x_ptr": ACT, "y_ptr": ACT, **channels}, {"RELU": False, **elementwise_tiles, **strides(fwd), **absent}),
         (
             kernels._bn_stats_partial,
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
-            {"x_sc": 1, **tiles},
+            {"x_sc": 1, **stats_tiles},
         ),
         (
             kernels._bn_stats_finalize,
@@ -55,24 +101,41 @@ def main():
     ]
     bwd = {"dy_ptr": ACT, "x_ptr": ACT, "res_ptr": ACT, **channels}
     reduce, dx = kernels._affine_act_bwd_reduce, kernels._affine_act_bwd_dx
+    partials = {"sum_g_part_ptr": F32, "sum_gx_part_ptr": F32}
     variants += [
-        (reduce, {**bwd, "sum_g_part_ptr": F32, "sum_gx_part_ptr": F32}, {"RELU": True, **tiles, **strides(reduce)}),
+        # with a residual: the reduction also stores g (the residual's gradient)
+        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1}, {"RELU": True, **tiles, **strides(reduce), "g_sc": 1}),
+        (reduce, {**bwd, **partials}, {"RELU": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        # training dx from g (residual case): no residual, no mask
         (
             dx,
-            {**bwd, "dx_ptr": ACT, "dres_ptr": ACT, "sum_g_ptr": F32, "sum_gx_ptr": F32},
-            {"RELU": True, "BATCH_STATS": True, **tiles, **strides(dx)},
+            {"dy_ptr": ACT, "x_ptr": ACT, "dx_ptr": ACT, **channels, "sum_g_ptr": F32, "sum_gx_ptr": F32},
+            {"RELU": False, "BATCH_STATS": True, **elementwise_tiles, **strides(dx), "res_ptr": None, "dres_ptr": None},
         ),
+        # training dx from dy (no residual): the mask recomputed
         (
             dx,
-            {"dy_ptr": ACT, "x_ptr": ACT, "dx_ptr": ACT, **channels},
+            {"dy_ptr": ACT, "x_ptr": ACT, "dx_ptr": ACT, **channels, "sum_g_ptr": F32, "sum_gx_ptr": F32},
+            {"RELU": True, "BATCH_STATS": True, **elementwise_tiles, **strides(dx), "res_ptr": None, "dres_ptr": None},
+        ),
+        # frozen scale/shift: dx and dresidual in one pass
+        (
+            dx,
+            {**bwd, "dx_ptr": ACT, "dres_ptr": ACT},
             {
-                "RELU": True, "BATCH_STATS": False, **tiles, **strides(dx), **absent,
-                "dres_ptr": None, "sum_g_ptr": None, "sum_gx_ptr": None,
+                "RELU": True, "BATCH_STATS": False, **elementwise_tiles, **strides(dx),
+                "invstd_ptr": None, "center_ptr": None, "sum_g_ptr": None, "sum_gx_ptr": None,
             },
         ),
     ]
+    report = "--report" in sys.argv
     for fn, pointers, constexprs in variants:
-        compile_for_hopper(fn, pointers, constexprs)
+        ptx = compile_for_hopper(fn, pointers, constexprs)
+        if report:
+            tile = f"{constexprs.get('BLOCK_M', constexprs.get('BLOCK_P'))}x{constexprs.get('BLOCK_C')}"
+            absent_names = ",".join(k.removesuffix("_ptr") for k, v in constexprs.items() if v is None) or "-"
+            print(f"{fn.__name__:24s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
+                  f"widest load {_widest(ptx, 'ld')}, store {_widest(ptx, 'st')}")
     print(f"compiled {len(variants)} kernel variants for sm_90")
 
 
