@@ -64,7 +64,7 @@ class Program:
         self.data = build_loaders(cfg.data, device=self.device)
         model = build_model(cfg, self.data.num_classes)
         self.macs = count_macs(model, (3, 32, 32))
-        self.prepared = prepare_model(model, cfg, self.device)
+        self.prepared = prepare_model(model, cfg, self.device, 32)
         self.optimizer = build_optimizer(self.prepared.module, cfg, self.device, cfg.lr)
         self.amp = amp_dtype(cfg, self.device)
         self.channels_last = cfg.channels_last

@@ -66,7 +66,7 @@ def test_train_images_per_second(benchmark, provider):
     criterion = torch.nn.CrossEntropyLoss()
     amp = amp_dtype(cfg, dev)
     if provider == "fastresnet":
-        prepared = prepare_model(get_model(name, num_classes=classes), cfg, dev)
+        prepared = prepare_model(get_model(name, num_classes=classes), cfg, dev, side)
         optimizer = build_optimizer(prepared.module, cfg, dev, lr=0.1)
         runner = prepared.runner
     else:

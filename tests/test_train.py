@@ -174,3 +174,24 @@ def test_two_process_gloo_ddp_ranks_end_with_identical_weights(tmp_path):
     assert rank0["result"]["test_top1"] == rank1["result"]["test_top1"]
     assert rank0["result"]["test_images"] == 297
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]  # only rank 0 wrote a run dir
+
+
+def test_fused_blocks_train_like_the_plain_blocks_and_keep_the_state_dict(tmp_path, monkeypatch):
+    # fused_blocks=on swaps in fastresnet.nn.FusedBasicBlock: the same losses step for step and the
+    # same checkpoint keys as the plain model. The reference path, as a CPU run without the Triton
+    # interpreter takes (the interpreter would cost minutes here; the kernels have their own tests).
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
+    runs = {}
+    for fused in ("off", "on"):
+        torch.manual_seed(0)
+        cfg = digits_config(tmp_path, run_name=f"fused-{fused}", fused_blocks=fused, data=DataConfig(
+            backend="digits", batch_size=64), unit="step", length=6, log_every=1)
+        train(cfg)
+        run = tmp_path / f"fused-{fused}"
+        losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "train"]
+        runs[fused] = (losses, _weights(run))
+    (plain_losses, plain_weights), (fused_losses, fused_weights) = runs["off"], runs["on"]
+    assert len(fused_losses) >= 5
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-3, abs=1e-4)
+    assert fused_weights.keys() == plain_weights.keys()

@@ -76,7 +76,7 @@ class Trainer:
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
         self.macs = count_macs(model, (3, self.data.image_size, self.data.image_size))
-        self.prepared = prepare_model(model, cfg, device)
+        self.prepared = prepare_model(model, cfg, device, self.data.image_size)
         self.model = self.prepared.module
         self.amp = amp_dtype(cfg, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
