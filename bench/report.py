@@ -18,10 +18,15 @@ from collections import defaultdict
 
 
 def load_benchmarks(paths: list[str]) -> list[dict]:
+    """Every benchmark of every file; a file that is empty or cut short (a stage that ran out
+    of time while pytest-benchmark was writing it) is named on stderr and skipped."""
     rows = []
     for path in paths:
-        with open(path) as f:
-            rows.extend(json.load(f).get("benchmarks", []))
+        try:
+            with open(path) as f:
+                rows.extend(json.load(f).get("benchmarks", []))
+        except (OSError, ValueError) as err:
+            print(f"report: skipping {path}: {err}", file=sys.stderr)
     return rows
 
 

@@ -52,3 +52,12 @@ def test_report_gives_ratios_against_the_baseline_of_each_group():
     assert "| g | eager (baseline) | 2000.000 | 1.00x | 50 img/s |" in table
     assert "| g | fused | 500.000 | 4.00x | 200 img/s, 2 GB/s (50% of copy) |" in table
     assert "| h | alone | 1000.000 | - |" in table
+
+
+def test_report_skips_an_empty_json_file_and_names_it(tmp_path, capsys):
+    empty, good = tmp_path / "empty.json", tmp_path / "good.json"
+    empty.write_text("")
+    good.write_text(json.dumps({"benchmarks": [_bench("g", "eager", 1.0, baseline=True)]}))
+    assert [b["name"] for b in report.load_benchmarks([str(empty), str(good)])] == ["eager"]
+    err = capsys.readouterr().err
+    assert "skipping" in err and "empty.json" in err
