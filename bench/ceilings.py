@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from fastresnet.ops.dispatch import time_ms
+
 
 def _git_revision() -> str | None:
     """The commit measured: FASTRESNET_GIT_REV (a copy without .git), else git's answer."""
@@ -56,31 +58,17 @@ def environment() -> dict:
     return info
 
 
-def _median_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
+    ms = time_ms(lambda: dst.copy_(src), src.device, reps=20)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def matmul_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: a @ b)
+    ms = time_ms(lambda: a @ b, a.device, reps=20)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

@@ -20,7 +20,7 @@ from . import paper
 from .figures import figure6
 from .runs import FINAL_WINDOW, train_all
 from .settings import Settings, parse_depths, provenance, train_config
-from .tables import markdown_table, write_json, write_text
+from .tables import markdown_table, publish
 
 NAME = "degradation"
 DEPTHS = (20, 32, 44, 56, 110)  # the depths with both a plain and a residual CIFAR net in the zoo
@@ -88,12 +88,7 @@ def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> d
         f"(plain rises: {v['plain_rises']}, ResNet falls: {v['residual_falls']}).\n\n"
         f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"
     )
-    table = write_text(folder / "table.md", text)
-    numbers = write_json(folder / "results.json", result)
-    say(text)
-    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
-    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
-    return result
+    return publish(folder, result, text, figure, say)
 
 
 def main(args: argparse.Namespace, settings: Settings) -> dict | None:

@@ -9,7 +9,7 @@ from . import paper
 from .figures import curves_and_finals
 from .runs import train_all
 from .settings import Settings, parse_depths, provenance, train_config
-from .tables import markdown_table, write_json, write_text
+from .tables import markdown_table, publish
 
 NAME = "depth-sweep"
 DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -43,12 +43,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
         + markdown_table(["net", "params", "paper params", "train error %", "test error %",
                           "paper test error % (Table 6, CIFAR-10)"], rows)
     )
-    table = write_text(folder / "table.md", text)
-    numbers = write_json(folder / "results.json", result)
-    say(text)
-    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
-    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
-    return result
+    return publish(folder, result, text, figure, say)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from . import paper
 from .figures import figure7
 from .runs import train_all
 from .settings import Settings, parse_depths, provenance, train_config
-from .tables import markdown_table, write_json, write_text
+from .tables import markdown_table, publish
 
 NAME = "layer-responses"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -153,12 +153,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
         + markdown_table(["net", "3x3 layers", "mean std", "max std", "min std", "below its plain twin"], rows)
         + f"\nDeeper ResNet smaller (mean std falls with depth): {deeper}.\n\n{result['paper']}\n"
     )
-    table = write_text(folder / "table.md", text)
-    numbers = write_json(folder / "results.json", result)
-    say(text)
-    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
-    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
-    return result
+    return publish(folder, result, text, figure, say)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from . import paper
 from .figures import curves_and_finals
 from .runs import train_all
 from .settings import Settings, provenance, train_config
-from .tables import markdown_table, write_json, write_text
+from .tables import markdown_table, publish
 
 NAME = "shortcuts"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -59,12 +59,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
         + f"\nSpread {result['spread']:.2f} points: **{'small' if result['small'] else 'not small'}** "
         f"({result['criterion']}).\n\n{result['paper']}\n"
     )
-    table = write_text(folder / "table.md", text)
-    numbers = write_json(folder / "results.json", result)
-    say(text)
-    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
-    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
-    return result
+    return publish(folder, result, text, figure, say)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -42,3 +42,14 @@ def write_text(path: Path, text: str) -> Path:
 
 def write_json(path: Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def publish(folder: Path, result: dict, text: str, figure: Path, say) -> dict:
+    """Write an experiment's table.md and results.json beside its figure, print the table and
+    where all three went, and record the paths in `result["outputs"]`."""
+    table = write_text(folder / "table.md", text)
+    numbers = write_json(folder / "results.json", result)
+    say(text)
+    say(f"figure: {figure}\nnumbers: {numbers}\ntable: {table}")
+    result["outputs"] = {"figure": str(figure), "json": str(numbers), "table": str(table)}
+    return result
