@@ -12,6 +12,10 @@
 # stage cannot eat the others and the run ends in time. A stage that runs out
 # gets SIGINT first, so pytest still writes the benchmarks it finished.
 # CUDA_TEST_SECONDS limits the CUDA tests alone; BENCH_FILES (space-separated paths) picks the benchmark files and their order.
+# Seen on an H200 (bench/RESULTS.md): the CUDA tests need about 200 s, bench_train and
+# bench_fused_train_step about 200 s each (two ResNet-50 training-step compiles), the other
+# benchmark files 40-90 s: a full run takes longer than one 10-minute device call, so split it
+# across calls with BENCH_FILES.
 # Exit status: 0 when every stage passed, else the number that failed.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
