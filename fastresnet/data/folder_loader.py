@@ -13,6 +13,8 @@ from .config import DataConfig
 from .folder import ImageList, report_skipped
 from .loader import Batch, Loader, Shard, batches_per_epoch, epoch_seed
 
+PREFETCH_FACTOR = 4  # batches each worker decodes ahead of the training step
+
 
 class EpochDataset(Dataset):
     """Index -> one sample; `seed` (set per epoch before the workers start) drives its randomness."""
@@ -61,7 +63,7 @@ class FolderLoader(Loader):
             collate_fn=self.collate,
             pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
             drop_last=self.drop_last,
-            prefetch_factor=4 if self.cfg.workers else None,
+            prefetch_factor=PREFETCH_FACTOR if self.cfg.workers else None,
         )
         skipped_this_epoch = 0
         generator = torch.Generator(device=self.device).manual_seed(self.dataset.seed + 7 * self.shard.rank + 1)
