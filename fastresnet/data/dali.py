@@ -86,9 +86,10 @@ def lighting_offset(std: float):
     return sum(alpha[k] * types.Constant(np.ascontiguousarray(columns[:, k])) for k in range(3))
 
 
-@pipeline_def(enable_conditionals=False)
-def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
-    jpegs, labels = fn.readers.file(
+def read_shard(files, labels, shard_id, num_shards):
+    """This rank's files in the order given: the (seed, epoch) permutation is applied to `files`
+    before the pipeline is built, so the reader neither shuffles nor leaves its shard."""
+    return fn.readers.file(
         files=files,
         labels=labels,
         shard_id=shard_id,
@@ -97,6 +98,11 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
         stick_to_shard=True,
         name=READER,
     )
+
+
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
+    jpegs, labels = read_shard(files, labels, shard_id, num_shards)
     size = cfg.image_size
     mirror = fn.random.coin_flip(probability=0.5)
     if cfg.recipe == "rrc":
@@ -130,15 +136,7 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
 
 @pipeline_def(enable_conditionals=False)
 def val_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
-    jpegs, labels = fn.readers.file(
-        files=files,
-        labels=labels,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=False,
-        stick_to_shard=True,
-        name=READER,
-    )
+    jpegs, labels = read_shard(files, labels, shard_id, num_shards)
     images = fn.resize(decode(jpegs, cfg, decode_device), resize_shorter=cfg.resize_before_crop)
     size, normalisation = cfg.image_size, pixel_normalisation(image_dtype)
     if not cfg.ten_crop:

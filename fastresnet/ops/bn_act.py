@@ -216,20 +216,19 @@ def _batch_norm_act_setup_context(ctx, inputs, output):
     ctx.relu = relu
 
 
+def _needed_grads(needs, grads) -> tuple:
+    """(dx, dweight, dbias, dresidual) where autograd asked for them, None for the rest and for
+    the two non-tensor arguments (eps, relu): shared by the custom op and the autograd.Function."""
+    return (*(g if need else None for need, g in zip(needs[:4], grads)), None, None)
+
+
 def _batch_norm_act_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     x, weight, bias, mean, invstd, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dweight, dbias, dres = torch.ops.fastresnet.batch_norm_act_backward(
+    grads = torch.ops.fastresnet.batch_norm_act_backward(
         _as_rows(grad_y), x, weight, bias, mean, invstd, residual, ctx.relu
     )
-    return (
-        dx if needs[0] else None,
-        dweight if needs[1] else None,
-        dbias if needs[2] else None,
-        dres if needs[3] else None,
-        None,
-        None,
-    )
+    return _needed_grads(needs, grads)
 
 
 torch.library.register_autograd(
@@ -257,15 +256,8 @@ class _BatchNormActTrain(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
         x, weight, bias, mean, invstd, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dweight, dbias, dres = _train_backward(_as_rows(grad_y), x, weight, bias, mean, invstd, residual, ctx.relu)
-        return (
-            dx if needs[0] else None,
-            dweight if needs[1] else None,
-            dbias if needs[2] else None,
-            dres if needs[3] else None,
-            None,
-            None,
-        )
+        grads = _train_backward(_as_rows(grad_y), x, weight, bias, mean, invstd, residual, ctx.relu)
+        return _needed_grads(needs, grads)
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,12 @@ def _out_shape(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequen
     return [n, out_c, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
 
 
+def _empty_output(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> Tensor:
+    """The conv output's buffer, in x's dtype and memory format (what the fake implementation promises)."""
+    return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
+                       memory_format=_memory_format(x))
+
+
 def _like(t: Tensor, template: Tensor) -> Tensor:
     """t with template's strides (copied into it when they differ): what an op returns must have the
     strides its fake implementation promised to torch.compile, and a weight gradient the strides of the
@@ -96,11 +102,9 @@ def _conv_stats_op(
             x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True
         )
         out = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1)
-        out = _like(out, torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
-                                     memory_format=_memory_format(x)))
+        out = _like(out, _empty_output(x, weight, stride, padding))
         return (out, *bn_act.bn_stats(out, eps))
-    out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
-                      memory_format=_memory_format(x))
+    out = _empty_output(x, weight, stride, padding)
     norm_input = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
     packed = weight.permute(0, 2, 3, 1).contiguous()  # [Cout, KH, KW, Cin]: free for a channels_last weight
     interpreted = x.device.type == "cpu"
@@ -112,8 +116,7 @@ def _conv_stats_op(
 
 @_conv_stats_op.register_fake
 def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, use_cudnn):
-    out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
-                      memory_format=_memory_format(x))
+    out = _empty_output(x, weight, stride, padding)
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
     return out, stat, torch.empty_like(stat), torch.empty_like(stat)
 
