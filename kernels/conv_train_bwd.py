@@ -236,19 +236,20 @@ def _wgrad_blocks(m: int, out_c: int, in_c: int, taps: int, itemsize: int, inter
     return block_co, block_ci, block_m, split, num_warps, num_stages
 
 
-def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, interpreted=False):
+def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, interpreted=False, split=None):
     """grad_w [Cout, KH, KW, Cin] fp32, contiguous, of y = conv2d(a, w) with a = x or relu(bn(x)).
 
     grad_y [N, Cout, OH, OW] and x [N, Cin, H, W], any layout (channels_last is the fast one);
     norm_input: None, or (mean, invstd, gamma, beta) fp32 [Cin], the BatchNorm + ReLU that the
-    forward applied to x on load."""
+    forward applied to x on load. split: row ranges reduced separately (default: per shape)."""
     batch, in_c, in_h, in_w = x.shape
     _, _, out_h, out_w = grad_y.shape
     kh, kw = kernel_size
     m = batch * out_h * out_w
-    block_co, block_ci, block_m, split, num_warps, num_stages = _wgrad_blocks(
+    block_co, block_ci, block_m, auto_split, num_warps, num_stages = _wgrad_blocks(
         m, out_c, in_c, kh * kw, x.element_size(), interpreted, x.device
     )
+    split = auto_split if split is None else split
     rows = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows)
     parts = torch.empty((split, out_c, kh, kw, in_c), device=x.device, dtype=torch.float32)

@@ -14,10 +14,12 @@ activation never is.
 Backward. The mean and invstd an op receives are functions of its raw input,
 so the op's backward is the *full* BatchNorm backward (issue 3's fused
 kernels with batch_stats=True), which accounts for that dependence; autograd
-never sees the statistics as differentiable. conv_stats' backward recomputes
-the normalised input a = relu(bn(x)) in one elementwise pass (it is not
-saved), runs cuDNN's dgrad and wgrad (aten.convolution_backward) and then the
-BatchNorm + ReLU backward in two passes (a reduction and an elementwise pass).
+never sees the statistics as differentiable. conv_stats' backward never has
+the normalised input a = relu(bn(x)) saved: either it recomputes a in one
+elementwise pass, runs cuDNN's dgrad and wgrad (aten.convolution_backward) and
+then the BatchNorm + ReLU backward in two passes, or Triton's wgrad normalises
+a on load and Triton's stride-1 dgrad leaves only the elementwise pass; the
+choice is measured per shape (fastresnet.ops.conv_train_backward).
 
 Paths. As in fastresnet.ops.bn_act, the path is chosen in Python before any
 op is called (backend.use_triton): the Triton kernels as torch.library custom
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fastresnet import backend
+from fastresnet.ops import conv_train_backward
 from fastresnet.reference import affine_act_reference, normalise_act_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,8 +97,10 @@ def _conv_stats_op(
     padding: Sequence[int],
     eps: float,
     use_cudnn: bool,
+    backward: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, invstd, unbiased var): the raw conv output and its per-channel statistics (fp32)."""
+    """(y, mean, invstd, unbiased var): the raw conv output and its per-channel statistics (fp32).
+    backward: the backward path (fastresnet.ops.conv_train_backward), used by the autograd formula."""
     bn_act, bn_stats, conv_train = _kernels()
     if use_cudnn:  # the same op with cuDNN's conv: a transient normalised input, a statistics pass
         a = x if in_mean is None else bn_act.affine_act_fwd(
@@ -115,7 +120,7 @@ def _conv_stats_op(
 
 
 @_conv_stats_op.register_fake
-def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, use_cudnn):
+def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, use_cudnn, backward):
     out = _empty_output(x, weight, stride, padding)
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
     return out, stat, torch.empty_like(stat), torch.empty_like(stat)
@@ -133,32 +138,27 @@ def _conv_stats_backward_op(
     stride: Sequence[int],
     padding: Sequence[int],
     input_grad: bool,
+    backward: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_gamma, grad_beta); grad_x empty unless input_grad, the last two
-    empty without a prologue. grad_x is the gradient w.r.t. the *raw* x, through its BatchNorm."""
-    bn_act, _, _ = _kernels()
-    norm = in_mean is not None
-    # The normalised input, recomputed (one elementwise pass) rather than saved.
-    a = bn_act.affine_act_fwd(x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True) if norm else x
-    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-        [input_grad or norm, True, False],
+    empty without a prologue. grad_x is the gradient w.r.t. the *raw* x, through its BatchNorm.
+    The path (cuDNN or Triton wgrad/dgrad) is chosen here, at run time, where the inputs are real:
+    torch.compile sees only the fake implementation."""
+    norm = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
+    path = conv_train_backward.choose_backward(backward, grad_y, x, weight, norm, stride, padding, input_grad)
+    grad_x, grad_w, sum_g, sum_gxc = conv_train_backward.run_backward(
+        path, grad_y, x, weight, norm, stride, padding, input_grad
     )
     grad_w = _like(grad_w, torch.empty_like(weight))
-    if not norm:
+    if norm is None:
         no_channels = x.new_empty(0, dtype=torch.float32)
-        grad_x = _like(grad_a, torch.empty_like(x)) if input_grad else x.new_empty(0)
+        grad_x = _like(grad_x, torch.empty_like(x)) if input_grad else x.new_empty(0)
         return grad_x, grad_w, no_channels, torch.empty_like(no_channels)
-    del a
-    grad_x, sum_g, sum_gxc, _ = bn_act.affine_act_bwd(
-        _rows(grad_a), x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True,
-        param_grads=True, batch_stats=True,
-    )
-    return grad_x, grad_w, sum_gxc * in_invstd, sum_g
+    return _like(grad_x, torch.empty_like(x)), grad_w, sum_gxc * in_invstd, sum_g
 
 
 @_conv_stats_backward_op.register_fake
-def _(grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, input_grad):
+def _(grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, input_grad, backward):
     norm = in_mean is not None
     grad_x = torch.empty_like(x) if (input_grad or norm) else x.new_empty(0)
     channel = torch.empty_like(in_mean) if norm else x.new_empty(0, dtype=torch.float32)
@@ -166,10 +166,10 @@ def _(grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding,
 
 
 def _conv_stats_setup_context(ctx, inputs, output):
-    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, _, _ = inputs
+    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, _, _, backward = inputs
     _, mean, invstd, var_unbiased = output
     ctx.save_for_backward(x, weight, in_mean, in_invstd, in_gamma, in_beta)
-    ctx.stride, ctx.padding = list(stride), list(padding)
+    ctx.stride, ctx.padding, ctx.backward = list(stride), list(padding), backward
     ctx.mark_non_differentiable(mean, invstd, var_unbiased)
 
 
@@ -177,7 +177,7 @@ def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     x, weight, in_mean, in_invstd, in_gamma, in_beta = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_w, grad_gamma, grad_beta = torch.ops.fastresnet.conv_stats_backward(
-        grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, ctx.stride, ctx.padding, needs[0]
+        grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, ctx.stride, ctx.padding, needs[0], ctx.backward
     )
     norm = in_mean is not None
     return (
@@ -187,6 +187,7 @@ def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
         None,
         grad_gamma if norm and needs[4] else None,
         grad_beta if norm and needs[5] else None,
+        None,
         None,
         None,
         None,
@@ -290,7 +291,8 @@ def _pair(v) -> list[int]:
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5,
-               norm_input: Optional[Stats] = None, use_cudnn: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               norm_input: Optional[Stats] = None, use_cudnn: bool = False,
+               backward: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var) with y = conv2d(a, weight, stride, padding) (no bias,
     groups 1, dilation 1), a = x, or relu((x - mean) * invstd * gamma + beta) for
     norm_input = (mean, invstd, gamma, beta), the previous conv_stats' statistics.
@@ -304,8 +306,14 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5
     normalised input is then written, used and freed, and the statistics take
     a pass of issue 3's kernels); the backward, and what is saved for it, are
     the same. Where cuDNN's 3x3 beats the Triton one, a block mixes the two.
+
+    backward: "auto" (measured per shape on a GPU; cuDNN's dgrad and wgrad where nothing is
+    measured) or a path of fastresnet.ops.conv_train_backward.BACKWARD_PATHS: "cudnn",
+    "triton_wgrad", "triton_dgrad", "triton_bwd" (Triton wgrad with normalise-on-load and
+    stride-1 dgrad with the BatchNorm backward's sums in its epilogue).
     """
     _check_conv_inputs(x, weight, norm_input)
+    conv_train_backward.check_backward_path(backward)
     stride, padding = _pair(stride), _pair(padding)
     if not backend.use_triton(x):
         return _conv_stats_reference_path(x, weight, stride, padding, eps, norm_input)
@@ -313,7 +321,7 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5
     if norm_input is not None:
         mean_in, invstd_in, gamma_in, beta_in = (v.float() for v in norm_input)
     return torch.ops.fastresnet.conv_stats(
-        x, weight, mean_in, invstd_in, gamma_in, beta_in, stride, padding, eps, use_cudnn
+        x, weight, mean_in, invstd_in, gamma_in, beta_in, stride, padding, eps, use_cudnn, backward
     )
 
 

@@ -1,0 +1,206 @@
+"""conv_stats' backward paths (fastresnet/ops/conv_train_backward.py, kernels/conv_train_bwd.py)
+against eager autograd through conv(relu(batch_norm(x))).
+
+On the CPU the Triton kernels run through Triton's interpreter: tiny shapes, large blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastresnet.kernels.conv_train_bwd import conv_dgrad_bn, conv_wgrad
+from fastresnet.ops import conv_train_backward, dispatch
+from fastresnet.ops.conv_train import conv_stats
+from fastresnet.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+GRAD_TOL = {torch.float32: (2e-3, 2e-3), torch.float16: (4e-2, 4e-2), torch.bfloat16: (6e-2, 6e-2)}
+PATHS = conv_train_backward.BACKWARD_PATHS
+
+# (N, Cin, H, W, Cout, kernel, stride): the ResNet conv kinds scaled down, plus odd sizes
+SHAPES = [
+    (2, 16, 6, 6, 32, 1, 1),  # bottleneck 1x1
+    (2, 24, 7, 7, 20, 1, 2),  # projection shortcut: odd H/W, Cout not a power of 2
+    (2, 20, 7, 7, 12, 3, 1),  # 3x3, Cin and Cout not multiples of 16
+    (1, 16, 9, 7, 16, 3, 2),  # strided 3x3, batch 1, non-square
+]
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32_and_fresh_choices():
+    """fp32 convs in full precision on a GPU; no dispatch decision leaks between tests."""
+    dispatch.clear_memory()
+    conv_train_backward._choices.clear()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+    dispatch.set_dispatch_mode(None)
+    conv_train_backward._choices.clear()
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _problem(shape, normalise_input):
+    """fp32 leaves: raw x, weight, gamma, beta (beta < 0 for some channels: the ReLU matters) and grad_y."""
+    n, c, h, w, out_c, k, stride = shape
+    x = _channels_last(torch.randn(n, c, h, w, device=DEVICE) * 2 + 1)
+    weight = _channels_last(torch.randn(out_c, c, k, k, device=DEVICE) / (c * k * k) ** 0.5)
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    oh, ow = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    grad_y = _channels_last(torch.randn(n, out_c, oh, ow, device=DEVICE))
+    return x, weight, (gamma, beta) if normalise_input else None, grad_y
+
+
+def _eager_grads(x, weight, affine, grad_y, stride, padding):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *(affine or ()))]
+    a = leaves[0]
+    if affine is not None:
+        a = F.relu(F.batch_norm(a, None, None, leaves[2], leaves[3], True, 0.0, EPS))
+    F.conv2d(a, leaves[1], None, stride, padding).backward(grad_y)
+    return [t.grad for t in leaves]
+
+
+def _fused_grads(x, weight, affine, grad_y, stride, padding, dtype, path):
+    """conv_stats with (mean, invstd) of x as its norm_input, as the previous conv_stats gives them."""
+    leaves = [x.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()]
+    norm_input = None
+    if affine is not None:
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        leaves += [t.detach().clone().requires_grad_() for t in affine]
+        norm_input = (mean, torch.rsqrt(var + EPS), leaves[2], leaves[3])
+    y, *_ = conv_stats(leaves[0], leaves[1], stride, padding, EPS, norm_input, backward=path)
+    y.backward(grad_y.to(dtype))
+    return [t.grad for t in leaves]
+
+
+def _compare(actual, expected, dtype, names):
+    atol, rtol = GRAD_TOL[dtype]
+    for name, a, b in zip(names, actual, expected):
+        assert a.dtype == (dtype if name in ("x", "weight") else torch.float32), name
+        scale = b.abs().max().item() + 1e-6  # gradients of sums: compare relative to their size
+        assert_close(a.float() / scale, b / scale, atol=atol, rtol=rtol, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_every_backward_path_matches_eager(shape, path, dtype):
+    k, stride = shape[5], shape[6]
+    x, weight, affine, grad_y = _problem(shape, normalise_input=True)
+    expected = _eager_grads(x, weight, affine, grad_y, stride, k // 2)
+    actual = _fused_grads(x, weight, affine, grad_y, stride, k // 2, dtype, path)
+    _compare(actual, expected, dtype, ["x", "weight", "gamma", "beta"])
+    assert actual[1].stride() == weight.stride(), "grad_w must have the weight's strides"
+
+
+@pytest.mark.parametrize("path", ["triton_bwd", "triton_wgrad"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
+def test_backward_without_an_input_batchnorm(shape, path):
+    """The block's first conv: a = x, grad_x is dgrad alone."""
+    k, stride = shape[5], shape[6]
+    x, weight, _, grad_y = _problem(shape, normalise_input=False)
+    expected = _eager_grads(x, weight, None, grad_y, stride, k // 2)
+    actual = _fused_grads(x, weight, None, grad_y, stride, k // 2, torch.float32, path)
+    _compare(actual, expected, torch.float32, ["x", "weight"])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_wgrad_split_over_pixels_sums_the_partials(k):
+    # 288 output pixels in two row ranges (256 + 32): the loop over pixel blocks and the partial sum.
+    x, weight, affine, grad_y = _problem((2, 16, 12, 12, 16, k, 1), normalise_input=True)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    norm = (mean, torch.rsqrt(var + EPS), *affine)
+    one = conv_wgrad(grad_y, x, 16, (k, k), (1, 1), (k // 2, k // 2), norm, DEVICE == "cpu", split=1)
+    two = conv_wgrad(grad_y, x, 16, (k, k), (1, 1), (k // 2, k // 2), norm, DEVICE == "cpu", split=2)
+    expected = _eager_grads(x, weight, affine, grad_y, 1, k // 2)[1]
+    assert_close(one.permute(0, 3, 1, 2), expected, atol=1e-4, rtol=1e-4, name="grad_w, one range")
+    assert_close(two, one, atol=1e-4, rtol=1e-4, name="grad_w, two ranges")
+
+
+def test_dgrad_rejects_a_strided_shape():
+    x, weight, _, grad_y = _problem(SHAPES[1], normalise_input=False)
+    with pytest.raises(ValueError, match="stride-1 shapes"):
+        conv_dgrad_bn(grad_y, weight, x, (0, 0), None, DEVICE == "cpu")
+
+
+def test_the_choice_follows_the_switches(monkeypatch):
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    args = (grad_y, x, weight, None, (1, 1), (0, 0), True)
+    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
+    assert conv_train_backward.choose_backward("triton_dgrad", *args) == "triton_dgrad"
+    dispatch.set_dispatch_mode("triton_wgrad")
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_wgrad"
+    dispatch.set_dispatch_mode("triton")  # another op's candidate: this op keeps its fixed rule
+    assert conv_train_backward.choose_backward("auto", *args) == "cudnn"
+    monkeypatch.setenv(conv_train_backward.BACKWARD_ENV, "triton_bwd")
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_bwd"
+    monkeypatch.setenv(conv_train_backward.BACKWARD_ENV, "fastest")
+    with pytest.raises(ValueError, match="'fastest'"):
+        conv_train_backward.choose_backward("auto", *args)
+    with pytest.raises(ValueError, match="'cudnn_v8'"):
+        conv_stats(x, weight, backward="cudnn_v8")
+    assert conv_train_backward.candidates((2, 2), True) == ["cudnn", "triton_wgrad"]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fixed rule is not what 'auto' gives")
+def test_auto_runs_the_fixed_cudnn_rule_where_nothing_is_measured(monkeypatch):
+    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
+    ran = []
+    real = conv_train_backward.run_backward
+    monkeypatch.setattr(conv_train_backward, "run_backward", lambda path, *a: ran.append(path) or real(path, *a))
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    _fused_grads(x, weight, affine, grad_y, 1, 0, torch.float32, "auto")
+    assert ran == ["cudnn"]
+
+
+def test_backward_op_passes_opcheck():
+    """Schema, fake implementation (what torch.compile sees) and real outputs agree."""
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    args = (grad_y, x, weight, mean, torch.rsqrt(var + EPS), *affine, [1, 1], [0, 0], True, "triton_bwd")
+    torch.library.opcheck(torch.ops.fastresnet.conv_stats_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------
+# GPU: real compilation, ResNet-50 shapes, the measured choice
+# ---------------------------------------------------------------------------
+
+# (N, Cin, H, W, Cout, kernel, stride): ResNet-50 stage convs at batch 8
+GPU_SHAPES = [
+    (8, 64, 56, 56, 64, 3, 1),  # layer1 conv2
+    (8, 256, 56, 56, 64, 1, 1),  # layer1 conv1
+    (8, 128, 56, 56, 128, 3, 2),  # layer2.0 conv2 (strided 3x3)
+    (8, 512, 28, 28, 1024, 1, 2),  # layer3.0 downsample
+    (8, 512, 7, 7, 2048, 1, 1),  # layer4 conv3
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_gpu_triton_paths_match_eager(shape, dtype):
+    k, stride = shape[5], shape[6]
+    x, weight, affine, grad_y = _problem(shape, normalise_input=True)
+    expected = _eager_grads(x, weight, affine, grad_y, stride, k // 2)  # fp32 truth
+    for path in PATHS:
+        actual = _fused_grads(x, weight, affine, grad_y, stride, k // 2, dtype, path)
+        _compare(actual, expected, dtype, ["x", "weight", "gamma", "beta"])
+
+
+@pytest.mark.cuda
+def test_gpu_measured_choice_is_recorded_and_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv(dispatch.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
+    monkeypatch.delenv(dispatch.DISPATCH_ENV, raising=False)
+    shape = GPU_SHAPES[0]
+    x, weight, affine, grad_y = _problem(shape, normalise_input=True)
+    expected = _eager_grads(x, weight, affine, grad_y, 1, 1)
+    actual = _fused_grads(x, weight, affine, grad_y, 1, 1, torch.bfloat16, "auto")
+    _compare(actual, expected, torch.bfloat16, ["x", "weight", "gamma", "beta"])
+    entries = [d for d in dispatch.decisions() if d["key"].startswith("conv_stats_backward:")]
+    assert len(entries) == 1 and set(entries[0]["times_ms"]) == set(PATHS), entries
