@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of kernels/conv_train.py and kernels/bn_stats.py for sm_90 without a GPU.
+"""Compile the Triton kernels of kernels/conv_train.py, conv_train_bwd.py and bn_stats.py for sm_90 without a GPU.
 
 Triton's compiler and ptxas run on any machine; the interpreter never runs
 them, so this is what catches a kernel that only the GPU compiler rejects.
@@ -6,9 +6,14 @@ Run by tests/test_conv_train.py in a process without TRITON_INTERPRET. The
 specialisations are those of a real launch on channels_last bf16 tensors
 (channel strides 1, the other strides and sizes divisible by 16), so the
 software pipeline is checked too: it must stage A and B in shared memory.
+The backward kernels also go through ptxas (sm_90a), which must report no
+register spills at the tiles the launch helpers pick.
 """
 
 import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -18,6 +23,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 
 from fastresnet.kernels.bn_stats import _bn_stats_merge  # noqa: E402
 from fastresnet.kernels.conv_train import _conv_stats_fwd  # noqa: E402
+from fastresnet.kernels.conv_train_bwd import _conv_dgrad_bn, _conv_wgrad  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DIVISIBLE = ("x_ptr", "w_ptr", "out_ptr", "IN_C", "OUT_C", "stride_xn", "stride_xh", "stride_xw",
@@ -55,6 +61,71 @@ def conv_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_k=
     return compiled.metadata.shared
 
 
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spilled bytes) that ptxas gives the kernel on sm_90a."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True)
+    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr))
+    return registers, spills
+
+
+NORM_ON = {name: "*fp32" for name in NORM_POINTERS}
+NORM_OFF = dict.fromkeys(NORM_POINTERS)
+
+
+def check_backward_kernel(fn, label, pointers, constexprs, divisible, num_warps):
+    compiled = compile_for_hopper(fn, pointers, constexprs, divisible, num_warps=num_warps, num_stages=4)
+    assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{label}: loads not pipelined"
+    registers, spills = ptxas_report(compiled.asm["ptx"])
+    assert spills == 0, f"{label}: {spills} bytes of register spills ({registers} registers)"
+    print(f"{label}: {registers} registers, no spills, {compiled.metadata.shared} B shared")
+
+
+def wgrad_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_m=64, block_co=128, block_ci=128):
+    """_conv_wgrad as conv_wgrad launches it on a GPU (kernels/conv_train_bwd.py _wgrad_blocks)."""
+    pointers = {"grad_y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "part_ptr": "*fp32"}
+    constexprs = dict(
+        STRIDE_H=stride, STRIDE_W=stride, PAD_H=kernel // 2, PAD_W=kernel // 2, KH=kernel, KW=kernel,
+        NORM_INPUT=norm_input, HAS_PADDING=kernel > 1, DOT_IN_FP32=False, FP32_MODE=fp32_mode,
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_M=block_m, stride_gc=1, stride_xc=1,
+    )
+    if norm_input:
+        pointers.update(NORM_ON)
+    else:
+        constexprs.update(NORM_OFF)
+    divisible = ("grad_y_ptr", "x_ptr", "part_ptr", "IN_C", "OUT_C", "ROWS", "stride_gn", "stride_gh",
+                 "stride_gw", "stride_xn", "stride_xh", "stride_xw")
+    num_warps = 8 if block_co * block_ci >= 128 * 128 else 4
+    label = f"_conv_wgrad {kernel}x{kernel} stride {stride} norm_input={norm_input} {dtype} {block_co}x{block_ci}"
+    check_backward_kernel(_conv_wgrad, label, pointers, constexprs, divisible, num_warps)
+
+
+def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, block_n=128):
+    """_conv_dgrad_bn as conv_dgrad_bn launches it (kernels/conv.py _tile_config: 128x128 tiles)."""
+    pointers = {"grad_y_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "g_ptr": f"*{dtype}"}
+    constexprs = dict(
+        PAD_H=kernel // 2, PAD_W=kernel // 2, KH=kernel, KW=kernel, NORM_INPUT=norm_input,
+        DOT_IN_FP32=False, FP32_MODE=fp32_mode, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        stride_gc=1, stride_xc=1, stride_oc=1,
+    )
+    if norm_input:
+        pointers.update(NORM_ON, x_ptr=f"*{dtype}", sum_g_part_ptr="*fp32", sum_gx_part_ptr="*fp32")
+    else:
+        constexprs.update(NORM_OFF, x_ptr=None, sum_g_part_ptr=None, sum_gx_part_ptr=None)
+    divisible = ("grad_y_ptr", "w_ptr", "g_ptr", "IN_C", "OUT_C", "stride_gn", "stride_gh", "stride_gw",
+                 "stride_on", "stride_oh", "stride_ow") + (("x_ptr", "stride_xn", "stride_xh", "stride_xw")
+                                                            if norm_input else ())
+    num_warps = 8 if block_n >= 128 else 4
+    label = f"_conv_dgrad_bn {kernel}x{kernel} norm_input={norm_input} {dtype} 128x{block_n}"
+    check_backward_kernel(_conv_dgrad_bn, label, pointers, constexprs, divisible, num_warps)
+
+
 def main():
     for kernel, stride, norm_input in ((3, 1, True), (3, 2, False), (1, 1, True), (1, 2, False)):
         shared = conv_variant(kernel, stride, norm_input)
@@ -66,6 +137,16 @@ def main():
         dict(GROUP=32, BLOCK_C=64),
     )
     print("_bn_stats_merge: ok")
+    for kernel, stride, norm_input in ((3, 1, True), (3, 2, True), (1, 1, True), (1, 2, False)):
+        wgrad_variant(kernel, stride, norm_input)
+    wgrad_variant(1, 1, True, dtype="fp32", fp32_mode=1, block_m=32)  # fp32 inputs as tf32
+    wgrad_variant(3, 1, True, block_co=64, block_ci=64)  # the 64-channel convs of layer1
+    wgrad_variant(1, 1, True, block_co=128, block_ci=64)
+    for kernel, norm_input in ((3, True), (1, True), (3, False)):
+        dgrad_variant(kernel, norm_input)
+    dgrad_variant(1, True, dtype="fp32", fp32_mode=1, block_k=32)
+    dgrad_variant(3, True, block_n=64)  # 64 input channels: 128x64 tiles, 4 warps
+    print("backward kernels: ok")
 
 
 if __name__ == "__main__":

@@ -181,8 +181,9 @@ def test_conv_stats_on_gpu_at_a_resnet50_shape(dtype):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda tests compile the kernels for real")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter never runs Triton's compiler: tests/compile_conv_train_for_hopper.py builds the
-    conv and merge kernels for sm_90 in a process without TRITON_INTERPRET and checks that the conv's
-    loads are software-pipelined, so a change that breaks GPU compilation shows up on the CPU."""
+    conv, its backward (wgrad, dgrad) and merge kernels for sm_90 in a process without TRITON_INTERPRET,
+    checks that the convs' loads are software-pipelined and that the backward kernels do not spill
+    registers, so a change that breaks GPU compilation shows up on the CPU."""
     import os
     import subprocess
     import sys
@@ -193,3 +194,4 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "_bn_stats_merge: ok" in result.stdout
+    assert "backward kernels: ok" in result.stdout
