@@ -108,6 +108,17 @@ def test_backward_without_an_input_batchnorm(shape, path):
     _compare(actual, expected, torch.float32, ["x", "weight"])
 
 
+def test_triton_backward_of_contiguous_nchw_tensors():
+    """Kernels address every tensor by strides: NCHW (autograd may hand one over) is correct, only slower."""
+    shape = SHAPES[2]
+    x, weight, affine, grad_y = _problem(shape, normalise_input=True)
+    x, weight, grad_y = x.contiguous(), weight.contiguous(), grad_y.contiguous()
+    expected = _eager_grads(x, weight, affine, grad_y, 1, 1)
+    actual = _fused_grads(x, weight, affine, grad_y, 1, 1, torch.float32, "triton_bwd")
+    _compare(actual, expected, torch.float32, ["x", "weight", "gamma", "beta"])
+    assert actual[0].is_contiguous() and actual[1].is_contiguous()
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_wgrad_split_over_pixels_sums_the_partials(k):
     # 288 output pixels in two row ranges (256 + 32): the loop over pixel blocks and the partial sum.
