@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastresnet.kernels.conv import _dot_acc, _fp32_mode
+from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _tile_config
 from fastresnet.kernels.conv_train import _normalise_on_load
 
 
@@ -210,6 +210,13 @@ def _conv_dgrad_bn(
 # ---------------------------------------------------------------------------
 
 
+def _check_index_range(*tensors):
+    """The kernels index in int32."""
+    for t in tensors:
+        if t.numel() >= 2**31:
+            raise ValueError(f"tensor of shape {tuple(t.shape)} has >= 2**31 elements; split the batch")
+
+
 def _wgrad_blocks(m: int, out_c: int, in_c: int, taps: int, itemsize: int, interpreted: bool, device):
     """(BLOCK_CO, BLOCK_CI, BLOCK_M, split, num_warps, num_stages), chosen in Python per shape.
 
@@ -242,6 +249,7 @@ def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, 
     grad_y [N, Cout, OH, OW] and x [N, Cin, H, W], any layout (channels_last is the fast one);
     norm_input: None, or (mean, invstd, gamma, beta) fp32 [Cin], the BatchNorm + ReLU that the
     forward applied to x on load. split: row ranges reduced separately (default: per shape)."""
+    _check_index_range(grad_y, x)
     batch, in_c, in_h, in_w = x.shape
     _, _, out_h, out_w = grad_y.shape
     kh, kw = kernel_size
@@ -274,8 +282,7 @@ def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False
     With norm_input = (mean, invstd, gamma, beta) of a = relu(bn(x)): g = grad_a through the
     ReLU mask, in x's dtype and layout, and [P, Cin] fp32 partial sums of g and g * (x - mean).
     Without: g = grad_x and no partials (None)."""
-    from fastresnet.kernels.conv import _tile_config
-
+    _check_index_range(grad_y, x)
     batch, in_c, in_h, in_w = x.shape
     out_c, _, kh, kw = weight.shape
     _, _, out_h, out_w = grad_y.shape
