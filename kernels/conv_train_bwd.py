@@ -190,7 +190,8 @@ def _conv_dgrad_bn(
         x_rows = batch * stride_xn + in_h * stride_xh + in_w * stride_xw
         x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * stride_xc, mask=out_ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_in_ptr + offs_n, mask=n_ok, other=0.0)
-        scale = tl.load(invstd_in_ptr + offs_n, mask=n_ok, other=0.0) * tl.load(gamma_in_ptr + offs_n, mask=n_ok, other=0.0)
+        scale = tl.load(invstd_in_ptr + offs_n, mask=n_ok, other=0.0)
+        scale *= tl.load(gamma_in_ptr + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(beta_in_ptr + offs_n, mask=n_ok, other=0.0) - mean * scale
         z = x * scale[None, :] + shift[None, :]  # as the forward's prologue computed it
         g = tl.where(z > 0.0, acc, 0.0).to(g_ptr.dtype.element_ty)
