@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastresnet.kernels import bn_act
 from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _tile_config
 from fastresnet.kernels.conv_train import _normalise_on_load
 
@@ -313,3 +314,22 @@ def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return g, sum_g_part, sum_gx_part
+
+
+def batch_norm_bwd_from_g(g, x, norm_input, sum_g, sum_gxc):
+    """grad_x of a = relu(bn(x)) (batch statistics) from g = grad_a through the ReLU mask and its
+    two per-channel sums over all rows: the BatchNorm backward's elementwise pass alone
+    (kernels/bn_act.py `_affine_act_bwd_dx`, RELU off: g is already masked)."""
+    mean, invstd, gamma, beta = norm_input
+    n, c, h, w = x.shape
+    m = n * h * w
+    grad_x = torch.empty_like(x)
+    block_m, block_c, num_warps = bn_act._elementwise_blocks(x)
+    absent = bn_act.row_strides(None)
+    bn_act._affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+        g, x, None, grad_x, None, gamma, invstd, beta, mean, sum_g, sum_gxc,
+        m, c, h * w,
+        *bn_act.row_strides(g), *bn_act.row_strides(x), *absent, *bn_act.row_strides(grad_x), *absent,
+        RELU=False, BATCH_STATS=True, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return grad_x

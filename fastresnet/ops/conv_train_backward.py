@@ -105,26 +105,6 @@ def _bn_relu_backward(grad_a: Tensor, x: Tensor, norm) -> tuple[Tensor, Tensor, 
     return grad_x, sum_g, sum_gxc
 
 
-def _bn_backward_from_g(g: Tensor, x: Tensor, norm, sum_g: Tensor, sum_gxc: Tensor) -> Tensor:
-    """grad_x from g (grad_a through the ReLU mask) and the two sums: the elementwise pass alone."""
-    import triton
-
-    bn_act, _ = _kernels()
-    mean, invstd, gamma, beta = norm
-    n, c, h, w = x.shape
-    m = n * h * w
-    grad_x = torch.empty_like(x)
-    block_m, block_c, num_warps = bn_act._elementwise_blocks(x)
-    bn_act._affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-        g, x, None, grad_x, None, gamma, invstd, beta, mean, sum_g, sum_gxc,
-        m, c, h * w,
-        *bn_act.row_strides(g), *bn_act.row_strides(x), *bn_act.row_strides(None), *bn_act.row_strides(grad_x),
-        *bn_act.row_strides(None),
-        RELU=False, BATCH_STATS=True, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return grad_x
-
-
 def _triton_weight_grad(grad_y: Tensor, x: Tensor, weight: Tensor, norm, stride, padding) -> Tensor:
     _, conv_train_bwd = _kernels()
     packed = conv_train_bwd.conv_wgrad(
@@ -142,7 +122,7 @@ def _triton_input_grad(grad_y: Tensor, x: Tensor, weight: Tensor, norm, padding)
     if norm is None:
         return g, None, None
     sum_g, sum_gxc = sum_g_part.sum(0), sum_gx_part.sum(0)
-    return _bn_backward_from_g(g, x, norm, sum_g, sum_gxc), sum_g, sum_gxc
+    return conv_train_bwd.batch_norm_bwd_from_g(g, x, norm, sum_g, sum_gxc), sum_g, sum_gxc
 
 
 def _cudnn_grads(grad_y, a, weight, stride, padding, input_grad: bool, weight_grad: bool):
