@@ -106,6 +106,19 @@ def test_precision_variants_most_accurate_first_without_repeats():
     assert cudnn_graph.precision_variants(f32, True) == [(f32, f32)]
 
 
+def test_summarise_error_names_each_engine():
+    err = RuntimeError('no engine proposed a plan (the backend declined: No valid engine configs\n'
+                       '{"engineId":1,"smVersion":900,"knobChoices":{}}\n'
+                       'Warning: CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE; Reason: !isTypeSupported\n'
+                       'Warning: CUDNN_STATUS_NOT_SUPPORTED; Reason: finalize_internal()\n'
+                       '{"engineId":3,"smVersion":900}\nWarning: CUDNN_STATUS_NOT_SUPPORTED_SHAPE; Reason: c % 8\n)')
+    summary = cudnn_graph.summarise_error(err)
+    assert summary.startswith("no engine proposed a plan")
+    assert "engine 1: CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE; Reason: !isTypeSupported" in summary
+    assert "engine 3: CUDNN_STATUS_NOT_SUPPORTED_SHAPE" in summary and "finalize_internal" not in summary
+    assert cudnn_graph.summarise_error(ValueError()) == "ValueError"
+
+
 # ---------------------------------------------------------------------------
 # Statistics from sum and sum of squares, and the first-call guard
 # ---------------------------------------------------------------------------

@@ -216,8 +216,9 @@ def describe_graph(key: GraphKey, scale_dtype: torch.dtype, inter_dtype: torch.d
         io_data_type=_cudnn_type(key.dtype), intermediate_data_type=_cudnn_type(inter_dtype),
         compute_data_type=cudnn.data_type.FLOAT, **graph_kwargs,
     )
-    x = g.tensor(name="x", dim=list(key.x_shape), stride=channels_last_strides(key.x_shape), data_type=_cudnn_type(key.dtype))
-    w = g.tensor(name="w", dim=list(key.w_shape), stride=channels_last_strides(key.w_shape), data_type=_cudnn_type(key.dtype))
+    io_type = _cudnn_type(key.dtype)
+    x = g.tensor(name="x", dim=list(key.x_shape), stride=channels_last_strides(key.x_shape), data_type=io_type)
+    w = g.tensor(name="w", dim=list(key.w_shape), stride=channels_last_strides(key.w_shape), data_type=io_type)
     scale = bias = None
     conv_input = x
     if key.prologue:  # per-channel [1, C, 1, 1] operands broadcast over N, H, W
@@ -289,14 +290,26 @@ def _build(key: GraphKey) -> _Entry:
                 described = describe_graph(key, scale_dtype, inter_dtype, handle=_handle(key.device_index))
                 built = finalise_graph(plan_graph(described))
         except Exception as err:  # no engine for this precision (or shape): try the next
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            failures.append(f"scale {scale_dtype}, intermediate {inter_dtype}: {first_line[:200]}")
+            failures.append(f"scale {scale_dtype}, intermediate {inter_dtype}: {summarise_error(err)}")
             continue
         status = f"built (scale/bias {scale_dtype}, intermediates {inter_dtype})"
         log.info("cudnn_graph %s: %s", key, status)
         return _Entry(built, status)
     log.info("cudnn_graph %s: unsupported: %s", key, "; ".join(failures))
     return _Entry(None, "unsupported: " + "; ".join(failures))
+
+
+def summarise_error(err: Exception, limit: int = 600) -> str:
+    """cuDNN's refusal in a line: its first line, then each engine tried and the first reason it gave."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    parts = [lines[0][:160]]
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith('{"engineId"'):
+            engine = line.split(",")[0].removeprefix('{"engineId":')
+            parts.append(f"engine {engine}: {lines[i + 1].removeprefix('Warning: ')[:160]}")
+    return " | ".join(parts)[:limit]
 
 
 def _entry(key: GraphKey) -> _Entry:
