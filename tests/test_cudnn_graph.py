@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastresnet import convert
-from fastresnet.ops import cudnn_graph
+from fastresnet.ops import cudnn_graph, dispatch
 from fastresnet.ops.cudnn_graph import GraphKey, channels_last_strides, graph_key, stats_from_sums
 from fastresnet.reference import conv_stats_reference
 from fastresnet.testing import assert_as_accurate_as, assert_close
@@ -47,6 +47,14 @@ def test_no_candidate_without_cuda():
     assert "cudnn_graph" not in block.candidate_paths(x)
     with pytest.raises(RuntimeError, match="CUDA"):
         cudnn_graph.conv_stats_graph(x, torch.randn(8, 16, 1, 1))
+
+
+def test_dispatch_key_names_the_candidates():
+    # A path that appears later (the package installed) must not be shadowed by a cached older choice.
+    block = convert(BasicBlock(8, 8), mode="train")
+    x = _channels_last(torch.randn(2, 8, 4, 4))
+    assert block._problem_key(x, ["triton", "mixed", "cudnn_graph", "eager"]).endswith(":triton|mixed|cudnn_graph|eager")
+    assert block._problem_key(x, ["triton", "eager"]) != block._problem_key(x, ["triton", "cudnn_graph", "eager"])
 
 
 def test_imports_cleanly_without_the_package():
@@ -341,8 +349,8 @@ def _gpu_block(kind):
     return block.cuda().to(memory_format=torch.channels_last), inplanes
 
 
-def _built_statuses():
-    return [r["status"] for r in cudnn_graph.report()]
+def _built_statuses(dtype=None):
+    return [r["status"] for r in cudnn_graph.report() if dtype is None or r["key"].dtype == dtype]
 
 
 @pytest.mark.cuda
@@ -352,20 +360,19 @@ def _built_statuses():
 def test_gpu_cudnn_graph_path_matches_eager(kind, dtype):
     """Forward, every gradient and the running statistics of the cudnn_graph path against eager
     (low precision: as accurate as eager autocast, both judged against fp32 with TF32 off)."""
-    cudnn_graph.clear_cache()
     ref, inplanes = _gpu_block(kind)
     fused = convert(copy.deepcopy(ref), mode="train")
     exact = copy.deepcopy(ref)
     x = _channels_last(torch.randn(16, inplanes, 28, 28, device="cuda"))
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 means fp32, backward included
         out_e = exact(x.clone().requires_grad_())
         out_e.sum().backward()
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out_f = fused.run_path("cudnn_graph", x.clone().requires_grad_())
             out_r = ref(x.clone().requires_grad_())
+        out_f.float().sum().backward()
+        out_r.float().sum().backward()
     assert out_f.is_contiguous(memory_format=torch.channels_last)
-    out_f.float().sum().backward()
-    out_r.float().sum().backward()
     if dtype == torch.float32:
         assert_close(out_f, out_e, atol=5e-3, rtol=5e-3, name="output")  # cuDNN's fp32 graph may use TF32
         for (name, p), e in zip(fused.named_parameters(), exact.parameters()):
@@ -377,7 +384,7 @@ def test_gpu_cudnn_graph_path_matches_eager(kind, dtype):
             assert_as_accurate_as(p.grad, q.grad, e.grad, name=f"grad {name}")
     for (name, a), b in zip(fused.named_buffers(), ref.buffers()):
         assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-2, name=name)
-    statuses = _built_statuses()
+    statuses = _built_statuses(dtype)
     assert not any(s.startswith("rejected") for s in statuses), statuses
     if not any(s.startswith("built") for s in statuses):
         pytest.skip(f"results right, but through the unfused fallback: cuDNN built no graph for {dtype}: {statuses}")
@@ -404,3 +411,19 @@ def test_gpu_cudnn_graph_builds_for_resnet50_convs():
         built[str(dtype)] = [r["status"] for r in cudnn_graph.report() if r["key"].dtype == dtype]
     print(json.dumps(built, indent=1))
     assert any(all(s.startswith("built") for s in statuses) for statuses in built.values()), built
+
+
+@pytest.mark.cuda
+@needs_package
+def test_gpu_measured_dispatch_times_the_cudnn_graph_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    dispatch.clear_memory()
+    ref, inplanes = _gpu_block("basic")
+    fused = convert(copy.deepcopy(ref), mode="train")
+    x = _channels_last(torch.randn(16, inplanes, 28, 28, device="cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused(x)
+    (decision,) = [d for d in dispatch.decisions() if d["key"].startswith("fused_train_block")]
+    print(json.dumps({**decision, "cudnn_graphs": _built_statuses()}, indent=1))
+    assert "cudnn_graph" in decision["key"].rsplit(":", 1)[-1]
+    assert "cudnn_graph" in decision["times_ms"], decision  # timed, not failed
