@@ -331,6 +331,29 @@ def test_cudnn_validates_the_graphs_and_plans_fp16_for_an_h100():
     assert (torch.float16, False, torch.float16) in planned, planned
 
 
+@needs_package
+@pytest.mark.parametrize("prologue", [True, False])
+def test_variant_pack_fills_every_operand_cuDNN_wants(prologue):
+    # The frontend's own variant-pack check (before any GPU work) on the buffers execute() passes.
+    try:
+        props = cudnn_graph._cudnn().create_device_properties(json.dumps(H100_PROPERTIES))
+    except Exception as err:
+        pytest.skip(f"this cuDNN does not take the device-properties description: {err}")
+    key = graph_key((4, 16, 8, 8), (32, 16, 3, 3), torch.float16, (2, 2), (1, 1), prologue)
+    built = cudnn_graph.plan_graph(cudnn_graph.describe_graph(key, torch.float16, torch.float32, device_property=props))
+    if not hasattr(built.graph, "_normalize"):
+        pytest.skip("this nvidia-cudnn-frontend has no variant-pack normalisation to ask")
+    x, w = torch.randn(key.x_shape, dtype=torch.float16), torch.randn(key.w_shape, dtype=torch.float16)
+    scale, bias = (torch.rand(16), torch.randn(16)) if prologue else (None, None)
+    pack, y, sums, _ = cudnn_graph.variant_pack(built, key, x, w, scale, bias)
+    assert y.shape == (4, 32, 4, 4) and y.is_contiguous(memory_format=torch.channels_last) and sums.shape == (1, 32, 1, 1)
+    workspace = torch.empty(16, dtype=torch.uint8)
+    assert built.graph._normalize(built.graph._uid_to_data(pack), workspace) is not None
+    del pack[built.y]
+    with pytest.raises(ValueError, match="missing a buffer"):
+        built.graph._normalize(built.graph._uid_to_data(pack), workspace)
+
+
 # ---------------------------------------------------------------------------
 # GPU: the real graphs through whole blocks
 # ---------------------------------------------------------------------------

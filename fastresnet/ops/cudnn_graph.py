@@ -349,20 +349,25 @@ def _channels_last(t: Tensor) -> Tensor:
     return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
-def _execute(built: _Graph, key: GraphKey, x: Tensor, weight: Tensor, scale: Optional[Tensor],
-             bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(y NHWC, sum, sum of squares) of one run of the graph."""
-    device = x.device
-    y = torch.empty(key.y_shape, device=device, dtype=x.dtype, memory_format=torch.channels_last)
-    c_out = key.w_shape[0]
-    sums = torch.zeros(1, c_out, 1, 1, device=device, dtype=torch.float32)  # zeroed: as the frontend's samples
+def variant_pack(built: _Graph, key: GraphKey, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+                 bias: Optional[Tensor]) -> tuple[dict, Tensor, Tensor, Tensor]:
+    """(the graph's tensor -> buffer map, y, sum, sum of squares): inputs made NHWC, outputs allocated."""
+    y = torch.empty(key.y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    sums = torch.zeros(1, key.w_shape[0], 1, 1, device=x.device, dtype=torch.float32)  # zeroed, as NVIDIA's samples
     sq_sums = torch.zeros_like(sums)
     pack = {built.x: _channels_last(x), built.w: _channels_last(weight), built.y: y, built.sums: sums,
             built.sq_sums: sq_sums}
     if key.prologue:
         pack[built.scale] = scale.to(built.scale_dtype).reshape(1, -1, 1, 1).contiguous()
         pack[built.bias] = bias.to(built.scale_dtype).reshape(1, -1, 1, 1).contiguous()
-    workspace = torch.empty(max(built.workspace_bytes, 1), device=device, dtype=torch.uint8)
+    return pack, y, sums, sq_sums
+
+
+def _execute(built: _Graph, key: GraphKey, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+             bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y NHWC, sum, sum of squares) of one run of the graph."""
+    pack, y, sums, sq_sums = variant_pack(built, key, x, weight, scale, bias)
+    workspace = torch.empty(max(built.workspace_bytes, 1), device=x.device, dtype=torch.uint8)
     built.graph.execute(pack, workspace, handle=_handle(key.device_index))
     return y, sums, sq_sums
 
