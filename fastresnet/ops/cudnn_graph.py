@@ -45,9 +45,10 @@ Statistics: sum and sum of squares, and how that is guarded.
   - The first call for each graph also computes the statistics of the same
     output with a two-pass fp32 reduction and recomputes the conv unfused;
     if the output or the statistics disagree beyond ACCURACY (judged by
-    their effect on the normalised output), the graph is rejected for good: that call and every
-    later one return the unfused path's results, and candidate checks report
-    it unsupported, so the dispatch never picks it again for that shape.
+    their effect on the normalised output), the graph is rejected for good:
+    that call and every later one return the unfused path's results (what
+    the dispatch then times, the check running in its untimed warm-up), and
+    report() / unsupported_reason() say why.
   What is not guarded: data whose mean drifts far from zero relative to its
   spread *after* the first call (a per-call check would need a host sync).
   Use FASTRESNET_DISPATCH to rule the candidate out for such models.
@@ -66,6 +67,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from fastresnet.ops.conv_train import (
+    _check_conv_inputs, _empty_output, _like, _pair, conv_stats_input_grads, save_conv_stats_context,
+)
+from fastresnet.reference import normalise_act_reference
 
 log = logging.getLogger("fastresnet.cudnn_graph")
 
@@ -400,8 +406,6 @@ def _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, 
 
 def _check_first_call(entry: _Entry, key: GraphKey, x, weight, y, mean, var_biased, norm, stride, padding, eps):
     """Compare the first call against the unfused conv and a two-pass reduction; reject on disagreement."""
-    from fastresnet.reference import normalise_act_reference
-
     entry.checked = True
     a = x if norm is None else normalise_act_reference(x, *norm)
     y_ref = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1)
@@ -425,8 +429,6 @@ def _conv_stats_graph_op(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var) as fastresnet::conv_stats, from one cuDNN graph."""
-    from fastresnet.ops.conv_train import _empty_output, _like
-
     norm = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
     key = graph_key(x.shape, weight.shape, x.dtype, stride, padding, norm is not None, x.device.index or 0)
     entry = _entry(key)
@@ -448,27 +450,19 @@ def _conv_stats_graph_op(
 
 @_conv_stats_graph_op.register_fake
 def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
-    from fastresnet.ops.conv_train import _empty_output
-
     out = _empty_output(x, weight, stride, padding)
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
     return out, stat, torch.empty_like(stat), torch.empty_like(stat)
 
 
-def _setup_context(ctx, inputs, output):
-    from fastresnet.ops.conv_train import save_conv_stats_context
-
-    save_conv_stats_context(ctx, inputs, output)
-
-
 def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     """conv_stats' backward: the statistics mean the same, so the gradients are the same."""
-    from fastresnet.ops.conv_train import conv_stats_input_grads
-
     return (*conv_stats_input_grads(ctx, grad_y), None, None, None)
 
 
-torch.library.register_autograd("fastresnet::conv_stats_cudnn_graph", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "fastresnet::conv_stats_cudnn_graph", _backward, setup_context=save_conv_stats_context
+)
 
 
 def conv_stats_graph(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5,
@@ -478,8 +472,6 @@ def conv_stats_graph(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float 
     Needs CUDA and nvidia-cudnn-frontend; where cuDNN has no engine for the
     graph, or rejected it on its first call, the op runs conv_stats' unfused
     cuDNN path instead (check with unsupported_reason() or report())."""
-    from fastresnet.ops.conv_train import _check_conv_inputs, _pair
-
     _check_conv_inputs(x, weight, norm_input)
     reason = unavailable_reason(x.device)
     if reason is not None:
