@@ -209,6 +209,7 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(cudnn_graph, "_entry", entry)
     monkeypatch.setattr(cudnn_graph, "_handle", lambda device_index: None)
     monkeypatch.setattr(cudnn_graph, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(cudnn_graph, "_cudnn", lambda: pytest.fail("the stand-in must not reach the package"))
     return verdicts, entries
 
 
@@ -254,7 +255,7 @@ def test_op_forward_gradients_and_statistics(stand_in, verdict):
         assert all(e.checked and e.graph.graph.runs == 1 for e in entries.values())
 
 
-def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in):
+def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in, monkeypatch):
     # An NCHW input: the graph runs NHWC, the op returns what its fake promised (x's layout).
     x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3)
     y, mean, invstd, var = cudnn_graph.conv_stats_graph(x, w, 1, 1)
@@ -262,6 +263,7 @@ def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in):
     assert y.is_contiguous() and y.shape == ref.shape
     assert_close(y, ref, atol=1e-4, rtol=1e-4, name="y")
     compiled = torch.compile(lambda a, b: cudnn_graph.conv_stats_graph(a, b, 1, 1)[0], fullgraph=True, backend="eager")
+    monkeypatch.setattr(cudnn_graph, "unavailable_reason", lambda device: pytest.fail("probed while compiling"))
     assert_close(compiled(x, w), ref, atol=1e-4, rtol=1e-4, name="compiled y")
 
 

@@ -473,7 +473,9 @@ def conv_stats_graph(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float 
     graph, or rejected it on its first call, the op runs conv_stats' unfused
     cuDNN path instead (check with unsupported_reason() or report())."""
     _check_conv_inputs(x, weight, norm_input)
-    reason = unavailable_reason(x.device)
+    # Under torch.compile the eager call that chose this path has checked (and the import probe
+    # is not traceable); the op itself is opaque to the compiler.
+    reason = None if torch.compiler.is_compiling() else unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"conv_stats_graph: {reason}")
     stride, padding = _pair(stride), _pair(padding)
