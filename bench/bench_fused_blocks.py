@@ -7,6 +7,11 @@ Providers, same run, same device (GPU: batch 256, bf16 autocast, channels_last):
   fused_triton  the converted block forced onto the Triton path (statistics in the conv epilogue,
                 normalise-on-load): what the kernels alone achieve
   fused_mixed   forced onto the mixed path (Triton 1x1 convs, cuDNN 3x3 convs, the same ops)
+  cudnn_graph   forced onto the cudnn_graph path: cuDNN's own fusion of the same thing (one cuDNN
+                graph per conv: BN + ReLU on load, sum / sum of squares in the epilogue), the
+                baseline the Triton kernels must beat; needs nvidia-cudnn-frontend (pip install
+                'fastresnet[cudnn]') and a GPU, else skipped with the reason. extra_info
+                `cudnn_graphs` says how many of the block's convs cuDNN served (the rest ran unfused).
 Every stage shape of ResNet-50 (Bottleneck) and ResNet-18 (BasicBlock); with
 FASTRESNET_BENCH_SHORT=1 one strided and one identity block of each kind (compile time).
 
@@ -28,6 +33,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import harness
 from fastresnet import convert
+from fastresnet.ops import cudnn_graph
 from fastresnet.testing import assert_close
 
 # (name, block class, inplanes, planes, stride, input side at batch 256 / 224 px)
@@ -49,7 +55,7 @@ SHAPES = [
     ("r18.layer4.1", BasicBlock, 512, 512, 1, 7),
 ]
 SHORT_SHAPES = ("r50.layer2.0", "r50.layer3.1", "r18.layer2.0", "r18.layer3.1")
-PROVIDERS = ["torchvision", "compile", "fused", "fused_triton", "fused_mixed"]
+PROVIDERS = ["torchvision", "compile", "fused", "fused_triton", "fused_mixed", "cudnn_graph"]
 
 
 def _shapes():
@@ -126,6 +132,14 @@ def _build(provider, reference, x):
             pytest.skip("torch.compile of a block's training step takes too long on this CPU")
         return torch.compile(reference), None
     fused = convert(copy.deepcopy(reference), mode="train")
+    if provider == "cudnn_graph":
+        reason = cudnn_graph.unavailable_reason(dev)
+        if reason is not None:
+            pytest.skip(reason)
+        if not fused._triton_supported(x):  # its statistics and backward run the Triton kernels
+            pytest.skip("the block is outside the Triton kernels' range (int32 indexing)")
+        cudnn_graph.clear_cache()  # so that report() lists this block's graphs only
+        return fused, "cudnn_graph"
     if provider in ("fused_triton", "fused_mixed"):
         if dev.type != "cuda" or not fused._triton_supported(x):
             pytest.skip("the Triton path needs a GPU (the interpreter's is correct but meaningless to time)")
@@ -143,7 +157,7 @@ def test_block_train_step(benchmark, shape, provider, monkeypatch):
     reference = _make_block(cls, inplanes, planes, stride, dev)
     x = _input(inplanes, side, dev)
     model, path = _build(provider, reference, x)
-    if provider.startswith("fused"):  # correctness against torchvision's block before timing
+    if provider.startswith("fused") or provider == "cudnn_graph":  # correctness against torchvision's block first
         with harness.autocast(dev):
             expected = copy.deepcopy(reference)(x)
             actual = model(x) if path is None else model.run_path(path, x)
@@ -153,7 +167,11 @@ def test_block_train_step(benchmark, shape, provider, monkeypatch):
     step()  # the first call measures the fused block's paths / compiles
     peak = _peak_memory(step, dev)
     chosen = ",".join(sorted(set(getattr(model, "_paths", {}).values()))) or provider
+    extra = {}
+    if provider == "cudnn_graph":  # the graphs of this block's shapes: built, unsupported or rejected
+        statuses = [r["status"] for r in cudnn_graph.report()]
+        extra["cudnn_graphs"] = f"{sum(s.startswith('built') for s in statuses)} of {len(statuses)} built"
     harness.run(
         benchmark, step, dev=dev, group=f"{name} fwd+bwd", provider=provider, baseline=provider == "torchvision",
-        images=x.shape[0], bytes=_activation_bytes(reference, x), peak_memory_bytes=peak, path=chosen,
+        images=x.shape[0], bytes=_activation_bytes(reference, x), peak_memory_bytes=peak, path=chosen, **extra,
     )

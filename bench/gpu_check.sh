@@ -45,7 +45,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-stage install 120 python3 -m pip install --no-deps --no-build-isolation -e .
+stage install 120 bash -c 'python3 -m pip install --no-deps --no-build-isolation -e . && if [ -d wheels ]; then python3 -m pip install --no-deps --no-index wheels/*.whl; fi'  # wheels/: optional extras carried along (nvidia-cudnn-frontend)
 stage ceilings 60 python3 bench/ceilings.py --out "$out/ceilings.json"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
 stage cuda-tests "${CUDA_TEST_SECONDS:-$stage_seconds}" python3 -m pytest tests -m cuda -q -p no:cacheprovider -rf

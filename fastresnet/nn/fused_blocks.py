@@ -1,6 +1,6 @@
 """Fused ResNet blocks for training: statistics in the conv epilogue, normalise-on-load in the next conv.
 
-In training a bottleneck runs, per shape, the fastest of four paths (the
+In training a bottleneck runs, per shape, the fastest of five paths (the
 choice measured once on the GPU, forward + backward, and cached on disk by
 fastresnet.ops.dispatch; the eager path is always a candidate, so a block is
 never slower than the unfused one by construction):
@@ -11,6 +11,11 @@ never slower than the unfused one by construction):
                  backward recomputes it (fastresnet.ops.conv_train).
   "mixed"        the same ops, with cuDNN running the KxK convs (the normalised input written
                  transiently for it, its statistics in a separate pass) and Triton the 1x1 ones.
+  "cudnn_graph"  cuDNN's own fusion of the same thing: every conv one cuDNN graph (the previous
+                 BatchNorm + ReLU applied on load, sum and sum of squares of the output in its
+                 epilogue; fastresnet.ops.cudnn_graph), then bn_act_stats; the backward as "triton".
+                 Offered only on CUDA with the optional nvidia-cudnn-frontend package: the
+                 baseline the Triton kernels must beat.
   "cudnn_bnact"  cuDNN convs, each BatchNorm (+ add) + ReLU as one fused Triton op
                  (fastresnet.ops.batch_norm_act).
   "eager"        exactly torchvision's forward.
@@ -40,11 +45,12 @@ from torch import Tensor
 
 from fastresnet import backend
 from fastresnet.nn import inference_blocks
-from fastresnet.ops import dispatch
+from fastresnet.ops import cudnn_graph, dispatch
 from fastresnet.ops.conv import compute_dtype
 from fastresnet.ops.conv_train import bn_act_stats, conv_stats
 
-PATHS = ("triton", "mixed", "cudnn_bnact", "eager")
+PATHS = ("triton", "mixed", "cudnn_graph", "cudnn_bnact", "eager")
+CONV_STATS_PATHS = ("triton", "mixed", "cudnn_graph")  # paths through conv_stats-like ops
 FIXED_PATH = "eager"
 
 
@@ -95,7 +101,7 @@ def _conv_supported(conv: nn.Module) -> bool:
 
 
 class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
-    """Shared machinery: the four training paths, their per-shape choice, eval via the inference block."""
+    """Shared machinery: the training paths, their per-shape choice, eval via the inference block."""
 
     def __init__(self, block: nn.Module):
         super().__init__(block)
@@ -108,8 +114,8 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         """The training forward through one named path (benchmarks and tests call it directly)."""
-        if path in ("triton", "mixed"):
-            return self._forward_conv_stats(x, cudnn_kxk=path == "mixed")
+        if path in CONV_STATS_PATHS:
+            return self._forward_conv_stats(x, path)
         if path in ("cudnn_bnact", "eager"):
             return self._forward_unfused(x, fused_bn=path == "cudnn_bnact")
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
@@ -142,16 +148,22 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
 
     # -- the fused path ----------------------------------------------------
 
-    def _conv_bn_stats(self, conv, bn, x, norm_input=None, cudnn_kxk=False):
+    def _conv_bn_stats(self, conv, bn, x, norm_input=None, path="triton"):
+        """The raw conv output and its BatchNorm's (mean, invstd, gamma, beta), running stats updated."""
         weight = conv.weight.to(x.dtype)
-        use_cudnn = cudnn_kxk and tuple(conv.kernel_size) != (1, 1)
-        y, mean, invstd, var_unbiased = conv_stats(
-            x, weight, conv.stride, conv.padding, bn.eps, norm_input, use_cudnn
-        )
+        if path == "cudnn_graph":
+            y, mean, invstd, var_unbiased = cudnn_graph.conv_stats_graph(
+                x, weight, conv.stride, conv.padding, bn.eps, norm_input
+            )
+        else:
+            use_cudnn = path == "mixed" and tuple(conv.kernel_size) != (1, 1)
+            y, mean, invstd, var_unbiased = conv_stats(
+                x, weight, conv.stride, conv.padding, bn.eps, norm_input, use_cudnn
+            )
         _update_running_stats(bn, mean, var_unbiased)
         return y, (mean, invstd, *_affine(bn, x))
 
-    def _fused_shortcut(self, x: Tensor, cudnn_kxk: bool) -> Optional[Tensor]:
+    def _fused_shortcut(self, x: Tensor, path: str) -> Optional[Tensor]:
         if not self.residual:
             return None
         if self.downsample is None:
@@ -162,16 +174,16 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         prefix, conv, bn = projection
         for module in prefix:
             x = module(x)
-        y, stats = self._conv_bn_stats(conv, bn, x, cudnn_kxk=cudnn_kxk)
+        y, stats = self._conv_bn_stats(conv, bn, x, path=path)
         return bn_act_stats(y, *stats, relu=False)
 
-    def _forward_conv_stats(self, x: Tensor, cudnn_kxk: bool = False) -> Tensor:
+    def _forward_conv_stats(self, x: Tensor, path: str = "triton") -> Tensor:
         x = x.to(compute_dtype(x))
-        shortcut = self._fused_shortcut(x, cudnn_kxk)
+        shortcut = self._fused_shortcut(x, path)
         out, stats = x, None
         for i in range(1, self.num_convs + 1):
             conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
-            out, stats = self._conv_bn_stats(conv, bn, out, stats, cudnn_kxk)
+            out, stats = self._conv_bn_stats(conv, bn, out, stats, path)
         return bn_act_stats(out, *stats, residual=shortcut, relu=True)
 
     # -- choosing the path -------------------------------------------------
@@ -194,21 +206,35 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         if not backend.use_triton(x):
             return ["eager"]
         paths = ["triton"] if self._triton_supported(x) else []
-        if x.is_cuda:  # "mixed" of a block without 1x1 convs: all cuDNN, still nothing normalised saved
-            paths += (["mixed"] if paths else []) + ["cudnn_bnact"]
+        if x.is_cuda:
+            if paths:  # "mixed" of a block without 1x1 convs: all cuDNN, still nothing normalised saved
+                paths.append("mixed")
+                if self._cudnn_graph_offered(x):  # its statistics and backward use the Triton kernels
+                    paths.append("cudnn_graph")
+            paths.append("cudnn_bnact")
         return paths + ["eager"]
+
+    def _cudnn_graph_offered(self, x: Tensor) -> bool:
+        """The package imports, the device is CUDA, and the input is NHWC (the layout cuDNN's fused
+        engines take). Whether cuDNN has an engine for each conv is learnt on its first call
+        (fastresnet.ops.cudnn_graph.report()); where it has none, that conv runs unfused."""
+        return cudnn_graph.unavailable_reason(x.device) is None and x.is_contiguous(memory_format=torch.channels_last)
 
     def _signature(self, x: Tensor) -> tuple:
         layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "any"
         return (tuple(x.shape), x.dtype, compute_dtype(x), layout, x.device.type)
 
-    def _problem_key(self, x: Tensor) -> str:
+    def _problem_key(self, x: Tensor, paths: Optional[list[str]] = None) -> str:
+        """The dispatch cache's key; it names the candidate paths, so that a path that becomes
+        available later (nvidia-cudnn-frontend installed) is measured rather than shadowed by an
+        older choice made without it."""
         convs = ",".join(
             f"{c.out_channels}x{c.in_channels}k{c.kernel_size[0]}s{c.stride[0]}" for c, _ in self._conv_bn_pairs()
         )
         shape, dtype, cdtype, layout, _ = self._signature(x)
-        return (f"fused_train_block:{type(self).__name__}:res{int(self.residual)}:{convs}:x{'x'.join(map(str, shape))}"
-                f":{str(dtype).removeprefix('torch.')}:{str(cdtype).removeprefix('torch.')}:{layout}")
+        key = (f"fused_train_block:{type(self).__name__}:res{int(self.residual)}:{convs}:x{'x'.join(map(str, shape))}"
+               f":{str(dtype).removeprefix('torch.')}:{str(cdtype).removeprefix('torch.')}:{layout}")
+        return key if paths is None else f"{key}:{'|'.join(paths)}"
 
     def _path_for(self, x: Tensor) -> str:
         signature = self._signature(x)
@@ -232,7 +258,7 @@ class _TrainingFusedBlock(inference_blocks._FusedResNetBlock):
         saved = [b.detach().clone() for b in self.buffers()]
         try:
             candidates = {path: (lambda p=path: self._timed_step(p, x)) for path in paths}
-            return dispatch.choose(self._problem_key(x), candidates, FIXED_PATH, x.device)
+            return dispatch.choose(self._problem_key(x, paths), candidates, FIXED_PATH, x.device)
         finally:  # timing steps must not count as training steps
             with torch.no_grad():
                 for buffer, value in zip(self.buffers(), saved):

@@ -165,15 +165,19 @@ def _(grad_y, x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding,
     return grad_x, torch.empty_like(weight), channel, torch.empty_like(channel)
 
 
-def _conv_stats_setup_context(ctx, inputs, output):
-    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, _, _, backward = inputs
+def save_conv_stats_context(ctx, inputs, output, backward: str = "auto"):
+    """setup_context of every op with conv_stats' leading inputs (x, weight, in_mean, in_invstd,
+    in_gamma, in_beta, stride, padding, ...) and outputs (y, mean, invstd, var): the cuDNN-graph
+    op of fastresnet.ops.cudnn_graph shares this backward (with the measured backward path)."""
+    x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding = inputs[:8]
     _, mean, invstd, var_unbiased = output
     ctx.save_for_backward(x, weight, in_mean, in_invstd, in_gamma, in_beta)
     ctx.stride, ctx.padding, ctx.backward = list(stride), list(padding), backward
     ctx.mark_non_differentiable(mean, invstd, var_unbiased)
 
 
-def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
+def conv_stats_input_grads(ctx, grad_y) -> tuple:
+    """Gradients of (x, weight, in_mean, in_invstd, in_gamma, in_beta), None where not needed."""
     x, weight, in_mean, in_invstd, in_gamma, in_beta = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_w, grad_gamma, grad_beta = torch.ops.fastresnet.conv_stats_backward(
@@ -187,12 +191,16 @@ def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
         None,
         grad_gamma if norm and needs[4] else None,
         grad_beta if norm and needs[5] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
     )
+
+
+def _conv_stats_setup_context(ctx, inputs, output):
+    save_conv_stats_context(ctx, inputs, output, backward=inputs[10])
+
+
+def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
+    # No gradients for stride, padding, eps, use_cudnn and backward.
+    return (*conv_stats_input_grads(ctx, grad_y), None, None, None, None, None)
 
 
 torch.library.register_autograd(
