@@ -18,10 +18,10 @@
 # what is left, so the run ends in time. A stage that runs out gets SIGINT
 # first, so pytest still writes the benchmarks it finished.
 # Switches: CUDA_TEST_SECONDS (the CUDA tests' limit), BENCH_FILES (space-separated
-# pytest paths, in order; a node id such as
-# 'bench/bench_fused_train_step.py::test_resnet50_train_step[fastresnet_eager]' runs one
-# case; BENCH_FILES="" runs none), SKIP_STAGES (e.g. "ceilings cuda-tests" for a second
-# call), PYTEST_WORKERS (parallel CUDA tests, default 4; 0 = serial).
+# benchmark files, in order; FILE@WORDS runs the cases that `pytest -k WORDS` selects, e.g.
+# bench/bench_fused_train_step.py@eager; BENCH_FILES="" runs none), SKIP_STAGES (e.g.
+# "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 4;
+# 0 = serial).
 #
 # Seconds per stage, expected on an H100/H200 (session 1 on the H200, serial tests):
 #   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial, ~100-130 with -n 4 (Triton and
@@ -134,13 +134,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
 stage ceilings python3 bench/ceilings.py --out "$out/ceilings.json"
 stage cuda-tests bash -c run_cuda_tests
 files=${BENCH_FILES-$(benchmark_files)}
-set -f  # node ids hold [brackets]: no globbing of them
-for file in $files; do
-    name=$(basename "${file%%::*}" .py)
-    stage "$name" python3 -m pytest "$file" --benchmark -q -p no:cacheprovider \
+for entry in $files; do  # FILE or FILE@KEYWORDS (pytest -k KEYWORDS)
+    file=${entry%%@*}
+    name=$(basename "$file" .py)
+    select=()
+    if [[ $entry == *@* ]]; then
+        select=(-k "${entry#*@}")
+        name+="-$(printf '%s' "${entry#*@}" | tr -c 'A-Za-z0-9_.-' '_')"
+    fi
+    stage "$name" python3 -m pytest "$file" "${select[@]}" --benchmark -q -p no:cacheprovider \
         --benchmark-json="$out/logs/$name.json" --benchmark-columns=median,iqr,rounds
 done
-set +f
 
 jsons=$(ls "$out"/logs/bench_*.json 2>/dev/null)
 if [ -n "$jsons" ]; then
