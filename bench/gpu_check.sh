@@ -31,13 +31,14 @@
 #   (two training-step compiles; inductor's cache helps on the same machine) | bench_bn_act,
 #   bench_fused_blocks, bench_conv 40-90 each | bench_models, bench_data, bench_experiments 60-90.
 #
-# Fitting 15 minutes of device time (machine start 1-2 min each, counted): two calls.
+# Fitting 15 minutes of device time (machine start 1-2 min each, counted): two calls, the
+# exact commands in bench/RESULTS.md ("Next GPU run"):
 #   call 1 (timeout_s 480): TOTAL_SECONDS=450 bash bench/gpu_check.sh $OUT
-#       -> install, ceilings, cuda-tests, bench_train (and bench_convert if time is left)
-#   call 2 (timeout_s 200, a fresh machine if call 1's went cold after 30 s idle):
-#       TOTAL_SECONDS=180 SKIP_STAGES="ceilings cuda-tests" BENCH_FILES="bench/bench_convert.py
-#       bench/bench_fused_train_step.py" bash bench/gpu_check.sh $OUT
-#   About 90 + 480 + 90 + 200 = 860 s. The exact commands are in bench/RESULTS.md ("Next GPU run").
+#       -> install, ceilings, cuda-tests (170 s), bench_train (230 s or what is left)
+#   call 2 (timeout_s 170), issued at once so the machine is still warm (30 s):
+#       TOTAL_SECONDS=150 SKIP_STAGES="ceilings cuda-tests" BENCH_FILES="bench/bench_fused_train_step.py@eager
+#       bench/bench_convert.py bench/bench_fused_blocks.py" bash bench/gpu_check.sh $OUT
+#   Worst case, two cold starts: 120 + 480 + 120 + 170 = 890 s.
 #
 # Extra wheels (no network there): a git-ignored wheels/ folder at the repo root is
 # installed first when it holds any (the GPU image already has pytest-xdist and execnet;

@@ -164,3 +164,47 @@ def test_cpu_auto_prepares_the_plain_model_without_timing(tmp_path, monkeypatch)
     prepared = prepare(config(compile="off"))
     assert prepared.fused_blocks == "off" and prepared.fused_choice is None and fused_count(prepared.module) == 0
     assert prepared.runner is prepared.module and not list(tmp_path.iterdir())
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    """One torchrun-like rank: rank 0 times fused as faster, rank 1 plain; both must run rank 0's choice."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), FASTRESNET_CACHE_DIR=f"{out}/cache{rank}", FASTRESNET_FORCE_REFERENCE="1")
+    torch.set_num_threads(1)
+    from fastresnet.training import distributed
+
+    times = {"fused": 1.0, "plain": 2.0} if rank == 0 else {"fused": 2.0, "plain": 1.0}
+    runs: list[str] = []
+
+    def fake_time_ms(fn, device, warmup=3, reps=10):
+        fn()
+        return times[runs[-1]]
+
+    dispatch._can_measure = lambda device: True
+    dispatch.time_ms = fake_time_ms
+    model_prep.compile_module = lambda module, mode: RecordingCompile(module, runs, mode)
+    distributed.setup("cpu", "gloo")
+    try:
+        torch.manual_seed(0)
+        module, _, choice = model_prep.measure_fused_or_plain(get_model("resnet20", num_classes=10), config(), CPU,
+                                                              32, "default")
+        torch.save({"choice": choice.choice, "source": choice.source, "fused": fused_count(module)},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_every_rank_runs_rank_0s_choice(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["choice"] == rank1["choice"] == "fused" and rank0["fused"] > 0 and rank1["fused"] > 0
+    assert rank0["source"] == "measured" and rank1["source"].startswith("rank 0 (this rank measured plain")
