@@ -120,10 +120,12 @@ def choose_fused_or_plain(
             choice = dispatch.measured_choice(key, candidates, images.device)
             entry = dispatch.decision(key)
             source, times = entry["source"], dict(entry["times_ms"])
-    finally:  # timing steps are not training steps
+    finally:  # timing steps are not training steps, even when a candidate failed halfway
         with torch.no_grad():
             for buffer, value in zip(model.buffers(), saved):
                 buffer.copy_(value)
+        for p in model.parameters():
+            p.grad = None
     result = FusedChoice(choice=choice, source=source, key=key, times_ms=times)
     log.info("fused blocks auto -> %s [%s]", result.summary(), key)
     winner = module_for(choice)
