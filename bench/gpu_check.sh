@@ -2,41 +2,97 @@
 # One prepared run for a GPU machine with no network (../shared/MEASURING.md):
 # install the project over the packages already there, print versions and the
 # GPU, measure the device's ceilings, run the CUDA tests (real Triton
-# compilation catches what the interpreter cannot), then every benchmark in a
+# compilation catches what the interpreter cannot), then the benchmarks in a
 # short mode, and write JSON + a markdown table into OUTDIR.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# Each stage has its own time limit (STAGE_SECONDS) and the whole run a
-# budget (TOTAL_SECONDS): a stage gets at most what is left, so one slow
-# stage cannot eat the others and the run ends in time. A stage that runs out
-# gets SIGINT first, so pytest still writes the benchmarks it finished.
-# CUDA_TEST_SECONDS limits the CUDA tests alone; BENCH_FILES (space-separated paths) picks the benchmark files and their order.
-# Seen on an H200 (bench/RESULTS.md): the CUDA tests need about 200 s, bench_train and
-# bench_fused_train_step about 200 s each (two ResNet-50 training-step compiles), the other
-# benchmark files 40-90 s: a full run takes longer than one 10-minute device call, so split it
-# across calls with BENCH_FILES.
+# Order: what is unmeasured and matters most comes first, so a run cut short
+# still answers the open questions: install, ceilings, cuda-tests, then
+# bench_train (issue 7's goal: full stack vs torchvision + torch.compile),
+# bench_convert, bench_fused_train_step, bench_bn_act, bench_fused_blocks,
+# bench_conv, then every other bench_*.py.
+#
+# Time: each stage has a limit (its default below, or STAGE_SECONDS for all
+# benchmark stages) and the run a budget (TOTAL_SECONDS): a stage gets at most
+# what is left, so the run ends in time. A stage that runs out gets SIGINT
+# first, so pytest still writes the benchmarks it finished.
+# Switches: CUDA_TEST_SECONDS (the CUDA tests' limit), BENCH_FILES (space-separated
+# benchmark files, in order; FILE@WORDS runs the cases that `pytest -k WORDS` selects, e.g.
+# bench/bench_fused_train_step.py@eager; BENCH_FILES="" runs none), SKIP_STAGES (e.g.
+# "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 4;
+# 0 = serial).
+#
+# Seconds per stage, expected on an H100/H200 (session 1 on the H200, serial tests):
+#   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial, ~100-130 with -n 4 (Triton and
+#   inductor compiles dominate; 16 CPU cores) | bench_train ~200-260 (two ResNet-50
+#   training-step compiles in short mode, plus the fused blocks' per-shape tuning of 8
+#   block shapes x 4 paths, Triton compiles included) |
+#   bench_convert ~60-90 (one ResNet-50 inference compile) | bench_fused_train_step ~200
+#   (two training-step compiles; inductor's cache helps on the same machine) | bench_bn_act,
+#   bench_fused_blocks, bench_conv 40-90 each | bench_models, bench_data, bench_experiments 60-90.
+#
+# Fitting 15 minutes of device time (machine start 1-2 min each, counted): two calls, the
+# exact commands in bench/RESULTS.md ("Next GPU run"):
+#   call 1 (timeout_s 480): TOTAL_SECONDS=450 bash bench/gpu_check.sh $OUT
+#       -> install, ceilings, cuda-tests (150 s), bench_train (260 s or what is left)
+#   call 2 (timeout_s 170), issued at once so the machine is still warm (30 s):
+#       TOTAL_SECONDS=150 SKIP_STAGES="ceilings cuda-tests" BENCH_FILES="bench/bench_fused_train_step.py@eager
+#       bench/bench_convert.py bench/bench_fused_blocks.py" bash bench/gpu_check.sh $OUT
+#   Worst case, two cold starts: 120 + 480 + 120 + 170 = 890 s.
+#
+# Extra wheels (no network there): a git-ignored wheels/ folder at the repo root is
+# installed first when it holds any (the GPU image already has pytest-xdist and execnet;
+# nvidia-cudnn-frontend it lacks). Fill it on the CPU machine before the GPU call:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d wheels/ pytest-xdist execnet nvidia-cudnn-frontend
+# and name wheels in the run's carry list (it is ignored, so it travels only when carried).
+#
 # Exit status: 0 when every stage passed, else the number that failed.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
-stage_seconds=${STAGE_SECONDS:-150}
 total_seconds=${TOTAL_SECONDS:-480}
+workers=${PYTEST_WORKERS:-4}
+skip_stages=" ${SKIP_STAGES:-} "
 mkdir -p "$out/logs"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 FASTRESNET_BENCH_SHORT=1 FASTRESNET_CACHE_DIR="$out/logs/cache"
+# Benchmarks keep their dispatch decisions in the machine's cache (a second call on a warm
+# machine reuses them); the tests get their own (contended timings must not reach the benchmarks).
+bench_cache=${FASTRESNET_CACHE_DIR:-$HOME/.cache/fastresnet}
+export PYTHONUNBUFFERED=1 FASTRESNET_BENCH_SHORT=1 FASTRESNET_CACHE_DIR="$bench_cache"
+# inductor's FX-graph and AOT-autograd caches (default on in torch 2.11): a graph compiled by
+# one stage (torchvision's ResNet-50 step in bench_train) is loaded, not recompiled, by the next.
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 failed=0
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/logs/NAME.log
-    local name=$1 seconds=$2
-    shift 2
-    local left=$((total_seconds - SECONDS))
+stage_limit() {  # stage_limit NAME: the default seconds of a stage
+    case $1 in
+        install) echo 90 ;;
+        ceilings) echo 60 ;;
+        cuda-tests) echo "${CUDA_TEST_SECONDS:-150}" ;;
+        bench_train | bench_fused_train_step) echo "${STAGE_SECONDS:-260}" ;;
+        *) echo "${STAGE_SECONDS:-100}" ;;
+    esac
+}
+
+stage() {  # stage NAME COMMAND...: run with a time limit, log to OUTDIR/logs/NAME.log
+    local name=$1
+    shift
+    if [[ $skip_stages == *" $name "* ]]; then
+        echo "=== $name: skipped (SKIP_STAGES)"
+        return
+    fi
+    local seconds left=$((total_seconds - SECONDS))
+    seconds=$(stage_limit "$name")
     [ "$seconds" -le "$left" ] || seconds=$left
     if [ "$seconds" -lt 10 ]; then
         echo "=== $name: skipped, the run's budget of ${total_seconds}s is spent"
         failed=$((failed + 1))
         return
     fi
-    echo "=== $name (limit ${seconds}s)"
+    echo "=== $name (limit ${seconds}s, at ${SECONDS}s)"
     local start=$SECONDS
     timeout -s INT -k 15 "$seconds" "$@" > "$out/logs/$name.log" 2>&1
     local rc=$?
@@ -45,21 +101,62 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-stage install 120 bash -c 'python3 -m pip install --no-deps --no-build-isolation -e . && if [ -d wheels ]; then python3 -m pip install --no-deps --no-index wheels/*.whl; fi'  # wheels/: optional extras carried along (nvidia-cudnn-frontend)
-stage ceilings 60 python3 bench/ceilings.py --out "$out/ceilings.json"
+install_project() {
+    local wheels
+    wheels=$(ls wheels/*.whl 2>/dev/null)
+    if [ -n "$wheels" ]; then  # idempotent: a wheel already installed at its version is left alone
+        python3 -m pip install --no-deps --no-index --no-compile $wheels ||
+            echo "wheels/: install failed; going on without them"
+    fi
+    python3 -m pip install --no-deps --no-build-isolation -e .
+}
+
+run_cuda_tests() {
+    local parallel=()
+    if [ "$workers" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then
+        parallel=(-n "$workers")  # tests/conftest.py gives each worker its own dispatch cache
+    fi
+    FASTRESNET_CACHE_DIR="$out/logs/test-cache" python3 -m pytest tests -m cuda -q -p no:cacheprovider -rfE \
+        --durations=15 "${parallel[@]}"
+}
+
+benchmark_files() {  # the default order: the open questions first, then every other file
+    local first="bench/bench_train.py bench/bench_convert.py bench/bench_fused_train_step.py
+        bench/bench_bn_act.py bench/bench_fused_blocks.py bench/bench_conv.py" file
+    echo $first
+    for file in bench/bench_*.py; do
+        [[ " $(echo $first) " == *" $file "* ]] || echo "$file"
+    done
+}
+
+# `timeout` runs programs, not shell functions: the two functions go through bash -c.
+export -f install_project run_cuda_tests
+export out workers
+stage install bash -c install_project
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
-stage cuda-tests "${CUDA_TEST_SECONDS:-$stage_seconds}" python3 -m pytest tests -m cuda -q -p no:cacheprovider -rf
-for file in ${BENCH_FILES:-bench/bench_*.py}; do
+stage ceilings python3 bench/ceilings.py --out "$out/ceilings.json"
+stage cuda-tests bash -c run_cuda_tests
+files=${BENCH_FILES-$(benchmark_files)}
+for entry in $files; do  # FILE or FILE@KEYWORDS (pytest -k KEYWORDS)
+    file=${entry%%@*}
     name=$(basename "$file" .py)
-    stage "$name" "$stage_seconds" python3 -m pytest "$file" --benchmark -q -p no:cacheprovider \
+    select=()
+    if [[ $entry == *@* ]]; then
+        select=(-k "${entry#*@}")
+        name+="-$(printf '%s' "${entry#*@}" | tr -c 'A-Za-z0-9_.-' '_')"
+    fi
+    stage "$name" python3 -m pytest "$file" "${select[@]}" --benchmark -q -p no:cacheprovider \
         --benchmark-json="$out/logs/$name.json" --benchmark-columns=median,iqr,rounds
 done
 
 jsons=$(ls "$out"/logs/bench_*.json 2>/dev/null)
 if [ -n "$jsons" ]; then
-    python3 bench/report.py $jsons --ceilings "$out/ceilings.json" > "$out/results.md"
+    ceilings=()
+    [ -f "$out/ceilings.json" ] && ceilings=(--ceilings "$out/ceilings.json")
+    python3 bench/report.py $jsons "${ceilings[@]}" > "$out/results.md"
     cat "$out/results.md"
 fi
+[ -d "$bench_cache" ] && cp -r "$bench_cache" "$out/logs/dispatch-cache"
 tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
 echo "stages failed: $failed"
 exit $failed

@@ -28,10 +28,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def short() -> bool:
+    """FASTRESNET_BENCH_SHORT=1 (bench/gpu_check.sh): fewer rounds, fewer compiles."""
+    return os.environ.get("FASTRESNET_BENCH_SHORT", "0") == "1"
+
+
 def sizes() -> BenchSizes:
-    short = os.environ.get("FASTRESNET_BENCH_SHORT", "0") == "1"
+    short_mode = short()
     if device().type == "cuda":
-        return BenchSizes(batch=256, image_size=224, cifar_batch=512, rounds=10 if short else 30, warmup_rounds=3)
+        return BenchSizes(batch=256, image_size=224, cifar_batch=512, rounds=10 if short_mode else 30, warmup_rounds=3)
     return BenchSizes(batch=2, image_size=64, cifar_batch=16, rounds=3, warmup_rounds=1)
 
 

@@ -6,12 +6,19 @@ by pytest before any test module.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest-xdist workers (bench/gpu_check.sh runs the CUDA tests with -n 4) each get their own
+# dispatch cache: a choice timed while other workers load the GPU must not be read by another.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _shared = os.environ.get("FASTRESNET_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fastresnet-test-cache")
+    os.environ["FASTRESNET_CACHE_DIR"] = os.path.join(_shared, os.environ["PYTEST_XDIST_WORKER"])
 
 from fastresnet.testing import assert_close  # noqa: E402,F401  (re-exported for tests)
 

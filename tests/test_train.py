@@ -55,6 +55,8 @@ def test_default_run_completes_and_says_where_outputs_went(tmp_path):
         assert (run / name).is_file(), name
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["git_revision"]
+    assert env["speed"]["fused_blocks"] == "off" and env["speed"]["compile"] == "off"  # auto on a CPU
+    assert "fused blocks off" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "eval"} <= {r["kind"] for r in records}
 

@@ -64,6 +64,12 @@ def decisions() -> list[dict]:
     return [{"key": key, **entry} for key, entry in _memory.items()]
 
 
+def decision(key: str) -> dict | None:
+    """This process's choice for `key` (choice, times_ms, source), or None if not made yet."""
+    entry = _memory.get(key)
+    return None if entry is None else {"key": key, **entry}
+
+
 def clear_memory() -> None:
     """Forget this process's decisions (the disk cache stays); for tests."""
     _memory.clear()
@@ -199,6 +205,12 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], fixed: str, de
         raise ValueError(
             f"{DISPATCH_ENV}={mode!r} is neither 'measure', 'fixed' nor a candidate of {key} ({sorted(candidates)})"
         )
+    return measured_choice(key, candidates, device)
+
+
+def measured_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The fastest candidate for `key`: from this process's memory, else the disk cache, else timed now
+    (and remembered in both). `choose` without its switches, for callers with switches of their own."""
     if key in _memory:
         return _memory[key]["choice"]
     _, _, stored = _disk_decisions(device)

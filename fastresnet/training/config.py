@@ -62,8 +62,8 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"; under torchrun each process takes cuda:LOCAL_RANK
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype; fp16 adds a GradScaler; auto: bf16 on CUDA
     channels_last: bool = True  # NHWC memory format (tensor cores, fused kernels)
-    compile: CompileMode = "auto"  # torch.compile mode; reduce-overhead adds CUDA graphs; auto: default on CUDA, off on CPU
-    fused_blocks: Literal["auto", "on", "off"] = "auto"  # fastresnet's fused conv-BN-ReLU blocks; auto: on with CUDA
+    compile: CompileMode = "auto"  # torch.compile mode; CUDA graphs come only with reduce-overhead or max-autotune; auto: default on CUDA, off on CPU
+    fused_blocks: Literal["auto", "on", "off"] = "auto"  # fused conv-BN-ReLU blocks; auto: off on CPU, on with CUDA, and under compile only if a timed step (cached) says they win
     cudnn_benchmark: bool = True  # let cuDNN time its algorithms on the first steps
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on CUDA, gloo on a CPU
 

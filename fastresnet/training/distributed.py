@@ -85,6 +85,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def rank0_choice(value: str) -> str:
+    """Rank 0's value on every rank (a choice each rank measured, which must agree)."""
+    if not is_active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()

@@ -22,6 +22,7 @@ from torch import nn
 
 from fastresnet.data import build_loaders
 from fastresnet.flops import count_macs
+from fastresnet.ops import dispatch
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
 from fastresnet.training.config import TrainConfig, validate
@@ -110,7 +111,7 @@ class Trainer:
         self.progress = Progress(cfg.progress, enabled=writes, total_steps=self.total_steps,
                                  steps_per_epoch=self.steps_per_epoch)
         if writes:
-            write_run_files(self.run_dir, cfg, device, info.world_size)
+            write_run_files(self.run_dir, cfg, device, info.world_size, speed=self._speed_settings())
         self.accumulator = TrainAccumulator(device)
         self.throughput = Throughput()
         self.window_steps = 0
@@ -343,6 +344,17 @@ class Trainer:
         )
         if self.run_dir is not None:
             self.progress.note(f"outputs: {self.run_dir}")
+
+    def _speed_settings(self) -> dict:
+        p = self.prepared
+        return {
+            "amp": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp],
+            "compile": p.compile_mode,
+            "fused_blocks": p.fused_blocks,
+            "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,
+            "optimizer": self.optimizer_impl,
+            "dispatch": dispatch.decisions(),
+        }
 
     def _plot(self) -> None:
         if self.cfg.plot and self.info.is_main:

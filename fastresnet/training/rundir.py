@@ -1,7 +1,8 @@
 """The run directory: everything a result needs to be traced.
 
 runs/<name>/config.json   the resolved TrainConfig
-runs/<name>/env.json      versions, GPU, git revision, command line, world size
+runs/<name>/env.json      versions, GPU, git revision, command line, world size, the speed
+                          settings as resolved and the measured choices behind them
 runs/<name>/metrics.jsonl one JSON object per log interval and evaluation
 runs/<name>/curves.png    the training curves
 runs/<name>/checkpoint.pt the latest checkpoint (atomic)
@@ -79,6 +80,9 @@ def environment(device: torch.device, world_size: int) -> dict:
     return env
 
 
-def write_run_files(folder: Path, cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+def write_run_files(folder: Path, cfg: TrainConfig, device: torch.device, world_size: int,
+                    speed: dict | None = None) -> None:
+    """config.json, and env.json with `speed`: what the speed settings resolved to and the measured
+    choices behind them (fused blocks or plain under compile, each op's dispatch)."""
     write_json(folder / "config.json", to_dict(cfg))
-    write_json(folder / "env.json", environment(device, world_size))
+    write_json(folder / "env.json", {**environment(device, world_size), "speed": speed or {}})
