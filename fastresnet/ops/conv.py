@@ -143,7 +143,7 @@ def _triton_supports(x, p: PreparedConvBN, residual) -> bool:
 def _run_triton(x, p: PreparedConvBN, residual, relu, tile=None):
     from fastresnet.kernels.conv import _launch_conv_bn_act
 
-    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
     interpreted = x.device.type == "cpu"
     return _launch_conv_bn_act(
         x, p.packed_weight, p.scale, p.shift, residual, out, p.stride, p.padding, p.dilation, relu, interpreted, tile
@@ -274,7 +274,7 @@ def fixed_choice(names: list[str], residual, relu: bool) -> str:
 def problem_key(x, p: PreparedConvBN, residual, relu) -> str:
     n, c, h, w = x.shape
     _, _, kh, kw = p.raw_weight.shape
-    layout = "cl" if _memory_format(x) == torch.channels_last else "nchw"
+    layout = "cl" if memory_format_of(x) == torch.channels_last else "nchw"
     return (
         f"conv_bn_act:n{n}c{c}h{h}w{w}:k{p.out_channels}x{kh}x{kw}:s{p.stride[0]}x{p.stride[1]}"
         f":p{p.padding[0]}x{p.padding[1]}:d{p.dilation[0]}x{p.dilation[1]}:g{p.groups}"
@@ -282,10 +282,27 @@ def problem_key(x, p: PreparedConvBN, residual, relu) -> str:
     )
 
 
-def _memory_format(x) -> torch.memory_format:
+def memory_format_of(x) -> torch.memory_format:
+    """channels_last where x is laid out so (and not also NCHW-contiguous), else contiguous: the outputs' layout."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def tensor_key(t: torch.Tensor | None):
+    """What identifies a tensor's current values without reading them: identity, storage, version, dtype, device.
+
+    The version counter is bumped by every in-place write (optimizer steps,
+    load_state_dict, copy_); tensors made under torch.inference_mode have none,
+    and for them only identity, pointer, dtype and device are compared.
+    """
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        version = None
+    return (id(t), t.data_ptr(), version, t.dtype, t.device)
 
 
 # ---------------------------------------------------------------------------
