@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastresnet.ops import dispatch
-from fastresnet.ops.conv import _candidates as conv_candidates
 from fastresnet.ops.conv import (
     PreparedConvBN,
+    _candidates as conv_candidates,
     _triton_tile_names,
     conv_bn_act,
     conv_bn_act_prepared,
