@@ -111,16 +111,19 @@ def test_custom_op_passes_opcheck(channels_last):
 
 
 @pytest.mark.cuda
-def test_gpu_compiled_converted_resnet_matches_eager():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs capture the op
+def test_gpu_compiled_converted_resnet_matches_eager(mode):
     """On the GPU the compiled converted model (inductor, bf16, channels_last) holds one custom op per conv
-    and matches the eager converted model."""
+    and matches the eager converted model, also when CUDA graphs capture and replay it."""
     model = _randomize_bn(torchvision.models.resnet18()).cuda().to(torch.bfloat16)
     model = model.to(memory_format=torch.channels_last)
     converted = fastresnet.convert(copy.deepcopy(model))
     x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     _, graphs = _graphs_of(converted, x)
     assert len(graphs) == 1 and _op_calls(graphs[0]) == 20  # resnet18: the stem, 16 block convs, 3 projections
-    with torch.no_grad():
+    compiled = torch.compile(converted, fullgraph=True, mode=mode)
+    with torch.inference_mode():
         expected = converted(x).float()
-        got = torch.compile(converted, fullgraph=True)(x).float()
-    assert_close(got, expected, atol=5e-2, rtol=5e-2, name="inductor-compiled converted resnet18")
+        for call in range(3):  # CUDA graphs: warm-up, record, replay
+            got = compiled(x).float()
+            assert_close(got, expected, atol=5e-2, rtol=5e-2, name=f"compiled ({mode}) converted resnet18, call {call}")

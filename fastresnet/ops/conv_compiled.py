@@ -18,6 +18,12 @@ call conv_bn_act_modules instead:
   which is not captured) or read from the disk cache;
 - elsewhere, the eager reference, which torch.compile traces like any
   PyTorch code (as every op of fastresnet does on the CPU).
+
+Under CUDA graphs (torch.compile's mode="reduce-overhead" or "max-autotune")
+a replay runs the kernels captured with the folded weights of capture time:
+weights or statistics changed in place afterwards are seen only after a
+recompile (torch._dynamo.reset()), as with inductor's freezing. Without CUDA
+graphs every call checks its sources, as in eager.
 """
 
 from __future__ import annotations
