@@ -8,10 +8,18 @@ Providers:
                  what torchvision runs in eval mode (the baseline);
   cudnn_conv     F.conv2d alone: the floor for any cuDNN-based path;
   triton         the fused implicit-GEMM kernel alone (kernels/conv.py);
-  fastresnet     conv_bn_act as the library runs it: the dispatcher's choice.
+  triton         the fused implicit-GEMM kernel alone (kernels/conv.py), with
+                 the fixed rule's tile;
+  fastresnet     conv_bn_act as the library runs it: the dispatcher's choice
+                 among cuDNN's fused conv, cuDNN + the epilogue kernel, every
+                 Triton tile of the shape class ("triton:<tile>") and, for 1x1
+                 convs without a residual, the cuBLASLt GEMM.
 
 extra_info carries the conv's FLOPs (2 * M * N * K), so the report gives
-TFLOP/s and the fraction of the measured bf16 matrix rate.
+TFLOP/s and the fraction of the measured bf16 matrix rate; the fastresnet row
+also carries the dispatch decision for its shape ("dispatch": the choice, the
+time of every candidate in ms, measured or from the disk cache), which
+bench/report.py prints as a table of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 
 import harness
 from fastresnet.ops import dispatch
-from fastresnet.ops.conv import IMPLEMENTATIONS, PreparedConvBN, conv_bn_act_prepared
+from fastresnet.ops.conv import IMPLEMENTATIONS, PreparedConvBN, conv_bn_act_prepared, problem_key
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
 
@@ -125,5 +133,13 @@ def test_conv_bn_act(benchmark, conv, provider):
             epilogue=("+res" if conv["res"] else "") + ("+relu" if conv["relu"] else ""),
         )
         if provider == "fastresnet":
-            decided = [d for d in dispatch.decisions() if d["key"].startswith("conv_bn_act:n%d" % x.shape[0])]
-            benchmark.extra_info["dispatch"] = decided[-1] if decided else "reference (no GPU)"
+            benchmark.extra_info["dispatch"] = dispatch_decision(problem_key(x, p, res, conv["relu"]), dev)
+
+
+def dispatch_decision(key: str, dev) -> dict:
+    """The dispatcher's decision for one problem key: choice, each candidate's ms, and where it came from."""
+    found = [d for d in dispatch.decisions() if d["key"] == key]
+    if found:
+        return found[-1]
+    why = "no GPU: the interpreter runs the one Triton tile" if dev.type != "cuda" else "not measured"
+    return {"key": key, "choice": None, "times_ms": {}, "source": why}

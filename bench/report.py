@@ -4,7 +4,10 @@ Each benchmark group (e.g. "resnet50 train step") compares providers measured
 in the same run; the provider marked `baseline` is the denominator of the
 ratio column. Per-call `images`, `bytes` and `flops` in extra_info become
 img/s, GB/s and TFLOP/s, and, given the measured ceilings, a fraction of the
-device's copy bandwidth or bf16 matrix rate.
+device's copy bandwidth or bf16 matrix rate. Rows whose extra_info carries a
+measured dispatch decision ("dispatch": {"choice", "times_ms", ...}, from
+bench_conv.py) also get a second table: per group the chosen candidate, the
+runner-up and every candidate's time.
 
     python bench/report.py bench.json [more.json ...] [--ceilings ceilings.json]
 """
@@ -67,6 +70,24 @@ def render(benchmarks: list[dict], ceilings: dict) -> str:
     return "\n".join(lines)
 
 
+def render_dispatch(benchmarks: list[dict]) -> str:
+    """The per-candidate times behind each measured dispatch choice, or "" when there are none."""
+    lines = []
+    for bench in sorted(benchmarks, key=lambda b: b.get("group") or b["name"]):
+        decision = bench["extra_info"].get("dispatch")
+        if not isinstance(decision, dict) or not decision.get("times_ms"):
+            continue
+        times = sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
+        best_ms = times[0][1]
+        runner_up = f"{times[1][0]} ({times[1][1] / best_ms:.2f}x slower)" if len(times) > 1 else "-"
+        every = ", ".join(f"{name} {ms:.3f}" for name, ms in times)
+        lines.append(f"| {bench.get('group') or bench['name']} | {decision['choice']} | {runner_up} | {every} |")
+    if not lines:
+        return ""
+    header = ["| group | dispatch choice | runner-up | every candidate (ms, fastest first) |", "|---|---|---|---|"]
+    return "\n".join(header + lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
@@ -84,7 +105,12 @@ def main(argv=None) -> int:
             f"Measured ceilings: copy {ceilings['copy_gbs']:,.0f} GB/s, "
             f"bf16 matmul {ceilings['bf16_matmul_tflops']:,.0f} TFLOP/s\n"
         )
-    print(render(load_benchmarks(args.json), ceilings))
+    benchmarks = load_benchmarks(args.json)
+    print(render(benchmarks, ceilings))
+    dispatch_table = render_dispatch(benchmarks)
+    if dispatch_table:
+        print("\nDispatch decisions (measured on the first call per shape, or read from the disk cache):\n")
+        print(dispatch_table)
     return 0
 
 

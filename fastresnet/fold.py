@@ -50,10 +50,17 @@ def foldable_reason(bn: nn.Module) -> str | None:
 def bn_scale_shift(bn: nn.Module, conv_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in fp32 with bn(y + conv_bias) = y * scale + shift, from the running statistics."""
     eps = getattr(bn, "eps", 1e-5)
-    var = bn.running_var.detach().float()
-    mean = bn.running_mean.detach().float()
-    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().float()
-    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().float()
+    return scale_shift_from_statistics(bn.running_mean, bn.running_var, bn.weight, bn.bias, eps, conv_bias)
+
+
+def scale_shift_from_statistics(
+    running_mean, running_var, weight=None, bias=None, eps: float = 1e-5, conv_bias=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn_scale_shift from the BN's tensors themselves (weight/bias None mean 1/0)."""
+    var = running_var.detach().float()
+    mean = running_mean.detach().float()
+    gamma = torch.ones_like(var) if weight is None else weight.detach().float()
+    beta = torch.zeros_like(var) if bias is None else bias.detach().float()
     scale = gamma * torch.rsqrt(var + eps)
     shift = beta - mean * scale
     if conv_bias is not None:

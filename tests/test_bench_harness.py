@@ -61,3 +61,15 @@ def test_report_skips_an_empty_json_file_and_names_it(tmp_path, capsys):
     assert [b["name"] for b in report.load_benchmarks([str(empty), str(good)])] == ["eager"]
     err = capsys.readouterr().err
     assert "skipping" in err and "empty.json" in err
+
+
+def test_report_lists_the_candidate_times_behind_each_dispatch_choice():
+    decision = {"choice": "triton:128x128x64w8s4", "source": "measured",
+                "times_ms": {"cudnn_fused": 0.25, "triton:128x128x64w8s4": 0.2, "triton:64x128x64w4s4": 0.3}}
+    rows = [_bench("conv a", "fastresnet", 0.2, dispatch=decision), _bench("conv a", "triton", 0.3),
+            _bench("conv b", "fastresnet", 0.1, dispatch={"choice": None, "times_ms": {}, "source": "no GPU"})]
+    table = report.render_dispatch(rows)
+    assert "| conv a | triton:128x128x64w8s4 | cudnn_fused (1.25x slower) |" in table
+    assert "triton:128x128x64w8s4 0.200, cudnn_fused 0.250, triton:64x128x64w4s4 0.300 |" in table
+    assert "conv b" not in table  # nothing was measured there
+    assert report.render_dispatch(rows[1:]) == ""

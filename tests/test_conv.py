@@ -6,6 +6,7 @@ TRITON_INTERPRET=1): small shapes, big blocks.
 
 import json
 import math
+import types
 import warnings
 
 import pytest
@@ -14,7 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastresnet.ops import dispatch
-from fastresnet.ops.conv import PreparedConvBN, conv_bn_act, conv_bn_act_prepared, problem_key
+from fastresnet.ops.conv import (
+    PreparedConvBN,
+    _candidates as conv_candidates,
+    _triton_tile_names,
+    conv_bn_act,
+    conv_bn_act_prepared,
+    implementation,
+    problem_key,
+)
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
 
@@ -137,6 +146,138 @@ def test_autocast_computes_in_autocast_dtype():
     assert out.dtype == torch.bfloat16
     expected = _expected(x.bfloat16(), weight.bfloat16(), scale, shift, 1, 0, None, True, 1)
     assert_close(out, expected, atol=3e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------
+# Dispatch candidates: one per Triton tile, and cuBLASLt for 1x1 convs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Let the tile lists see an H100 (sm_90, 227 KB shared memory per block) on this CPU."""
+    props = types.SimpleNamespace(shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    return props
+
+
+def _tiles_for(cin, cout, k, stride, size, residual, itemsize=2, batch=256):
+    from fastresnet.kernels.conv import _tile_candidates, _uses_flat_k
+
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    m = batch * out * out
+    return _tile_candidates(m, cout, cin, _uses_flat_k(cin), residual, itemsize, "cuda")
+
+
+# ResNet-50 convs of every shape class: (cin, cout, kernel, stride, padding, input size)
+TILE_CONVS = [(3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (256, 64, 1, 1, 0, 56), (256, 512, 1, 2, 0, 56),
+              (512, 2048, 1, 1, 0, 7), (512, 512, 3, 1, 1, 7), (128, 128, 3, 2, 1, 56)]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "res"])
+@pytest.mark.parametrize("conv", TILE_CONVS, ids=lambda c: "x".join(map(str, c)))
+def test_tile_candidates_per_shape_class(hopper, conv, residual):
+    from fastresnet.kernels.conv import _HOPPER_TILES, _shape_class, _tile_config, _TileConfig, _uses_flat_k
+
+    cin, cout, k, stride, _, size = conv
+    tiles = _tiles_for(cin, cout, k, stride, size, residual)
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    fixed = _tile_config(256 * out * out, cout, cin, _uses_flat_k(cin), 2, False, "cuda")
+    assert tiles[0] == fixed  # the tile that runs without measurement is always timed too
+    assert 2 <= len(tiles) <= 5 and len(set(tiles)) == len(tiles)
+    listed = {_TileConfig(*t[:3], 8, *t[3:]) for t in _HOPPER_TILES[_shape_class(cout, _uses_flat_k(cin), residual)]}
+    assert set(tiles[1:]) <= listed  # the others are the ones compiled for sm_90 by compile_conv_for_hopper.py
+    for tile in tiles:
+        assert tile.block_n <= max(64, 1 << (cout - 1).bit_length())  # no 256-wide tile over 128 channels
+        assert _TileConfig.from_name(tile.name) == tile
+        assert tile.shared_bytes(2) <= hopper.shared_memory_per_block_optin
+
+
+def test_tile_candidates_follow_dtype_and_older_gpus(hopper, monkeypatch):
+    bf16 = _tiles_for(512, 2048, 1, 1, 7, False)
+    fp32 = _tiles_for(512, 2048, 1, 1, 7, False, itemsize=4)
+    assert all(t.block_k == 32 for t in fp32) and all(t.block_k == 64 for t in bf16)  # same bytes per stage
+    assert all(t.block_k == 16 for t in _tiles_for(16, 128, 3, 1, 8, False))  # K steps no deeper than C
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    hopper.shared_memory_per_block_optin = 100 * 1024
+    ampere = _tiles_for(512, 2048, 1, 1, 7, False)
+    assert all(t.num_stages <= 3 for t in ampere)
+    assert all(t.shared_bytes(2) <= 100 * 1024 for t in ampere[1:]) and len(ampere) < len(bf16)
+
+
+def test_tile_names_are_checked():
+    from fastresnet.kernels.conv import _TileConfig
+
+    with pytest.raises(ValueError, match="BMxBNxBK"):
+        _TileConfig.from_name("128x128w8")
+    with pytest.raises(KeyError, match="no implementation 'cudnn'"):
+        implementation("cudnn")
+
+
+# One problem per shape class (flat K, 64 channels, wide, wide with residual), at sizes the interpreter runs fast.
+TILE_CLASS_PROBLEMS = [
+    ("flat_k", (3, 16, 7, 2, 3, 1, 13, 11), False),
+    ("narrow", (16, 24, 3, 1, 1, 1, 7, 6), True),
+    ("wide", (32, 80, 1, 1, 0, 1, 5, 7), False),
+    ("wide_residual", (32, 80, 3, 2, 1, 1, 9, 7), True),
+]
+
+
+@pytest.mark.parametrize("name,conv,residual", TILE_CLASS_PROBLEMS, ids=[p[0] for p in TILE_CLASS_PROBLEMS])
+def test_every_tile_candidate_computes_the_conv(hopper, name, conv, residual):
+    """Each "triton:<tile>" candidate, run through the interpreter: the tile sizes change masks and loop
+    bounds, never the result (warps and stages are the GPU compiler's; tests/compile_conv_for_hopper.py)."""
+    cin, cout, k, stride, pad, dil, h, w = conv
+    x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, dil, h, w, torch.float16, residual=residual)
+    p = PreparedConvBN(weight, scale, shift, stride, pad)
+    names = _triton_tile_names(x, p, res)
+    assert names and all(n.startswith("triton:") for n in names)
+    expected = _expected(x, weight, scale, shift, stride, pad, res, True, dil)
+    for tile_name in names:
+        out = implementation(tile_name)(x, p, res, True)
+        assert_close(out, expected, atol=4e-3, rtol=4e-3, name=tile_name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_cublaslt_candidate_is_the_1x1_conv(dtype, relu):
+    x, weight, scale, shift, _ = _problem(32, 48, 1, 1, 0, 1, 5, 7, dtype)
+    p = PreparedConvBN(weight, scale, shift, dtype=dtype)
+    assert "cublaslt_fused" in conv_candidates(x, p, None)
+    out = implementation("cublaslt_fused")(x, p, None, relu)
+    assert out.shape == (2, 48, 5, 7) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)  # a view of the GEMM's [N*H*W, Cout] rows
+    atol, rtol = KERNEL_TOL[dtype]
+    assert_close(out, _expected(x, weight, scale, shift, 1, 0, None, relu, 1), atol=atol, rtol=rtol)
+
+
+def test_cublaslt_candidate_only_where_it_is_a_gemm():
+    x, weight, scale, shift, res = _problem(32, 48, 1, 1, 0, 1, 5, 7, torch.float32, residual=True)
+    p = PreparedConvBN(weight, scale, shift)
+    assert "cublaslt_fused" not in conv_candidates(x, p, res)  # a residual: left to the one-kernel paths
+    assert "cublaslt_fused" not in conv_candidates(x.contiguous(), p, None)  # NCHW: no [N*H*W, C] view
+    assert "cublaslt_fused" not in conv_candidates(x, PreparedConvBN(weight, scale, shift, stride=2), None)
+    x3, w3, *_ = _problem(32, 48, 3, 1, 1, 1, 5, 7, torch.float32)
+    assert "cublaslt_fused" not in conv_candidates(x3, PreparedConvBN(w3, scale, shift, padding=1), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda tests compile the tiles for real")
+def test_every_tile_compiles_for_hopper_without_spills():
+    """tests/compile_conv_for_hopper.py compiles each tile of _HOPPER_TILES for sm_90a (bf16, channels_last
+    specialisations) in a process without TRITON_INTERPRET and fails on a register spill or on more shared
+    memory than an H100 block has: the interpreter would never notice either."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_conv_for_hopper.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "conv tiles for sm_90a: no spills" in result.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -281,15 +422,49 @@ def test_triton_kernel_on_gpu(conv, dtype):
 
 
 @pytest.mark.cuda
-def test_dispatch_measures_on_gpu(cache_dir):
-    x, weight, scale, shift, res = _problem(64, 256, 1, 1, 0, 1, 28, 28, torch.bfloat16, batch=32, residual=True)
-    x, weight, scale, shift, res = (t.cuda() for t in (x, weight, scale, shift, res))
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "plain"])
+def test_dispatch_measures_on_gpu(cache_dir, residual):
+    x, weight, scale, shift, res = _problem(64, 256, 1, 1, 0, 1, 28, 28, torch.bfloat16, batch=32, residual=residual)
+    x, weight, scale, shift = (t.cuda() for t in (x, weight, scale, shift))
+    res = res.cuda() if residual else None
+    expected = _expected(x, weight, scale, shift, 1, 0, res, True, 1)
     out = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
     (decision,) = dispatch.decisions()
-    assert decision["source"] == "measured" and {"triton", "cudnn_fused"} <= set(decision["times_ms"])
-    assert_close(out, _expected(x, weight, scale, shift, 1, 0, res, True, 1), atol=3e-2, rtol=2e-2)
-    for name in decision["times_ms"]:  # every candidate computes the same thing
+    times = decision["times_ms"]
+    assert decision["source"] == "measured" and "cudnn_fused" in times
+    assert sum(name.startswith("triton:") for name in times) >= 2  # every tile timed as its own candidate
+    assert ("cublaslt_fused" in times) == (not residual)  # a 1x1 GEMM on channels_last, without residual
+    assert_close(out, expected, atol=3e-2, rtol=2e-2)
+    for name in times:  # every candidate computes the same thing
         dispatch.set_dispatch_mode(name)
         got = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
-        assert_close(got, _expected(x, weight, scale, shift, 1, 0, res, True, 1), atol=6e-2, rtol=3e-2, name=name)
+        assert_close(got, expected, atol=6e-2, rtol=3e-2, name=name)
+        assert got.is_contiguous(memory_format=torch.channels_last), name
     assert list(cache_dir.glob("dispatch-*.json"))
+
+
+# One ResNet-like problem per shape class on the GPU: (cin, cout, kernel, stride, padding, dilation, h, w), residual
+GPU_TILE_CLASS_PROBLEMS = [
+    ("flat_k", (3, 64, 7, 2, 3, 1, 45, 38), False),
+    ("narrow", (64, 64, 3, 1, 1, 1, 21, 19), True),
+    ("wide", (64, 256, 1, 1, 0, 1, 14, 15), False),
+    ("wide_residual", (128, 256, 3, 2, 1, 1, 15, 14), True),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,conv,residual", GPU_TILE_CLASS_PROBLEMS, ids=[p[0] for p in GPU_TILE_CLASS_PROBLEMS])
+def test_every_tile_candidate_on_gpu(name, conv, residual):
+    """Each tile the dispatch may time for this GPU compiles, launches and computes the conv (bf16, batch 8)."""
+    from fastresnet.kernels.conv import _shape_class, _uses_flat_k
+
+    cin, cout, k, stride, pad, dil, h, w = conv
+    assert _shape_class(cout, _uses_flat_k(cin), residual) == name
+    x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, dil, h, w, torch.bfloat16, batch=8,
+                                            residual=residual)
+    x, weight, scale, shift = (t.cuda() for t in (x, weight, scale, shift))
+    res = res.cuda() if residual else None
+    p = PreparedConvBN(weight, scale, shift, stride, pad)
+    expected = _expected(x, weight, scale, shift, stride, pad, res, True, dil)
+    for tile_name in _triton_tile_names(x, p, res):
+        assert_close(implementation(tile_name)(x, p, res, True), expected, atol=3e-2, rtol=2e-2, name=tile_name)

@@ -28,23 +28,14 @@ import torch
 import torch.nn as nn
 
 from fastresnet.fold import bn_scale_shift
-from fastresnet.ops.conv import PreparedConvBN, compute_dtype, conv_bn_act_prepared
-
-
-def _tensor_key(t: torch.Tensor | None):
-    if t is None:
-        return None
-    try:
-        version = t._version
-    except RuntimeError:  # an inference tensor has no version counter
-        version = None
-    return (id(t), t.data_ptr(), version, t.dtype, t.device)
+from fastresnet.ops.conv import PreparedConvBN, compute_dtype, conv_bn_act_prepared, tensor_key
+from fastresnet.ops.conv_compiled import conv_bn_act_modules
 
 
 def _source_key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, getattr(bn, "eps", None))
-    return (dtype, geometry, *map(_tensor_key, tensors))
+    return (dtype, geometry, *map(tensor_key, tensors))
 
 
 def prepare_conv_bn(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> PreparedConvBN:
@@ -69,7 +60,14 @@ class ConvBNCache:
         return cached[1]
 
     def run(self, name, conv, bn, x, residual=None, relu=True) -> torch.Tensor:
-        """conv_bn_act of x through the pair (conv, bn), under the cache entry `name`."""
+        """conv_bn_act of x through the pair (conv, bn), under the cache entry `name`.
+
+        Inside torch.compile: conv_bn_act_modules, which the compiler can hold
+        without a graph break (a custom op on the kernel path, the traced
+        reference elsewhere); this cache is then not used.
+        """
+        if torch.compiler.is_compiling():
+            return conv_bn_act_modules(conv, bn, x, residual, relu)
         prepared = self.prepared(name, conv, bn, compute_dtype(x))
         return conv_bn_act_prepared(x, prepared, residual, relu)
 

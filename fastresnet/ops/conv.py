@@ -6,13 +6,28 @@
 On a GPU the op runs whichever of these is fastest for the problem (measured
 once per shape by fastresnet.ops.dispatch, cached on disk):
 
-  "triton"       the fused implicit-GEMM kernel (kernels/conv.py): one kernel,
-                 one write. groups == 1 only.
+  "triton:<tile>" the fused implicit-GEMM kernel (kernels/conv.py) with one
+                 tile, e.g. "triton:128x128x64w8s4": one kernel, one write.
+                 groups == 1 only. Up to 5 tiles per shape class are timed
+                 (kernels.conv._tile_candidates); "triton" alone names the
+                 kernel with the one tile of the fixed rule (_tile_config),
+                 which is what FASTRESNET_DISPATCH=triton forces.
   "cudnn_fused"  BN folded into the weight and a bias; cuDNN's fused
                  torch.cudnn_convolution_relu / cudnn_convolution_add_relu
                  (F.conv2d with a bias where there is no ReLU).
   "cudnn_affine" F.conv2d (channels_last) and then the fused scale/shift/add/ReLU
                  epilogue kernel of fastresnet.ops.bn_act (when present).
+  "cublaslt_fused" 1x1 stride-1 convs on channels_last input without a
+                 residual, which are a plain GEMM over x viewed as [N*H*W, C]
+                 (no copy): cuBLASLt's GEMM with the folded bias (+ ReLU) in its
+                 epilogue (torch._addmm_activation / torch.addmm).
+
+What the first call per shape costs: each Triton tile is compiled once per
+(kernel size, stride, padding, epilogue) on a fresh machine (~1-2 s each;
+Triton's disk cache keeps them) and every candidate runs 3 untimed and 10
+timed calls (dispatch.time_ms), ~13 x 0.1-2 ms per candidate at ResNet-50's
+batch 256: well under a second per shape once compiled. The winner is kept
+on disk (dispatch's cache), so later processes time nothing.
 
 The fixed rule (FASTRESNET_DISPATCH=fixed, see fixed_choice) uses cuDNN's
 conv with a one-pass epilogue: never slower than eager PyTorch's conv + BN +
@@ -27,6 +42,8 @@ Under autocast the op computes in autocast's dtype, like F.conv2d.
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +84,7 @@ class PreparedConvBN:
         self.shift = shift.detach().float().contiguous()
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.groups = int(groups)
-        self.choices: dict[tuple, str] = {}  # dispatch decisions per call signature (see conv_bn_act_prepared)
+        self.choices: dict[tuple, Callable] = {}  # the chosen implementation per call signature
 
     @property
     def out_channels(self) -> int:
@@ -88,6 +105,11 @@ class PreparedConvBN:
         """weight * scale per output channel (folded in fp32, then cast), channels_last (cuDNN)."""
         folded = self.raw_weight.float() * self.scale.view(-1, 1, 1, 1)
         return folded.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    @functools.cached_property
+    def folded_matrix(self) -> torch.Tensor:
+        """The folded weight of a 1x1 conv as [Cout, Cin] (a view): the GEMM's B^T for cuBLASLt."""
+        return self.folded_weight.reshape(self.out_channels, -1)
 
     @functools.cached_property
     def bias(self) -> torch.Tensor:
@@ -118,13 +140,13 @@ def _triton_supports(x, p: PreparedConvBN, residual) -> bool:
     return supported_dtype and p.groups == 1 and x.numel() < 2**31 and n * c * h * w < 2**31
 
 
-def _run_triton(x, p: PreparedConvBN, residual, relu):
+def _run_triton(x, p: PreparedConvBN, residual, relu, tile=None):
     from fastresnet.kernels.conv import _launch_conv_bn_act
 
-    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
     interpreted = x.device.type == "cpu"
     return _launch_conv_bn_act(
-        x, p.packed_weight, p.scale, p.shift, residual, out, p.stride, p.padding, p.dilation, relu, interpreted
+        x, p.packed_weight, p.scale, p.shift, residual, out, p.stride, p.padding, p.dilation, relu, interpreted, tile
     )
 
 
@@ -153,15 +175,86 @@ def _run_cudnn_affine(x, p: PreparedConvBN, residual, relu):
     return _affine_act()(y, p.scale, p.shift, residual=residual, relu=relu)
 
 
-IMPLEMENTATIONS = {"triton": _run_triton, "cudnn_fused": _run_cudnn_fused, "cudnn_affine": _run_cudnn_affine}
+def _pixel_rows(x) -> torch.Tensor | None:
+    """x [N, C, H, W] as the matrix [N*H*W, C] without a copy, or None when its layout does not allow one."""
+    rows = x.permute(0, 2, 3, 1)
+    if not rows.is_contiguous():
+        return None
+    return rows.view(-1, x.shape[1])
+
+
+def _cublaslt_supports(x, p: PreparedConvBN, residual) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv of a channels_last x, without a residual: a GEMM.
+
+    With a residual cuBLASLt would need both C = residual and the bias
+    epilogue, which torch does not expose as one call; the other
+    implementations do that case in one kernel.
+    """
+    pointwise = p.raw_weight.shape[2:] == (1, 1) and p.stride == (1, 1) and p.padding == (0, 0)
+    floating = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return residual is None and pointwise and p.groups == 1 and floating and _pixel_rows(x) is not None
+
+
+def _run_cublaslt_fused(x, p: PreparedConvBN, residual, relu):
+    """out[m, co] = relu(sum_c x[m, c] * folded_w[co, c] + bias[co]), m = (n, h, w): one GEMM.
+
+    On CUDA, torch.addmm with a 1-D bias and a contiguous result takes its
+    cuBLASLt path with the bias in the GEMM's epilogue, and
+    torch._addmm_activation (present in torch 2.x, the op inductor also emits
+    for addmm + ReLU) the bias + ReLU epilogue; where that path does not apply
+    (and on the CPU) they fall back to addmm and an in-place ReLU. The
+    dispatch times whichever runs. The [N*H*W, Cout] result is returned as an
+    NCHW-shaped channels_last view.
+    """
+    n, _, h, w = x.shape
+    rows = _pixel_rows(x)
+    if relu:
+        y = torch._addmm_activation(p.bias, rows, p.folded_matrix.t())
+    else:
+        y = torch.addmm(p.bias, rows, p.folded_matrix.t())
+    return y.view(n, h, w, p.out_channels).permute(0, 3, 1, 2)
+
+
+IMPLEMENTATIONS = {
+    "triton": _run_triton,
+    "cudnn_fused": _run_cudnn_fused,
+    "cudnn_affine": _run_cudnn_affine,
+    "cublaslt_fused": _run_cublaslt_fused,
+}
+TRITON_TILE_PREFIX = "triton:"
+
+
+def implementation(name: str):
+    """The function(x, prepared, residual, relu) that a candidate name stands for ("triton:<tile>" included)."""
+    if name in IMPLEMENTATIONS:
+        return IMPLEMENTATIONS[name]
+    if name.startswith(TRITON_TILE_PREFIX):
+        from fastresnet.kernels.conv import _TileConfig
+
+        return functools.partial(_run_triton, tile=_TileConfig.from_name(name.removeprefix(TRITON_TILE_PREFIX)))
+    raise KeyError(f"conv_bn_act has no implementation {name!r}; it has {sorted(IMPLEMENTATIONS)} and triton:<tile>")
+
+
+def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
+    """"triton:<tile>" for each tile worth timing on x's GPU (kernels.conv._tile_candidates)."""
+    from fastresnet.kernels.conv import _tile_candidates, _uses_flat_k
+
+    m = math.prod(p.output_shape(x)) // p.out_channels
+    in_c = x.shape[1]
+    flat_k, has_residual = _uses_flat_k(in_c), residual is not None
+    tiles = _tile_candidates(m, p.out_channels, in_c, flat_k, has_residual, x.element_size(), x.device)
+    return [TRITON_TILE_PREFIX + tile.name for tile in tiles]
 
 
 def _candidates(x, p: PreparedConvBN, residual) -> list[str]:
+    """The implementations that can run this problem; on a GPU, one Triton candidate per tile."""
     names = ["cudnn_fused"]
     if _triton_supports(x, p, residual) and backend.triton_available():
-        names.append("triton")
+        names += _triton_tile_names(x, p, residual) if x.is_cuda else ["triton"]
     if _affine_act() is not None:
         names.append("cudnn_affine")
+    if _cublaslt_supports(x, p, residual):
+        names.append("cublaslt_fused")
     return names
 
 
@@ -181,7 +274,7 @@ def fixed_choice(names: list[str], residual, relu: bool) -> str:
 def problem_key(x, p: PreparedConvBN, residual, relu) -> str:
     n, c, h, w = x.shape
     _, _, kh, kw = p.raw_weight.shape
-    layout = "cl" if _memory_format(x) == torch.channels_last else "nchw"
+    layout = "cl" if memory_format_of(x) == torch.channels_last else "nchw"
     return (
         f"conv_bn_act:n{n}c{c}h{h}w{w}:k{p.out_channels}x{kh}x{kw}:s{p.stride[0]}x{p.stride[1]}"
         f":p{p.padding[0]}x{p.padding[1]}:d{p.dilation[0]}x{p.dilation[1]}:g{p.groups}"
@@ -189,10 +282,27 @@ def problem_key(x, p: PreparedConvBN, residual, relu) -> str:
     )
 
 
-def _memory_format(x) -> torch.memory_format:
+def memory_format_of(x) -> torch.memory_format:
+    """channels_last where x is laid out so (and not also NCHW-contiguous), else contiguous: the outputs' layout."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def tensor_key(t: torch.Tensor | None):
+    """What identifies a tensor's current values without reading them: identity, storage, version, dtype, device.
+
+    The version counter is bumped by every in-place write (optimizer steps,
+    load_state_dict, copy_); tensors made under torch.inference_mode have none,
+    and for them only identity, pointer, dtype and device are compared.
+    """
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        version = None
+    return (id(t), t.data_ptr(), version, t.dtype, t.device)
 
 
 # ---------------------------------------------------------------------------
@@ -239,16 +349,21 @@ def conv_bn_act_prepared(x, prepared: PreparedConvBN, residual=None, relu=True) 
     if x.device.type == "cpu":  # Triton's interpreter (tests): the kernel where it applies
         run = _run_triton if _triton_supports(x, prepared, residual) else _run_reference
         return run(x, prepared, residual, relu)
-    # The choice per call signature is kept on the prepared weight: no key string or dict on the hot path.
+    # The chosen function per call signature is kept on the prepared weight: no key string or dict on the hot path.
     signature = (dispatch.dispatch_mode(), x.shape, x.stride(), residual is None, relu)
-    choice = prepared.choices.get(signature)
-    if choice is None:
-        names = _candidates(x, prepared, residual)
-        candidates = {name: functools.partial(IMPLEMENTATIONS[name], x, prepared, residual, relu) for name in names}
-        fixed = fixed_choice(names, residual, relu)
-        choice = dispatch.choose(problem_key(x, prepared, residual, relu), candidates, fixed, x.device)
-        prepared.choices[signature] = choice
-    return IMPLEMENTATIONS[choice](x, prepared, residual, relu)
+    run = prepared.choices.get(signature)
+    if run is None:
+        run = implementation(_choose(x, prepared, residual, relu, signature[0]))
+        prepared.choices[signature] = run
+    return run(x, prepared, residual, relu)
+
+
+def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
+    names = _candidates(x, p, residual)
+    if mode == "triton" and any(name.startswith(TRITON_TILE_PREFIX) for name in names):
+        return "triton"  # forced: the kernel with the fixed rule's tile
+    candidates = {name: functools.partial(implementation(name), x, p, residual, relu) for name in names}
+    return dispatch.choose(problem_key(x, p, residual, relu), candidates, fixed_choice(names, residual, relu), x.device)
 
 
 def conv_bn_act(

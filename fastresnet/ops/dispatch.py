@@ -40,7 +40,8 @@ log = logging.getLogger("fastresnet.dispatch")
 
 CACHE_DIR_ENV = "FASTRESNET_CACHE_DIR"
 DISPATCH_ENV = "FASTRESNET_DISPATCH"
-CACHE_SCHEMA = 1  # bump when the meaning of a cached entry changes: older files then count as stale
+CACHE_SCHEMA = 2  # bump when the meaning of a cached entry changes: older files then count as stale
+# 2: conv_bn_act's Triton candidates are "triton:<tile>" (one per tile), and "cublaslt_fused" joined
 
 _mode_override: str | None = None
 _memory: dict[str, dict] = {}  # problem key -> {"choice": name, "times_ms": {name: ms}, "source": ...}
