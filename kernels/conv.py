@@ -57,6 +57,20 @@ def _dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, FP32_MODE: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """This program's (row block, column block) in grouped order (as in Triton's matmul
+    tutorial): consecutive programs walk GROUP_M pixel blocks for one channel block, so
+    that channel block's weights stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _conv_bn_act_fwd(
     x_ptr,  # input [N, IN_H, IN_W, IN_C] addressed through the four strides below (any layout)
     w_ptr,  # packed weight [OUT_C, KH, KW, IN_C], contiguous: filter co starts at co * KH*KW*IN_C
@@ -90,16 +104,7 @@ def _conv_bn_act_fwd(
 ):
     M = BATCH * OUT_H * OUT_W
     K_TOTAL = KH * KW * IN_C
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(OUT_C, BLOCK_N)
-    # Grouped order (as in Triton's matmul tutorial): consecutive programs walk
-    # GROUP_M pixel blocks for one channel block, so weights stay in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(OUT_C, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_w = offs_m % OUT_W

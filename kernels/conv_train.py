@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _tile_config
+from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _tile_config
 
 
 @triton.jit
@@ -74,14 +74,7 @@ def _conv_stats_fwd(
 ):
     M = BATCH * OUT_H * OUT_W
     K_TOTAL = KH * KW * IN_C
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(OUT_C, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(OUT_C, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_w = offs_m % OUT_W

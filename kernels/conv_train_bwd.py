@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from fastresnet.kernels import bn_act
-from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _tile_config
+from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _tile_config
 from fastresnet.kernels.conv_train import _normalise_on_load
 
 
@@ -152,14 +152,7 @@ def _conv_dgrad_bn(
 ):
     M = BATCH * IN_H * IN_W
     K_TOTAL = KH * KW * OUT_C
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(IN_C, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(IN_C, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_w = offs_m % IN_W
