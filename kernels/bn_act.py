@@ -100,6 +100,52 @@ def _affine_act_fwd(
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Eval BatchNorm folded inside the kernel, for calls without gradients:
+#     y = act((x - running_mean[c]) * weight[c] / sqrt(running_var[c] + eps) + bias[c] + residual)
+# Each program recomputes the per-channel factor of its BLOCK_C channels (a few
+# hundred operations against BLOCK_M * BLOCK_C elements), so the host launches
+# one kernel: no separate ops for the folded scale (three launches and ~10 us
+# of host time per call, which decided the 7x7 and 14x14 stages on the H200).
+# y is allocated like x (torch.empty_like), so it shares x's strides.
+@triton.jit
+def _bn_eval_act_fwd(
+    x_ptr,  # input, any float dtype, strides x_s*; y has the same strides
+    y_ptr,  # output, x's shape, dtype and strides
+    res_ptr,  # residual added before the activation, or None
+    weight_ptr,  # [C] gamma (any float dtype), or None for 1
+    bias_ptr,  # [C] beta, or None for 0
+    mean_ptr,  # [C] running mean
+    var_ptr,  # [C] running variance
+    eps,
+    M, C, HW,  # rows (N*H*W), channels, pixels per image (H*W)
+    x_sn, x_shw, x_sc,  # x (and y) strides: image, pixel, channel
+    r_sn, r_shw, r_sc,  # residual strides: image, pixel, channel
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if weight_ptr is not None:
+        scale *= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = (x - mean[None, :]) * scale[None, :]
+    if bias_ptr is not None:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if res_ptr is not None:
+        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of n rows,
 # numerically safe for a large mean by shifting: every value is first reduced
 # by a pivot p (the range's first row, a sample of the same channel, so within
@@ -325,6 +371,18 @@ def _affine_act_bwd_dx(
 # ---------------------------------------------------------------------------
 
 
+# triton.cdiv and triton.next_power_of_2 cost ~1.5 us each on the host (they go
+# through Triton's constexpr-function wrapper); a launch helper calls several,
+# and host time is what the small stages wait on. Plain integer versions:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+
 def row_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     """(image, pixel, channel) strides of an NCHW-logical tensor whose H and W
     share one stride; (0, 0, 0) for an absent tensor."""
@@ -356,7 +414,7 @@ def _multiprocessors(device_index: int) -> int:
 
 def _elementwise_blocks(x: torch.Tensor) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for a one-tile-per-program pass."""
-    c_pow2 = triton.next_power_of_2(x.shape[1])
+    c_pow2 = _next_power_of_2(x.shape[1])
     if not x.is_cuda:  # the interpreter: few, large programs
         block_c = min(c_pow2, 256)
         return max(16, 16384 // block_c), block_c, 4
@@ -369,7 +427,7 @@ def _reduction_plan(x: torch.Tensor, tile_elements: int = 2048) -> tuple[int, in
     ROWS rows, so that P * channel blocks programs fill the GPU a few times.
     tile_elements: BLOCK_M * BLOCK_C on a GPU (see the callers)."""
     m = x.shape[0] * x.shape[2] * x.shape[3]
-    c_pow2 = triton.next_power_of_2(x.shape[1])
+    c_pow2 = _next_power_of_2(x.shape[1])
     if x.is_cuda:
         # 64 channels (128 bytes of bf16, one 16-byte vector per thread per
         # row slice) by tile_elements / 64 rows, 4 warps, 4 programs per SM.
@@ -382,10 +440,10 @@ def _reduction_plan(x: torch.Tensor, tile_elements: int = 2048) -> tuple[int, in
         block_c = min(c_pow2, 256)
         block_m = max(16, 16384 // block_c)
         target_programs = 1
-    channel_blocks = triton.cdiv(x.shape[1], block_c)
-    programs_per_block = max(1, min(triton.cdiv(m, block_m), target_programs // channel_blocks, 1024))
-    rows = triton.cdiv(triton.cdiv(m, programs_per_block), block_m) * block_m
-    return triton.cdiv(m, rows), rows, block_m, block_c, 4
+    channel_blocks = _cdiv(x.shape[1], block_c)
+    programs_per_block = max(1, min(_cdiv(m, block_m), target_programs // channel_blocks, 1024))
+    rows = _cdiv(_cdiv(m, programs_per_block), block_m) * block_m
+    return _cdiv(m, rows), rows, block_m, block_c, 4
 
 
 # The statistics pass loads one tensor: 4 programs per SM with a 32x64 bf16
@@ -407,11 +465,31 @@ def affine_act_fwd(x, scale, shift, *, center=None, invstd=None, residual=None, 
     n, c, h, w = x.shape
     y = torch.empty_like(x)
     block_m, block_c, num_warps = _elementwise_blocks(x)
-    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))
+    grid = (_cdiv(n * h * w, block_m), _cdiv(c, block_c))
     _affine_act_fwd[grid](
         x, y, residual, scale, invstd, shift, center,
         n * h * w, c, h * w,
         *row_strides(x), *row_strides(y), *row_strides(residual),
+        RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y
+
+
+def bn_eval_act_fwd(x, weight, bias, running_mean, running_var, eps, *, residual=None, relu=True):
+    """act(BatchNorm_eval(x) + residual) in one launch, the scale folded in the
+    kernel (no autograd: the op layer calls this only without gradients).
+    y = empty_like(x) shares x's strides when x is dense (channels_last or
+    contiguous, the usual case); any other x is copied to channels_last first."""
+    _check_index_range(x, residual)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    if y.stride() != x.stride():
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_like(x)
+    block_m, block_c, num_warps = _elementwise_blocks(x)
+    _bn_eval_act_fwd[(_cdiv(n * h * w, block_m), _cdiv(c, block_c))](
+        x, y, residual, weight, bias, running_mean, running_var, eps,
+        n * h * w, c, h * w, *row_strides(x), *row_strides(residual),
         RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return y
@@ -425,16 +503,16 @@ def bn_stats(x, eps):
     parts, rows, block_m, block_c, num_warps = _reduction_plan(x, _STATS_TILE_ELEMENTS)
     mean_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    _bn_stats_partial[(parts, triton.cdiv(c, block_c))](
+    _bn_stats_partial[(parts, _cdiv(c, block_c))](
         x, mean_part, m2_part, m, c, h * w, *row_strides(x), rows,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
     var_unbiased = torch.empty_like(mean)
-    block_p = min(triton.next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
-    finalize_block_c = min(triton.next_power_of_2(c), 64 if x.is_cuda else 1024)
-    _bn_stats_finalize[(triton.cdiv(c, finalize_block_c),)](
+    block_p = min(_next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
+    finalize_block_c = min(_next_power_of_2(c), 64 if x.is_cuda else 1024)
+    _bn_stats_finalize[(_cdiv(c, finalize_block_c),)](
         mean_part, m2_part, mean, invstd, var_unbiased, parts, m, c, rows, eps,
         BLOCK_P=block_p, BLOCK_C=finalize_block_c, num_warps=4,
     )
@@ -459,7 +537,7 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
         sum_g_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
         sum_gx_part = torch.empty_like(sum_g_part)
         g_out = dres if g_from_reduce else None
-        _affine_act_bwd_reduce[(parts, triton.cdiv(c, block_c))](
+        _affine_act_bwd_reduce[(parts, _cdiv(c, block_c))](
             dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part, g_out,
             m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(g_out), rows,
             RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
@@ -475,7 +553,7 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
         grad_in, res_in, relu_in, dres_out = dres, None, False, None
     else:
         grad_in, res_in, relu_in, dres_out = dy, residual, relu, dres
-    _affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+    _affine_act_bwd_dx[(_cdiv(m, block_m), _cdiv(c, block_c))](
         grad_in, x, res_in, dx, dres_out, scale, invstd, shift, center, sum_g, sum_gx,
         m, c, h * w,
         *row_strides(grad_in), *row_strides(x), *row_strides(res_in), *row_strides(dx), *row_strides(dres_out),

@@ -69,7 +69,9 @@ def ptxas_registers(ptx: str) -> str:
         result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True)
     found = re.search(r"Used (\d+) registers", result.stderr)
-    return found.group(1) if found else "?"
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)
+    spilled = sum(map(int, spills)) if spills else "?"
+    return f"{found.group(1) if found else '?'} (spills {spilled} B)"
 
 
 def main():
@@ -88,6 +90,13 @@ def main():
         (fwd, {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, **channels},
          {"RELU": True, **elementwise_tiles, **strides(fwd)}),
         (fwd, {"x_ptr": ACT, "y_ptr": ACT, **channels}, {"RELU": False, **elementwise_tiles, **strides(fwd), **absent}),
+        # inference: the running statistics folded in the kernel (fp32 parameters and buffers)
+        (
+            kernels._bn_eval_act_fwd,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "var_ptr": F32},
+            {"RELU": True, **elementwise_tiles, **strides(kernels._bn_eval_act_fwd)},
+        ),
         (
             kernels._bn_stats_partial,
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
