@@ -25,8 +25,11 @@ activation dtype each:
 so median time gives GB/s, comparable between providers and with `copy` (2E).
 
 The fastresnet rows carry the dispatch's choice per stage in extra_info
-(`dispatch_choice`, e.g. "fwd triton, bwd eager"; `dispatch` has the measured
-times), which bench/report.py prints beside the provider.
+(`dispatch_choice`, e.g. "fwd triton, bwd(after triton) eager, bwd(after eager)
+eager, fwdbwd triton"; `dispatch` has the measured times), which bench/report.py
+prints beside the provider. The backward group times the backward of a graph
+built by one call with gradients: its forward is fwdbwd's choice when that was
+decided before (an earlier full/backward run of the shape), else fwd's.
 """
 
 from __future__ import annotations
@@ -162,8 +165,8 @@ def run_bn_act(benchmark, provider, mode, shape):
 
 
 # The dispatch stages each benchmark mode runs (fastresnet.ops.bn_act_dispatch).
-MODE_STAGES = {"forward": ("train:fwd",), "backward": ("train:fwd", "train:bwd"),
-               "full": ("train:fwd", "train:bwd"), "eval": ("eval:fwd",)}
+TRAIN_STAGES = ("train:fwd", "train:bwd", "train:fwdbwd")
+MODE_STAGES = {"forward": ("train:fwd",), "backward": TRAIN_STAGES, "full": TRAIN_STAGES, "eval": ("eval:fwd",)}
 
 
 def dispatch_entries(mode: str, shape) -> list[dict]:
@@ -176,8 +179,14 @@ def dispatch_entries(mode: str, shape) -> list[dict]:
 
 
 def dispatch_summary(entries: list[dict]) -> str:
-    """'fwd triton, bwd eager': the stage (train:/eval: dropped) and its choice."""
-    return ", ".join(f"{entry['key'].split(':')[2]} {entry['choice']}" for entry in entries) or "not measured"
+    """'fwd triton, bwd(after triton) eager, ...': each stage (train:/eval: dropped)
+    and its choice; fwdbwd is the forward that calls with gradients run."""
+    parts = []
+    for entry in entries:
+        fields = entry["key"].split(":")
+        after = next((f.removeprefix("after-") for f in fields if f.startswith("after-")), None)
+        parts.append(f"{fields[2]}{f'(after {after})' if after else ''} {entry['choice']}")
+    return ", ".join(parts) or "not measured"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

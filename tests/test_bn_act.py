@@ -521,22 +521,49 @@ def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backwa
     """Every pairing of forward and backward path gives the reference's output,
     running statistics and gradients: both forwards leave the same mean/invstd.
     The forward is timed alone at the first call, the backward alone at the
-    first backward, each under its own key; later calls time nothing."""
+    first backward (after this forward, then after the other one), then each
+    forward with its best backward as one step; later calls time nothing."""
     from fastresnet.ops import dispatch
 
     winners, timed_keys = measured_on_cpu
-    winners.update({"train:fwd": forward, "train:bwd": backward})
+    winners.update({"train:fwd": forward, "train:bwd": backward, "train:fwdbwd": forward})
     shape = (2, 12, 3, 3)
     x = make_input(shape, torch.float32, channels_last=True, mean=0.5, std=2.0)
     res = make_input(shape, torch.float32, channels_last=True) if residual else None
     for _ in range(2):
         check_batch_norm_act(x, *bn_state(12, affine=affine), True, res, relu)
     grads = "1" + ("11" if affine else "00") + ("1" if residual else "0")
-    assert [k.split(":")[1:3] for k in timed_keys] == [["train", "fwd"], ["train", "bwd"]]
+    other = "eager" if forward == "triton" else "triton"
+    assert [":".join(k.split(":")[1:3]) for k in timed_keys] == ["train:fwd", "train:bwd", "train:bwd", "train:fwdbwd"]
     assert timed_keys[1].endswith(f":after-{forward}:grads{grads}")
+    assert timed_keys[2].endswith(f":after-{other}:grads{grads}")
+    assert timed_keys[3].endswith(f":grads{grads}")
     assert {entry["key"]: entry["choice"] for entry in dispatch.decisions()} == dict(
-        zip(timed_keys, [forward, backward])
+        zip(timed_keys, [forward, backward, backward, forward])
     )
+
+
+def test_training_step_overrules_the_forward_alone(measured_on_cpu, monkeypatch):
+    """When the kernels' forward wins alone but eager's forward + backward make
+    the faster step, later calls with gradients run eager's forward (and the
+    backward already chosen after it); forward-only calls keep the kernels."""
+    from fastresnet.ops import bn_act_train as train
+
+    winners, timed_keys = measured_on_cpu
+    winners.update({"train:fwd": "triton", "train:bwd": "eager", "train:fwdbwd": "eager"})
+    used = []
+    for name, path in list(train.FORWARD_PATHS.items()):
+        monkeypatch.setitem(train.FORWARD_PATHS, name, lambda *a, _f=path, _n=name: used.append(_n) or _f(*a))
+    shape = (2, 6, 3, 3)
+    x = make_input(shape, torch.float32, channels_last=True)
+    state = bn_state(6)
+    check_batch_norm_act(x, *state, True, None, True)
+    timed = len(timed_keys)
+    used.clear()
+    check_batch_norm_act(x, *state, True, None, True)
+    with torch.no_grad():
+        batch_norm_act(x, *state, True, 0.1, 1e-5, None, True)
+    assert used == ["eager", "triton"] and len(timed_keys) == timed
 
 
 def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):
@@ -633,7 +660,7 @@ def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
     seen = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
     grads_of(step(seen, None), [seen, weight], torch.randn_like(seen))
     timed = len(measured_on_cpu[1])
-    assert timed == 2  # forward, then backward
+    assert timed == 4  # forward; backward after each forward; the step
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     unseen = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
     res = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
@@ -660,7 +687,7 @@ def test_compiled_path_needs_the_kernels_chosen_for_every_stage(measured_on_cpu)
              torch.randn_like(x))
     assert choice.compiled_path(x, None, True, True, needs) == "eager"  # the backward chose eager
     assert choice.compiled_path(x, None, True, True, (False,) * 4) == "triton"  # forward only
-    winners["train:bwd"] = "triton"
+    winners.update({"train:bwd": "triton", "train:fwdbwd": "triton"})
     other = make_input((3, 4, 2, 2), torch.float32, channels_last=True)  # a new problem
     grads_of(batch_norm_act(other, weight, bias, running_mean, running_var, True, 0.1, 1e-5), [other, weight, bias],
              torch.randn_like(other))
@@ -703,7 +730,7 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
     entries = dispatch.decisions()
     print("dispatch decisions:", entries)
     stages = [":".join(entry["key"].split(":")[1:3]) for entry in entries]
-    assert stages == (["train:fwd", "train:bwd"] if training else ["eval:fwdbwd"])
+    assert stages == (["train:fwd", "train:bwd", "train:bwd", "train:fwdbwd"] if training else ["eval:fwdbwd"])
     for entry in entries:
         assert set(entry["times_ms"]) == {"triton", "eager"} and entry["source"] == "measured"
 

@@ -43,12 +43,15 @@ from torch import Tensor
 
 from fastresnet import backend
 from fastresnet.ops import bn_act_dispatch as choice
+from fastresnet.ops import dispatch
 from fastresnet.ops.bn_act_train import (
+    BACKWARD_PATHS,
     FORWARD_PATHS,
     BackwardPlan,
     BatchNormActTrain,
     as_rows as _as_rows,
     backward_candidates,
+    forward_saved,
     fp32_affine,
     kernels as _kernels,
     train_backward as _train_backward,
@@ -339,26 +342,71 @@ def _needed_inputs(x, weight, bias, residual) -> tuple[bool, bool, bool, bool]:
 def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual, relu, needs):
     stats = None if running_mean is None else (running_mean, running_var)
     sig = choice.signature(x, residual, relu)
-    forward = choice.decide(
+    if not any(needs):
+        forward = _forward_alone(sig, x, weight, bias, residual, eps, relu)
+        return FORWARD_PATHS[forward](x, weight, bias, residual, stats, momentum, eps, relu)[0]
+    # With gradients: the forward whose training step (with its best backward) was
+    # fastest, decided at the first backward; until then the forward timed alone.
+    forward = choice.known(choice.step_memo(sig, needs)) or _forward_alone(sig, x, weight, bias, residual, eps, relu)
+
+    def choose_backward(saved, grad_y):
+        path = _backward_after(forward, saved, grad_y, sig, needs, x, residual, relu)
+        if choice.known(choice.step_memo(sig, needs)) is None and choice.measured(x) and \
+                dispatch.dispatch_mode() == "measure":
+            _decide_step(forward, path, grad_y, sig, needs, x, weight, bias, residual, eps, relu)
+        return path
+
+    plan = BackwardPlan(forward, choose_backward, choice.known(choice.backward_memo(sig, forward, needs)))
+    return BatchNormActTrain.apply(x, weight, bias, residual, stats, momentum, eps, relu, plan)
+
+
+def _forward_alone(sig, x, weight, bias, residual, eps, relu) -> str:
+    """The training forward timed alone (no gradient, no running statistics)."""
+    return choice.decide(
         ("train:fwd", sig), x,
         lambda: choice.problem_key("train:fwd", x, residual, relu),
         lambda: _forward_candidates(x, weight, bias, residual, eps, relu),
         choice.fixed_forward(x, True),
     )
-    if not any(needs):
-        return FORWARD_PATHS[forward](x, weight, bias, residual, stats, momentum, eps, relu)[0]
-    memo = choice.backward_memo(sig, forward, needs)
 
-    def choose_backward(saved, grad_y):
-        return choice.decide(
-            memo, x,
-            lambda: choice.problem_key("train:bwd", x, residual, relu, choice.backward_detail(forward, needs)),
-            lambda: backward_candidates(saved, grad_y, needs),
-            choice.FIXED_BACKWARD,
-        )
 
-    plan = BackwardPlan(forward, choose_backward, choice._chosen.get(memo))
-    return BatchNormActTrain.apply(x, weight, bias, residual, stats, momentum, eps, relu, plan)
+def _backward_after(forward, saved, grad_y, sig, needs, x, residual, relu) -> str:
+    """The backward path after `forward`, timed alone on its saved tensors."""
+    return choice.decide(
+        choice.backward_memo(sig, forward, needs), x,
+        lambda: choice.problem_key("train:bwd", x, residual, relu, choice.backward_detail(forward, needs)),
+        lambda: backward_candidates(saved, grad_y, needs),
+        choice.FIXED_BACKWARD,
+    )
+
+
+def _decide_step(first_forward, first_backward, grad_y, sig, needs, x, weight, bias, residual, eps, relu):
+    """Which forward the later calls with gradients run: each forward path followed
+    by its best backward, timed as one step. A forward that wins alone but leaves
+    a slower backward behind (ATen's native backward after the kernels' forward
+    instead of cuDNN's after its own) so cannot make a training step slower than
+    eager's."""
+
+    def saved_after(forward):
+        return forward_saved(forward, x, weight, bias, residual, eps, relu)
+
+    best_backward = {first_forward: first_backward}
+    for forward in FORWARD_PATHS:
+        if forward not in best_backward:
+            best_backward[forward] = _backward_after(forward, saved_after(forward), grad_y, sig, needs, x, residual,
+                                                     relu)
+
+    def step(forward):
+        def run():
+            return BACKWARD_PATHS[best_backward[forward]](saved_after(forward), grad_y, needs)
+        return run
+
+    choice.decide(
+        choice.step_memo(sig, needs), x,
+        lambda: choice.problem_key("train:fwdbwd", x, residual, relu, choice.grads_detail(needs)),
+        lambda: {forward: step(forward) for forward in best_backward},
+        first_forward,
+    )
 
 
 def _forward_candidates(x, weight, bias, residual, eps, relu):

@@ -6,6 +6,9 @@ GPU the first time, remembered in memory and on disk):
   train:bwd     the training backward, timed alone on the saved tensors and the
                 real upstream gradient, per forward path and per set of needed
                 gradients (the key says "after-triton" or "after-eager")
+  train:fwdbwd  the forward of training calls with gradients: each forward with
+                its best backward timed as one step (at the first backward), so
+                the step is never slower than eager's either
   eval:fwd      eval without gradients (inference)
   eval:fwdbwd   eval with gradients (a frozen-statistics fine-tune), forward and
                 backward timed together
@@ -85,12 +88,27 @@ def decide(memo: tuple, x: Tensor, describe: Callable[[], str], candidates: Call
     return path
 
 
+def known(memo: tuple) -> Optional[str]:
+    """The path already chosen for `memo`, or None."""
+    return _chosen.get(memo)
+
+
 def backward_memo(sig: tuple, forward: str, needs: tuple) -> tuple:
     return ("train:bwd", sig, forward, needs)
 
 
+def step_memo(sig: tuple, needs: tuple) -> tuple:
+    """The forward that training calls with gradients run (train:fwdbwd)."""
+    return ("train:fwdbwd", sig, needs)
+
+
+def grads_detail(needs: tuple) -> str:
+    """Which of (x, weight, bias, residual) get a gradient, as in ':grads1111'."""
+    return f":grads{''.join(str(int(n)) for n in needs)}"
+
+
 def backward_detail(forward: str, needs: tuple) -> str:
-    return f":after-{forward}:grads{''.join(str(int(n)) for n in needs)}"
+    return f":after-{forward}{grads_detail(needs)}"
 
 
 def compiled_path(x: Tensor, residual: Optional[Tensor], relu: bool, training: bool, needs: tuple) -> str:
@@ -109,7 +127,9 @@ def compiled_path(x: Tensor, residual: Optional[Tensor], relu: bool, training: b
     grad = any(needs)
     if not training:
         return _chosen.get(("eval:fwdbwd" if grad else "eval:fwd", sig)) or "eager"
-    forward = _chosen.get(("train:fwd", sig)) or "eager"
-    if forward == "eager" or not grad:
+    if not grad:
+        return _chosen.get(("train:fwd", sig)) or "eager"
+    forward = _chosen.get(step_memo(sig, needs)) or _chosen.get(("train:fwd", sig)) or "eager"
+    if forward == "eager":
         return forward
     return "triton" if _chosen.get(backward_memo(sig, forward, needs)) == "triton" else "eager"

@@ -137,6 +137,14 @@ def forward_eager(x, weight, bias, residual, running_stats, momentum, eps, relu)
 FORWARD_PATHS: dict[str, Callable] = {"triton": forward_triton, "eager": forward_eager}
 
 
+def forward_saved(path: str, x, weight, bias, residual, eps, relu) -> "Saved":
+    """What a forward path leaves for the backward, run without autograd and
+    without running statistics (for timing a backward after it)."""
+    with torch.no_grad():
+        y, mean, invstd, impl, reserve = FORWARD_PATHS[path](x, weight, bias, residual, None, 0.0, eps, relu)
+    return Saved(x, weight, bias, residual, mean, invstd, y if relu else None, impl, reserve, None, eps, relu)
+
+
 # ---------------------------------------------------------------------------
 # Backward paths: (dx, dweight, dbias, dresidual), None where not needed
 # ---------------------------------------------------------------------------
