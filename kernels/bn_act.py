@@ -249,6 +249,10 @@ def _bn_stats_finalize(
 # caller adds them up. With g_ptr the program also stores g itself, which is
 # the residual's gradient: the elementwise pass then reads g back instead of
 # dy, the residual and the recomputed mask (see affine_act_bwd).
+# PIPELINE software-pipelines the row loop like the statistics pass
+# (tl.range num_stages=3: the next tiles of dy, x and the residual in flight
+# while one is summed). Never run on a GPU yet, so it enters as a dispatch
+# candidate ("triton_pipelined"), timed against the plain loop.
 @triton.jit
 def _affine_act_bwd_reduce(
     dy_ptr,  # upstream gradient, strides dy_s*
@@ -268,6 +272,7 @@ def _affine_act_bwd_reduce(
     g_sn, g_shw, g_sc,  # g strides
     ROWS,  # rows per program, a multiple of BLOCK_M
     RELU: tl.constexpr,
+    PIPELINE: tl.constexpr,  # software-pipeline the row loop (a dispatch candidate, see affine_act_bwd)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -278,21 +283,43 @@ def _affine_act_bwd_reduce(
     row_end = tl.minimum(row_begin + ROWS, M)
     sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        g, xc = _masked_grad(
-            dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
-            rows, cols, mask, col_mask, HW,
-            dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
-        )
-        if g_ptr is not None:
-            g_offs = _row_offsets(rows, HW, g_sn, g_shw)[:, None] + cols[None, :] * g_sc
-            tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-        sum_g += g
-        sum_gx += g * xc
+    if PIPELINE:
+        for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=3):
+            sum_g, sum_gx = _bwd_reduce_tile(
+                start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+                g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+                g_sn, g_shw, g_sc, RELU, BLOCK_M,
+            )
+    else:
+        for start in range(row_begin, row_end, BLOCK_M):
+            sum_g, sum_gx = _bwd_reduce_tile(
+                start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+                g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+                g_sn, g_shw, g_sc, RELU, BLOCK_M,
+            )
     tl.store(sum_g_part_ptr + pid * C + cols, tl.sum(sum_g, axis=0), mask=col_mask)
     tl.store(sum_gx_part_ptr + pid * C + cols, tl.sum(sum_gx, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _bwd_reduce_tile(
+    start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+    g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+    g_sn, g_shw, g_sc, RELU: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_C] tile of _affine_act_bwd_reduce: g (stored when g_ptr
+    is given) added into the running sums (sum_g, sum_gx), which it returns."""
+    rows = start + tl.arange(0, BLOCK_M)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    g, xc = _masked_grad(
+        dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+        rows, cols, mask, col_mask, HW,
+        dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
+    )
+    if g_ptr is not None:
+        g_offs = _row_offsets(rows, HW, g_sn, g_shw)[:, None] + cols[None, :] * g_sc
+        tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    return sum_g + g, sum_gx + g * xc
 
 
 @triton.jit
@@ -520,10 +547,11 @@ def bn_stats(x, eps):
 
 
 def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=None, relu=True,
-                   param_grads=True, batch_stats=False):
+                   param_grads=True, batch_stats=False, pipeline=False):
     """(dx, sum(g), sum(g * (x - center)), dresidual); the sums are None unless
     param_grads or batch_stats, dresidual is None without a residual.
-    batch_stats: x's statistics (center, invstd) came from this batch."""
+    batch_stats: x's statistics (center, invstd) came from this batch.
+    pipeline: software-pipeline the reduction's row loop (a dispatch candidate)."""
     _check_index_range(dy, x, residual)
     n, c, h, w = x.shape
     m = n * h * w
@@ -540,7 +568,7 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
         _affine_act_bwd_reduce[(parts, _cdiv(c, block_c))](
             dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part, g_out,
             m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(g_out), rows,
-            RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            RELU=relu, PIPELINE=pipeline, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
         )
         sum_g, sum_gx = sum_g_part.sum(0), sum_gx_part.sum(0)
     dx = torch.empty_like(x)

@@ -113,8 +113,15 @@ def main():
     partials = {"sum_g_part_ptr": F32, "sum_gx_part_ptr": F32}
     variants += [
         # with a residual: the reduction also stores g (the residual's gradient)
-        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1}, {"RELU": True, **tiles, **strides(reduce), "g_sc": 1}),
-        (reduce, {**bwd, **partials}, {"RELU": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
+         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "g_sc": 1}),
+        (reduce, {**bwd, **partials},
+         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        # the software-pipelined candidate ("triton_pipelined"), with and without a residual
+        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
+         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "g_sc": 1}),
+        (reduce, {**bwd, **partials},
+         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
         # training dx from g (residual case): no residual, no mask
         (
             dx,
@@ -143,7 +150,8 @@ def main():
         if report:
             tile = f"{constexprs.get('BLOCK_M', constexprs.get('BLOCK_P'))}x{constexprs.get('BLOCK_C')}"
             absent_names = ",".join(k.removesuffix("_ptr") for k, v in constexprs.items() if v is None) or "-"
-            print(f"{fn.__name__:24s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
+            pipelined = " pipelined" if constexprs.get("PIPELINE") else ""
+            print(f"{fn.__name__ + pipelined:34s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
                   f"widest load {_widest(ptx, 'ld')}, store {_widest(ptx, 'st')}")
     print(f"compiled {len(variants)} kernel variants for sm_90")
 

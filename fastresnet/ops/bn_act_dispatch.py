@@ -1,4 +1,5 @@
-"""Which path batch_norm_act runs ("triton" or "eager"), per problem and stage.
+"""Which path batch_norm_act runs ("triton" or "eager"; in the training backward
+also "triton_pipelined"), per problem and stage.
 
 Stages, each decided on its own by fastresnet.ops.dispatch.choose (timed on a
 GPU the first time, remembered in memory and on disk):
@@ -132,4 +133,5 @@ def compiled_path(x: Tensor, residual: Optional[Tensor], relu: bool, training: b
     forward = _chosen.get(step_memo(sig, needs)) or _chosen.get(("train:fwd", sig)) or "eager"
     if forward == "eager":
         return forward
-    return "triton" if _chosen.get(backward_memo(sig, forward, needs)) == "triton" else "eager"
+    backward = _chosen.get(backward_memo(sig, forward, needs)) or "eager"
+    return "triton" if backward.startswith("triton") else "eager"

@@ -19,6 +19,8 @@ Forward paths:
 Backward paths:
   triton  one reduction pass and one elementwise pass, the ReLU mask recomputed
           from x and the statistics
+  triton_pipelined  the same with the reduction's row loop software-pipelined
+          (new, never run on a GPU: a candidate the first GPU call times)
   eager   threshold_backward(dy, y) for the ReLU (what autograd runs after
           F.relu), then aten._batch_norm_impl_index_backward with the forward's
           backend index: cuDNN's backward after the eager forward, ATen's
@@ -79,11 +81,12 @@ def train_forward(x, weight, bias, residual, eps, relu):
     return y, mean, invstd, var_unbiased
 
 
-def train_backward(grad_y, x, weight, bias, mean, invstd, residual, relu):
-    """(dx, dweight, dbias, dresidual); weight and bias fp32, dresidual None without a residual."""
+def train_backward(grad_y, x, weight, bias, mean, invstd, residual, relu, pipeline=False):
+    """(dx, dweight, dbias, dresidual); weight and bias fp32, dresidual None without a residual.
+    pipeline: the software-pipelined reduction (kernels.affine_act_bwd)."""
     dx, sum_g, sum_gx, dres = kernels().affine_act_bwd(
         grad_y, x, weight, bias, center=mean, invstd=invstd, residual=residual, relu=relu,
-        param_grads=True, batch_stats=True,
+        param_grads=True, batch_stats=True, pipeline=pipeline,
     )
     return dx, sum_gx * invstd, sum_g, dres
 
@@ -167,10 +170,18 @@ class Saved(NamedTuple):
     relu: bool
 
 
-def backward_triton(s: Saved, grad_y: Tensor, needs: tuple) -> tuple:
+def backward_triton(s: Saved, grad_y: Tensor, needs: tuple, pipeline: bool = False) -> tuple:
     w, b = fp32_affine(s.weight, s.bias, s.x)
-    dx, dweight, dbias, dres = train_backward(as_rows(grad_y), s.x, w, b, s.mean, s.invstd, s.residual, s.relu)
+    dx, dweight, dbias, dres = train_backward(
+        as_rows(grad_y), s.x, w, b, s.mean, s.invstd, s.residual, s.relu, pipeline
+    )
     return tuple(g if need else None for need, g in zip(needs, (dx, dweight, dbias, dres)))
+
+
+def backward_triton_pipelined(s: Saved, grad_y: Tensor, needs: tuple) -> tuple:
+    """The kernels with the software-pipelined reduction: a candidate that has
+    not run on a GPU yet, so the dispatch times it against the plain one."""
+    return backward_triton(s, grad_y, needs, pipeline=True)
 
 
 def backward_eager(s: Saved, grad_y: Tensor, needs: tuple) -> tuple:
@@ -190,7 +201,11 @@ def backward_eager(s: Saved, grad_y: Tensor, needs: tuple) -> tuple:
     return (dx if mask[0] else None, dweight if mask[1] else None, dbias if mask[2] else None, dres)
 
 
-BACKWARD_PATHS: dict[str, Callable] = {"triton": backward_triton, "eager": backward_eager}
+BACKWARD_PATHS: dict[str, Callable] = {
+    "triton": backward_triton,
+    "triton_pipelined": backward_triton_pipelined,
+    "eager": backward_eager,
+}
 
 
 def backward_candidates(saved: Saved, grad_y: Tensor, needs: tuple) -> dict[str, Callable[[], tuple]]:
@@ -202,8 +217,8 @@ def backward_candidates(saved: Saved, grad_y: Tensor, needs: tuple) -> dict[str,
 class BackwardPlan(NamedTuple):
     """The op layer's choice for one call: the forward path, and `choose(saved,
     grad_y)` which names the backward path (timing both the first time). `known`
-    is the backward path when already decided (None otherwise): with "triton"
-    the output need not be kept for the ReLU mask."""
+    is the backward path when already decided (None otherwise): with a Triton
+    one the output need not be kept for the ReLU mask."""
 
     forward: str
     choose: Callable[[Saved, Tensor], str]
@@ -221,7 +236,7 @@ class BatchNormActTrain(torch.autograd.Function):
         y, mean, invstd, impl, reserve = FORWARD_PATHS[plan.forward](
             x, weight, bias, residual, running_stats, momentum, eps, relu
         )
-        keep_output = relu and plan.known != "triton"
+        keep_output = relu and plan.known in (None, "eager")  # the kernels recompute the mask
         ctx.save_for_backward(x, weight, bias, residual, mean, invstd, y if keep_output else None, reserve)
         ctx.impl, ctx.running_stats, ctx.eps, ctx.relu, ctx.plan = impl, running_stats, eps, relu, plan
         return y
