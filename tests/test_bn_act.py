@@ -481,10 +481,15 @@ def measured_on_cpu(tmp_path, monkeypatch):
 
     def fake_measure(candidates, device):
         assert not torch.compiler.is_compiling(), "timed inside a traced region"
-        for fn in candidates.values():
-            fn()
         stage = ":".join(timed_keys[-1].split(":")[1:3])
-        return {name: 1.0 if name == winners.get(stage, "eager") else 2.0 for name in candidates}
+        times = {}
+        for name, fn in candidates.items():
+            try:
+                fn()
+            except RuntimeError:  # as dispatch.measure: a failing candidate is left out
+                continue
+            times[name] = 1.0 if name == winners.get(stage, "eager") else 2.0
+        return times
 
     monkeypatch.setattr(choice, "measured", lambda x: True)
     monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
@@ -564,6 +569,23 @@ def test_training_step_overrules_the_forward_alone(measured_on_cpu, monkeypatch)
     with torch.no_grad():
         batch_norm_act(x, *state, True, 0.1, 1e-5, None, True)
     assert used == ["eager", "triton"] and len(timed_keys) == timed
+
+
+def test_failing_step_timing_keeps_the_forward(measured_on_cpu, monkeypatch):
+    """A path that raises while the training step is timed (say, an unsupported
+    cuDNN configuration) is logged and skipped: the call still trains right."""
+    from fastresnet.ops import bn_act_dispatch as choice
+    from fastresnet.ops import bn_act_train as train
+
+    def broken(*args):
+        raise RuntimeError("unsupported configuration")
+
+    winners, _ = measured_on_cpu
+    winners.update({"train:fwd": "triton", "train:bwd": "triton"})
+    x = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
+    monkeypatch.setitem(train.FORWARD_PATHS, "eager", broken)
+    check_batch_norm_act(x, *bn_state(6), True, None, True)
+    assert [v for k, v in choice._chosen.items() if k[0] == "train:fwdbwd"] == ["triton"]
 
 
 def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):

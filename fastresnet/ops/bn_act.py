@@ -351,9 +351,13 @@ def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual, 
 
     def choose_backward(saved, grad_y):
         path = _backward_after(forward, saved, grad_y, sig, needs, x, residual, relu)
-        if choice.known(choice.step_memo(sig, needs)) is None and choice.measured(x) and \
-                dispatch.dispatch_mode() == "measure":
-            _decide_step(forward, path, grad_y, sig, needs, x, weight, bias, residual, eps, relu)
+        step = choice.step_memo(sig, needs)
+        if choice.known(step) is None and choice.measured(x) and dispatch.dispatch_mode() == "measure":
+            try:
+                _decide_step(forward, path, grad_y, sig, needs, x, weight, bias, residual, eps, relu)
+            except Exception as err:  # a failing candidate must not break training: keep this forward
+                dispatch.log.info("dispatch: step choice for %s failed, keeping %s: %s", sig, forward, err)
+                choice.remember(step, forward)
         return path
 
     plan = BackwardPlan(forward, choose_backward, choice.known(choice.backward_memo(sig, forward, needs)))

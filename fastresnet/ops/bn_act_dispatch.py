@@ -94,6 +94,11 @@ def known(memo: tuple) -> Optional[str]:
     return _chosen.get(memo)
 
 
+def remember(memo: tuple, path: str) -> None:
+    """Fix the path for `memo` without timing (a fallback when timing failed)."""
+    _chosen[memo] = path
+
+
 def backward_memo(sig: tuple, forward: str, needs: tuple) -> tuple:
     return ("train:bwd", sig, forward, needs)
 
