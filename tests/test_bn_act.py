@@ -205,6 +205,24 @@ def test_batch_norm_act_train_then_eval(dtype):
     check_batch_norm_act(x, weight, bias, running_mean, running_var, False, None, True)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu,affine,channels_last", [
+    (True, True, True, True), (False, False, True, True), (True, True, False, False),
+])
+def test_inference_kernel_matches_reference(shape, dtype, residual, relu, affine, channels_last):
+    """Eval without gradients runs _bn_eval_act_fwd, which folds the running
+    statistics itself: output like F.batch_norm's, in x's dtype and layout."""
+    x = make_input(shape, dtype, channels_last=channels_last, mean=0.5, std=2.0, requires_grad=False)
+    res = make_input(shape, dtype, channels_last=True, requires_grad=False) if residual else None
+    weight, bias, running_mean, running_var = bn_state(shape[1], affine=affine)
+    with torch.no_grad():
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+    expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close(y, expected, name="y")
+
+
 def test_batch_norm_act_no_affine_no_running_stats():
     x = make_input((2, 9, 3, 3), torch.float32, channels_last=True)
     check_batch_norm_act(x, None, None, None, None, True, None, True)
@@ -338,6 +356,10 @@ def test_gpu_resnet50_shapes(shape, dtype):
     # a few rounding-level mask differences likely, so compare norms.
     check_batch_norm_act(x, *bn_state(shape[1]), True, res, False)
     check_batch_norm_act(x, *bn_state(shape[1]), False, res, False)
+    with torch.no_grad():  # inference: the kernel that folds the running statistics itself
+        state = bn_state(shape[1])
+        y = batch_norm_act(x, *state, False, 0.1, 1e-5, res, True)
+        assert_relative_error(y, batch_norm_act_reference(x, *state, False, 0.1, 1e-5, res, True), 1e-2, "eval y")
     weight, bias, running_mean, running_var = bn_state(shape[1])
     y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
     expected = batch_norm_act_reference(
