@@ -198,6 +198,73 @@ def _bn_stats_partial(
     tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
 
 
+# The whole training forward of a channel block in one program, for small
+# activations (the 7x7 and 14x14 stages): pass 1 sums the shifted values over
+# all M rows exactly as _bn_stats_partial does for its range (pivot = row 0),
+# then the program has its channels' mean, invstd and unbiased variance
+# (stored: the running statistics and the backward use them); pass 2 reads x
+# again, now mostly from L2 (one program reads its channel slice twice in a
+# row, and a 7x7 stage's activation is about the H200's 50 MB of L2), and
+# writes y = act((x - mean) * weight * invstd + bias + residual). One launch
+# instead of three and no partial buffers: host time decides these stages.
+# Only C / BLOCK_C programs run, so the row loops are software-pipelined
+# (tl.range num_stages=3) over tall tiles to keep loads in flight; at large M
+# the split statistics pass wins, and the op layer offers this one as a
+# dispatch candidate only for small M (bn_act_train.SINGLE_PASS_MAX_ROWS).
+@triton.jit
+def _bn_train_fwd_single(
+    x_ptr,  # input, any float dtype, strides x_s*; y has the same strides
+    y_ptr,  # output, x's shape, dtype and strides
+    res_ptr,  # residual added before the activation, or None
+    weight_ptr,  # [C] gamma, fp32
+    bias_ptr,  # [C] beta, fp32
+    mean_ptr,  # [C] fp32 out: batch mean
+    invstd_ptr,  # [C] fp32 out: 1 / sqrt(biased var + eps)
+    var_unbiased_ptr,  # [C] fp32 out: M2 / (M - 1)
+    eps,
+    M, C, HW,  # rows (N*H*W), channels, pixels per image
+    x_sn, x_shw, x_sc,  # x (and y) strides: image, pixel, channel
+    r_sn, r_shw, r_sc,  # residual strides
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    pivot = tl.load(x_ptr + cols * x_sc, mask=col_mask, other=0.0).to(tl.float32)
+    sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for start in tl.range(0, M, BLOCK_M, num_stages=3):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    s1 = tl.sum(sum_d, axis=0)
+    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / M, 0.0)
+    mean = pivot + s1 / M
+    invstd = 1.0 / tl.sqrt(m2 / M + eps)
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(invstd_ptr + cols, invstd, mask=col_mask)
+    tl.store(var_unbiased_ptr + cols, m2 / (M - 1), mask=col_mask)
+    scale = tl.load(weight_ptr + cols, mask=col_mask, other=0.0) * invstd
+    shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+    for start in tl.range(0, M, BLOCK_M, num_stages=3):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        if res_ptr is not None:
+            r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+            z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            z = tl.maximum(z, 0.0)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # Merge the P partials of _bn_stats_partial into the batch statistics. With
 # d_p = mean_p - pivot (pivot = the first partial's mean, so d_p is small),
 #     mean = pivot + sum(n_p d_p) / M,
@@ -520,6 +587,36 @@ def bn_eval_act_fwd(x, weight, bias, running_mean, running_var, eps, *, residual
         RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return y
+
+
+# _bn_train_fwd_single's tile on a GPU: 16 channels (32 bytes of bf16, two
+# 16-byte vectors per row) so that a 7x7 stage (C = 2048) runs 128 programs,
+# one per SM, by 256 rows, 8 warps: 8 KB per tile, three tiles in flight.
+_SINGLE_PASS_TILE = (256, 16, 8)
+
+
+def bn_train_fwd_single(x, weight, bias, eps, *, residual=None, relu=True):
+    """(y, mean, invstd, unbiased var) of the training forward in one launch;
+    weight and bias fp32. y shares x's strides (x dense, else copied to
+    channels_last first, as in bn_eval_act_fwd)."""
+    _check_index_range(x, residual)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    if y.stride() != x.stride():
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_like(x)
+    stats = torch.empty((3, c), device=x.device, dtype=torch.float32)
+    mean, invstd, var_unbiased = stats.unbind(0)
+    if x.is_cuda:
+        block_m, block_c, num_warps = _SINGLE_PASS_TILE
+    else:  # the interpreter: few, large programs
+        block_m, block_c, num_warps = 64, min(_next_power_of_2(c), 256), 4
+    _bn_train_fwd_single[(_cdiv(c, block_c),)](
+        x, y, residual, weight, bias, mean, invstd, var_unbiased, eps,
+        n * h * w, c, h * w, *row_strides(x), *row_strides(residual),
+        RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y, mean, invstd, var_unbiased
 
 
 def bn_stats(x, eps):

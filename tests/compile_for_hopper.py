@@ -102,6 +102,14 @@ def main():
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
             {"x_sc": 1, **stats_tiles},
         ),
+        # the one-launch training forward candidate (triton_single): 256x16 tile, 8 warps
+        (
+            kernels._bn_train_fwd_single,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "invstd_ptr": F32, "var_unbiased_ptr": F32},
+            {"RELU": True, "BLOCK_M": 256, "BLOCK_C": 16, **strides(kernels._bn_train_fwd_single)},
+            8,
+        ),
         (
             kernels._bn_stats_finalize,
             {"mean_part_ptr": F32, "m2_part_ptr": F32, "mean_ptr": F32, "invstd_ptr": F32, "var_unbiased_ptr": F32},
@@ -145,8 +153,8 @@ def main():
         ),
     ]
     report = "--report" in sys.argv
-    for fn, pointers, constexprs in variants:
-        ptx = compile_for_hopper(fn, pointers, constexprs)
+    for fn, pointers, constexprs, *warps in variants:
+        ptx = compile_for_hopper(fn, pointers, constexprs, num_warps=warps[0] if warps else 4)
         if report:
             tile = f"{constexprs.get('BLOCK_M', constexprs.get('BLOCK_P'))}x{constexprs.get('BLOCK_C')}"
             absent_names = ",".join(k.removesuffix("_ptr") for k, v in constexprs.items() if v is None) or "-"

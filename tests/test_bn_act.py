@@ -223,6 +223,30 @@ def test_inference_kernel_matches_reference(shape, dtype, residual, relu, affine
     assert_close(y, expected, name="y")
 
 
+@pytest.mark.parametrize("shape", SHAPES[:4] + [(8, 16, 8, 8)])
+@pytest.mark.parametrize("dtype,mean", [(torch.float32, 1e3), (torch.float16, 0.5), (torch.bfloat16, 0.5)])
+def test_single_pass_forward_matches_reference(shape, dtype, mean):
+    """The one-launch training forward (dispatch candidate triton_single): output,
+    running statistics and the saved mean/invstd, the large-mean case included."""
+    from fastresnet.ops.bn_act_train import forward_triton_single
+
+    x = make_input(shape, dtype, channels_last=True, mean=mean, requires_grad=False)
+    res = make_input(shape, dtype, channels_last=True, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    ref_stats = (running_mean.clone(), running_var.clone())
+    y, batch_mean, invstd, _, _ = forward_triton_single(x, weight, bias, res, (running_mean, running_var), 0.1, 1e-5,
+                                                         True)
+    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, True, 0.1, 1e-5, res, True)
+    tol = (1e-3, 1e-3) if mean > 1 else (None, None)
+    assert_close(y, expected, atol=tol[0], rtol=tol[1], name="y")
+    x64 = x.double()
+    assert_close(batch_mean.double(), x64.mean((0, 2, 3)), atol=1e-3, rtol=1e-6, name="mean")
+    exact_invstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
+    assert_close(invstd.double(), exact_invstd, atol=1e-4, rtol=1e-3, name="invstd")
+    assert_close(running_mean, ref_stats[0], atol=1e-3, rtol=1e-5, name="running_mean")
+    assert_close(running_var, ref_stats[1], atol=1e-4, rtol=1e-3, name="running_var")
+
+
 def test_batch_norm_act_no_affine_no_running_stats():
     x = make_input((2, 9, 3, 3), torch.float32, channels_last=True)
     check_batch_norm_act(x, None, None, None, None, True, None, True)
@@ -473,7 +497,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     script = Path(__file__).with_name("compile_for_hopper.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 12 kernel variants" in result.stdout
+    assert "compiled 13 kernel variants" in result.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -542,7 +566,8 @@ def test_dispatch_fixed_rules_follow_h200_numbers():
 
 
 @pytest.mark.parametrize("forward,backward", [("triton", "triton"), ("triton", "eager"), ("eager", "triton"),
-                                              ("eager", "eager"), ("eager", "triton_pipelined")])
+                                              ("eager", "eager"), ("eager", "triton_pipelined"),
+                                              ("triton_single", "triton"), ("triton_single", "eager")])
 @pytest.mark.parametrize("affine,residual,relu", [(True, True, True), (False, False, False)])
 def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backward, affine, residual, relu):
     """Every pairing of forward and backward path gives the reference's output,
@@ -560,13 +585,12 @@ def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backwa
     for _ in range(2):
         check_batch_norm_act(x, *bn_state(12, affine=affine), True, res, relu)
     grads = "1" + ("11" if affine else "00") + ("1" if residual else "0")
-    other = "eager" if forward == "triton" else "triton"
-    assert [":".join(k.split(":")[1:3]) for k in timed_keys] == ["train:fwd", "train:bwd", "train:bwd", "train:fwdbwd"]
-    assert timed_keys[1].endswith(f":after-{forward}:grads{grads}")
-    assert timed_keys[2].endswith(f":after-{other}:grads{grads}")
-    assert timed_keys[3].endswith(f":grads{grads}")
+    others = [name for name in ("triton", "triton_single", "eager") if name != forward]
+    assert [":".join(k.split(":")[1:3]) for k in timed_keys] == ["train:fwd"] + ["train:bwd"] * 3 + ["train:fwdbwd"]
+    assert [k.split(":")[-2] for k in timed_keys[1:4]] == [f"after-{name}" for name in [forward, *others]]
+    assert all(k.endswith(f":grads{grads}") for k in timed_keys[1:])
     assert {entry["key"]: entry["choice"] for entry in dispatch.decisions()} == dict(
-        zip(timed_keys, [forward, backward, backward, forward])
+        zip(timed_keys, [forward, backward, backward, backward, forward])
     )
 
 
@@ -704,7 +728,7 @@ def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
     seen = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
     grads_of(step(seen, None), [seen, weight], torch.randn_like(seen))
     timed = len(measured_on_cpu[1])
-    assert timed == 4  # forward; backward after each forward; the step
+    assert timed == 5  # forward; backward after each of the three forwards; the step
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     unseen = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
     res = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
@@ -773,19 +797,25 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
         assert_as_accurate_as(a, e, t, name=f"grad {name}")
     entries = dispatch.decisions()
     print("dispatch decisions:", entries)
+    from fastresnet.ops.bn_act_train import BACKWARD_PATHS, forward_paths_for
+
+    forwards = set(forward_paths_for(x))  # all three at this size
     stages = [":".join(entry["key"].split(":")[1:3]) for entry in entries]
-    assert stages == (["train:fwd", "train:bwd", "train:bwd", "train:fwdbwd"] if training else ["eval:fwdbwd"])
-    for entry in entries:
-        expected = {"triton", "triton_pipelined", "eager"} if ":train:bwd:" in entry["key"] else {"triton", "eager"}
-        assert set(entry["times_ms"]) == expected and entry["source"] == "measured", entry
+    expected_stages = ["train:fwd"] + ["train:bwd"] * len(forwards) + ["train:fwdbwd"]
+    assert stages == (expected_stages if training else ["eval:fwdbwd"])
+    candidates = {"train:fwd": forwards, "train:bwd": set(BACKWARD_PATHS), "train:fwdbwd": forwards,
+                  "eval:fwdbwd": {"triton", "eager"}}
+    for stage, entry in zip(stages, entries):
+        assert set(entry["times_ms"]) == candidates[stage] and entry["source"] == "measured", entry
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("forward,backward", [("triton", "eager"), ("eager", "triton"), ("triton", "triton_pipelined")])
+@pytest.mark.parametrize("forward,backward", [("triton", "eager"), ("eager", "triton"), ("triton", "triton_pipelined"),
+                                              ("triton_single", "eager")])
 def test_gpu_mixed_paths_bf16(measured_on_cpu, forward, backward):
     """cuDNN's forward followed by the kernels' backward, the kernels' forward
-    followed by ATen's native backward, and the software-pipelined backward
-    candidate, at a ResNet-50 shape in bf16: as accurate as PyTorch's own bf16
+    followed by ATen's native backward, and the new candidates (the pipelined
+    backward, the one-launch forward), at a ResNet-50 shape in bf16: as accurate as PyTorch's own bf16
     against the fp32 truth (the mean/invstd handoff and, after cuDNN, its
     backend index and reserve space)."""
     winners, _ = measured_on_cpu

@@ -51,6 +51,7 @@ from fastresnet.ops.bn_act_train import (
     BatchNormActTrain,
     as_rows as _as_rows,
     backward_candidates,
+    forward_paths_for,
     forward_saved,
     fp32_affine,
     kernels as _kernels,
@@ -395,7 +396,7 @@ def _decide_step(first_forward, first_backward, grad_y, sig, needs, x, weight, b
         return forward_saved(forward, x, weight, bias, residual, eps, relu)
 
     best_backward = {first_forward: first_backward}
-    for forward in FORWARD_PATHS:
+    for forward in forward_paths_for(x):
         if forward not in best_backward:
             best_backward[forward] = _backward_after(forward, saved_after(forward), grad_y, sig, needs, x, residual,
                                                      relu)
@@ -423,7 +424,7 @@ def _forward_candidates(x, weight, bias, residual, eps, relu):
                 return path(x, weight, bias, residual, None, 0.0, eps, relu)
         return step
 
-    return {name: timed(path) for name, path in FORWARD_PATHS.items()}
+    return {name: timed(FORWARD_PATHS[name]) for name in forward_paths_for(x)}
 
 
 # ---------------------------------------------------------------------------

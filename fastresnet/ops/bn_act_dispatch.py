@@ -1,5 +1,6 @@
-"""Which path batch_norm_act runs ("triton" or "eager"; in the training backward
-also "triton_pipelined"), per problem and stage.
+"""Which path batch_norm_act runs ("triton" or "eager"; in training also the
+kernels' variants "triton_single" (forward) and "triton_pipelined" (backward)),
+per problem and stage.
 
 Stages, each decided on its own by fastresnet.ops.dispatch.choose (timed on a
 GPU the first time, remembered in memory and on disk):
@@ -132,11 +133,16 @@ def compiled_path(x: Tensor, residual: Optional[Tensor], relu: bool, training: b
         return "triton"
     grad = any(needs)
     if not training:
-        return _chosen.get(("eval:fwdbwd" if grad else "eval:fwd", sig)) or "eager"
+        return _family(_chosen.get(("eval:fwdbwd" if grad else "eval:fwd", sig)))
     if not grad:
-        return _chosen.get(("train:fwd", sig)) or "eager"
-    forward = _chosen.get(step_memo(sig, needs)) or _chosen.get(("train:fwd", sig)) or "eager"
-    if forward == "eager":
-        return forward
-    backward = _chosen.get(backward_memo(sig, forward, needs)) or "eager"
-    return "triton" if backward.startswith("triton") else "eager"
+        return _family(_chosen.get(("train:fwd", sig)))
+    forward = _chosen.get(step_memo(sig, needs)) or _chosen.get(("train:fwd", sig))
+    if _family(forward) == "eager":
+        return "eager"
+    return _family(_chosen.get(backward_memo(sig, forward, needs)))
+
+
+def _family(path: Optional[str]) -> str:
+    """"triton" for any of the kernels' variants (the custom ops stand for them
+    all under torch.compile), else "eager" (also when nothing was chosen)."""
+    return "triton" if path is not None and path.startswith("triton") else "eager"

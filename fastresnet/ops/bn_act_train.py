@@ -14,6 +14,9 @@ can follow either forward:
 
 Forward paths:
   triton  the statistics pass (bn_stats) and one normalise/add/ReLU pass
+  triton_single  one launch: a program per channel block computes the
+          statistics, then normalises (small activations only; new, never run
+          on a GPU: a candidate the first GPU call times)
   eager   aten._batch_norm_impl_index, exactly what F.batch_norm runs (it also
           updates the running statistics), then add and ReLU
 Backward paths:
@@ -125,6 +128,13 @@ def forward_triton(x, weight, bias, residual, running_stats, momentum, eps, relu
     return y, mean, invstd, 0, _no_reserve(x)
 
 
+def forward_triton_single(x, weight, bias, residual, running_stats, momentum, eps, relu):
+    w, b = fp32_affine(weight, bias, x)
+    y, mean, invstd, var_unbiased = kernels().bn_train_fwd_single(x, w, b, eps, residual=residual, relu=relu)
+    update_running_stats(running_stats, mean, var_unbiased, momentum)
+    return y, mean, invstd, 0, _no_reserve(x)
+
+
 def forward_eager(x, weight, bias, residual, running_stats, momentum, eps, relu):
     running_mean, running_var = running_stats if running_stats is not None else (None, None)
     y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
@@ -137,7 +147,23 @@ def forward_eager(x, weight, bias, residual, running_stats, momentum, eps, relu)
     return y.to(x.dtype), mean, invstd, impl, reserve
 
 
-FORWARD_PATHS: dict[str, Callable] = {"triton": forward_triton, "eager": forward_eager}
+FORWARD_PATHS: dict[str, Callable] = {
+    "triton": forward_triton,
+    "triton_single": forward_triton_single,
+    "eager": forward_eager,
+}
+
+# triton_single runs one program per channel block (C / 16 on a GPU), which can
+# only pay off while the whole activation is small: offered up to the 14x14 stage
+# at batch 256 (50,176 rows), where host time and launches decide.
+SINGLE_PASS_MAX_ROWS = 2**16
+
+
+def forward_paths_for(x: Tensor) -> tuple[str, ...]:
+    """The forward paths worth timing for x (triton_single only for few rows)."""
+    if x.shape[0] * x.shape[2] * x.shape[3] <= SINGLE_PASS_MAX_ROWS:
+        return tuple(FORWARD_PATHS)
+    return tuple(name for name in FORWARD_PATHS if name != "triton_single")
 
 
 def forward_saved(path: str, x, weight, bias, residual, eps, relu) -> "Saved":
