@@ -17,15 +17,22 @@ traces them without a break), or the eager reference, which torch.compile
 traces like any PyTorch code.
 
 On a GPU batch_norm_act also chooses, per problem (shape, strides, dtype,
-residual, ReLU), between the fused kernels ("triton") and what PyTorch runs
+residual, ReLU), between the fused kernels ("triton", and the variants
+"triton_single" forward / "triton_pipelined" backward) and what PyTorch runs
 for BatchNorm2d -> add -> ReLU ("eager", cuDNN): the forward and the backward
-separately (bn_act_train.py: both leave the same mean/invstd, so either
-backward follows either forward), each timed alone on the real tensors the
-first time (bn_act_dispatch.py over fastresnet.ops.dispatch: disk cache,
-FASTRESNET_DISPATCH, decisions()), so the op is never slower than plain
-PyTorch in forward, backward or eval. Inside torch.compile nothing is timed:
-where earlier eager calls chose the kernels for every stage of a problem the
-custom ops are traced, else Inductor compiles the eager ops.
+separately (bn_act_train.py: every forward leaves the same mean/invstd, so any
+backward follows any forward), each timed alone on the real tensors the first
+time, then the training step as a whole (bn_act_dispatch.py over
+fastresnet.ops.dispatch: disk cache, FASTRESNET_DISPATCH, decisions()), so the
+op is never slower than plain PyTorch in forward, training step or eval.
+Inside torch.compile nothing is timed: where earlier eager calls chose the
+kernels for every stage of a problem the custom ops are traced, else Inductor
+compiles the eager ops.
+
+Host time decides the small stages (bench/host_time_bn_act.py), so the hot
+path builds no strings: the choice is a dict lookup on a tuple, inference is
+one kernel launch (the scale folded in the kernel) with one aten op, and eager
+training calls use an autograd.Function rather than the custom ops.
 
 Layouts: channels_last and contiguous NCHW tensors go to the kernels as they
 are (by strides; channels_last is the fast one). A tensor whose H and W do not
