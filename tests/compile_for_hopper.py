@@ -102,6 +102,13 @@ def main():
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
             {"x_sc": 1, **stats_tiles},
         ),
+        # the same over whole-row tiles of 256 channels (the triton_wide candidate)
+        (
+            kernels._bn_eval_act_fwd,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "var_ptr": F32},
+            {"RELU": True, "BLOCK_M": 16, "BLOCK_C": 256, **strides(kernels._bn_eval_act_fwd)},
+        ),
         # the one-launch training forward candidate (triton_single): 256x16 tile, 8 warps
         (
             kernels._bn_train_fwd_single,

@@ -212,15 +212,20 @@ def test_batch_norm_act_train_then_eval(dtype):
 ])
 def test_inference_kernel_matches_reference(shape, dtype, residual, relu, affine, channels_last):
     """Eval without gradients runs _bn_eval_act_fwd, which folds the running
-    statistics itself: output like F.batch_norm's, in x's dtype and layout."""
+    statistics itself: output like F.batch_norm's, in x's dtype and layout; the
+    same with whole-row tiles (the triton_wide candidate)."""
+    from fastresnet.ops.bn_act import EVAL_PATHS
+
     x = make_input(shape, dtype, channels_last=channels_last, mean=0.5, std=2.0, requires_grad=False)
     res = make_input(shape, dtype, channels_last=True, requires_grad=False) if residual else None
     weight, bias, running_mean, running_var = bn_state(shape[1], affine=affine)
     with torch.no_grad():
         y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+        y_wide = EVAL_PATHS["triton_wide"](x, weight, bias, running_mean, running_var, 1e-5, res, relu)
     expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
     assert y.dtype == dtype and y.stride() == x.stride()
     assert_close(y, expected, name="y")
+    assert_close(y_wide, expected, name="y (whole-row tiles)")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4] + [(8, 16, 8, 8)])
@@ -497,7 +502,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     script = Path(__file__).with_name("compile_for_hopper.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 13 kernel variants" in result.stdout
+    assert "compiled 14 kernel variants" in result.stdout
 
 
 # ---------------------------------------------------------------------------

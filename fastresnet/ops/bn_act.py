@@ -457,6 +457,13 @@ def _eval_kernel(x, weight, bias, running_mean, running_var, eps, residual, relu
     return _kernels().bn_eval_act_fwd(x, weight, bias, running_mean, running_var, eps, residual=residual, relu=relu)
 
 
+def _eval_kernel_wide(x, weight, bias, running_mean, running_var, eps, residual, relu):
+    """The same kernel over whole-row tiles (up to 256 channels): a candidate for C > 64."""
+    return _kernels().bn_eval_act_fwd(
+        x, weight, bias, running_mean, running_var, eps, residual=residual, relu=relu, wide=True
+    )
+
+
 def _eval_affine(x, weight, bias, running_mean, running_var, eps, residual, relu):
     """Eval with gradients (frozen statistics): the folded scale through autograd,
     then affine_act, whose backward gives x, scale, shift and the residual."""
@@ -469,7 +476,7 @@ def _eval_eager(x, weight, bias, running_mean, running_var, eps, residual, relu)
     return _eager_batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.0, eps, residual, relu)
 
 
-EVAL_PATHS = {"triton": _eval_kernel, "eager": _eval_eager}
+EVAL_PATHS = {"triton": _eval_kernel, "triton_wide": _eval_kernel_wide, "eager": _eval_eager}
 EVAL_WITH_GRAD_PATHS = {"triton": _eval_affine, "eager": _eval_eager}
 
 
@@ -483,7 +490,9 @@ def _eval_candidates(paths, args, needs_grad):
                 with torch.no_grad():
                     return path(*args)
             return step
-        return {name: timed(path) for name, path in paths.items()}
+        # whole-row tiles differ from the default only above 64 channels
+        names = [name for name in paths if name != "triton_wide" or args[0].shape[1] > 64]
+        return {name: timed(paths[name]) for name in names}
     x, weight, bias, running_mean, running_var, eps, residual, relu = args
 
     def leaf(t):
