@@ -23,6 +23,13 @@ activation dtype each:
   full     11E
   eval      3E: read x and residual, write y
 so median time gives GB/s, comparable between providers and with `copy` (2E).
+
+The fastresnet rows carry the dispatch's choice per stage in extra_info
+(`dispatch_choice`, e.g. "fwd triton, bwd(after triton) eager, bwd(after eager)
+eager, fwdbwd triton"; `dispatch` has the measured times), which bench/report.py
+prints beside the provider. The backward group times the backward of a graph
+built by one call with gradients: its forward is fwdbwd's choice when that was
+decided before (an earlier full/backward run of the shape), else fwd's.
 """
 
 from __future__ import annotations
@@ -152,6 +159,34 @@ def run_bn_act(benchmark, provider, mode, shape):
         baseline=provider == "eager", bytes=MODES[mode] * elements * x.element_size(),
         dtype=str(DTYPE), shape=list(shape),
     )
+    if provider == "fastresnet":
+        entries = dispatch_entries(mode, shape)
+        benchmark.extra_info.update(dispatch=entries, dispatch_choice=dispatch_summary(entries))
+
+
+# The dispatch stages each benchmark mode runs (fastresnet.ops.bn_act_dispatch).
+TRAIN_STAGES = ("train:fwd", "train:bwd", "train:fwdbwd")
+MODE_STAGES = {"forward": ("train:fwd",), "backward": TRAIN_STAGES, "full": TRAIN_STAGES, "eval": ("eval:fwd",)}
+
+
+def dispatch_entries(mode: str, shape) -> list[dict]:
+    """The dispatch decisions behind this benchmark (key, choice, measured times),
+    so that the report shows which path ran in each stage and why."""
+    tag = f":x{shape_id(shape)}:"
+    return [entry for entry in dispatch.decisions()
+            if entry["key"].startswith("batch_norm_act") and tag in entry["key"]
+            and ":".join(entry["key"].split(":")[1:3]) in MODE_STAGES[mode]]
+
+
+def dispatch_summary(entries: list[dict]) -> str:
+    """'fwd triton, bwd(after triton) eager, ...': each stage (train:/eval: dropped)
+    and its choice; fwdbwd is the forward that calls with gradients run."""
+    parts = []
+    for entry in entries:
+        fields = entry["key"].split(":")
+        after = next((f.removeprefix("after-") for f in fields if f.startswith("after-")), None)
+        parts.append(f"{fields[2]}{f'(after {after})' if after else ''} {entry['choice']}")
+    return ", ".join(parts) or "not measured"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

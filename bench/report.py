@@ -64,6 +64,8 @@ def render(benchmarks: list[dict], ceilings: dict) -> str:
             extra, median = row["extra_info"], row["stats"]["median"]
             ratio = f"{base_median / median:.2f}x" if base_median else "-"
             provider = extra.get("provider", row["name"]) + (" (baseline)" if row is baseline else "")
+            if extra.get("dispatch_choice"):  # what a measured dispatch ran, e.g. "fwd triton, bwd eager"
+                provider += f" [{extra['dispatch_choice']}]"
             lines.append(
                 f"| {group} | {provider} | {median * 1e3:.3f} | {ratio} | {_throughput(extra, median, ceilings)} |"
             )

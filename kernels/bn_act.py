@@ -100,6 +100,52 @@ def _affine_act_fwd(
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Eval BatchNorm folded inside the kernel, for calls without gradients:
+#     y = act((x - running_mean[c]) * weight[c] / sqrt(running_var[c] + eps) + bias[c] + residual)
+# Each program recomputes the per-channel factor of its BLOCK_C channels (a few
+# hundred operations against BLOCK_M * BLOCK_C elements), so the host launches
+# one kernel: no separate ops for the folded scale (three launches and ~10 us
+# of host time per call, which decided the 7x7 and 14x14 stages on the H200).
+# y is allocated like x (torch.empty_like), so it shares x's strides.
+@triton.jit
+def _bn_eval_act_fwd(
+    x_ptr,  # input, any float dtype, strides x_s*; y has the same strides
+    y_ptr,  # output, x's shape, dtype and strides
+    res_ptr,  # residual added before the activation, or None
+    weight_ptr,  # [C] gamma (any float dtype), or None for 1
+    bias_ptr,  # [C] beta, or None for 0
+    mean_ptr,  # [C] running mean
+    var_ptr,  # [C] running variance
+    eps,
+    M, C, HW,  # rows (N*H*W), channels, pixels per image (H*W)
+    x_sn, x_shw, x_sc,  # x (and y) strides: image, pixel, channel
+    r_sn, r_shw, r_sc,  # residual strides: image, pixel, channel
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if weight_ptr is not None:
+        scale *= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = (x - mean[None, :]) * scale[None, :]
+    if bias_ptr is not None:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if res_ptr is not None:
+        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of n rows,
 # numerically safe for a large mean by shifting: every value is first reduced
 # by a pivot p (the range's first row, a sample of the same channel, so within
@@ -150,6 +196,73 @@ def _bn_stats_partial(
     range_m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / count, 0.0)
     tl.store(mean_part_ptr + pid * C + cols, pivot + s1 / count, mask=col_mask)
     tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
+
+
+# The whole training forward of a channel block in one program, for small
+# activations (the 7x7 and 14x14 stages): pass 1 sums the shifted values over
+# all M rows exactly as _bn_stats_partial does for its range (pivot = row 0),
+# then the program has its channels' mean, invstd and unbiased variance
+# (stored: the running statistics and the backward use them); pass 2 reads x
+# again, now mostly from L2 (one program reads its channel slice twice in a
+# row, and a 7x7 stage's activation is about the H200's 50 MB of L2), and
+# writes y = act((x - mean) * weight * invstd + bias + residual). One launch
+# instead of three and no partial buffers: host time decides these stages.
+# Only C / BLOCK_C programs run, so the row loops are software-pipelined
+# (tl.range num_stages=3) over tall tiles to keep loads in flight; at large M
+# the split statistics pass wins, and the op layer offers this one as a
+# dispatch candidate only for small M (bn_act_train.SINGLE_PASS_MAX_ROWS).
+@triton.jit
+def _bn_train_fwd_single(
+    x_ptr,  # input, any float dtype, strides x_s*; y has the same strides
+    y_ptr,  # output, x's shape, dtype and strides
+    res_ptr,  # residual added before the activation, or None
+    weight_ptr,  # [C] gamma, fp32
+    bias_ptr,  # [C] beta, fp32
+    mean_ptr,  # [C] fp32 out: batch mean
+    invstd_ptr,  # [C] fp32 out: 1 / sqrt(biased var + eps)
+    var_unbiased_ptr,  # [C] fp32 out: M2 / (M - 1)
+    eps,
+    M, C, HW,  # rows (N*H*W), channels, pixels per image
+    x_sn, x_shw, x_sc,  # x (and y) strides: image, pixel, channel
+    r_sn, r_shw, r_sc,  # residual strides
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    pivot = tl.load(x_ptr + cols * x_sc, mask=col_mask, other=0.0).to(tl.float32)
+    sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for start in tl.range(0, M, BLOCK_M, num_stages=3):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    s1 = tl.sum(sum_d, axis=0)
+    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / M, 0.0)
+    mean = pivot + s1 / M
+    invstd = 1.0 / tl.sqrt(m2 / M + eps)
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(invstd_ptr + cols, invstd, mask=col_mask)
+    tl.store(var_unbiased_ptr + cols, m2 / (M - 1), mask=col_mask)
+    scale = tl.load(weight_ptr + cols, mask=col_mask, other=0.0) * invstd
+    shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+    for start in tl.range(0, M, BLOCK_M, num_stages=3):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        if res_ptr is not None:
+            r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+            z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            z = tl.maximum(z, 0.0)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Merge the P partials of _bn_stats_partial into the batch statistics. With
@@ -203,6 +316,10 @@ def _bn_stats_finalize(
 # caller adds them up. With g_ptr the program also stores g itself, which is
 # the residual's gradient: the elementwise pass then reads g back instead of
 # dy, the residual and the recomputed mask (see affine_act_bwd).
+# PIPELINE software-pipelines the row loop like the statistics pass
+# (tl.range num_stages=3: the next tiles of dy, x and the residual in flight
+# while one is summed). Never run on a GPU yet, so it enters as a dispatch
+# candidate ("triton_pipelined"), timed against the plain loop.
 @triton.jit
 def _affine_act_bwd_reduce(
     dy_ptr,  # upstream gradient, strides dy_s*
@@ -222,6 +339,7 @@ def _affine_act_bwd_reduce(
     g_sn, g_shw, g_sc,  # g strides
     ROWS,  # rows per program, a multiple of BLOCK_M
     RELU: tl.constexpr,
+    PIPELINE: tl.constexpr,  # software-pipeline the row loop (a dispatch candidate, see affine_act_bwd)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -232,21 +350,43 @@ def _affine_act_bwd_reduce(
     row_end = tl.minimum(row_begin + ROWS, M)
     sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        g, xc = _masked_grad(
-            dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
-            rows, cols, mask, col_mask, HW,
-            dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
-        )
-        if g_ptr is not None:
-            g_offs = _row_offsets(rows, HW, g_sn, g_shw)[:, None] + cols[None, :] * g_sc
-            tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-        sum_g += g
-        sum_gx += g * xc
+    if PIPELINE:
+        for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=3):
+            sum_g, sum_gx = _bwd_reduce_tile(
+                start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+                g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+                g_sn, g_shw, g_sc, RELU, BLOCK_M,
+            )
+    else:
+        for start in range(row_begin, row_end, BLOCK_M):
+            sum_g, sum_gx = _bwd_reduce_tile(
+                start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+                g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+                g_sn, g_shw, g_sc, RELU, BLOCK_M,
+            )
     tl.store(sum_g_part_ptr + pid * C + cols, tl.sum(sum_g, axis=0), mask=col_mask)
     tl.store(sum_gx_part_ptr + pid * C + cols, tl.sum(sum_gx, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _bwd_reduce_tile(
+    start, row_end, sum_g, sum_gx, dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+    g_ptr, cols, col_mask, HW, dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
+    g_sn, g_shw, g_sc, RELU: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_C] tile of _affine_act_bwd_reduce: g (stored when g_ptr
+    is given) added into the running sums (sum_g, sum_gx), which it returns."""
+    rows = start + tl.arange(0, BLOCK_M)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    g, xc = _masked_grad(
+        dy_ptr, x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
+        rows, cols, mask, col_mask, HW,
+        dy_sn, dy_shw, dy_sc, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc, RELU,
+    )
+    if g_ptr is not None:
+        g_offs = _row_offsets(rows, HW, g_sn, g_shw)[:, None] + cols[None, :] * g_sc
+        tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    return sum_g + g, sum_gx + g * xc
 
 
 @triton.jit
@@ -325,6 +465,18 @@ def _affine_act_bwd_dx(
 # ---------------------------------------------------------------------------
 
 
+# triton.cdiv and triton.next_power_of_2 cost ~1.5 us each on the host (they go
+# through Triton's constexpr-function wrapper); a launch helper calls several,
+# and host time is what the small stages wait on. Plain integer versions:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+
 def row_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     """(image, pixel, channel) strides of an NCHW-logical tensor whose H and W
     share one stride; (0, 0, 0) for an absent tensor."""
@@ -354,9 +506,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _elementwise_blocks(x: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for a one-tile-per-program pass."""
-    c_pow2 = triton.next_power_of_2(x.shape[1])
+def _elementwise_blocks(x: torch.Tensor, wide: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for a one-tile-per-program pass.
+
+    wide: whole rows of up to 256 channels (512 B of bf16) by 4096 / C rows, so
+    that in channels_last each tile is one contiguous stretch of memory; the
+    default 64-channel tiles read 128 B of each row and leave the rest of the
+    row to other programs, which may cost DRAM locality (run 2: the eval pass
+    at 53% of copy bandwidth). A dispatch candidate ("triton_wide"), same on
+    the interpreter."""
+    c_pow2 = _next_power_of_2(x.shape[1])
+    if wide:
+        block_c = min(c_pow2, 256)
+        return max(16, 4096 // block_c), block_c, 4
     if not x.is_cuda:  # the interpreter: few, large programs
         block_c = min(c_pow2, 256)
         return max(16, 16384 // block_c), block_c, 4
@@ -369,7 +531,7 @@ def _reduction_plan(x: torch.Tensor, tile_elements: int = 2048) -> tuple[int, in
     ROWS rows, so that P * channel blocks programs fill the GPU a few times.
     tile_elements: BLOCK_M * BLOCK_C on a GPU (see the callers)."""
     m = x.shape[0] * x.shape[2] * x.shape[3]
-    c_pow2 = triton.next_power_of_2(x.shape[1])
+    c_pow2 = _next_power_of_2(x.shape[1])
     if x.is_cuda:
         # 64 channels (128 bytes of bf16, one 16-byte vector per thread per
         # row slice) by tile_elements / 64 rows, 4 warps, 4 programs per SM.
@@ -382,10 +544,10 @@ def _reduction_plan(x: torch.Tensor, tile_elements: int = 2048) -> tuple[int, in
         block_c = min(c_pow2, 256)
         block_m = max(16, 16384 // block_c)
         target_programs = 1
-    channel_blocks = triton.cdiv(x.shape[1], block_c)
-    programs_per_block = max(1, min(triton.cdiv(m, block_m), target_programs // channel_blocks, 1024))
-    rows = triton.cdiv(triton.cdiv(m, programs_per_block), block_m) * block_m
-    return triton.cdiv(m, rows), rows, block_m, block_c, 4
+    channel_blocks = _cdiv(x.shape[1], block_c)
+    programs_per_block = max(1, min(_cdiv(m, block_m), target_programs // channel_blocks, 1024))
+    rows = _cdiv(_cdiv(m, programs_per_block), block_m) * block_m
+    return _cdiv(m, rows), rows, block_m, block_c, 4
 
 
 # The statistics pass loads one tensor: 4 programs per SM with a 32x64 bf16
@@ -407,7 +569,7 @@ def affine_act_fwd(x, scale, shift, *, center=None, invstd=None, residual=None, 
     n, c, h, w = x.shape
     y = torch.empty_like(x)
     block_m, block_c, num_warps = _elementwise_blocks(x)
-    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))
+    grid = (_cdiv(n * h * w, block_m), _cdiv(c, block_c))
     _affine_act_fwd[grid](
         x, y, residual, scale, invstd, shift, center,
         n * h * w, c, h * w,
@@ -415,6 +577,57 @@ def affine_act_fwd(x, scale, shift, *, center=None, invstd=None, residual=None, 
         RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return y
+
+
+def bn_eval_act_fwd(x, weight, bias, running_mean, running_var, eps, *, residual=None, relu=True, wide=False):
+    """act(BatchNorm_eval(x) + residual) in one launch, the scale folded in the
+    kernel (no autograd: the op layer calls this only without gradients).
+    y = empty_like(x) shares x's strides when x is dense (channels_last or
+    contiguous, the usual case); any other x is copied to channels_last first.
+    wide: whole-row tiles (_elementwise_blocks)."""
+    _check_index_range(x, residual)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    if y.stride() != x.stride():
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_like(x)
+    block_m, block_c, num_warps = _elementwise_blocks(x, wide)
+    _bn_eval_act_fwd[(_cdiv(n * h * w, block_m), _cdiv(c, block_c))](
+        x, y, residual, weight, bias, running_mean, running_var, eps,
+        n * h * w, c, h * w, *row_strides(x), *row_strides(residual),
+        RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y
+
+
+# _bn_train_fwd_single's tile on a GPU: 16 channels (32 bytes of bf16, two
+# 16-byte vectors per row) so that a 7x7 stage (C = 2048) runs 128 programs,
+# one per SM, by 256 rows, 8 warps: 8 KB per tile, three tiles in flight.
+_SINGLE_PASS_TILE = (256, 16, 8)
+
+
+def bn_train_fwd_single(x, weight, bias, eps, *, residual=None, relu=True):
+    """(y, mean, invstd, unbiased var) of the training forward in one launch;
+    weight and bias fp32. y shares x's strides (x dense, else copied to
+    channels_last first, as in bn_eval_act_fwd)."""
+    _check_index_range(x, residual)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    if y.stride() != x.stride():
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_like(x)
+    stats = torch.empty((3, c), device=x.device, dtype=torch.float32)
+    mean, invstd, var_unbiased = stats.unbind(0)
+    if x.is_cuda:
+        block_m, block_c, num_warps = _SINGLE_PASS_TILE
+    else:  # the interpreter: few, large programs
+        block_m, block_c, num_warps = 64, min(_next_power_of_2(c), 256), 4
+    _bn_train_fwd_single[(_cdiv(c, block_c),)](
+        x, y, residual, weight, bias, mean, invstd, var_unbiased, eps,
+        n * h * w, c, h * w, *row_strides(x), *row_strides(residual),
+        RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return y, mean, invstd, var_unbiased
 
 
 def bn_stats(x, eps):
@@ -425,16 +638,16 @@ def bn_stats(x, eps):
     parts, rows, block_m, block_c, num_warps = _reduction_plan(x, _STATS_TILE_ELEMENTS)
     mean_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    _bn_stats_partial[(parts, triton.cdiv(c, block_c))](
+    _bn_stats_partial[(parts, _cdiv(c, block_c))](
         x, mean_part, m2_part, m, c, h * w, *row_strides(x), rows,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
     var_unbiased = torch.empty_like(mean)
-    block_p = min(triton.next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
-    finalize_block_c = min(triton.next_power_of_2(c), 64 if x.is_cuda else 1024)
-    _bn_stats_finalize[(triton.cdiv(c, finalize_block_c),)](
+    block_p = min(_next_power_of_2(parts), 64 if x.is_cuda else 1024)  # 64x64: no spills
+    finalize_block_c = min(_next_power_of_2(c), 64 if x.is_cuda else 1024)
+    _bn_stats_finalize[(_cdiv(c, finalize_block_c),)](
         mean_part, m2_part, mean, invstd, var_unbiased, parts, m, c, rows, eps,
         BLOCK_P=block_p, BLOCK_C=finalize_block_c, num_warps=4,
     )
@@ -442,10 +655,11 @@ def bn_stats(x, eps):
 
 
 def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=None, relu=True,
-                   param_grads=True, batch_stats=False):
+                   param_grads=True, batch_stats=False, pipeline=False):
     """(dx, sum(g), sum(g * (x - center)), dresidual); the sums are None unless
     param_grads or batch_stats, dresidual is None without a residual.
-    batch_stats: x's statistics (center, invstd) came from this batch."""
+    batch_stats: x's statistics (center, invstd) came from this batch.
+    pipeline: software-pipeline the reduction's row loop (a dispatch candidate)."""
     _check_index_range(dy, x, residual)
     n, c, h, w = x.shape
     m = n * h * w
@@ -459,10 +673,10 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
         sum_g_part = torch.empty((parts, c), device=x.device, dtype=torch.float32)
         sum_gx_part = torch.empty_like(sum_g_part)
         g_out = dres if g_from_reduce else None
-        _affine_act_bwd_reduce[(parts, triton.cdiv(c, block_c))](
+        _affine_act_bwd_reduce[(parts, _cdiv(c, block_c))](
             dy, x, residual, scale, invstd, shift, center, sum_g_part, sum_gx_part, g_out,
             m, c, h * w, *row_strides(dy), *row_strides(x), *row_strides(residual), *row_strides(g_out), rows,
-            RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            RELU=relu, PIPELINE=pipeline, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
         )
         sum_g, sum_gx = sum_g_part.sum(0), sum_gx_part.sum(0)
     dx = torch.empty_like(x)
@@ -475,7 +689,7 @@ def affine_act_bwd(dy, x, scale, shift, *, center=None, invstd=None, residual=No
         grad_in, res_in, relu_in, dres_out = dres, None, False, None
     else:
         grad_in, res_in, relu_in, dres_out = dy, residual, relu, dres
-    _affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+    _affine_act_bwd_dx[(_cdiv(m, block_m), _cdiv(c, block_c))](
         grad_in, x, res_in, dx, dres_out, scale, invstd, shift, center, sum_g, sum_gx,
         m, c, h * w,
         *row_strides(grad_in), *row_strides(x), *row_strides(res_in), *row_strides(dx), *row_strides(dres_out),

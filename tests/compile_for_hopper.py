@@ -69,7 +69,9 @@ def ptxas_registers(ptx: str) -> str:
         result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True)
     found = re.search(r"Used (\d+) registers", result.stderr)
-    return found.group(1) if found else "?"
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)
+    spilled = sum(map(int, spills)) if spills else "?"
+    return f"{found.group(1) if found else '?'} (spills {spilled} B)"
 
 
 def main():
@@ -88,10 +90,32 @@ def main():
         (fwd, {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, **channels},
          {"RELU": True, **elementwise_tiles, **strides(fwd)}),
         (fwd, {"x_ptr": ACT, "y_ptr": ACT, **channels}, {"RELU": False, **elementwise_tiles, **strides(fwd), **absent}),
+        # inference: the running statistics folded in the kernel (fp32 parameters and buffers)
+        (
+            kernels._bn_eval_act_fwd,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "var_ptr": F32},
+            {"RELU": True, **elementwise_tiles, **strides(kernels._bn_eval_act_fwd)},
+        ),
         (
             kernels._bn_stats_partial,
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
             {"x_sc": 1, **stats_tiles},
+        ),
+        # the same over whole-row tiles of 256 channels (the triton_wide candidate)
+        (
+            kernels._bn_eval_act_fwd,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "var_ptr": F32},
+            {"RELU": True, "BLOCK_M": 16, "BLOCK_C": 256, **strides(kernels._bn_eval_act_fwd)},
+        ),
+        # the one-launch training forward candidate (triton_single): 256x16 tile, 8 warps
+        (
+            kernels._bn_train_fwd_single,
+            {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
+             "invstd_ptr": F32, "var_unbiased_ptr": F32},
+            {"RELU": True, "BLOCK_M": 256, "BLOCK_C": 16, **strides(kernels._bn_train_fwd_single)},
+            8,
         ),
         (
             kernels._bn_stats_finalize,
@@ -104,8 +128,15 @@ def main():
     partials = {"sum_g_part_ptr": F32, "sum_gx_part_ptr": F32}
     variants += [
         # with a residual: the reduction also stores g (the residual's gradient)
-        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1}, {"RELU": True, **tiles, **strides(reduce), "g_sc": 1}),
-        (reduce, {**bwd, **partials}, {"RELU": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
+         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "g_sc": 1}),
+        (reduce, {**bwd, **partials},
+         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        # the software-pipelined candidate ("triton_pipelined"), with and without a residual
+        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
+         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "g_sc": 1}),
+        (reduce, {**bwd, **partials},
+         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
         # training dx from g (residual case): no residual, no mask
         (
             dx,
@@ -129,12 +160,13 @@ def main():
         ),
     ]
     report = "--report" in sys.argv
-    for fn, pointers, constexprs in variants:
-        ptx = compile_for_hopper(fn, pointers, constexprs)
+    for fn, pointers, constexprs, *warps in variants:
+        ptx = compile_for_hopper(fn, pointers, constexprs, num_warps=warps[0] if warps else 4)
         if report:
             tile = f"{constexprs.get('BLOCK_M', constexprs.get('BLOCK_P'))}x{constexprs.get('BLOCK_C')}"
             absent_names = ",".join(k.removesuffix("_ptr") for k, v in constexprs.items() if v is None) or "-"
-            print(f"{fn.__name__:24s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
+            pipelined = " pipelined" if constexprs.get("PIPELINE") else ""
+            print(f"{fn.__name__ + pipelined:34s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
                   f"widest load {_widest(ptx, 'ld')}, store {_widest(ptx, 'st')}")
     print(f"compiled {len(variants)} kernel variants for sm_90")
 

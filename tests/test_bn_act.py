@@ -205,6 +205,53 @@ def test_batch_norm_act_train_then_eval(dtype):
     check_batch_norm_act(x, weight, bias, running_mean, running_var, False, None, True)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu,affine,channels_last", [
+    (True, True, True, True), (False, False, True, True), (True, True, False, False),
+])
+def test_inference_kernel_matches_reference(shape, dtype, residual, relu, affine, channels_last):
+    """Eval without gradients runs _bn_eval_act_fwd, which folds the running
+    statistics itself: output like F.batch_norm's, in x's dtype and layout; the
+    same with whole-row tiles (the triton_wide candidate)."""
+    from fastresnet.ops.bn_act import EVAL_PATHS
+
+    x = make_input(shape, dtype, channels_last=channels_last, mean=0.5, std=2.0, requires_grad=False)
+    res = make_input(shape, dtype, channels_last=True, requires_grad=False) if residual else None
+    weight, bias, running_mean, running_var = bn_state(shape[1], affine=affine)
+    with torch.no_grad():
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+        y_wide = EVAL_PATHS["triton_wide"](x, weight, bias, running_mean, running_var, 1e-5, res, relu)
+    expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close(y, expected, name="y")
+    assert_close(y_wide, expected, name="y (whole-row tiles)")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4] + [(8, 16, 8, 8)])
+@pytest.mark.parametrize("dtype,mean", [(torch.float32, 1e3), (torch.float16, 0.5), (torch.bfloat16, 0.5)])
+def test_single_pass_forward_matches_reference(shape, dtype, mean):
+    """The one-launch training forward (dispatch candidate triton_single): output,
+    running statistics and the saved mean/invstd, the large-mean case included."""
+    from fastresnet.ops.bn_act_train import forward_triton_single
+
+    x = make_input(shape, dtype, channels_last=True, mean=mean, requires_grad=False)
+    res = make_input(shape, dtype, channels_last=True, requires_grad=False)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    ref_stats = (running_mean.clone(), running_var.clone())
+    y, batch_mean, invstd, _, _ = forward_triton_single(x, weight, bias, res, (running_mean, running_var), 0.1, 1e-5,
+                                                         True)
+    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, True, 0.1, 1e-5, res, True)
+    tol = (1e-3, 1e-3) if mean > 1 else (None, None)
+    assert_close(y, expected, atol=tol[0], rtol=tol[1], name="y")
+    x64 = x.double()
+    assert_close(batch_mean.double(), x64.mean((0, 2, 3)), atol=1e-3, rtol=1e-6, name="mean")
+    exact_invstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
+    assert_close(invstd.double(), exact_invstd, atol=1e-4, rtol=1e-3, name="invstd")
+    assert_close(running_mean, ref_stats[0], atol=1e-3, rtol=1e-5, name="running_mean")
+    assert_close(running_var, ref_stats[1], atol=1e-4, rtol=1e-3, name="running_var")
+
+
 def test_batch_norm_act_no_affine_no_running_stats():
     x = make_input((2, 9, 3, 3), torch.float32, channels_last=True)
     check_batch_norm_act(x, None, None, None, None, True, None, True)
@@ -338,6 +385,10 @@ def test_gpu_resnet50_shapes(shape, dtype):
     # a few rounding-level mask differences likely, so compare norms.
     check_batch_norm_act(x, *bn_state(shape[1]), True, res, False)
     check_batch_norm_act(x, *bn_state(shape[1]), False, res, False)
+    with torch.no_grad():  # inference: the kernel that folds the running statistics itself
+        state = bn_state(shape[1])
+        y = batch_norm_act(x, *state, False, 0.1, 1e-5, res, True)
+        assert_relative_error(y, batch_norm_act_reference(x, *state, False, 0.1, 1e-5, res, True), 1e-2, "eval y")
     weight, bias, running_mean, running_var = bn_state(shape[1])
     y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
     expected = batch_norm_act_reference(
@@ -451,7 +502,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     script = Path(__file__).with_name("compile_for_hopper.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 9 kernel variants" in result.stdout
+    assert "compiled 14 kernel variants" in result.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -462,91 +513,227 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 @pytest.fixture
 def measured_on_cpu(tmp_path, monkeypatch):
     """Let the CPU dispatch as a GPU does, with made-up times: each candidate
-    runs once (so both paths really execute) and eager is 'faster'."""
-    from fastresnet.ops import bn_act as ops
+    runs once (so every path really executes) and the path named in
+    `winners[stage]` ("train:fwd", "train:bwd", "eval:fwd", "eval:fwdbwd") is
+    'faster', eager by default. Yields (winners, the problem keys timed)."""
+    from fastresnet.ops import bn_act_dispatch as choice
     from fastresnet.ops import dispatch
 
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
     dispatch.clear_memory()
-    ops.clear_path_memory()
-    measured = []
+    choice.clear()
+    winners, timed_keys = {}, []
+    real_choose = dispatch.choose
+
+    def recording_choose(key, candidates, fixed, device):
+        timed_keys.append(key)
+        return real_choose(key, candidates, fixed, device)
 
     def fake_measure(candidates, device):
         assert not torch.compiler.is_compiling(), "timed inside a traced region"
-        for fn in candidates.values():
-            fn()
-        measured.append(sorted(candidates))
-        return {"triton": 2.0, "eager": 1.0}
+        stage = ":".join(timed_keys[-1].split(":")[1:3])
+        times = {}
+        for name, fn in candidates.items():
+            try:
+                fn()
+            except RuntimeError:  # as dispatch.measure: a failing candidate is left out
+                continue
+            times[name] = 1.0 if name == winners.get(stage, "eager") else 2.0
+        return times
 
-    monkeypatch.setattr(ops, "_measured_dispatch", lambda x: True)
+    monkeypatch.setattr(choice, "measured", lambda x: True)
     monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
+    monkeypatch.setattr(dispatch, "choose", recording_choose)
     monkeypatch.setattr(dispatch, "measure", fake_measure)
-    yield measured
+    yield winners, timed_keys
     dispatch.clear_memory()
-    ops.clear_path_memory()
+    choice.clear()
     dispatch.set_dispatch_mode(None)
 
 
-def test_dispatch_fixed_rule_follows_h200_numbers():
-    from fastresnet.ops.bn_act import fixed_path
-
-    for (n, c, h, w), grad, expected in [
-        ((256, 256, 56, 56), True, "triton"), ((256, 512, 28, 28), True, "eager"),
-        ((256, 2048, 7, 7), True, "eager"), ((256, 1024, 14, 14), False, "triton"),
-        ((256, 2048, 7, 7), False, "eager"),
-    ]:
-        assert fixed_path(torch.empty(n, c, h, w, device="meta"), True, grad) == expected, (n, c, h, w, grad)
-    assert fixed_path(torch.empty(256, 2048, 7, 7, device="meta"), False, True) == "triton"
-    # Inside torch.compile Inductor's fusion of the unfused ops won everywhere.
-    assert fixed_path(torch.empty(256, 256, 56, 56, device="meta"), True, True, compiling=True) == "eager"
+def check_inference(x, weight, bias, running_mean, running_var):
+    """Eval without gradients (the inference path) against the reference."""
+    with torch.no_grad():
+        y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, True)
+        expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, True)
+    assert_close(y, expected, name="inference y")
 
 
-def test_dispatch_measures_once_and_keeps_semantics(measured_on_cpu):
-    """The first call times both paths forward+backward without moving the
-    running statistics; the faster one runs, with F.batch_norm's semantics;
-    later calls reuse the choice; the disk cache and decisions() record it."""
+def test_dispatch_fixed_rules_follow_h200_numbers():
+    from fastresnet.ops import bn_act_dispatch as choice
+
+    for (n, c, h, w), expected in [((256, 256, 56, 56), "triton"), ((256, 1024, 14, 14), "triton"),
+                                   ((256, 2048, 7, 7), "eager"), ((4, 64, 8, 8), "eager")]:
+        assert choice.fixed_forward(torch.empty(n, c, h, w, device="meta"), True) == expected, (n, c, h, w)
+    assert choice.fixed_forward(torch.empty(256, 2048, 7, 7, device="meta"), False) == "triton"
+    assert choice.FIXED_BACKWARD == "eager"  # the kernels' backward lost at every stage (run 2)
+
+
+@pytest.mark.parametrize("forward,backward", [("triton", "triton"), ("triton", "eager"), ("eager", "triton"),
+                                              ("eager", "eager"), ("eager", "triton_pipelined"),
+                                              ("triton_single", "triton"), ("triton_single", "eager")])
+@pytest.mark.parametrize("affine,residual,relu", [(True, True, True), (False, False, False)])
+def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backward, affine, residual, relu):
+    """Every pairing of forward and backward path gives the reference's output,
+    running statistics and gradients: both forwards leave the same mean/invstd.
+    The forward is timed alone at the first call, the backward alone at the
+    first backward (after this forward, then after the other one), then each
+    forward with its best backward as one step; later calls time nothing."""
     from fastresnet.ops import dispatch
 
+    winners, timed_keys = measured_on_cpu
+    winners.update({"train:fwd": forward, "train:bwd": backward, "train:fwdbwd": forward})
     shape = (2, 12, 3, 3)
+    x = make_input(shape, torch.float32, channels_last=True, mean=0.5, std=2.0)
+    res = make_input(shape, torch.float32, channels_last=True) if residual else None
+    for _ in range(2):
+        check_batch_norm_act(x, *bn_state(12, affine=affine), True, res, relu)
+    grads = "1" + ("11" if affine else "00") + ("1" if residual else "0")
+    others = [name for name in ("triton", "triton_single", "eager") if name != forward]
+    assert [":".join(k.split(":")[1:3]) for k in timed_keys] == ["train:fwd"] + ["train:bwd"] * 3 + ["train:fwdbwd"]
+    assert [k.split(":")[-2] for k in timed_keys[1:4]] == [f"after-{name}" for name in [forward, *others]]
+    assert all(k.endswith(f":grads{grads}") for k in timed_keys[1:])
+    assert {entry["key"]: entry["choice"] for entry in dispatch.decisions()} == dict(
+        zip(timed_keys, [forward, backward, backward, backward, forward])
+    )
+
+
+def test_training_step_overrules_the_forward_alone(measured_on_cpu, monkeypatch):
+    """When the kernels' forward wins alone but eager's forward + backward make
+    the faster step, later calls with gradients run eager's forward (and the
+    backward already chosen after it); forward-only calls keep the kernels."""
+    from fastresnet.ops import bn_act_train as train
+
+    winners, timed_keys = measured_on_cpu
+    winners.update({"train:fwd": "triton", "train:bwd": "eager", "train:fwdbwd": "eager"})
+    used = []
+    for name, path in list(train.FORWARD_PATHS.items()):
+        monkeypatch.setitem(train.FORWARD_PATHS, name, lambda *a, _f=path, _n=name: used.append(_n) or _f(*a))
+    shape = (2, 6, 3, 3)
     x = make_input(shape, torch.float32, channels_last=True)
-    res = make_input(shape, torch.float32, channels_last=True)
-    state = bn_state(12)
-    check_batch_norm_act(x, *state, True, res, True)  # one running-stats update, same as the reference
-    assert measured_on_cpu == [["eager", "triton"]]
-    (entry,) = dispatch.decisions()
-    assert entry["choice"] == "eager" and entry["key"].startswith("batch_norm_act:train:fwdbwd:x2x12x3x3:float32:cl")
-    check_batch_norm_act(x, *state, True, res, True)
-    assert len(measured_on_cpu) == 1  # remembered
-    with torch.no_grad():  # forward-only is its own problem
-        batch_norm_act(x, *state, True, 0.1, 1e-5, res, True)
-    assert len(measured_on_cpu) == 2 and len(list(dispatch.cache_dir().glob("dispatch-*.json"))) == 1
+    state = bn_state(6)
+    check_batch_norm_act(x, *state, True, None, True)
+    timed = len(timed_keys)
+    used.clear()
+    check_batch_norm_act(x, *state, True, None, True)
+    with torch.no_grad():
+        batch_norm_act(x, *state, True, 0.1, 1e-5, None, True)
+    assert used == ["eager", "triton"] and len(timed_keys) == timed
+
+
+def test_failing_step_timing_keeps_the_forward(measured_on_cpu, monkeypatch):
+    """A path that raises while the training step is timed (say, an unsupported
+    cuDNN configuration) is logged and skipped: the call still trains right."""
+    from fastresnet.ops import bn_act_dispatch as choice
+    from fastresnet.ops import bn_act_train as train
+
+    def broken(*args):
+        raise RuntimeError("unsupported configuration")
+
+    winners, _ = measured_on_cpu
+    winners.update({"train:fwd": "triton", "train:bwd": "triton"})
+    x = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
+    monkeypatch.setitem(train.FORWARD_PATHS, "eager", broken)
+    check_batch_norm_act(x, *bn_state(6), True, None, True)
+    assert [v for k, v in choice._chosen.items() if k[0] == "train:fwdbwd"] == ["triton"]
 
 
 def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):
+    """FASTRESNET_DISPATCH=triton/eager runs that path in every stage, untimed."""
     from fastresnet.ops import bn_act as ops
+    from fastresnet.ops import dispatch
+    from fastresnet.ops import bn_act_train as train
 
     used = []
-    for name in ("triton", "eager"):
-        monkeypatch.setitem(ops.PATHS, name, lambda *a, _f=ops.PATHS[name], _n=name: used.append(_n) or _f(*a))
+    for table, stage in ((train.FORWARD_PATHS, "fwd"), (train.BACKWARD_PATHS, "bwd"), (ops.EVAL_PATHS, "eval")):
+        for name, path in list(table.items()):
+            monkeypatch.setitem(table, name, lambda *a, _f=path, _n=f"{stage}-{name}": used.append(_n) or _f(*a))
     x = make_input((2, 5, 2, 2), torch.float32, channels_last=True)
     for mode in ("triton", "eager"):
         monkeypatch.setenv("FASTRESNET_DISPATCH", mode)
-        check_batch_norm_act(x, *bn_state(5), False, None, True)
-    assert used == ["triton", "eager"] and not measured_on_cpu
+        check_batch_norm_act(x, *bn_state(5), True, None, True)
+        check_inference(x, *bn_state(5))
+    assert used == ["fwd-triton", "bwd-triton", "eval-triton", "fwd-eager", "bwd-eager", "eval-eager"]
+    assert not dispatch.decisions()  # nothing timed
+
+
+def test_eval_is_dispatched_per_shape(measured_on_cpu):
+    """Inference (no gradient) and eval with gradients are their own problems,
+    timed per shape; the eager path gives F.batch_norm's result."""
+    from fastresnet.ops import dispatch
+
+    winners, timed_keys = measured_on_cpu
+    winners.update({"eval:fwd": "eager", "eval:fwdbwd": "triton"})
+    state = bn_state(6)
+    for shape in ((2, 6, 3, 3), (1, 6, 2, 2)):
+        x = make_input(shape, torch.float32, channels_last=True)
+        check_inference(x, *state)
+    check_batch_norm_act(x, *state, False, None, True)  # with gradients
+    assert [k.split(":")[1:3] for k in timed_keys] == [["eval", "fwd"], ["eval", "fwd"], ["eval", "fwdbwd"]]
+    assert [entry["choice"] for entry in dispatch.decisions()] == ["eager", "eager", "triton"]
+
+
+def test_eval_fast_path_issues_one_aten_op(monkeypatch):
+    """Host time decides the small stages: once the dispatch has decided, an
+    inference call of BatchNormAct2d on the kernel path allocates its output
+    and launches one kernel, nothing else (no folded-scale ops: the kernel
+    folds the running statistics itself). A training forward stays at eight
+    ops (its buffers and the running-statistics update)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastresnet.kernels import bn_act as kernels
+    from fastresnet.nn import BatchNormAct2d
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for name in ("_bn_eval_act_fwd", "_bn_stats_partial", "_bn_stats_finalize", "_affine_act_fwd"):
+        monkeypatch.setattr(kernels, name, Launcher(name))
+    bn = BatchNormAct2d(8).to(DEVICE)
+    x = make_input((2, 8, 3, 3), torch.float32, channels_last=True, requires_grad=False)
+    res = make_input((2, 8, 3, 3), torch.float32, channels_last=True, requires_grad=False)
+    with torch.no_grad():
+        bn.eval()(x, res)  # the first call decides the path
+        launches.clear()
+        with CountOps() as counted:
+            bn(x, res)
+        assert counted.ops == ["aten.empty_like.default"] and launches == ["_bn_eval_act_fwd"]
+        bn.train()(x, res)
+        launches.clear()
+        with CountOps() as counted:
+            bn(x, res)
+        assert len(counted.ops) <= 8, counted.ops
+        assert launches == ["_bn_stats_partial", "_bn_stats_finalize", "_affine_act_fwd"]
 
 
 def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
     """fullgraph=True: a problem seen eagerly keeps its choice; an unseen one
-    takes the fixed rule (Inductor's code, the eager path traced); nothing is timed."""
+    takes the compile rule (Inductor's code, the eager path traced); nothing is timed."""
     weight, bias, running_mean, running_var = bn_state(6)
 
     def step(x, res):
         return batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
 
     seen = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
-    step(seen, None)
-    assert len(measured_on_cpu) == 1
+    grads_of(step(seen, None), [seen, weight], torch.randn_like(seen))
+    timed = len(measured_on_cpu[1])
+    assert timed == 5  # forward; backward after each of the three forwards; the step
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     unseen = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
     res = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
@@ -555,14 +742,36 @@ def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
         expected = batch_norm_act_reference(x, weight, bias, None, None, True, 0.1, 1e-5, r, True)
         assert_close(y, expected, name="compiled y")
         grads_of(y, [x, weight], torch.randn_like(y))
-    assert len(measured_on_cpu) == 1
+    assert len(measured_on_cpu[1]) == timed
+
+
+def test_compiled_path_needs_the_kernels_chosen_for_every_stage(measured_on_cpu):
+    """Inside torch.compile the kernels (custom ops) are traced only where eager
+    calls chose them for the forward and for the backward that follows it."""
+    from fastresnet.ops import bn_act_dispatch as choice
+
+    winners, _ = measured_on_cpu
+    x = make_input((2, 4, 2, 2), torch.float32, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(4)
+    needs = (True, True, True, False)
+    assert choice.compiled_path(x, None, True, True, needs) == "eager"  # nothing measured yet
+    winners.update({"train:fwd": "triton", "train:bwd": "eager"})
+    grads_of(batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5), [x, weight, bias],
+             torch.randn_like(x))
+    assert choice.compiled_path(x, None, True, True, needs) == "eager"  # the backward chose eager
+    assert choice.compiled_path(x, None, True, True, (False,) * 4) == "triton"  # forward only
+    winners.update({"train:bwd": "triton", "train:fwdbwd": "triton"})
+    other = make_input((3, 4, 2, 2), torch.float32, channels_last=True)  # a new problem
+    grads_of(batch_norm_act(other, weight, bias, running_mean, running_var, True, 0.1, 1e-5), [other, weight, bias],
+             torch.randn_like(other))
+    assert choice.compiled_path(other, None, True, True, needs) == "triton"
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("training", [True, False])
 def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, training):
-    """On the GPU: both paths are timed at a real ResNet-50 shape (bf16), the
-    choice is logged with its times, and the result is right whichever won."""
+    """On the GPU: every stage is timed at a real ResNet-50 shape (bf16), the
+    choices are logged with their times, and the result is right whichever won."""
     from fastresnet.ops import bn_act as ops
     from fastresnet.ops import dispatch
 
@@ -576,9 +785,6 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
     weight, bias, running_mean, running_var = bn_state(shape[1])
     ref_stats = (running_mean.clone(), running_var.clone())
     y = batch_norm_act(x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, res, True)
-    (entry,) = dispatch.decisions()
-    print("dispatch decision:", entry)
-    assert set(entry["times_ms"]) == {"triton", "eager"} and entry["source"] == "measured"
     # Judged against the fp32 truth, beside the bf16 reference's own error (two bf16
     # computations differ from each other by more than either differs from the truth).
     stats_exact = (ref_stats[0].clone(), ref_stats[1].clone())
@@ -594,18 +800,47 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
     exact_grads = grads_of(exact, [x32, weight, bias, res32], grad_y.float())
     for name, a, e, t in zip(names, actual_grads, expected_grads, exact_grads):
         assert_as_accurate_as(a, e, t, name=f"grad {name}")
+    entries = dispatch.decisions()
+    print("dispatch decisions:", entries)
+    from fastresnet.ops.bn_act_train import BACKWARD_PATHS, forward_paths_for
+
+    forwards = set(forward_paths_for(x))  # all three at this size
+    stages = [":".join(entry["key"].split(":")[1:3]) for entry in entries]
+    expected_stages = ["train:fwd"] + ["train:bwd"] * len(forwards) + ["train:fwdbwd"]
+    assert stages == (expected_stages if training else ["eval:fwdbwd"])
+    candidates = {"train:fwd": forwards, "train:bwd": set(BACKWARD_PATHS), "train:fwdbwd": forwards,
+                  "eval:fwdbwd": {"triton", "eager"}}
+    for stage, entry in zip(stages, entries):
+        assert set(entry["times_ms"]) == candidates[stage] and entry["source"] == "measured", entry
 
 
-def test_dispatch_under_compile_uses_eager_choice_else_rule(measured_on_cpu, monkeypatch):
-    """The logic of the traced branch, with is_compiling faked: the choice an
-    eager call measured for this signature, else the compile rule."""
-    from fastresnet.ops import bn_act as ops
-
-    x = make_input((2, 4, 2, 2), torch.float32, channels_last=True)
-    state = bn_state(4)
-    args = (x, *state[:2], *state[2:], True, 0.1, 1e-5, None, True)
-    monkeypatch.setitem(ops._chosen_paths, ops._signature(x, None, True, True, True), "triton")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert ops._path_for(*args) == "triton"  # the eager call's measurement
-    assert ops._path_for(x[:1], *args[1:]) == "eager"  # unseen: Inductor's code
-    assert not measured_on_cpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("forward,backward", [("triton", "eager"), ("eager", "triton"), ("triton", "triton_pipelined"),
+                                              ("triton_single", "eager")])
+def test_gpu_mixed_paths_bf16(measured_on_cpu, forward, backward):
+    """cuDNN's forward followed by the kernels' backward, the kernels' forward
+    followed by ATen's native backward, and the new candidates (the pipelined
+    backward, the one-launch forward), at a ResNet-50 shape in bf16: as accurate as PyTorch's own bf16
+    against the fp32 truth (the mean/invstd handoff and, after cuDNN, its
+    backend index and reserve space)."""
+    winners, _ = measured_on_cpu
+    winners.update({"train:fwd": forward, "train:bwd": backward})
+    shape = (16, 512, 28, 28)
+    x = make_input(shape, torch.bfloat16, channels_last=True)
+    res = make_input(shape, torch.bfloat16, channels_last=True)
+    weight, bias, running_mean, running_var = bn_state(shape[1])
+    stats = [(running_mean.clone(), running_var.clone()) for _ in range(2)]
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+    expected = batch_norm_act_reference(x, weight, bias, *stats[0], True, 0.1, 1e-5, res, True)
+    x32, res32 = (t.detach().float().requires_grad_() for t in (x, res))
+    exact = batch_norm_act_reference(x32, weight, bias, *stats[1], True, 0.1, 1e-5, res32, True)
+    assert_as_accurate_as(y, expected, exact, name="y")
+    assert_close(running_var, stats[1][1], atol=1e-3, rtol=1e-3, name="running_var")
+    grad_y = torch.randn_like(y)
+    for name, a, e, t in zip(
+        ["x", "weight", "bias", "residual"],
+        grads_of(y, [x, weight, bias, res], grad_y),
+        grads_of(expected, [x, weight, bias, res], grad_y),
+        grads_of(exact, [x32, weight, bias, res32], grad_y.float()),
+    ):
+        assert_as_accurate_as(a, e, t, name=f"grad {name}")
