@@ -46,6 +46,7 @@ transpose is a sum over a stride-dependent subset of taps per output pixel.
 
 from __future__ import annotations
 
+import dataclasses
 import torch
 import triton
 import triton.language as tl
@@ -287,6 +288,11 @@ def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False
     packed = weight.permute(1, 2, 3, 0).contiguous()  # [Cin, KH, KW, Cout]
     m = batch * in_h * in_w
     cfg = _tile_config(m, in_c, out_c, False, x.element_size(), interpreted, x.device)
+    if norm_input is not None and not interpreted and cfg.block_n > 64:
+        # The BatchNorm-backward epilogue (an x tile, the mask, two sums) beside a 128x128 fp32
+        # accumulator needs more than 255 registers a thread with triton 3.6's ptxas (104 B spilled,
+        # tests/compile_conv_train_for_hopper.py): 64 columns with the same warps need 163.
+        cfg = dataclasses.replace(cfg, block_n=64)
     g = torch.empty_like(x)
     parts = triton.cdiv(m, cfg.block_m)
     sum_g_part = sum_gx_part = None

@@ -106,8 +106,9 @@ def wgrad_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_m
     check_backward_kernel(_conv_wgrad, label, pointers, constexprs, divisible, num_warps)
 
 
-def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, block_n=128):
-    """_conv_dgrad_bn as conv_dgrad_bn launches it (kernels/conv.py _tile_config: 128x128 tiles)."""
+def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, block_n=128, num_warps=8):
+    """_conv_dgrad_bn as conv_dgrad_bn launches it (kernels/conv.py _tile_config: 128x128 tiles, 8 warps;
+    with the BatchNorm epilogue at most 64 columns)."""
     pointers = {"grad_y_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "g_ptr": f"*{dtype}"}
     constexprs = dict(
         PAD_H=kernel // 2, PAD_W=kernel // 2, KH=kernel, KW=kernel, NORM_INPUT=norm_input,
@@ -121,8 +122,7 @@ def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, blo
     divisible = ("grad_y_ptr", "w_ptr", "g_ptr", "IN_C", "OUT_C", "stride_gn", "stride_gh", "stride_gw",
                  "stride_on", "stride_oh", "stride_ow") + (("x_ptr", "stride_xn", "stride_xh", "stride_xw")
                                                             if norm_input else ())
-    num_warps = 8 if block_n >= 128 else 4
-    label = f"_conv_dgrad_bn {kernel}x{kernel} norm_input={norm_input} {dtype} 128x{block_n}"
+    label = f"_conv_dgrad_bn {kernel}x{kernel} norm_input={norm_input} {dtype} 128x{block_n} w{num_warps}"
     check_backward_kernel(_conv_dgrad_bn, label, pointers, constexprs, divisible, num_warps)
 
 
@@ -142,10 +142,11 @@ def main():
     wgrad_variant(1, 1, True, dtype="fp32", fp32_mode=1, block_m=32)  # fp32 inputs as tf32
     wgrad_variant(3, 1, True, block_co=64, block_ci=64)  # the 64-channel convs of layer1
     wgrad_variant(1, 1, True, block_co=128, block_ci=64)
-    for kernel, norm_input in ((3, True), (1, True), (3, False)):
-        dgrad_variant(kernel, norm_input)
-    dgrad_variant(1, True, dtype="fp32", fp32_mode=1, block_k=32)
-    dgrad_variant(3, True, block_n=64)  # 64 input channels: 128x64 tiles, 4 warps
+    for kernel in (3, 1):
+        dgrad_variant(kernel, True, block_n=64)
+    dgrad_variant(3, False)
+    dgrad_variant(1, True, dtype="fp32", fp32_mode=1, block_k=32, block_n=64)
+    dgrad_variant(3, True, block_n=64, num_warps=4)  # 64 input channels: 128x64 tiles, 4 warps
     print("backward kernels: ok")
 
 

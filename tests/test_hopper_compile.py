@@ -1,0 +1,51 @@
+"""Every Triton kernel the ops launch on a GPU compiles for sm_90 (H100/H200), checked on a CPU.
+
+The interpreter never runs Triton's compiler, so these tests run the compile_*_for_hopper.py
+scripts beside this file in a process without TRITON_INTERPRET: each compiles its kernels'
+variants for sm_90 with ptxas and fails on what a GPU run would suffer (a compile error, loads
+that are not software-pipelined, register spills, more shared memory than a block has).
+
+Register allocation differs between Triton releases (each ships its own ptxas): session 2 found a
+dgrad tile that fits in triton 3.8 and spills under 3.6, the GPU machine's version. So when
+FASTRESNET_GPU_TRITON_PYTHON names a Python whose Triton is the GPU's (for example a venv made
+with `python3 -m venv --system-site-packages V && V/bin/pip install --no-deps triton==3.6.0`),
+every script also runs under it.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GPU_TRITON_PYTHON = "FASTRESNET_GPU_TRITON_PYTHON"
+
+# script -> lines its output must contain
+SCRIPTS = {
+    "compile_for_hopper.py": ["compiled 14 kernel variants"],
+    "compile_conv_for_hopper.py": ["conv tiles for sm_90a: no spills"],
+    "compile_conv_train_for_hopper.py": ["_bn_stats_merge: ok", "backward kernels: ok"],
+}
+
+
+def _pythons() -> list:
+    pythons = [pytest.param(sys.executable, id="this-triton")]
+    other = os.environ.get(GPU_TRITON_PYTHON)
+    if other:
+        pythons.append(pytest.param(other, id="gpu-triton"))
+    return pythons
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda tests compile the kernels for real")
+@pytest.mark.parametrize("python", _pythons())
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_kernels_compile_for_hopper_without_a_gpu(script, python):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = Path(__file__).with_name(script)
+    result = subprocess.run([python, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for expected in SCRIPTS[script]:
+        assert expected in result.stdout, result.stdout
