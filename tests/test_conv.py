@@ -262,8 +262,6 @@ def test_cublaslt_candidate_only_where_it_is_a_gemm():
     assert "cublaslt_fused" not in conv_candidates(x3, PreparedConvBN(w3, scale, shift, padding=1), None)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda tests compile the tiles for real")
 # ---------------------------------------------------------------------------
 # Dispatch: choice, cache file
 # ---------------------------------------------------------------------------
