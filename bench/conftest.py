@@ -14,6 +14,11 @@ import torch
 if not torch.cuda.is_available():
     # The Triton kernels can only run through the interpreter here.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Every provider with cuDNN's autotuned algorithms, from the first benchmark on: what a user
+    # after speed sets (fastresnet.train does by default), and the same for all providers, so a
+    # provider that turned it on could not speed up the ones timed after it.
+    torch.backends.cudnn.benchmark = True
 
 
 def pytest_addoption(parser):

@@ -65,7 +65,10 @@ def run(benchmark, fn, *, dev: torch.device, group: str, provider: str, baseline
         return out
 
     benchmark.group = group
-    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device_name(dev), **extra)
+    benchmark.extra_info.update(
+        provider=provider, baseline=baseline, device=device_name(dev), cudnn_benchmark=torch.backends.cudnn.benchmark,
+        **extra,
+    )
     return benchmark.pedantic(timed, rounds=s.rounds, warmup_rounds=s.warmup_rounds, iterations=1)
 
 
