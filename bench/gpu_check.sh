@@ -36,10 +36,11 @@
 # exact commands in bench/RESULTS.md ("Next GPU run"):
 #   call 1 (timeout_s 480): TOTAL_SECONDS=450 bash bench/gpu_check.sh $OUT
 #       -> install, ceilings, cuda-tests (150 s), bench_train (260 s or what is left)
-#   call 2 (timeout_s 170), issued at once so the machine is still warm (30 s):
-#       TOTAL_SECONDS=150 SKIP_STAGES="ceilings cuda-tests" BENCH_FILES="bench/bench_fused_train_step.py@eager
+#   call 2 (timeout_s 240), issued at once so the machine is still warm (30 s):
+#       TOTAL_SECONDS=220 SKIP_STAGES="ceilings cuda-tests" BENCH_FILES="bench/bench_bn_act.py
 #       bench/bench_convert.py bench/bench_fused_blocks.py" bash bench/gpu_check.sh $OUT
-#   Worst case, two cold starts: 120 + 480 + 120 + 170 = 890 s.
+#   Warm: start (60-120 s) + 480 + 240 <= 840 s. If call 2 must start a machine again, give it
+#   timeout_s 170 and TOTAL_SECONDS=150 (120 + 480 + 120 + 170 = 890 s).
 #
 # Extra wheels (no network there): a git-ignored wheels/ folder at the repo root is
 # installed first when it holds any (the GPU image already has pytest-xdist and execnet;
