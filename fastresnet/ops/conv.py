@@ -17,6 +17,11 @@ once per shape by fastresnet.ops.dispatch, cached on disk):
                  (F.conv2d with a bias where there is no ReLU).
   "cudnn_affine" F.conv2d (channels_last) and then the fused scale/shift/add/ReLU
                  epilogue kernel of fastresnet.ops.bn_act (when present).
+  "triton_gemm:<tile>" 1x1 stride-1 convs of channels_last fp16/bf16 input on
+                 sm_90+ (kernels/conv_gemm.py): a persistent GEMM over x viewed
+                 as [N*H*W, C] whose tiles move by TMA into wgmma, with the
+                 same epilogue (residual included) fused; up to 4 tiles per
+                 shape class (kernels.conv_gemm._gemm_tile_candidates).
   "cublaslt_fused" 1x1 stride-1 convs on channels_last input without a
                  residual, which are a plain GEMM over x viewed as [N*H*W, C]
                  (no copy): cuBLASLt's GEMM with the folded bias (+ ReLU) in its
@@ -215,6 +220,44 @@ def _run_cublaslt_fused(x, p: PreparedConvBN, residual, relu):
     return y.view(n, h, w, p.out_channels).permute(0, 3, 1, 2)
 
 
+def _is_pointwise(p: PreparedConvBN) -> bool:
+    """1x1, stride 1, unpadded, ungrouped: on channels_last input a GEMM over the pixels."""
+    return p.raw_weight.shape[2:] == (1, 1) and p.stride == (1, 1) and p.padding == (0, 0) and p.groups == 1
+
+
+def _tma_matrix(t: torch.Tensor | None) -> bool:
+    """t's [N*H*W, C] view exists, starts 16-byte aligned and has C a multiple of 16 (TMA's alignment)."""
+    return t is not None and _pixel_rows(t) is not None and t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0
+
+
+def _gemm_supports(x, p: PreparedConvBN, residual) -> bool:
+    """The TMA GEMM (kernels/conv_gemm.py) applies: a pointwise conv of a channels_last fp16/bf16 x with
+    C and Cout multiples of 16, a residual (if any) laid out likewise, on a GPU with TMA (sm_90+).
+
+    Under the interpreter (x on the CPU) fp32 runs too, and the GPU check is skipped: the tests.
+    """
+    if x.is_cuda and (x.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    if not x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    fits_int32 = x.numel() < 2**31 and math.prod(p.output_shape(x)) < 2**31
+    return (
+        _is_pointwise(p) and p.out_channels % 16 == 0 and fits_int32 and _tma_matrix(x)
+        and (residual is None or _tma_matrix(residual))
+    )
+
+
+def _run_triton_gemm(x, p: PreparedConvBN, residual, relu, tile=None):
+    """relu(x_rows @ w^T * scale + shift + residual_rows) as one persistent TMA GEMM; a channels_last output."""
+    from fastresnet.kernels.conv_gemm import _launch_conv1x1_gemm
+
+    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    weight_rows = p.packed_weight.view(p.out_channels, -1)  # [Cout, 1, 1, C] contiguous -> [Cout, C]
+    residual_rows = None if residual is None else _pixel_rows(residual)
+    _launch_conv1x1_gemm(_pixel_rows(x), weight_rows, p.scale, p.shift, residual_rows, _pixel_rows(out), relu, tile)
+    return out
+
+
 IMPLEMENTATIONS = {
     "triton": _run_triton,
     "cudnn_fused": _run_cudnn_fused,
@@ -222,6 +265,7 @@ IMPLEMENTATIONS = {
     "cublaslt_fused": _run_cublaslt_fused,
 }
 TRITON_TILE_PREFIX = "triton:"
+TRITON_GEMM_PREFIX = "triton_gemm:"
 
 
 def implementation(name: str):
@@ -232,7 +276,16 @@ def implementation(name: str):
         from fastresnet.kernels.conv import _TileConfig
 
         return functools.partial(_run_triton, tile=_TileConfig.from_name(name.removeprefix(TRITON_TILE_PREFIX)))
-    raise KeyError(f"conv_bn_act has no implementation {name!r}; it has {sorted(IMPLEMENTATIONS)} and triton:<tile>")
+    if name.startswith(TRITON_GEMM_PREFIX):
+        from fastresnet.kernels.conv_gemm import GROUP_M
+        from fastresnet.kernels.conv import _TileConfig
+
+        tile = _TileConfig.from_name(name.removeprefix(TRITON_GEMM_PREFIX), group_m=GROUP_M)
+        return functools.partial(_run_triton_gemm, tile=tile)
+    raise KeyError(
+        f"conv_bn_act has no implementation {name!r}; it has {sorted(IMPLEMENTATIONS)}, triton:<tile> "
+        "and triton_gemm:<tile>"
+    )
 
 
 def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
@@ -246,11 +299,21 @@ def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
     return [TRITON_TILE_PREFIX + tile.name for tile in tiles]
 
 
+def _triton_gemm_names(x, p: PreparedConvBN, residual) -> list[str]:
+    """"triton_gemm:<tile>" for each tile of the TMA GEMM worth timing on x's GPU (at most 4)."""
+    from fastresnet.kernels.conv_gemm import _gemm_tile_candidates
+
+    tiles = _gemm_tile_candidates(p.out_channels, x.shape[1], residual is not None, x.element_size(), x.device)
+    return [TRITON_GEMM_PREFIX + tile.name for tile in tiles]
+
+
 def _candidates(x, p: PreparedConvBN, residual) -> list[str]:
     """The implementations that can run this problem; on a GPU, one Triton candidate per tile."""
     names = ["cudnn_fused"]
     if _triton_supports(x, p, residual) and backend.triton_available():
         names += _triton_tile_names(x, p, residual) if x.is_cuda else ["triton"]
+        if x.is_cuda and _gemm_supports(x, p, residual):
+            names += _triton_gemm_names(x, p, residual)
     if _affine_act() is not None:
         names.append("cudnn_affine")
     if _cublaslt_supports(x, p, residual):
