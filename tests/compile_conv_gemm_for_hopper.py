@@ -8,7 +8,8 @@ descriptor arguments a real launch passes, and fails when
     stores (`cp.async.bulk.tensor`) and warpgroup MMAs (`wgmma.mma_async`);
   - the SASS (Triton's cubin through nvdisasm) lacks the tensor-core op `HGMMA`;
   - ptxas (sm_90a) spills registers, or the kernel needs more shared memory than
-    an H100 gives one block (227 KB).
+    an H100 gives one block (227 KB), or more than the launch helper's estimate
+    (kernels.conv_gemm._gemm_shared_bytes, by which the launch helper drops tiles on smaller GPUs).
 
     python tests/compile_conv_gemm_for_hopper.py [--report]   # --report: a line per tile
 """
@@ -23,7 +24,8 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from compile_conv_for_hopper import H100_SHARED_PER_BLOCK, ptxas_usage  # noqa: E402  (this folder)
-from fastresnet.kernels.conv_gemm import _GEMM_TILES, GROUP_M, _conv1x1_gemm_bn_act  # noqa: E402
+from fastresnet.kernels.conv import _TileConfig  # noqa: E402
+from fastresnet.kernels.conv_gemm import _GEMM_TILES, GROUP_M, _conv1x1_gemm_bn_act, _gemm_shared_bytes  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # (residual, relu) per shape class: "wide" serves the convs without a residual (conv1: ReLU; a stride-1
@@ -82,6 +84,9 @@ def check_tile(tile, residual, relu) -> tuple[str, str | None]:
         return line, f"spills registers: {line}"
     if shared > H100_SHARED_PER_BLOCK:
         return line, f"needs more shared memory than an H100 block has: {line}"
+    estimate = _gemm_shared_bytes(_TileConfig(*tile[:3], GROUP_M, *tile[3:]), 2, residual)
+    if shared > estimate:
+        return line, f"needs more shared memory than _gemm_shared_bytes's {estimate} B: {line}"
     return line, None
 
 

@@ -136,7 +136,7 @@ def test_gemm_tile_candidates_for_resnet50(hopper, conv):
     assert listed <= set(_GEMM_TILES[_gemm_shape_class(cout, residual)])  # compiled by compile_conv_gemm_for_hopper
     for tile in tiles:
         assert tile.block_n <= max(64, cout) and tile.block_k <= cin
-        assert _gemm_shared_bytes(tile, 2) <= hopper.shared_memory_per_block_optin
+        assert _gemm_shared_bytes(tile, 2, residual) <= hopper.shared_memory_per_block_optin
         assert _TileConfig.from_name(tile.name, group_m=tile.group_m) == tile
 
 
@@ -147,7 +147,7 @@ def test_gemm_tiles_follow_the_device(hopper):
     full = _gemm_tile_candidates(1024, 256, True, 2, "cuda")
     hopper.shared_memory_per_block_optin = 160 * 1024  # a smaller part: the deep or wide tiles drop out
     small = _gemm_tile_candidates(1024, 256, True, 2, "cuda")
-    assert small and all(_gemm_shared_bytes(t, 2) <= 160 * 1024 for t in small) and len(small) < len(full)
+    assert small and all(_gemm_shared_bytes(t, 2, True) <= 160 * 1024 for t in small) and len(small) < len(full)
 
 
 def test_dispatch_offers_gemm_tiles_only_where_they_apply(hopper, monkeypatch):

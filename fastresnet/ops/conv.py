@@ -236,9 +236,10 @@ def _gemm_supports(x, p: PreparedConvBN, residual) -> bool:
 
     Under the interpreter (x on the CPU) fp32 runs too, and the GPU check is skipped: the tests.
     """
-    if x.is_cuda and (x.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device)[0] < 9):
-        return False
-    if not x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.is_cuda:
+        if x.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     fits_int32 = x.numel() < 2**31 and math.prod(p.output_shape(x)) < 2**31
     return (
