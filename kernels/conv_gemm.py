@@ -44,6 +44,8 @@ fp32 before the dot there, since the interpreter's bf16 dot is wrong.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -176,6 +178,11 @@ def _interpreter_tile(m: int, out_c: int, in_c: int) -> _TileConfig:
                        GROUP_M, 4, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _matrix_descriptor(matrix: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:
     """A TMA descriptor of a row-major 2-D tensor (shape, strides in elements), read in [block_rows, block_cols]."""
     return TensorDescriptor(matrix, list(matrix.shape), list(matrix.stride()), [block_rows, block_cols])
@@ -196,8 +203,8 @@ def _launch_conv1x1_gemm(x_rows, weight_rows, scale, shift, residual_rows, out_r
     interpreted = not x_rows.is_cuda
     cfg = tile or _interpreter_tile(m, out_c, in_c)
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(out_c, cfg.block_n)
-    if num_programs is None:
-        num_programs = torch.cuda.get_device_properties(x_rows.device).multi_processor_count if not interpreted else 2
+    if num_programs is None:  # one per SM; two under the interpreter, so that tests walk the tile loop
+        num_programs = 2 if interpreted else _sm_count(x_rows.device)
     num_programs = max(1, min(num_programs, num_tiles))
     out_desc = _matrix_descriptor(out_rows, cfg.block_m, cfg.block_n)
     res_desc = out_desc if residual_rows is None else _matrix_descriptor(residual_rows, cfg.block_m, cfg.block_n)
