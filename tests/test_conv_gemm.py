@@ -169,6 +169,30 @@ def test_dispatch_offers_gemm_tiles_only_where_they_apply(hopper, monkeypatch):
     assert not any(n.startswith("triton_gemm:") for n in _candidates(x, p, res))
 
 
+def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(hopper, monkeypatch):
+    """The TMA GEMM's candidates have never run on a GPU: the first (untimed) call of each is compared with
+    the reference conv, and one that is off warns and raises, which the dispatch's measurement skips."""
+    from fastresnet.ops import conv as conv_ops
+    from fastresnet.ops import dispatch
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
+    x, weight, scale, shift, res = _problem(1, 32, 128, 3, 5, torch.float16, True)
+    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    captured = {}
+    monkeypatch.setattr(dispatch, "choose", lambda key, candidates, fixed, device: captured.update(candidates) or fixed)
+    conv_ops._choose(x, p, res, True, "measure")
+    name = next(n for n in captured if n.startswith("triton_gemm:"))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dispatch, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    assert list(dispatch.measure({name: captured[name]}, cpu)) == [name]  # the kernel matches the reference
+    wrong = conv_ops._run_reference(x, p, res, True) * 1.1
+    monkeypatch.setattr(conv_ops, "_run_reference", lambda *args: wrong)  # a reference it cannot match
+    conv_ops._choose(x, p, res, True, "measure")  # fresh candidates, checked against that
+    with pytest.warns(RuntimeWarning, match=f"candidate {name} is off the reference"):
+        assert dispatch.measure({name: captured[name]}, cpu) == {}
+
+
 def test_gemm_tile_names_are_checked():
     with pytest.raises(ValueError, match="BMxBNxBK"):
         implementation("triton_gemm:128x128")

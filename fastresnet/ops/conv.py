@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -427,7 +428,42 @@ def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
     if mode == "triton" and any(name.startswith(TRITON_TILE_PREFIX) for name in names):
         return "triton"  # forced: the kernel with the fixed rule's tile
     candidates = {name: functools.partial(implementation(name), x, p, residual, relu) for name in names}
+    expected = functools.cache(functools.partial(_run_reference, x, p, residual, relu))
+    for name in candidates:
+        if name.startswith(TRITON_GEMM_PREFIX):
+            candidates[name] = _checked_on_first_call(name, candidates[name], expected)
     return dispatch.choose(problem_key(x, p, residual, relu), candidates, fixed_choice(names, residual, relu), x.device)
+
+
+# A candidate's output may differ from the reference's (eager conv in the same dtype, fp32 epilogue) by
+# rounding; in bf16 about 2^-8 per element: ||out - expected|| / ||expected|| far below this.
+CANDIDATE_CHECK_RTOL = 3e-2
+
+
+def _checked_on_first_call(name: str, run: Callable, expected: Callable) -> Callable:
+    """run, whose first call (the dispatch's first, untimed warm-up) also compares its output with expected();
+    a mismatch warns and raises, which leaves the candidate out of the measurement.
+
+    For kernels that enter the dispatch before they have ever run on a GPU (the TMA GEMM): being fast
+    must not be enough to win if the output is wrong. The check costs one reference conv per problem,
+    paid only when the dispatch measures (never for a decision from the disk cache).
+    """
+    checked = False
+
+    def call():
+        nonlocal checked
+        out = run()
+        if not checked:
+            want = expected().float()
+            error = ((out.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if not error <= CANDIDATE_CHECK_RTOL:  # also catches NaN
+                message = f"conv_bn_act: candidate {name} is off the reference by {error:.2e} (relative); left out"
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                raise RuntimeError(message)
+            checked = True
+        return out
+
+    return call
 
 
 def conv_bn_act(
