@@ -235,3 +235,28 @@ def test_every_gemm_tile_on_gpu(conv):
                 out = implementation(name)(x, p, res, True)
                 assert_close(out, expected, atol=6e-2, rtol=3e-2, name=f"{name} {dtype}")
                 assert out.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _hopper_gpu(), reason="TMA needs sm_90+")
+@pytest.mark.parametrize("residual", [True, False], ids=["conv3_res", "conv1"])
+def test_dispatch_times_every_gemm_tile_on_gpu(tmp_path, monkeypatch, residual):
+    """The measured dispatch times each "triton_gemm:<tile>" beside cuDNN and the implicit GEMM; none is
+    left out by the first-call check against the reference (its warning would say which) or a failure."""
+    from fastresnet.ops import dispatch
+    from fastresnet.ops.conv import conv_bn_act
+
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
+    dispatch.clear_memory()
+    x, weight, scale, shift, res = _problem(8, 128, 512, 28, 28, torch.bfloat16, residual, device="cuda")
+    try:
+        with torch.no_grad():
+            out = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
+        (decision,) = dispatch.decisions()
+    finally:
+        dispatch.clear_memory()
+    p = PreparedConvBN(weight, scale, shift, dtype=torch.bfloat16)
+    timed = [name for name in decision["times_ms"] if name.startswith("triton_gemm:")]
+    assert sorted(timed) == sorted(_triton_gemm_names(x, p, res)), decision
+    assert_close(out, _expected(x, weight, scale, shift, res, True), atol=6e-2, rtol=3e-2, name=decision["choice"])
