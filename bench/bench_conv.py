@@ -7,13 +7,17 @@ Providers:
   cudnn_bn_act   F.conv2d, then eager inference F.batch_norm, (+ add), ReLU:
                  what torchvision runs in eval mode (the baseline);
   cudnn_conv     F.conv2d alone: the floor for any cuDNN-based path;
-  triton         the fused implicit-GEMM kernel alone (kernels/conv.py);
   triton         the fused implicit-GEMM kernel alone (kernels/conv.py), with
                  the fixed rule's tile;
+  triton_gemm    1x1 stride-1 convs only (skipped elsewhere, and before sm_90):
+                 the persistent TMA GEMM with the fused epilogue
+                 (kernels/conv_gemm.py) with its shape class's first tile (on
+                 the CPU: the interpreter's tile);
   fastresnet     conv_bn_act as the library runs it: the dispatcher's choice
                  among cuDNN's fused conv, cuDNN + the epilogue kernel, every
-                 Triton tile of the shape class ("triton:<tile>") and, for 1x1
-                 convs without a residual, the cuBLASLt GEMM.
+                 Triton tile of the shape class ("triton:<tile>"), for 1x1
+                 stride-1 convs every tile of the TMA GEMM ("triton_gemm:<tile>",
+                 sm_90+, fp16/bf16) and, without a residual, the cuBLASLt GEMM.
 
 extra_info carries the conv's FLOPs (2 * M * N * K), so the report gives
 TFLOP/s and the fraction of the measured bf16 matrix rate; the fastresnet row
@@ -30,11 +34,20 @@ import torch.nn.functional as F
 
 import harness
 from fastresnet.ops import dispatch
-from fastresnet.ops.conv import IMPLEMENTATIONS, PreparedConvBN, conv_bn_act_prepared, problem_key
+from fastresnet.ops.conv import (
+    IMPLEMENTATIONS,
+    PreparedConvBN,
+    _gemm_supports,
+    _run_triton_gemm,
+    _triton_gemm_names,
+    conv_bn_act_prepared,
+    implementation,
+    problem_key,
+)
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
 
-PROVIDERS = ["cudnn_bn_act", "cudnn_conv", "triton", "fastresnet"]
+PROVIDERS = ["cudnn_bn_act", "cudnn_conv", "triton", "triton_gemm", "fastresnet"]
 
 
 def resnet50_convs(image_size: int, width_divisor: int = 1) -> list[dict]:
@@ -105,10 +118,17 @@ def _provider_fn(provider, x, p: PreparedConvBN, bn, res, relu):
     def triton():
         return IMPLEMENTATIONS["triton"](x, p, res, relu)
 
+    def triton_gemm():
+        if x.is_cuda:
+            return implementation(_triton_gemm_names(x, p, res)[0])(x, p, res, relu)
+        return _run_triton_gemm(x, p, res, relu)
+
     def fastresnet():
         return conv_bn_act_prepared(x, p, res, relu)
 
-    return dict(cudnn_conv=cudnn_conv, cudnn_bn_act=cudnn_bn_act, triton=triton, fastresnet=fastresnet)[provider]
+    providers = dict(cudnn_conv=cudnn_conv, cudnn_bn_act=cudnn_bn_act, triton=triton, triton_gemm=triton_gemm,
+                     fastresnet=fastresnet)
+    return providers[provider]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -116,6 +136,8 @@ def _provider_fn(provider, x, p: PreparedConvBN, bn, res, relu):
 def test_conv_bn_act(benchmark, conv, provider):
     dev = harness.device()
     x, p, bn, res = _problem(conv, dev)
+    if provider == "triton_gemm" and not _gemm_supports(x, p, res):
+        pytest.skip("triton_gemm: only 1x1 stride-1 convs, C and Cout multiples of 16, fp16/bf16 on sm_90+")
     fn = _provider_fn(provider, x, p, bn, res, conv["relu"])
     with torch.inference_mode():
         if provider != "cudnn_conv":  # correctness first, on these inputs

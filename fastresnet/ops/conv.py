@@ -17,6 +17,11 @@ once per shape by fastresnet.ops.dispatch, cached on disk):
                  (F.conv2d with a bias where there is no ReLU).
   "cudnn_affine" F.conv2d (channels_last) and then the fused scale/shift/add/ReLU
                  epilogue kernel of fastresnet.ops.bn_act (when present).
+  "triton_gemm:<tile>" 1x1 stride-1 convs of channels_last fp16/bf16 input on
+                 sm_90+ (kernels/conv_gemm.py): a persistent GEMM over x viewed
+                 as [N*H*W, C] whose tiles move by TMA into wgmma, with the
+                 same epilogue (residual included) fused; up to 4 tiles per
+                 shape class (kernels.conv_gemm._gemm_tile_candidates).
   "cublaslt_fused" 1x1 stride-1 convs on channels_last input without a
                  residual, which are a plain GEMM over x viewed as [N*H*W, C]
                  (no copy): cuBLASLt's GEMM with the folded bias (+ ReLU) in its
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -215,6 +221,45 @@ def _run_cublaslt_fused(x, p: PreparedConvBN, residual, relu):
     return y.view(n, h, w, p.out_channels).permute(0, 3, 1, 2)
 
 
+def _is_pointwise(p: PreparedConvBN) -> bool:
+    """1x1, stride 1, unpadded, ungrouped: on channels_last input a GEMM over the pixels."""
+    return p.raw_weight.shape[2:] == (1, 1) and p.stride == (1, 1) and p.padding == (0, 0) and p.groups == 1
+
+
+def _tma_matrix(t: torch.Tensor | None) -> bool:
+    """t's [N*H*W, C] view exists, starts 16-byte aligned and has C a multiple of 16 (TMA's alignment)."""
+    return t is not None and _pixel_rows(t) is not None and t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0
+
+
+def _gemm_supports(x, p: PreparedConvBN, residual) -> bool:
+    """The TMA GEMM (kernels/conv_gemm.py) applies: a pointwise conv of a channels_last fp16/bf16 x with
+    C and Cout multiples of 16, a residual (if any) laid out likewise, on a GPU with TMA (sm_90+).
+
+    Under the interpreter (x on the CPU) fp32 runs too, and the GPU check is skipped: the tests.
+    """
+    if x.is_cuda:
+        if x.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    fits_int32 = x.numel() < 2**31 and math.prod(p.output_shape(x)) < 2**31
+    return (
+        _is_pointwise(p) and p.out_channels % 16 == 0 and fits_int32 and _tma_matrix(x)
+        and (residual is None or _tma_matrix(residual))
+    )
+
+
+def _run_triton_gemm(x, p: PreparedConvBN, residual, relu, tile=None):
+    """relu(x_rows @ w^T * scale + shift + residual_rows) as one persistent TMA GEMM; a channels_last output."""
+    from fastresnet.kernels.conv_gemm import _launch_conv1x1_gemm
+
+    out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    weight_rows = p.packed_weight.view(p.out_channels, -1)  # [Cout, 1, 1, C] contiguous -> [Cout, C]
+    residual_rows = None if residual is None else _pixel_rows(residual)
+    _launch_conv1x1_gemm(_pixel_rows(x), weight_rows, p.scale, p.shift, residual_rows, _pixel_rows(out), relu, tile)
+    return out
+
+
 IMPLEMENTATIONS = {
     "triton": _run_triton,
     "cudnn_fused": _run_cudnn_fused,
@@ -222,6 +267,7 @@ IMPLEMENTATIONS = {
     "cublaslt_fused": _run_cublaslt_fused,
 }
 TRITON_TILE_PREFIX = "triton:"
+TRITON_GEMM_PREFIX = "triton_gemm:"
 
 
 def implementation(name: str):
@@ -232,7 +278,16 @@ def implementation(name: str):
         from fastresnet.kernels.conv import _TileConfig
 
         return functools.partial(_run_triton, tile=_TileConfig.from_name(name.removeprefix(TRITON_TILE_PREFIX)))
-    raise KeyError(f"conv_bn_act has no implementation {name!r}; it has {sorted(IMPLEMENTATIONS)} and triton:<tile>")
+    if name.startswith(TRITON_GEMM_PREFIX):
+        from fastresnet.kernels.conv_gemm import GROUP_M
+        from fastresnet.kernels.conv import _TileConfig
+
+        tile = _TileConfig.from_name(name.removeprefix(TRITON_GEMM_PREFIX), group_m=GROUP_M)
+        return functools.partial(_run_triton_gemm, tile=tile)
+    raise KeyError(
+        f"conv_bn_act has no implementation {name!r}; it has {sorted(IMPLEMENTATIONS)}, triton:<tile> "
+        "and triton_gemm:<tile>"
+    )
 
 
 def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
@@ -246,11 +301,21 @@ def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
     return [TRITON_TILE_PREFIX + tile.name for tile in tiles]
 
 
+def _triton_gemm_names(x, p: PreparedConvBN, residual) -> list[str]:
+    """"triton_gemm:<tile>" for each tile of the TMA GEMM worth timing on x's GPU (at most 4)."""
+    from fastresnet.kernels.conv_gemm import _gemm_tile_candidates
+
+    tiles = _gemm_tile_candidates(p.out_channels, x.shape[1], residual is not None, x.element_size(), x.device)
+    return [TRITON_GEMM_PREFIX + tile.name for tile in tiles]
+
+
 def _candidates(x, p: PreparedConvBN, residual) -> list[str]:
     """The implementations that can run this problem; on a GPU, one Triton candidate per tile."""
     names = ["cudnn_fused"]
     if _triton_supports(x, p, residual) and backend.triton_available():
         names += _triton_tile_names(x, p, residual) if x.is_cuda else ["triton"]
+        if x.is_cuda and _gemm_supports(x, p, residual):
+            names += _triton_gemm_names(x, p, residual)
     if _affine_act() is not None:
         names.append("cudnn_affine")
     if _cublaslt_supports(x, p, residual):
@@ -363,7 +428,42 @@ def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
     if mode == "triton" and any(name.startswith(TRITON_TILE_PREFIX) for name in names):
         return "triton"  # forced: the kernel with the fixed rule's tile
     candidates = {name: functools.partial(implementation(name), x, p, residual, relu) for name in names}
+    expected = functools.cache(functools.partial(_run_reference, x, p, residual, relu))
+    for name in candidates:
+        if name.startswith(TRITON_GEMM_PREFIX):
+            candidates[name] = _checked_on_first_call(name, candidates[name], expected)
     return dispatch.choose(problem_key(x, p, residual, relu), candidates, fixed_choice(names, residual, relu), x.device)
+
+
+# A candidate's output may differ from the reference's (eager conv in the same dtype, fp32 epilogue) by
+# rounding; in bf16 about 2^-8 per element: ||out - expected|| / ||expected|| far below this.
+CANDIDATE_CHECK_RTOL = 3e-2
+
+
+def _checked_on_first_call(name: str, run: Callable, expected: Callable) -> Callable:
+    """run, whose first call (the dispatch's first, untimed warm-up) also compares its output with expected();
+    a mismatch warns and raises, which leaves the candidate out of the measurement.
+
+    For kernels that enter the dispatch before they have ever run on a GPU (the TMA GEMM): being fast
+    must not be enough to win if the output is wrong. The check costs one reference conv per problem,
+    paid only when the dispatch measures (never for a decision from the disk cache).
+    """
+    checked = False
+
+    def call():
+        nonlocal checked
+        out = run()
+        if not checked:
+            want = expected().float()
+            error = ((out.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if not error <= CANDIDATE_CHECK_RTOL:  # also catches NaN
+                message = f"conv_bn_act: candidate {name} is off the reference by {error:.2e} (relative); left out"
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                raise RuntimeError(message)
+            checked = True
+        return out
+
+    return call
 
 
 def conv_bn_act(
