@@ -30,8 +30,8 @@ SCRIPTS = {
     "compile_conv_gemm_for_hopper.py": ["1x1 GEMM conv tiles for sm_90a: TMA + wgmma, no spills"],
 }
 
-# The other Python's editable install of fastresnet may point at another checkout (the shared triton 3.6
-# venv's points at /work/main): run each script with this checkout's fastresnet and fastresnet.kernels
+# The other Python's editable install of fastresnet may point at another checkout (a venv kept for the
+# GPU's Triton serves several worktrees): run each script with this checkout's fastresnet and fastresnet.kernels
 # (kernels/ is mapped under fastresnet by pyproject's package-dir, so sys.path alone does not find it).
 BOOTSTRAP = """
 import importlib.util, runpy, sys
