@@ -97,7 +97,7 @@ def choose_stats_tile(x: Tensor, packed_weight: Tensor, out: Tensor, stride: Seq
     choice = _stats_choices.get(signature)
     if choice is not None:
         return choice
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
         return None
     names = stats_tile_names(x, packed_weight, out)
     runs = {
