@@ -6,8 +6,8 @@ Run by tests/test_conv_train.py in a process without TRITON_INTERPRET. The
 specialisations are those of a real launch on channels_last bf16 tensors
 (channel strides 1, the other strides and sizes divisible by 16), so the
 software pipeline is checked too: it must stage A and B in shared memory.
-The backward kernels also go through ptxas (sm_90a), which must report no
-register spills at the tiles the launch helpers pick.
+The backward kernels, and every tile that conv_stats' measured dispatch may
+time, also go through ptxas (sm_90a), which must report no register spills.
 """
 
 import os
@@ -22,7 +22,8 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastresnet.kernels.bn_stats import _bn_stats_merge  # noqa: E402
-from fastresnet.kernels.conv_train import _conv_stats_fwd  # noqa: E402
+from fastresnet.kernels.conv import _TileConfig  # noqa: E402
+from fastresnet.kernels.conv_train import _STATS_TILES, _conv_stats_fwd  # noqa: E402
 from fastresnet.kernels.conv_train_bwd import _conv_dgrad_bn, _conv_wgrad  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -42,23 +43,53 @@ def compile_for_hopper(fn, pointers, constexprs, divisible=(), num_warps=4, num_
     return compiled
 
 
-def conv_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_k=64):
+def conv_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_k=64, tile=(128, 128, 8, 4)):
+    """_conv_stats_fwd at one tile: tile = (BLOCK_M, BLOCK_N, warps, stages). Returns the compiled kernel."""
+    block_m, block_n, num_warps, num_stages = tile
     pointers = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "mean_part_ptr": "*fp32", "m2_part_ptr": "*fp32"}
     constexprs = dict(
         STRIDE_H=stride, STRIDE_W=stride, PAD_H=kernel // 2, PAD_W=kernel // 2, KH=kernel, KW=kernel,
         NORM_INPUT=norm_input, HAS_PADDING=kernel > 1, DOT_IN_FP32=False, FP32_MODE=fp32_mode,
-        BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, stride_xc=1, stride_oc=1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, stride_xc=1, stride_oc=1,
     )
     for name in NORM_POINTERS:
         if norm_input:
             pointers[name] = "*fp32"
         else:
             constexprs[name] = None
-    compiled = compile_for_hopper(_conv_stats_fwd, pointers, constexprs, DIVISIBLE, num_warps=8, num_stages=4)
+    compiled = compile_for_hopper(_conv_stats_fwd, pointers, constexprs, DIVISIBLE, num_warps=num_warps,
+                                  num_stages=num_stages)
     ttgir = compiled.asm["ttgir"]
     assert "async_copy_global_to_local" in ttgir, f"{kernel}x{kernel} norm={norm_input}: loads not pipelined"
-    return compiled.metadata.shared
+    return compiled
+
+
+# The one offered tile known to spill, and the most it may: the fixed rule's own narrow tile
+# (kernels/conv_train.py _STATS_TILES says why it stays a candidate). Anything more fails.
+KNOWN_STATS_SPILLS = {"128x64x64w4s4": 16}
+H100_SHARED = 227 * 1024
+
+
+def stats_tile_variants():
+    """Every tile that conv_stats' dispatch may time (kernels/conv_train.py _STATS_TILES) at the
+    variants that need the most registers: a 3x3 with the prologue (its padding mask and per-column
+    scale and shift), stride 1 and 2, bf16, and fp32 operands as tf32 (half the K step)."""
+    tiles = {_TileConfig(bm, bn, bk, 8, w, st) for ts in _STATS_TILES.values() for bm, bn, bk, w, st in ts}
+    for tile in sorted(tiles, key=lambda t: t.name):
+        for kernel, stride, dtype in ((3, 1, "bf16"), (3, 2, "bf16"), (1, 1, "bf16"), (3, 1, "fp32")):
+            fp32 = dtype == "fp32"
+            compiled = conv_variant(kernel, stride, True, dtype, fp32_mode=int(fp32),
+                                    block_k=tile.block_k // 2 if fp32 else tile.block_k,
+                                    tile=(tile.block_m, tile.block_n, tile.num_warps, tile.num_stages))
+            registers, spills = ptxas_report(compiled.asm["ptx"])
+            label = f"_conv_stats_fwd tile {tile.name} {kernel}x{kernel} stride {stride} norm_input=True {dtype}"
+            allowed = KNOWN_STATS_SPILLS.get(tile.name, 0)
+            assert spills <= allowed, f"{label}: {spills} bytes of register spills ({registers} registers)"
+            assert compiled.metadata.shared <= H100_SHARED, f"{label}: {compiled.metadata.shared} B shared"
+            note = f"{spills} B spilled (known, at most {allowed})" if spills else "no spills"
+            print(f"{label}: {registers} registers, {note}, {compiled.metadata.shared} B shared")
+    print(f"conv_stats tiles: {len(tiles)} compiled without unknown spills")
 
 
 def ptxas_report(ptx: str) -> tuple[int, int]:
@@ -128,10 +159,11 @@ def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, blo
 
 def main():
     for kernel, stride, norm_input in ((3, 1, True), (3, 2, False), (1, 1, True), (1, 2, False)):
-        shared = conv_variant(kernel, stride, norm_input)
+        shared = conv_variant(kernel, stride, norm_input).metadata.shared
         print(f"_conv_stats_fwd {kernel}x{kernel} stride {stride} norm_input={norm_input}: {shared} B shared")
     conv_variant(1, 1, True, dtype="fp32", fp32_mode=1, block_k=32)  # fp32 inputs as tf32
     print("_conv_stats_fwd fp32/tf32: ok")
+    stats_tile_variants()
     compile_for_hopper(
         _bn_stats_merge, {n: "*fp32" for n in ("mean_part_ptr", "m2_part_ptr", "mean_out_ptr", "m2_out_ptr")},
         dict(GROUP=32, BLOCK_C=64),

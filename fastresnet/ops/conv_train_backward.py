@@ -52,6 +52,11 @@ def _kernels():
     return bn_act, conv_train_bwd
 
 
+def clear_choices() -> None:
+    """Forget the in-process path choices (dispatch's own memory is cleared separately)."""
+    _choices.clear()
+
+
 def check_backward_path(name: str) -> str:
     if name != "auto" and name not in BACKWARD_PATHS:
         raise ValueError(f"conv_stats backward {name!r}: expected 'auto' or one of {BACKWARD_PATHS}")
