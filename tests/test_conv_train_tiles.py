@@ -18,6 +18,14 @@ import triton
 from fastresnet.kernels.bn_stats import finalize_stats
 from fastresnet.kernels.conv import _TileConfig
 from fastresnet.kernels.conv_train import _STATS_TILES, MAX_STATS_TILES, _stats_tile_candidates, conv_stats_fwd
+from fastresnet.kernels.conv_train_bwd import (
+    _DGRAD_TILES,
+    _WGRAD_TILES,
+    _dgrad_tile_candidates,
+    _wgrad_tile_candidates,
+    conv_dgrad_bn,
+    conv_wgrad,
+)
 from fastresnet.ops import conv_train_tiles, dispatch
 from fastresnet.ops.conv_train import conv_stats
 from fastresnet.reference import conv_stats_reference
@@ -26,8 +34,13 @@ from fastresnet.testing import assert_close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 CONV_TOL = {torch.float32: (1e-3, 1e-3), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
-OFFERED = sorted({_TileConfig(bm, bn, bk, 8, w, s).name for tiles in _STATS_TILES.values()
-                  for bm, bn, bk, w, s in tiles})
+
+
+def _names(table):
+    return sorted({_TileConfig(bm, bn, bk, 8, w, s).name for tiles in table.values() for bm, bn, bk, w, s in tiles})
+
+
+OFFERED = _names(_STATS_TILES)
 
 # (N, Cin, H, W, Cout, kernel, stride): M = 162 rows (3 blocks of 64, the last short) and 72
 # channels (two 64-wide column blocks, one masked 128/256-wide one); a strided 1x1 with odd sizes
@@ -74,8 +87,7 @@ def _check_against_reference(x, weight, stride, padding, norm_input, out, stats)
     assert_close(mean, ref_mean, atol=atol, rtol=rtol, name="mean vs reference")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape, dtype", [(SHAPES[0], torch.float32), (SHAPES[1], torch.float16)], ids=str)
 @pytest.mark.parametrize("tile", OFFERED)
 def test_every_offered_tile_matches_the_reference(tile, shape, dtype):
     n, c, h, w, out_c, k, stride = shape
@@ -92,6 +104,52 @@ def test_every_offered_tile_matches_the_reference(tile, shape, dtype):
     assert rows == cfg.block_m and mean_part.shape == (triton.cdiv(m, cfg.block_m), out_c)
     stats = finalize_stats(mean_part, m2_part, m, rows, EPS)
     _check_against_reference(x, weight, stride, k // 2, norm_input, out, stats)
+
+
+def _backward_problem(shape, dtype):
+    """x (raw), weight, norm_input (x's own batch statistics and an affine), grad_y; and eager's
+    grad_w and grad_a = dgrad(grad_y) * relu mask, in fp64 from the same values."""
+    n, c, h, w, out_c, k, stride = shape
+    x, weight, norm = _problem(shape, dtype)
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+    norm = (mean, torch.rsqrt(var + EPS), norm[2], norm[3])
+    scale, shift = (norm[1] * norm[2]).double(), (norm[3] - norm[0] * norm[1] * norm[2]).double()
+    a = torch.relu(x.double() * scale[:, None, None] + shift[:, None, None]).requires_grad_()
+    w = weight.double().requires_grad_()
+    y = torch.nn.functional.conv2d(a, w, None, stride, k // 2)
+    grad_y = _channels_last(torch.randn(y.shape, device=DEVICE).to(dtype))
+    grad_a, grad_w = torch.autograd.grad(y, [a, w], grad_y.double())
+    return x, weight, norm, grad_y, grad_w, grad_a * (a > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", _names(_WGRAD_TILES))
+def test_every_offered_wgrad_tile_matches_eager(tile, dtype):
+    shape = (2, 20, 7, 7, 24, 3, 2)  # strided 3x3, odd sizes, channels not multiples of 16
+    x, weight, norm, grad_y, grad_w, _ = _backward_problem(shape, dtype)
+    packed = conv_wgrad(grad_y, x, 24, (3, 3), (2, 2), (1, 1), norm, DEVICE == "cpu",
+                        tile=_TileConfig.from_name(tile))
+    atol, rtol = CONV_TOL[dtype]
+    scale = grad_w.abs().max().item()
+    assert_close(packed.permute(0, 3, 1, 2).double() / scale, grad_w / scale, atol=atol, rtol=rtol, name="grad_w")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", _names(_DGRAD_TILES))
+def test_every_offered_dgrad_tile_matches_eager(tile, dtype):
+    shape = (2, 20, 9, 9, 24, 3, 1)  # 162 input pixels: 3 row blocks of 64, the last short
+    x, weight, norm, grad_y, _, grad_a = _backward_problem(shape, dtype)
+    cfg = _TileConfig.from_name(tile)
+    g, sum_g_part, sum_gx_part = conv_dgrad_bn(grad_y, weight, x, (1, 1), norm, DEVICE == "cpu", tile=cfg)
+    assert sum_g_part.shape == (triton.cdiv(162, cfg.block_m), 20)  # partials per row block of the tile
+    atol, rtol = CONV_TOL[dtype]
+    scale = grad_a.abs().max().item()
+    assert_close(g.double() / scale, grad_a / scale, atol=atol, rtol=rtol, name="g")
+    xc = x.double() - norm[0].double()[:, None, None]
+    # The sums describe g as stored: compare with the sums of the stored g.
+    assert_close(sum_g_part.sum(0).double(), g.double().sum((0, 2, 3)), atol=1e-3, rtol=1e-4, name="sum g")
+    assert_close(sum_gx_part.sum(0).double(), (g.double() * xc).sum((0, 2, 3)), atol=1e-3, rtol=1e-4,
+                 name="sum g (x - mean)")
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +179,22 @@ def test_candidates_per_shape_class(monkeypatch):
     for m, out_c, in_c in ((10**6, 64, 64), (10**6, 512, 2048), (500, 72, 20)):
         tiles = _stats_tile_candidates(m, out_c, in_c, 2, "cuda")
         assert 1 <= len(tiles) <= MAX_STATS_TILES and len(set(tiles)) == len(tiles)
+
+
+def test_backward_candidates_per_shape(monkeypatch):
+    _fake_gpu(monkeypatch)
+    # ResNet-50 layer3 3x3 (256 -> 256) at batch 256: the fixed rules first, at most three each.
+    wgrad = [t.name for t in _wgrad_tile_candidates(256 * 14 * 14, 256, 256, 2, "cuda")]
+    assert wgrad == ["128x128x64w8s4", "128x128x128w8s3", "64x128x64w4s4"]
+    dgrad = [t.name for t in _dgrad_tile_candidates(256 * 14 * 14, 256, 256, 2, True, "cuda")]
+    assert dgrad == ["128x64x64w8s4", "128x64x64w4s4", "64x128x64w4s4"]
+    plain = [t.name for t in _dgrad_tile_candidates(256 * 14 * 14, 256, 256, 2, False, "cuda")]
+    assert plain == ["128x128x64w8s4", "64x128x64w4s4", "128x128x64w8s3"]
+    # 64 channels (layer1): nothing wider than 64 columns; fp32 halves the K steps.
+    assert [t.name for t in _wgrad_tile_candidates(256 * 56 * 56, 64, 64, 4, "cuda")] == [
+        "64x64x32w4s4", "64x64x64w4s3"]
+    narrow = _dgrad_tile_candidates(256 * 56 * 56, 64, 64, 2, True, "cuda")
+    assert all(t.block_n == 64 for t in narrow) and len(narrow) <= 3
 
 
 def test_candidates_before_hopper_fit_its_pipeline_and_shared_memory(monkeypatch):
@@ -163,24 +237,24 @@ def _conv_stats(x, weight, norm_input, stride=1, padding=1):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the fake timer stands in for a GPU")
 def test_the_measured_tile_is_chosen_cached_and_runs(fake_measurement):
-    shape = (2, 20, 9, 9, 72, 3, 1)
+    shape = (2, 20, 9, 9, 72, 1, 1)
     x, weight, norm_input = _problem(shape, torch.float32)
-    y, *stats = _conv_stats(x, weight, norm_input)
+    y, *stats = _conv_stats(x, weight, norm_input, padding=0)
     # 162 rows: the small-problem rule first; fp32 and 20 channels: K steps of 32
     names = ["triton:" + n for n in ("64x128x32w4s4", "128x128x32w8s4", "128x128x32w8s3")]
     assert fake_measurement.calls == [names]
-    key = conv_train_tiles.stats_problem_key(x, weight.permute(0, 2, 3, 1), (1, 1), (1, 1), True)
-    assert key == "conv_stats_tile:72x20k3x3s1x1p1x1:x2x20x9x9:float32:norm1:cl"
+    key = conv_train_tiles.stats_problem_key(x, weight.permute(0, 2, 3, 1), (1, 1), (0, 0), True)
+    assert key == "conv_stats_tile:72x20k1x1s1x1p0x0:x2x20x9x9:float32:norm1:cl"
     entry = dispatch.decision(key)
     assert entry["choice"] == names[1] and entry["source"] == "measured" and set(entry["times_ms"]) == set(names)
-    _check_against_reference(x, weight, 1, 1, norm_input, y, stats)  # the op ran the chosen tile
-    _conv_stats(x, weight, norm_input)  # the same problem again: the in-process choice, no timing
+    _check_against_reference(x, weight, 1, 0, norm_input, y, stats)  # the op ran the chosen tile
+    _conv_stats(x, weight, norm_input, padding=0)  # the same problem again: the in-process choice, no timing
     assert len(fake_measurement.calls) == 1
     conv_train_tiles.clear_choices()
     dispatch.clear_memory()
-    _conv_stats(x, weight, norm_input)  # a new process: the disk cache, no timing
+    _conv_stats(x, weight, norm_input, padding=0)  # a new process: the disk cache, no timing
     assert len(fake_measurement.calls) == 1 and dispatch.decision(key)["source"] == "disk cache"
-    _conv_stats(x, weight, None)  # without the prologue: another problem
+    _conv_stats(x, weight, None, padding=0)  # without the prologue: another problem
     assert len(fake_measurement.calls) == 2
 
 
@@ -203,6 +277,28 @@ def test_the_switches_override_measurement(fake_measurement, monkeypatch):
     assert choose() is None and fake_measurement.calls == []
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the fake timer stands in for a GPU")
+def test_the_backward_tiles_are_measured_in_a_second_step(fake_measurement):
+    """conv_stats' Triton backward chooses its wgrad and dgrad tiles (two more keys), runs them, and
+    gives eager's gradients."""
+    shape = (2, 20, 9, 9, 72, 1, 1)
+    x, weight, norm, grad_y, grad_w, grad_a = _backward_problem(shape, torch.float32)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    y, *_ = conv_stats(leaves[0], leaves[1], 1, 0, EPS, norm, backward="triton_bwd")
+    y.backward(grad_y)
+    keys = sorted(d["key"].split(":")[0] for d in dispatch.decisions())
+    assert keys == ["conv_dgrad_tile", "conv_stats_tile", "conv_wgrad_tile"], keys
+    wgrad = next(d for d in dispatch.decisions() if d["key"].startswith("conv_wgrad_tile"))
+    assert wgrad["key"] == "conv_wgrad_tile:72x20k1x1s1x1p0x0:x2x20x9x9:float32:norm1:cl"
+    assert wgrad["choice"] == list(wgrad["times_ms"])[1] and wgrad["choice"].startswith("wgrad:")
+    scale = grad_w.abs().max().item()
+    assert_close(leaves[1].grad.double() / scale, grad_w / scale, atol=1e-3, rtol=1e-3, name="grad_w")
+    calls = len(fake_measurement.calls)
+    y, *_ = conv_stats(leaves[0], leaves[1], 1, 0, EPS, norm, backward="triton_bwd")
+    y.backward(grad_y)
+    assert len(fake_measurement.calls) == calls  # chosen once per problem
+
+
 # ---------------------------------------------------------------------------
 # GPU: the tiles timed for real
 # ---------------------------------------------------------------------------
@@ -219,7 +315,7 @@ def test_gpu_tiles_are_measured_and_the_choice_recorded(shape, monkeypatch, tmp_
     key = conv_train_tiles.stats_problem_key(x, weight.permute(0, 2, 3, 1), (stride, stride), (k // 2, k // 2), True)
     entry = dispatch.decision(key)
     out = torch.empty_like(y)
-    names = conv_train_tiles.stats_tile_names(x, weight, out)
+    names = conv_train_tiles.stats_tile_names(x, weight.permute(0, 2, 3, 1), out)
     assert entry is not None and entry["source"] == "measured", dispatch.decisions()
     assert set(entry["times_ms"]) == set(names) and entry["choice"] in names, entry  # every tile ran
     own_var, own_mean = torch.var_mean(y.float(), dim=(0, 2, 3), unbiased=False)
@@ -227,3 +323,23 @@ def test_gpu_tiles_are_measured_and_the_choice_recorded(shape, monkeypatch, tmp_
     assert_close(stats[1], torch.rsqrt(own_var + EPS), atol=1e-3, rtol=1e-3, name="invstd")
     ref = conv_stats_reference(x.float(), weight.float(), stride, k // 2, norm_input)[0]
     assert_close(y.float(), ref, atol=6e-2, rtol=6e-2, name="raw output")
+
+
+@pytest.mark.cuda
+def test_gpu_backward_tiles_are_measured_and_recorded(monkeypatch, tmp_path):
+    """conv_stats' Triton backward at a ResNet-50 layer2 3x3 (bf16): the wgrad and dgrad tiles timed
+    (every candidate ran) and the gradients as eager's within bf16's tolerance."""
+    monkeypatch.setenv(dispatch.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(dispatch.DISPATCH_ENV, raising=False)
+    shape = (16, 128, 28, 28, 128, 3, 1)
+    x, weight, norm, grad_y, grad_w, grad_a = _backward_problem(shape, torch.bfloat16)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    y, *_ = conv_stats(leaves[0], leaves[1], 1, 1, EPS, norm, backward="triton_bwd")
+    y.backward(grad_y)
+    for kind, names in (("wgrad", conv_train_tiles.wgrad_tile_names(grad_y, x, 128)),
+                        ("dgrad", conv_train_tiles.dgrad_tile_names(x, weight, True))):
+        entries = [d for d in dispatch.decisions() if d["key"].startswith(f"conv_{kind}_tile:")]
+        assert len(entries) == 1 and entries[0]["source"] == "measured", dispatch.decisions()
+        assert set(entries[0]["times_ms"]) == set(names) and entries[0]["choice"] in names, entries
+    scale = grad_w.abs().max().item()
+    assert_close(leaves[1].grad.double() / scale, grad_w / scale, atol=6e-2, rtol=6e-2, name="grad_w")
