@@ -195,6 +195,8 @@ def test_backward_candidates_per_shape(monkeypatch):
         "64x64x32w4s4", "64x64x64w4s3"]
     narrow = _dgrad_tile_candidates(256 * 56 * 56, 64, 64, 2, True, "cuda")
     assert all(t.block_n == 64 for t in narrow) and len(narrow) <= 3
+    assert [t.name for t in _dgrad_tile_candidates(256 * 56 * 56, 64, 256, 2, False, "cuda")] == [
+        "128x64x64w4s4", "64x64x64w4s4"]
 
 
 def test_candidates_before_hopper_fit_its_pipeline_and_shared_memory(monkeypatch):

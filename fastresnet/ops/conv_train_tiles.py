@@ -1,18 +1,16 @@
 """The tile of each training conv kernel, chosen per shape by measurement on the GPU.
 
-conv_stats' forward, and the Triton wgrad and dgrad of its backward, each offer
-a few tiles per problem; the first GPU call times them on the real inputs and
-the fastest is cached. Where nothing is measured, each kernel's fixed rule runs.
-
-conv_stats' Triton kernel (kernels/conv_train.py `_conv_stats_fwd`) used one tile
-per shape class (kernels/conv.py `_tile_config`, the fixed rule). On a GPU the
-first call of each problem now times a short list of tiles on the real inputs
-(`_stats_tile_candidates`: the fixed rule's tile and up to three more that
-compile for sm_90a without spills), keeps the fastest, and caches the choice in
-fastresnet.ops.dispatch (memory and disk), as the inference conv does for its
-"triton:<tile>" candidates. A candidate is timed as what it costs the op: the
-conv with its statistics epilogue plus the merge of its partials (a smaller
-BLOCK_M leaves more partials to merge).
+conv_stats' Triton kernel (kernels/conv_train.py `_conv_stats_fwd`) and the
+Triton wgrad and dgrad of its backward (kernels/conv_train_bwd.py) each had one
+tile per shape class (their fixed rules). Each now offers a short list per
+problem (the fixed rule's tile first, then tiles that compile for sm_90a without
+spills: `_stats_tile_candidates`, `_wgrad_tile_candidates`,
+`_dgrad_tile_candidates`); the first GPU call of a problem times them on the
+real inputs, keeps the fastest, and caches the choice in fastresnet.ops.dispatch
+(memory and disk), as the inference conv does for its "triton:<tile>"
+candidates. A candidate is timed as what it costs the op: conv_stats' tile with
+the merge of its statistics partials, the dgrad's with the sums of its partials
+(a smaller BLOCK_M leaves more of them).
 
 Nothing is forced unmeasured: where nothing can be measured (the CPU and its
 Triton interpreter, inside CUDA-graph capture before a choice exists,
@@ -59,9 +57,9 @@ def _kernels():
 
 
 def _backward_kernels():
-    from fastresnet.kernels import bn_stats, conv, conv_train_bwd
+    from fastresnet.kernels import conv_train_bwd
 
-    return bn_stats, conv, conv_train_bwd
+    return conv_train_bwd
 
 
 def tile_from_name(name: str):
@@ -160,14 +158,14 @@ def _backward_key(kind: str, x: Tensor, weight: Tensor, stride: Sequence[int], p
 
 
 def wgrad_tile_names(grad_y: Tensor, x: Tensor, out_c: int) -> list[str]:
-    _, _, conv_train_bwd = _backward_kernels()
+    conv_train_bwd = _backward_kernels()
     m = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
     tiles = conv_train_bwd._wgrad_tile_candidates(m, out_c, x.shape[1], x.element_size(), x.device)
     return [WGRAD_PREFIX + tile.name for tile in tiles]
 
 
 def dgrad_tile_names(x: Tensor, weight: Tensor, norm_input: bool) -> list[str]:
-    _, _, conv_train_bwd = _backward_kernels()
+    conv_train_bwd = _backward_kernels()
     m = x.shape[0] * x.shape[2] * x.shape[3]
     tiles = conv_train_bwd._dgrad_tile_candidates(m, x.shape[1], weight.shape[0], x.element_size(), norm_input,
                                                   x.device)
@@ -178,7 +176,7 @@ def choose_wgrad_tile(grad_y: Tensor, x: Tensor, weight: Tensor, stride: Sequenc
                       norm_input) -> Optional[str]:
     """The Triton wgrad's tile ("wgrad:<tile>", kernels/conv_train_bwd.py _wgrad_tile's GEMM terms),
     or None for its fixed rule."""
-    _, _, conv_train_bwd = _backward_kernels()
+    conv_train_bwd = _backward_kernels()
     signature = (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), grad_y.stride(), tuple(stride),
                  tuple(padding), norm_input is not None)
     return _choose_tile(
@@ -194,7 +192,7 @@ def choose_dgrad_tile(grad_y: Tensor, x: Tensor, weight: Tensor, padding: Sequen
                       norm_input) -> Optional[str]:
     """The Triton stride-1 dgrad's tile ("dgrad:<tile>"), or None for its fixed rule. A candidate is
     timed with the sums of its partials (a smaller BLOCK_M leaves more of them)."""
-    _, _, conv_train_bwd = _backward_kernels()
+    conv_train_bwd = _backward_kernels()
     signature = (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), grad_y.stride(), tuple(padding),
                  norm_input is not None)
 
