@@ -76,14 +76,19 @@ def render_dispatch(benchmarks: list[dict]) -> str:
     """The per-candidate times behind each measured dispatch choice, or "" when there are none."""
     lines = []
     for bench in sorted(benchmarks, key=lambda b: b.get("group") or b["name"]):
+        group = bench.get("group") or bench["name"]
         decision = bench["extra_info"].get("dispatch")
-        if not isinstance(decision, dict) or not decision.get("times_ms"):
-            continue
-        times = sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
-        best_ms = times[0][1]
-        runner_up = f"{times[1][0]} ({times[1][1] / best_ms:.2f}x slower)" if len(times) > 1 else "-"
-        every = ", ".join(f"{name} {ms:.3f}" for name, ms in times)
-        lines.append(f"| {bench.get('group') or bench['name']} | {decision['choice']} | {runner_up} | {every} |")
+        # bench_fused_blocks: one decision per conv of the block (tile, backward path), keyed by the conv
+        per_conv = [(f"{group}: {d['key']}", d) for d in bench["extra_info"].get("conv_dispatch") or []
+                    if isinstance(d, dict)]
+        for label, decision in [(group, decision)] + per_conv:
+            if not isinstance(decision, dict) or not decision.get("times_ms"):
+                continue
+            times = sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
+            best_ms = times[0][1]
+            runner_up = f"{times[1][0]} ({times[1][1] / best_ms:.2f}x slower)" if len(times) > 1 else "-"
+            every = ", ".join(f"{name} {ms:.3f}" for name, ms in times)
+            lines.append(f"| {label} | {decision['choice']} | {runner_up} | {every} |")
     if not lines:
         return ""
     header = ["| group | dispatch choice | runner-up | every candidate (ms, fastest first) |", "|---|---|---|---|"]

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from fastresnet.kernels import bn_act
-from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _tile_config
+from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _pow2_at_least, _tile_config, _TileConfig
 from fastresnet.kernels.conv_train import _normalise_on_load
 
 
@@ -213,47 +213,112 @@ def _check_index_range(*tensors):
             raise ValueError(f"tensor of shape {tuple(t.shape)} has >= 2**31 elements; split the batch")
 
 
-def _wgrad_blocks(m: int, out_c: int, in_c: int, taps: int, itemsize: int, interpreted: bool, device):
-    """(BLOCK_CO, BLOCK_CI, BLOCK_M, split, num_warps, num_stages), chosen in Python per shape.
+def _wgrad_tile(m: int, out_c: int, in_c: int, itemsize: int, interpreted: bool, device) -> _TileConfig:
+    """The fixed rule's wgrad tile, as a GEMM tile of grad_w: block_m = BLOCK_CO (its rows),
+    block_n = BLOCK_CI (its columns), block_k = BLOCK_M (output pixels per reduction step).
 
-    GPU: 128x128 grad_w tiles (64 wide for 64 channels) with a 64-row reduction step for
-    16-bit inputs (32 for fp32: the same bytes); M is split until the tiles times the split
-    fill the SMs about twice, keeping at least 8 reduction steps per program so the
-    partials (an fp32 grad_w per split) stay small against the inputs read.
-    Interpreter: the biggest blocks, no split.
+    GPU: 128x128 grad_w tiles (64 wide for 64 channels) with a 64-pixel reduction step for
+    16-bit inputs (32 for fp32: the same bytes). Interpreter: the biggest blocks.
     """
-    def pow2(n, low, high):
-        return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
-
     if interpreted:
-        return pow2(out_c, 16, 128), pow2(in_c, 16, 128), pow2(m, 16, 128), 1, 4, 1
+        return _TileConfig(_pow2_at_least(out_c, 16, 128), _pow2_at_least(in_c, 16, 128), _pow2_at_least(m, 16, 128),
+                           1, 4, 1)
     block_co = 64 if out_c <= 64 else 128
     block_ci = 64 if in_c <= 64 else 128
-    block_m = 64 if itemsize <= 2 else 32
-    tiles = triton.cdiv(out_c, block_co) * triton.cdiv(in_c, block_ci) * taps
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    split = max(1, min(triton.cdiv(2 * sms, tiles), m // (8 * block_m)))
     major, _ = torch.cuda.get_device_capability(device)
     num_stages = 4 if major >= 9 else 3 if major >= 8 else 2
     num_warps = 8 if block_co * block_ci >= 128 * 128 else 4
-    return block_co, block_ci, block_m, split, num_warps, num_stages
+    return _TileConfig(block_co, block_ci, 64 if itemsize <= 2 else 32, 1, num_warps, num_stages)
 
 
-def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, interpreted=False, split=None):
+def _wgrad_split(m: int, out_c: int, in_c: int, taps: int, tile: _TileConfig, interpreted: bool, device) -> int:
+    """Row ranges reduced separately: until the tiles times the split fill the SMs about twice,
+    keeping at least 8 reduction steps per program so the partials (an fp32 grad_w per split)
+    stay small against the inputs read. None under the interpreter."""
+    if interpreted:
+        return 1
+    tiles = triton.cdiv(out_c, tile.block_m) * triton.cdiv(in_c, tile.block_n) * taps
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, tiles), m // (8 * tile.block_k)))
+
+
+# The tiles the measured dispatch times per shape (fastresnet.ops.conv_train_tiles), besides
+# each launch helper's fixed rule, for sm_90 with 2-byte operands (K steps halve for fp32):
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in each kernel's GEMM terms. Each compiles for
+# sm_90a without spills under triton 3.6 and 3.8 (tests/compile_conv_train_for_hopper.py).
+# wgrad (rows: output channels, columns: input channels, K: output pixels), by input channels:
+# a deeper reduction step on 3 stages, or narrower tiles (more programs, less split-K).
+_WGRAD_TILES = {
+    "wide": [(128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    "narrow": [(128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (64, 64, 64, 4, 4)],
+}
+# dgrad (rows: input pixels, columns: input channels, K: output channels). With the BatchNorm
+# epilogue at most 64 columns on 128 rows (see conv_dgrad_bn); 256x64x64w8s3 is left out for
+# spilling 16 B with fp32 operands under triton 3.6.
+_DGRAD_TILES = {
+    "bn_epilogue": [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    "plain": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+}
+MAX_BWD_TILES = 3
+
+
+def _offered(fixed: _TileConfig, table, rows: int, cols: int, itemsize: int, device) -> list[_TileConfig]:
+    """fixed, then the table's tiles that fit the problem (no tile wider than the next power of two
+    of its rows or columns) and the device (shallower pipelines before sm_90; shared memory)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    shared_limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 48 * 1024
+    tiles = [fixed]
+    for bm, bn, bk, warps, stages in table:
+        if bm > _pow2_at_least(rows, 64, 256) or bn > _pow2_at_least(cols, 64, 256):
+            continue
+        if major < 9:
+            stages = min(stages, 3 if major >= 8 else 2)
+        tile = _TileConfig(bm, bn, bk if itemsize <= 2 else bk // 2, fixed.group_m, warps, stages)
+        if tile not in tiles and tile.shared_bytes(itemsize) <= shared_limit:
+            tiles.append(tile)
+    return tiles[:MAX_BWD_TILES]
+
+
+def _wgrad_tile_candidates(m: int, out_c: int, in_c: int, itemsize: int, device) -> list[_TileConfig]:
+    """The wgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the fixed rule's first."""
+    fixed = _wgrad_tile(m, out_c, in_c, itemsize, False, device)
+    return _offered(fixed, _WGRAD_TILES["wide" if in_c > 64 else "narrow"], out_c, in_c, itemsize, device)
+
+
+def _dgrad_tile(m: int, in_c: int, out_c: int, itemsize: int, norm_input: bool, interpreted: bool, device):
+    """The fixed rule's dgrad tile: kernels/conv.py's, at most 64 columns with the BatchNorm epilogue."""
+    cfg = _tile_config(m, in_c, out_c, False, itemsize, interpreted, device)
+    if norm_input and not interpreted and cfg.block_n > 64:
+        # The BatchNorm-backward epilogue (an x tile, the mask, two sums) beside a 128x128 fp32
+        # accumulator needs more than 255 registers a thread with triton 3.6's ptxas (104 B spilled,
+        # tests/compile_conv_train_for_hopper.py): 64 columns with the same warps need 163.
+        cfg = dataclasses.replace(cfg, block_n=64)
+    return cfg
+
+
+def _dgrad_tile_candidates(m: int, in_c: int, out_c: int, itemsize: int, norm_input: bool, device):
+    """The dgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the fixed rule's first."""
+    fixed = _dgrad_tile(m, in_c, out_c, itemsize, norm_input, False, device)
+    table = _DGRAD_TILES["bn_epilogue" if norm_input else "plain"]
+    return _offered(fixed, table, m, in_c, itemsize, device)
+
+
+def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, interpreted=False, split=None,
+               tile=None):
     """grad_w [Cout, KH, KW, Cin] fp32, contiguous, of y = conv2d(a, w) with a = x or relu(bn(x)).
 
     grad_y [N, Cout, OH, OW] and x [N, Cin, H, W], any layout (channels_last is the fast one);
     norm_input: None, or (mean, invstd, gamma, beta) fp32 [Cin], the BatchNorm + ReLU that the
-    forward applied to x on load. split: row ranges reduced separately (default: per shape)."""
+    forward applied to x on load. split: row ranges reduced separately (default: per shape).
+    tile: a _TileConfig in GEMM terms (see _wgrad_tile), or None for the fixed rule's."""
     _check_index_range(grad_y, x)
     batch, in_c, in_h, in_w = x.shape
     _, _, out_h, out_w = grad_y.shape
     kh, kw = kernel_size
     m = batch * out_h * out_w
-    block_co, block_ci, block_m, auto_split, num_warps, num_stages = _wgrad_blocks(
-        m, out_c, in_c, kh * kw, x.element_size(), interpreted, x.device
-    )
-    split = auto_split if split is None else split
+    cfg = tile or _wgrad_tile(m, out_c, in_c, x.element_size(), interpreted, x.device)
+    block_co, block_ci, block_m = cfg.block_m, cfg.block_n, cfg.block_k
+    split = _wgrad_split(m, out_c, in_c, kh * kw, cfg, interpreted, x.device) if split is None else split
     rows = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows)
     parts = torch.empty((split, out_c, kh, kw, in_c), device=x.device, dtype=torch.float32)
@@ -267,17 +332,18 @@ def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, 
         STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], KH=kh, KW=kw,
         NORM_INPUT=norm_input is not None, HAS_PADDING=padding[0] > 0 or padding[1] > 0,
         DOT_IN_FP32=interpreted, FP32_MODE=_fp32_mode(x.dtype, interpreted),
-        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_M=block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return parts[0] if split == 1 else parts.sum(0)
 
 
-def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False):
+def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False, tile=None):
     """Stride-1 dgrad of y = conv2d(a, weight): (g, sum_g_part, sum_gx_part).
 
     With norm_input = (mean, invstd, gamma, beta) of a = relu(bn(x)): g = grad_a through the
-    ReLU mask, in x's dtype and layout, and [P, Cin] fp32 partial sums of g and g * (x - mean).
-    Without: g = grad_x and no partials (None)."""
+    ReLU mask, in x's dtype and layout, and [P, Cin] fp32 partial sums of g and g * (x - mean)
+    over row blocks of the tile's BLOCK_M pixels. Without: g = grad_x and no partials (None).
+    tile: a _TileConfig (rows: input pixels, columns: input channels), or None for _dgrad_tile's."""
     _check_index_range(grad_y, x)
     batch, in_c, in_h, in_w = x.shape
     out_c, _, kh, kw = weight.shape
@@ -287,12 +353,7 @@ def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False
                          f"grad_y {tuple(grad_y.shape)} for a {kh}x{kw} kernel with padding {tuple(padding)}")
     packed = weight.permute(1, 2, 3, 0).contiguous()  # [Cin, KH, KW, Cout]
     m = batch * in_h * in_w
-    cfg = _tile_config(m, in_c, out_c, False, x.element_size(), interpreted, x.device)
-    if norm_input is not None and not interpreted and cfg.block_n > 64:
-        # The BatchNorm-backward epilogue (an x tile, the mask, two sums) beside a 128x128 fp32
-        # accumulator needs more than 255 registers a thread with triton 3.6's ptxas (104 B spilled,
-        # tests/compile_conv_train_for_hopper.py): 64 columns with the same warps need 163.
-        cfg = dataclasses.replace(cfg, block_n=64)
+    cfg = tile or _dgrad_tile(m, in_c, out_c, x.element_size(), norm_input is not None, interpreted, x.device)
     g = torch.empty_like(x)
     parts = triton.cdiv(m, cfg.block_m)
     sum_g_part = sum_gx_part = None

@@ -73,3 +73,14 @@ def test_report_lists_the_candidate_times_behind_each_dispatch_choice():
     assert "triton:128x128x64w8s4 0.200, cudnn_fused 0.250, triton:64x128x64w4s4 0.300 |" in table
     assert "conv b" not in table  # nothing was measured there
     assert report.render_dispatch(rows[1:]) == ""
+
+
+def test_report_lists_each_conv_decision_of_a_fused_block():
+    conv_dispatch = [
+        {"key": "conv_stats_tile:64x64k3x3", "choice": "triton:128x64x64w8s4", "source": "measured",
+         "times_ms": {"triton:128x64x64w4s4": 0.5, "triton:128x64x64w8s4": 0.4}},
+        {"key": "conv_wgrad_tile:64x64k3x3", "choice": "wgrad:64x64x64w4s4", "source": "disk cache", "times_ms": {}},
+    ]
+    table = report.render_dispatch([_bench("block", "fused_triton", 1.0, conv_dispatch=conv_dispatch)])
+    assert "| block: conv_stats_tile:64x64k3x3 | triton:128x64x64w8s4 | triton:128x64x64w4s4 (1.25x slower) |" in table
+    assert "conv_wgrad_tile" not in table  # no times recorded for it

@@ -9,7 +9,8 @@ Register allocation differs between Triton releases (each ships its own ptxas): 
 dgrad tile that fits in triton 3.8 and spills under 3.6, the GPU machine's version. So when
 FASTRESNET_GPU_TRITON_PYTHON names a Python whose Triton is the GPU's (for example a venv made
 with `python3 -m venv --system-site-packages V && V/bin/pip install --no-deps triton==3.6.0`),
-every script also runs under it.
+every script also runs under it, pointed at this checkout's fastresnet and kernels/ (BOOTSTRAP)
+whatever checkout that Python has installed.
 """
 
 import os
@@ -26,7 +27,9 @@ GPU_TRITON_PYTHON = "FASTRESNET_GPU_TRITON_PYTHON"
 SCRIPTS = {
     "compile_for_hopper.py": ["compiled 14 kernel variants"],
     "compile_conv_for_hopper.py": ["conv tiles for sm_90a: no spills"],
-    "compile_conv_train_for_hopper.py": ["_bn_stats_merge: ok", "backward kernels: ok"],
+    "compile_conv_train_for_hopper.py": [
+        "conv_stats tiles: 8 compiled", "_bn_stats_merge: ok", "backward tiles: 12 compiled", "backward kernels: ok"
+    ],
     "compile_conv_gemm_for_hopper.py": ["1x1 GEMM conv tiles for sm_90a: TMA + wgmma, no spills"],
 }
 

@@ -19,7 +19,8 @@ the normalised input a = relu(bn(x)) saved: either it recomputes a in one
 elementwise pass, runs cuDNN's dgrad and wgrad (aten.convolution_backward) and
 then the BatchNorm + ReLU backward in two passes, or Triton's wgrad normalises
 a on load and Triton's stride-1 dgrad leaves only the elementwise pass; the
-choice is measured per shape (fastresnet.ops.conv_train_backward).
+choice is measured per shape (fastresnet.ops.conv_train_backward). The forward
+kernel's tile is measured per shape too (fastresnet.ops.conv_train_tiles).
 
 Paths. As in fastresnet.ops.bn_act, the path is chosen in Python before any
 op is called (backend.use_triton): the Triton kernels as torch.library custom
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fastresnet import backend
-from fastresnet.ops import conv_train_backward
+from fastresnet.ops import conv_train_backward, conv_train_tiles
 from fastresnet.reference import affine_act_reference, normalise_act_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,7 +102,7 @@ def _conv_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var): the raw conv output and its per-channel statistics (fp32).
     backward: the backward path (fastresnet.ops.conv_train_backward), used by the autograd formula."""
-    bn_act, bn_stats, conv_train = _kernels()
+    bn_act, bn_stats, _ = _kernels()
     if use_cudnn:  # the same op with cuDNN's conv: a transient normalised input, a statistics pass
         a = x if in_mean is None else bn_act.affine_act_fwd(
             x, in_gamma, in_beta, center=in_mean, invstd=in_invstd, relu=True
@@ -112,10 +113,10 @@ def _conv_stats_op(
     out = _empty_output(x, weight, stride, padding)
     norm_input = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
     packed = weight.permute(0, 2, 3, 1).contiguous()  # [Cout, KH, KW, Cin]: free for a channels_last weight
-    interpreted = x.device.type == "cpu"
-    mean_part, m2_part, rows = conv_train.conv_stats_fwd(x, packed, out, stride, padding, norm_input, interpreted)
-    m = out.shape[0] * out.shape[2] * out.shape[3]
-    mean, invstd, var_unbiased = bn_stats.finalize_stats(mean_part, m2_part, m, rows, eps)
+    # The tile: measured per shape here, where the inputs are real (torch.compile sees the fake).
+    tile = conv_train_tiles.choose_stats_tile(x, packed, out, stride, padding, norm_input, eps)
+    tile = None if tile is None else conv_train_tiles.tile_from_name(tile)
+    mean, invstd, var_unbiased = conv_train_tiles.run_conv_stats(x, packed, out, stride, padding, norm_input, eps, tile)
     return out, mean, invstd, var_unbiased
 
 

@@ -20,7 +20,8 @@ them once per shape on a GPU, keeps the fastest, and caches the choice):
                   elementwise pass is left.
   "triton_bwd"    both Triton kernels: a never written, no reduction pass.
 
-Stride-2 dgrad is cuDNN's in every path (there the last two equal the first two
+The Triton kernels' tiles are measured per shape too, in a second step inside
+these paths (fastresnet.ops.conv_train_tiles). Stride-2 dgrad is cuDNN's in every path (there the last two equal the first two
 and are not measured). On the CPU (Triton's interpreter) the fixed rule runs
 unless a path is asked for: conv_stats(..., backward=NAME), the variable
 FASTRESNET_CONV_BACKWARD=NAME (for whole models; benchmarks), or
@@ -35,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastresnet.ops import dispatch
+from fastresnet.ops import conv_train_tiles, dispatch
 
 BACKWARD_PATHS = ("cudnn", "triton_wgrad", "triton_dgrad", "triton_bwd")
 FIXED_BACKWARD = "cudnn"
@@ -50,6 +51,11 @@ def _kernels():
     from fastresnet.kernels import bn_act, conv_train_bwd
 
     return bn_act, conv_train_bwd
+
+
+def clear_choices() -> None:
+    """Forget the in-process path choices (dispatch's own memory is cleared separately)."""
+    _choices.clear()
 
 
 def check_backward_path(name: str) -> str:
@@ -107,8 +113,10 @@ def _bn_relu_backward(grad_a: Tensor, x: Tensor, norm) -> tuple[Tensor, Tensor, 
 
 def _triton_weight_grad(grad_y: Tensor, x: Tensor, weight: Tensor, norm, stride, padding) -> Tensor:
     _, conv_train_bwd = _kernels()
+    tile = conv_train_tiles.choose_wgrad_tile(grad_y, x, weight, stride, padding, norm)  # measured per shape
     packed = conv_train_bwd.conv_wgrad(
-        grad_y, x, weight.shape[0], weight.shape[2:], stride, padding, norm, interpreted=x.device.type == "cpu"
+        grad_y, x, weight.shape[0], weight.shape[2:], stride, padding, norm, interpreted=x.device.type == "cpu",
+        tile=None if tile is None else conv_train_tiles.tile_from_name(tile),
     )
     return packed.permute(0, 3, 1, 2).to(weight.dtype)  # [Cout, Cin, KH, KW] with channels_last strides
 
@@ -116,8 +124,10 @@ def _triton_weight_grad(grad_y: Tensor, x: Tensor, weight: Tensor, norm, stride,
 def _triton_input_grad(grad_y: Tensor, x: Tensor, weight: Tensor, norm, padding):
     """(grad_x, sum(g), sum(g * (x - mean))); the sums None without a BatchNorm on the input."""
     _, conv_train_bwd = _kernels()
+    tile = conv_train_tiles.choose_dgrad_tile(grad_y, x, weight, padding, norm)  # measured per shape
     g, sum_g_part, sum_gx_part = conv_train_bwd.conv_dgrad_bn(
-        grad_y, weight, x, padding, norm, interpreted=x.device.type == "cpu"
+        grad_y, weight, x, padding, norm, interpreted=x.device.type == "cpu",
+        tile=None if tile is None else conv_train_tiles.tile_from_name(tile),
     )
     if norm is None:
         return g, None, None
