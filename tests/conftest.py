@@ -20,6 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _shared = os.environ.get("FASTRESNET_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fastresnet-test-cache")
     os.environ["FASTRESNET_CACHE_DIR"] = os.path.join(_shared, os.environ["PYTEST_XDIST_WORKER"])
 
+# The tests pin the dispatch switches they need themselves; a run's own settings (a GPU plan that
+# sets FASTRESNET_TILES=fixed for its benchmarks, say) must not change what the tests check.
+for _switch in ("FASTRESNET_DISPATCH", "FASTRESNET_TILES", "FASTRESNET_CONV_BACKWARD"):
+    os.environ.pop(_switch, None)
+
 from fastresnet.testing import assert_close  # noqa: E402,F401  (re-exported for tests)
 
 

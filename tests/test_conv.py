@@ -206,6 +206,15 @@ def test_tile_candidates_follow_dtype_and_older_gpus(hopper, monkeypatch):
     assert all(t.shared_bytes(2) <= 100 * 1024 for t in ampere[1:]) and len(ampere) < len(bf16)
 
 
+def test_tiles_fixed_switch_leaves_the_rule_tile_alone(hopper, monkeypatch):
+    """FASTRESNET_TILES=fixed: one Triton candidate per kernel, the tile the fixed rule runs."""
+    x, weight, scale, shift, _ = _problem(64, 128, 3, 1, 1, 1, 8, 8, torch.float16)
+    p = PreparedConvBN(weight, scale, shift, 1, 1)
+    searched = _triton_tile_names(x, p, None)
+    monkeypatch.setenv(dispatch.TILES_ENV, "fixed")
+    assert len(searched) > 1 and _triton_tile_names(x, p, None) == searched[:1]
+
+
 def test_tile_names_are_checked():
     from fastresnet.kernels.conv import _TileConfig
 

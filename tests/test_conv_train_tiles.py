@@ -345,3 +345,20 @@ def test_gpu_backward_tiles_are_measured_and_recorded(monkeypatch, tmp_path):
         assert set(entries[0]["times_ms"]) == set(names) and entries[0]["choice"] in names, entries
     scale = grad_w.abs().max().item()
     assert_close(leaves[1].grad.double() / scale, grad_w / scale, atol=6e-2, rtol=6e-2, name="grad_w")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the fake timer stands in for a GPU")
+def test_tiles_fixed_switch_times_no_tile_and_runs_the_rule(fake_measurement, monkeypatch):
+    monkeypatch.setenv(dispatch.TILES_ENV, "fixed")
+    x, weight, norm_input = _problem((2, 20, 9, 9, 72, 1, 1), torch.float32)
+    y, *stats = _conv_stats(x, weight, norm_input, padding=0)
+    assert fake_measurement.calls == []  # no tile was timed
+    _check_against_reference(x, weight, 1, 0, norm_input, y, stats)
+
+
+def test_tiles_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv(dispatch.TILES_ENV, "fast")
+    with pytest.raises(ValueError, match="FASTRESNET_TILES='fast'"):
+        dispatch.tile_search()
+    monkeypatch.setenv(dispatch.TILES_ENV, "search")
+    assert dispatch.tile_search()

@@ -298,6 +298,8 @@ def _triton_tile_names(x, p: PreparedConvBN, residual) -> list[str]:
     in_c = x.shape[1]
     flat_k, has_residual = _uses_flat_k(in_c), residual is not None
     tiles = _tile_candidates(m, p.out_channels, in_c, flat_k, has_residual, x.element_size(), x.device)
+    if not dispatch.tile_search():  # the fixed-rule tile comes first
+        tiles = tiles[:1]
     return [TRITON_TILE_PREFIX + tile.name for tile in tiles]
 
 
@@ -306,6 +308,8 @@ def _triton_gemm_names(x, p: PreparedConvBN, residual) -> list[str]:
     from fastresnet.kernels.conv_gemm import _gemm_tile_candidates
 
     tiles = _gemm_tile_candidates(p.out_channels, x.shape[1], residual is not None, x.element_size(), x.device)
+    if not dispatch.tile_search():
+        tiles = tiles[:1]
     return [TRITON_GEMM_PREFIX + tile.name for tile in tiles]
 
 

@@ -107,15 +107,16 @@ def _choose_tile(prefix: str, cache: dict, signature: tuple, x: Tensor, names: C
     """The candidate name to run (prefix + tile), or None for the kernel's fixed rule.
 
     None where nothing is measured: not on a GPU, FASTRESNET_DISPATCH=fixed or another op's
-    candidate, inside CUDA-graph capture before a choice exists. FASTRESNET_DISPATCH=<prefix><tile>
-    runs that tile where this problem offers it. Otherwise every candidate is timed once per
-    problem through run(tile) on the real inputs (dispatch.measured_choice: memory, disk cache)."""
+    candidate, FASTRESNET_TILES=fixed, inside CUDA-graph capture before a choice exists.
+    FASTRESNET_DISPATCH=<prefix><tile> runs that tile where this problem offers it. Otherwise
+    every candidate is timed once per problem through run(tile) on the real inputs
+    (dispatch.measured_choice: memory, disk cache)."""
     if not _measurable(x):
         return None
     mode = dispatch.dispatch_mode()
     if mode.startswith(prefix):
         return mode if mode in names() else None
-    if mode != "measure":
+    if mode != "measure" or not dispatch.tile_search():
         return None
     choice = cache.get(signature)
     if choice is not None:

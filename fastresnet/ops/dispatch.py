@@ -18,6 +18,9 @@ Switches (read at call time):
   FASTRESNET_DISPATCH=fixed    no timing: the op's fixed rule decides.
   FASTRESNET_DISPATCH=<name>   always that candidate where it is available.
   set_dispatch_mode(...)       the same from Python; overrides the variable.
+  FASTRESNET_TILES=fixed       time implementations but not the Triton kernels' tiles: each
+                               kernel runs its fixed-rule tile (a shorter first call: every
+                               tile is a compile; default "search").
 
 `decisions()` lists every choice of this process with the measured times, and
 each new choice is logged on the "fastresnet.dispatch" logger (INFO).
@@ -40,6 +43,7 @@ log = logging.getLogger("fastresnet.dispatch")
 
 CACHE_DIR_ENV = "FASTRESNET_CACHE_DIR"
 DISPATCH_ENV = "FASTRESNET_DISPATCH"
+TILES_ENV = "FASTRESNET_TILES"
 CACHE_SCHEMA = 2  # bump when the meaning of a cached entry changes: older files then count as stale
 # 2: conv_bn_act's Triton candidates are "triton:<tile>" (one per tile), and "cublaslt_fused" joined
 
@@ -58,6 +62,14 @@ def dispatch_mode() -> str:
     if _mode_override is not None:
         return _mode_override
     return os.environ.get(DISPATCH_ENV, "measure").strip() or "measure"
+
+
+def tile_search() -> bool:
+    """Whether the Triton kernels' tiles compete as candidates ($FASTRESNET_TILES, "search" or "fixed")."""
+    value = os.environ.get(TILES_ENV, "search").strip() or "search"
+    if value not in ("search", "fixed"):
+        raise ValueError(f"{TILES_ENV}={value!r}: expected 'search' (time every tile) or 'fixed' (one tile per rule)")
+    return value == "search"
 
 
 def decisions() -> list[dict]:
