@@ -20,11 +20,11 @@
 # Switches: CUDA_TEST_SECONDS (the CUDA tests' limit), BENCH_FILES (space-separated
 # benchmark files, in order; FILE@WORDS runs the cases that `pytest -k WORDS` selects, e.g.
 # bench/bench_fused_train_step.py@eager; BENCH_FILES="" runs none), SKIP_STAGES (e.g.
-# "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 4;
+# "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 8;
 # 0 = serial).
 #
 # Seconds per stage, expected on an H100/H200 (session 1 on the H200, serial tests):
-#   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial, ~100-130 with -n 4 (Triton and
+#   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial in session 1 (about 70% more tests since), -n 8 (Triton and
 #   inductor compiles dominate; 16 CPU cores) | bench_train ~200-260 (two ResNet-50
 #   training-step compiles in short mode, plus the fused blocks' per-shape tuning of 8
 #   block shapes x 4 paths, Triton compiles included) |
@@ -54,7 +54,7 @@
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 total_seconds=${TOTAL_SECONDS:-480}
-workers=${PYTEST_WORKERS:-4}
+workers=${PYTEST_WORKERS:-8}  # 16 CPU cores there: Triton compiles dominate the CUDA tests
 skip_stages=" ${SKIP_STAGES:-} "
 mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
