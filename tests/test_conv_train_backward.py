@@ -157,6 +157,29 @@ def test_the_choice_follows_the_switches(monkeypatch):
     assert conv_train_backward.candidates((2, 2), True) == ["cudnn", "triton_wgrad"]
 
 
+def test_a_cuda_graph_capture_records_the_measured_choice(monkeypatch):
+    """torch.compile(mode="reduce-overhead") runs the op once uncaptured (measured there), then captures
+    it: the capture must run that measured path, not the fixed rule; a problem first met inside a capture
+    (no sync allowed for timing) gets the fixed rule and is not remembered."""
+    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
+    dispatch.set_dispatch_mode("measure")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    timed = []
+    monkeypatch.setattr(dispatch, "choose", lambda key, runs, fixed, device: timed.append(key) or "triton_wgrad")
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    args = (grad_y, x, weight, None, (1, 1), (0, 0), True)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_wgrad"  # the warm-up: measured
+    capturing[0] = True
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_wgrad"  # the capture
+    assert len(timed) == 1
+    other = (grad_y, x, weight, None, (1, 1), (0, 0), False)
+    assert conv_train_backward.choose_backward("auto", *other) == "cudnn"
+    capturing[0] = False
+    assert conv_train_backward.choose_backward("auto", *other) == "triton_wgrad" and len(timed) == 2
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fixed rule is not what 'auto' gives")
 def test_auto_runs_the_fixed_cudnn_rule_where_nothing_is_measured(monkeypatch):
     monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)

@@ -188,18 +188,19 @@ def choose_backward(requested: str, grad_y: Tensor, x: Tensor, weight: Tensor, n
                     stride: Sequence[int], padding: Sequence[int], input_grad: bool) -> str:
     """The path to run: the requested one, else (requested == "auto") the environment's, else the
     fastest by measurement on a GPU (the fixed rule where nothing can be measured: the CPU, or
-    inside CUDA-graph capture)."""
+    inside CUDA-graph capture before any measurement). A choice measured earlier (CUDA graphs'
+    uncaptured warm-up run) is what a capture records."""
     if requested != "auto":
         return requested
     forced = _requested()
     if forced is not None:
         return forced
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return FIXED_BACKWARD
-    signature = (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), grad_y.stride(), tuple(stride),
+    signature = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(weight.shape), grad_y.stride(), tuple(stride),
                  tuple(padding), norm is not None, input_grad)
     choice = _choices.get(signature)
     if choice is None:
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():  # nothing to measure, or no sync allowed
+            return FIXED_BACKWARD
         names = candidates(stride, input_grad or norm is not None)
         runs = {
             name: (lambda name=name: run_backward(name, grad_y, x, weight, norm, stride, padding, input_grad))
