@@ -231,6 +231,17 @@ def _tma_matrix(t: torch.Tensor | None) -> bool:
     return t is not None and _pixel_rows(t) is not None and t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0
 
 
+def _tma_ready(t: torch.Tensor | None) -> bool:
+    """_tma_matrix on the hot path: absent, or channels_last-dense and 16-byte aligned, checked without
+    building a view (~0.3 us, against ~2.5 us for the general test it falls back to)."""
+    if t is None:
+        return True
+    _, c, h, w = t.shape
+    if t.stride()[1:] == (1, w * c, c) and t.stride()[0] == h * w * c:
+        return t.data_ptr() % 16 == 0 and c % 16 == 0
+    return _tma_matrix(t)
+
+
 def _gemm_supports(x, p: PreparedConvBN, residual) -> bool:
     """The TMA GEMM (kernels/conv_gemm.py) applies: a pointwise conv of a channels_last fp16/bf16 x with
     C and Cout multiples of 16, a residual (if any) laid out likewise, on a GPU with TMA (sm_90+).
@@ -258,7 +269,7 @@ def _run_triton_gemm(x, p: PreparedConvBN, residual, relu, tile=None):
     pointer, and a residual without a [M, Cout] view would be dropped."""
     from fastresnet.kernels.conv_gemm import _launch_conv1x1_gemm
 
-    if not (_tma_matrix(x) and (residual is None or _tma_matrix(residual))):
+    if not (_tma_ready(x) and _tma_ready(residual)):
         return _run_triton(x, p, residual, relu)
     out = torch.empty(p.output_shape(x), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     weight_rows = p.packed_weight.view(p.out_channels, -1)  # [Cout, 1, 1, C] contiguous -> [Cout, C]
