@@ -190,6 +190,11 @@ def _can_measure(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (never off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def choose(key: str, candidates: dict[str, Callable[[], object]], fixed: str, device: torch.device) -> str:
     """The name of the candidate to run for problem `key`.
 
@@ -206,12 +211,16 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], fixed: str, de
         raise ValueError(
             f"{DISPATCH_ENV}={mode!r} is neither 'measure', 'fixed' nor a candidate of {key} ({sorted(candidates)})"
         )
+    if _capturing(device):
+        # Inside a CUDA-graph capture timing cannot run (its event sync, and a first-call check's
+        # .item(), are errors there that also break the capture): a choice already made, else the rule.
+        return remembered_choice(key, candidates, device) or fixed
     return measured_choice(key, candidates, device)
 
 
-def measured_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
-    """The fastest candidate for `key`: from this process's memory, else the disk cache, else timed now
-    (and remembered in both). `choose` without its switches, for callers with switches of their own."""
+def remembered_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str | None:
+    """The choice for `key` from this process's memory, else from the disk cache (then also kept in
+    memory), or None when neither has one that is still a candidate."""
     if key in _memory:
         return _memory[key]["choice"]
     _, _, stored = _disk_decisions(device)
@@ -219,6 +228,15 @@ def measured_choice(key: str, candidates: dict[str, Callable[[], object]], devic
     if entry is not None and entry["choice"] in candidates:
         _memory[key] = {**entry, "source": "disk cache"}
         return entry["choice"]
+    return None
+
+
+def measured_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The fastest candidate for `key`: from this process's memory, else the disk cache, else timed now
+    (and remembered in both). `choose` without its switches, for callers with switches of their own."""
+    remembered = remembered_choice(key, candidates, device)
+    if remembered is not None:
+        return remembered
     times = measure(candidates, device)
     if not times:
         raise RuntimeError(f"fastresnet dispatch: every candidate failed for {key}: {sorted(candidates)}")
