@@ -655,6 +655,18 @@ def test_eval_is_dispatched_per_shape(measured_on_cpu):
     assert [entry["choice"] for entry in dispatch.decisions()] == ["eager", "eager", "triton"]
 
 
+def test_timing_leaves_the_random_stream_alone(measured_on_cpu):
+    """The first call of a problem times its paths; a run whose choices come from the disk cache must
+    draw the same random numbers afterwards, so no candidate may draw any (eval with gradients did)."""
+    x = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
+    state, train_state = bn_state(6), bn_state(6)
+    before = torch.get_rng_state()
+    batch_norm_act(x, *state, False, 0.1, 1e-5, None, True).sum().backward()  # eval:fwdbwd, timed
+    y = batch_norm_act(x, *train_state, True, 0.1, 1e-5, None, True)  # train:fwd, then bwd and fwdbwd
+    y.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_eval_fast_path_issues_one_aten_op(monkeypatch):
     """Host time decides the small stages: once the dispatch has decided, an
     inference call of BatchNormAct2d on the kernel path allocates its output
