@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -458,35 +457,10 @@ def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
 # the TMA GEMM, cuBLASLt's epilogue path); cuDNN's two are the known-good baseline.
 UNVERIFIED_ON_GPU = (TRITON_TILE_PREFIX, TRITON_GEMM_PREFIX, "cublaslt_fused")
 
-# A candidate's output may differ from the reference's (eager conv in the same dtype, fp32 epilogue) by
-# rounding; in bf16 about 2^-8 per element: ||out - expected|| / ||expected|| far below this.
-CANDIDATE_CHECK_RTOL = 3e-2
-
-
 def _checked_on_first_call(name: str, run: Callable, expected: Callable) -> Callable:
-    """run, whose first call (the dispatch's first, untimed warm-up) also compares its output with expected();
-    a mismatch warns and raises, which leaves the candidate out of the measurement.
-
-    For kernels that enter the dispatch before they have ever run on a GPU (UNVERIFIED_ON_GPU): being fast
-    must not be enough to win if the output is wrong. The check costs one reference conv per problem,
-    paid only when the dispatch measures (never for a decision from the disk cache).
-    """
-    checked = False
-
-    def call():
-        nonlocal checked
-        out = run()
-        if not checked:
-            want = expected().float()
-            error = ((out.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
-            if not error <= CANDIDATE_CHECK_RTOL:  # also catches NaN
-                message = f"conv_bn_act: candidate {name} is off the reference by {error:.2e} (relative); left out"
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                raise RuntimeError(message)
-            checked = True
-        return out
-
-    return call
+    """run, whose first call also compares its output with the reference conv's (dispatch.checked_on_first_call):
+    a candidate of UNVERIFIED_ON_GPU that computes wrong is left out of the measurement."""
+    return dispatch.checked_on_first_call("conv_bn_act", name, run, expected)
 
 
 def conv_bn_act(

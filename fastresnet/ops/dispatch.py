@@ -186,6 +186,42 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -
     return times
 
 
+# A candidate's output may differ from a known-good one's by rounding (bf16: about 2^-8 per element);
+# ||out - expected|| / ||expected|| stays far below this unless the candidate computes something else.
+CHECK_RTOL = 3e-2
+
+
+def checked_on_first_call(op: str, name: str, run: Callable[[], object], expected: Callable[[], object],
+                          outputs: Callable[[object], tuple] = lambda out: (out,),
+                          rtol: float = CHECK_RTOL) -> Callable[[], object]:
+    """run, whose first call (the measurement's first, untimed warm-up) also compares its output tensors
+    (`outputs(result)`, None entries skipped) with expected()'s; a mismatch warns and raises, which
+    leaves the candidate out of the measurement.
+
+    For kernels that enter a dispatch before they have ever run on a GPU: being fast must not be
+    enough to win if the output is wrong. `expected` is a reference or a known-good candidate (cache
+    it: it runs once per problem, only when the dispatch measures, never for a decision from disk)."""
+    checked = False
+
+    def call():
+        nonlocal checked
+        out = run()
+        if not checked:
+            for got, want in zip(outputs(out), outputs(expected())):
+                if got is None or want is None:
+                    continue
+                want = want.float()
+                error = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+                if not error <= rtol:  # also catches NaN
+                    message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    raise RuntimeError(message)
+            checked = True
+        return out
+
+    return call
+
+
 def _can_measure(device: torch.device) -> bool:
     return device.type == "cuda"
 
