@@ -29,6 +29,7 @@ FASTRESNET_DISPATCH=NAME.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -184,6 +185,24 @@ def _problem_key(x, weight, grad_y, stride, padding, norm, input_grad) -> str:
             f":norm{int(norm is not None)}:xgrad{int(input_grad)}:{layout}")
 
 
+def timed_runs(grad_y: Tensor, x: Tensor, weight: Tensor, norm: Norm, stride: Sequence[int],
+               padding: Sequence[int], input_grad: bool) -> dict:
+    """The candidates the dispatch times: each path on the real tensors. The Triton kernels entered
+    before running on a GPU, so each Triton path's first (untimed) call is compared with cuDNN's
+    gradients, and one that is off is left out however fast (wrong gradients would train wrong)."""
+    names = candidates(stride, input_grad or norm is not None)
+    runs = {
+        name: (lambda name=name: run_backward(name, grad_y, x, weight, norm, stride, padding, input_grad))
+        for name in names
+    }
+    expected = functools.cache(runs[FIXED_BACKWARD])
+    for name in names:
+        if name != FIXED_BACKWARD:
+            runs[name] = dispatch.checked_on_first_call("conv_stats backward", name, runs[name], expected,
+                                                        lambda grads: grads)
+    return runs
+
+
 def choose_backward(requested: str, grad_y: Tensor, x: Tensor, weight: Tensor, norm: Norm,
                     stride: Sequence[int], padding: Sequence[int], input_grad: bool) -> str:
     """The path to run: the requested one, else (requested == "auto") the environment's, else the
@@ -201,11 +220,7 @@ def choose_backward(requested: str, grad_y: Tensor, x: Tensor, weight: Tensor, n
     if choice is None:
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():  # nothing to measure, or no sync allowed
             return FIXED_BACKWARD
-        names = candidates(stride, input_grad or norm is not None)
-        runs = {
-            name: (lambda name=name: run_backward(name, grad_y, x, weight, norm, stride, padding, input_grad))
-            for name in names
-        }
+        runs = timed_runs(grad_y, x, weight, norm, stride, padding, input_grad)
         key = _problem_key(x, weight, grad_y, stride, padding, norm, input_grad)
         choice = dispatch.choose(key, runs, FIXED_BACKWARD, x.device)
         _choices[signature] = choice
