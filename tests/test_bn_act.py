@@ -5,6 +5,8 @@ Without a GPU the Triton kernels run through the interpreter (tests/conftest.py)
 so shapes are ResNet stage shapes scaled down, plus odd ones.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -653,6 +655,50 @@ def test_eval_is_dispatched_per_shape(measured_on_cpu):
     check_batch_norm_act(x, *state, False, None, True)  # with gradients
     assert [k.split(":")[1:3] for k in timed_keys] == [["eval", "fwd"], ["eval", "fwd"], ["eval", "fwdbwd"]]
     assert [entry["choice"] for entry in dispatch.decisions()] == ["eager", "eager", "triton"]
+
+
+def test_a_new_variant_that_computes_wrong_never_wins(measured_on_cpu, monkeypatch):
+    """triton_single, triton_pipelined and triton_wide have not run on a GPU: each one's first timed call
+    is compared with the plain kernels' output, and one that is off warns and is left out, however fast
+    (here it is made 'fastest' and wrong); the call still computes right."""
+    from fastresnet.ops import bn_act as ops
+    from fastresnet.ops import bn_act_dispatch as choice
+    from fastresnet.ops import bn_act_train as train
+
+    def off(path, index):
+        def run(*args, **kwargs):
+            out = list(path(*args, **kwargs))
+            out[index] = out[index] * 1.5
+            return tuple(out)
+        return run
+
+    winners, _ = measured_on_cpu
+    winners.update({"train:fwd": "triton_single", "train:bwd": "triton_pipelined", "train:fwdbwd": "triton_single",
+                    "eval:fwd": "triton_wide"})
+    monkeypatch.setitem(train.FORWARD_PATHS, "triton_single", off(train.FORWARD_PATHS["triton_single"], 0))
+    monkeypatch.setitem(train.BACKWARD_PATHS, "triton_pipelined", off(train.BACKWARD_PATHS["triton_pipelined"], 1))
+    wide = ops.EVAL_PATHS["triton_wide"]
+    monkeypatch.setitem(ops.EVAL_PATHS, "triton_wide", lambda *args: wide(*args) * 1.5)
+    x = make_input((2, 96, 3, 3), torch.float32, channels_last=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_batch_norm_act(x, *bn_state(96), True, None, True)
+        check_inference(x, *bn_state(96))
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(f"candidate {name} is off" in messages for name in ("triton_single", "triton_pipelined", "triton_wide"))
+    assert not set(choice._chosen.values()) & {"triton_single", "triton_pipelined", "triton_wide"}
+
+
+def test_timing_leaves_the_random_stream_alone(measured_on_cpu):
+    """The first call of a problem times its paths; a run whose choices come from the disk cache must
+    draw the same random numbers afterwards, so no candidate may draw any (eval with gradients did)."""
+    x = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
+    state, train_state = bn_state(6), bn_state(6)
+    before = torch.get_rng_state()
+    batch_norm_act(x, *state, False, 0.1, 1e-5, None, True).sum().backward()  # eval:fwdbwd, timed
+    y = batch_norm_act(x, *train_state, True, 0.1, 1e-5, None, True)  # train:fwd, then bwd and fwdbwd
+    y.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_eval_fast_path_issues_one_aten_op(monkeypatch):

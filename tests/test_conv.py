@@ -355,6 +355,21 @@ def test_dispatch_switches(cache_dir, fake_timer, monkeypatch):
     assert dispatch.choose("k2", _candidates(), "slow", cpu) == "slow"
 
 
+def test_dispatch_inside_a_cuda_graph_capture_times_nothing(cache_dir, fake_timer, monkeypatch):
+    """A first call met inside a CUDA-graph capture (no warm-up before it) cannot time (the event sync
+    would fail and spoil the capture): a choice already made is used, else the fixed rule."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
+    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "slow" and not fake_timer
+    assert dispatch.decision("k4") is None  # nothing remembered: a later uncaptured call measures
+    monkeypatch.setattr(dispatch, "_capturing", lambda device: False)
+    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "fast"
+    dispatch.clear_memory()  # a new process: the disk cache answers inside a capture too
+    monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
+    timed = len(fake_timer)
+    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "fast" and len(fake_timer) == timed
+
+
 def test_dispatch_off_gpu_uses_fixed_rule(cache_dir):
     assert dispatch.choose("k3", _candidates(), "slow", torch.device("cpu")) == "slow"
     assert not list(cache_dir.iterdir())

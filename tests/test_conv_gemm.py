@@ -193,6 +193,49 @@ def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(hopper, monkey
         assert dispatch.measure({name: captured[name]}, cpu) == {}
 
 
+def test_gemm_candidate_keeps_a_residual_it_cannot_view_as_rows():
+    """The dispatch's choice is kept per signature; a later call with an NCHW residual (no [M, Cout] view)
+    or an x that starts off 16-byte alignment must still compute the conv with its residual: the
+    implicit-GEMM kernel takes over (before: the residual was dropped, or TMA refused the pointer)."""
+    x, weight, scale, shift, res = _problem(1, 32, 48, 5, 9, torch.float16, True)
+    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    nchw_res = res.contiguous()
+    out = _run_triton_gemm(x, p, nchw_res, True)
+    assert_close(out, _expected(x, weight, scale, shift, res, True), atol=4e-3, rtol=4e-3, name="nchw residual")
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = storage[1:].view(1, 5, 9, 32).permute(0, 3, 1, 2)  # channels_last, 2 bytes off alignment
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    out = _run_triton_gemm(shifted, p, res, True)
+    assert_close(out, _expected(x, weight, scale, shift, res, True), atol=4e-3, rtol=4e-3, name="unaligned x")
+
+
+def test_every_unverified_candidate_is_checked_against_the_reference(hopper, monkeypatch):
+    """The per-tile Triton kernels and cuBLASLt's path have not run on a GPU either: their first call is
+    compared with the reference like the TMA GEMM's; cuDNN's candidates are not wrapped."""
+    from fastresnet.ops import conv as conv_ops
+    from fastresnet.ops import dispatch
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
+    x, weight, scale, shift, _ = _problem(1, 32, 128, 3, 5, torch.float16, False)
+    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    captured = {}
+    monkeypatch.setattr(dispatch, "choose", lambda key, candidates, fixed, device: captured.update(candidates) or fixed)
+    conv_ops._choose(x, p, None, True, "measure")
+    unverified = [n for n in captured if n.startswith(("triton:", "triton_gemm:")) or n == "cublaslt_fused"]
+    assert "cublaslt_fused" in unverified and any(n.startswith("triton:") for n in unverified)
+    wrapped = {n for n, fn in captured.items() if getattr(fn, "__name__", "") == "call"}  # _checked_on_first_call's
+    assert wrapped == set(unverified)
+    wrong = conv_ops._run_reference(x, p, None, True) * 1.1
+    monkeypatch.setattr(conv_ops, "_run_reference", lambda *args: wrong)
+    captured.clear()
+    conv_ops._choose(x, p, None, True, "measure")
+    monkeypatch.setattr(dispatch, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    with pytest.warns(RuntimeWarning, match="candidate cublaslt_fused is off the reference"):
+        assert dispatch.measure({"cublaslt_fused": captured["cublaslt_fused"]}, torch.device("cpu")) == {}
+
+
 def test_gemm_tile_names_are_checked():
     with pytest.raises(ValueError, match="BMxBNxBK"):
         implementation("triton_gemm:128x128")

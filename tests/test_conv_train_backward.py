@@ -6,6 +6,8 @@ On the CPU the Triton kernels run through Triton's interpreter: tiny shapes, lar
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,48 @@ def test_the_choice_follows_the_switches(monkeypatch):
     with pytest.raises(ValueError, match="'cudnn_v8'"):
         conv_stats(x, weight, backward="cudnn_v8")
     assert conv_train_backward.candidates((2, 2), True) == ["cudnn", "triton_wgrad"]
+
+
+def test_a_triton_path_with_wrong_gradients_never_wins(monkeypatch):
+    """The Triton wgrad/dgrad have not run on a GPU: each path's first timed call is compared with cuDNN's
+    gradients; a path that is off (here every one with the Triton wgrad) warns and is left out."""
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    norm = (x.mean((0, 2, 3)), torch.rsqrt(x.var((0, 2, 3)) + EPS), *affine)
+    monkeypatch.setattr(dispatch, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    runs = conv_train_backward.timed_runs(grad_y, x, weight, norm, (1, 1), (0, 0), True)
+    assert sorted(runs) == sorted(PATHS)
+    assert set(dispatch.measure(runs, torch.device("cpu"))) == set(PATHS)  # all agree with cuDNN's gradients
+    real_wgrad = conv_train_backward._triton_weight_grad
+    monkeypatch.setattr(conv_train_backward, "_triton_weight_grad", lambda *a: real_wgrad(*a) * 1.5)
+    runs = conv_train_backward.timed_runs(grad_y, x, weight, norm, (1, 1), (0, 0), True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert set(dispatch.measure(runs, torch.device("cpu"))) == {"cudnn", "triton_dgrad"}
+    messages = " ".join(str(w.message) for w in caught)
+    assert "candidate triton_wgrad is off" in messages and "candidate triton_bwd is off" in messages
+
+
+def test_a_cuda_graph_capture_records_the_measured_choice(monkeypatch):
+    """torch.compile(mode="reduce-overhead") runs the op once uncaptured (measured there), then captures
+    it: the capture must run that measured path, not the fixed rule; a problem first met inside a capture
+    (no sync allowed for timing) gets the fixed rule and is not remembered."""
+    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
+    dispatch.set_dispatch_mode("measure")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    timed = []
+    monkeypatch.setattr(dispatch, "choose", lambda key, runs, fixed, device: timed.append(key) or "triton_wgrad")
+    x, weight, affine, grad_y = _problem(SHAPES[0], normalise_input=True)
+    args = (grad_y, x, weight, None, (1, 1), (0, 0), True)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_wgrad"  # the warm-up: measured
+    capturing[0] = True
+    assert conv_train_backward.choose_backward("auto", *args) == "triton_wgrad"  # the capture
+    assert len(timed) == 1
+    other = (grad_y, x, weight, None, (1, 1), (0, 0), False)
+    assert conv_train_backward.choose_backward("auto", *other) == "cudnn"
+    capturing[0] = False
+    assert conv_train_backward.choose_backward("auto", *other) == "triton_wgrad" and len(timed) == 2
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fixed rule is not what 'auto' gives")

@@ -255,6 +255,27 @@ def test_op_forward_gradients_and_statistics(stand_in, verdict):
         assert all(e.checked and e.graph.graph.runs == 1 for e in entries.values())
 
 
+def test_op_first_met_inside_a_cuda_graph_capture_runs_unfused(stand_in, monkeypatch):
+    """Building a graph needs a cuDNN handle and host syncs, which a CUDA-graph capture forbids: a key
+    first met there runs the unfused path without building; the next eager call builds and checks it."""
+    verdicts, entries = stand_in
+    real_entry = cudnn_graph._entry
+    monkeypatch.setattr(cudnn_graph, "_entries", entries)  # the stand-in's table is what _entries holds
+    monkeypatch.setattr(cudnn_graph, "_capturing", lambda x: True)
+    monkeypatch.setattr(cudnn_graph, "_entry", lambda key: pytest.fail("built inside a capture"))
+    x, w = _channels_last(torch.randn(2, 8, 5, 5)), torch.randn(4, 8, 3, 3)
+    y, mean, _, var = cudnn_graph.conv_stats_graph(x, w, 1, 1, EPS)
+    ref = F.conv2d(x, w, None, 1, 1)
+    assert_close(y, ref, atol=1e-4, rtol=1e-4, name="y")
+    assert_close(mean, ref.mean((0, 2, 3)), atol=1e-4, rtol=1e-4, name="mean")
+    assert not entries
+    monkeypatch.setattr(cudnn_graph, "_capturing", lambda x: False)
+    monkeypatch.setattr(cudnn_graph, "_entry", real_entry)
+    cudnn_graph.conv_stats_graph(x, w, 1, 1, EPS)
+    (entry,) = entries.values()
+    assert entry.checked and entry.graph.graph.runs == 1
+
+
 def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in, monkeypatch):
     # An NCHW input: the graph runs NHWC, the op returns what its fake promised (x's layout).
     x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3)

@@ -387,7 +387,7 @@ def _backward_after(forward, saved, grad_y, sig, needs, x, residual, relu) -> st
     return choice.decide(
         choice.backward_memo(sig, forward, needs), x,
         lambda: choice.problem_key("train:bwd", x, residual, relu, choice.backward_detail(forward, needs)),
-        lambda: backward_candidates(saved, grad_y, needs),
+        lambda: choice.checked(backward_candidates(saved, grad_y, needs), lambda grads: grads),
         choice.FIXED_BACKWARD,
     )
 
@@ -410,13 +410,18 @@ def _decide_step(first_forward, first_backward, grad_y, sig, needs, x, weight, b
 
     def step(forward):
         def run():
-            return BACKWARD_PATHS[best_backward[forward]](saved_after(forward), grad_y, needs)
+            saved = saved_after(forward)
+            return saved, BACKWARD_PATHS[best_backward[forward]](saved, grad_y, needs)
         return run
+
+    def step_outputs(out):  # the forward's output and invstd, then every gradient
+        saved, grads = out
+        return (saved.y, saved.invstd, *grads)
 
     choice.decide(
         choice.step_memo(sig, needs), x,
         lambda: choice.problem_key("train:fwdbwd", x, residual, relu, choice.grads_detail(needs)),
-        lambda: {forward: step(forward) for forward in best_backward},
+        lambda: choice.checked({forward: step(forward) for forward in best_backward}, step_outputs),
         first_forward,
     )
 
@@ -431,7 +436,9 @@ def _forward_candidates(x, weight, bias, residual, eps, relu):
                 return path(x, weight, bias, residual, None, 0.0, eps, relu)
         return step
 
-    return {name: timed(FORWARD_PATHS[name]) for name in forward_paths_for(x)}
+    # (y, mean, invstd, impl, reserve): y and invstd compared (a mean near 0 has no relative precision)
+    return choice.checked({name: timed(FORWARD_PATHS[name]) for name in forward_paths_for(x)},
+                          lambda out: (out[0], out[2]))
 
 
 # ---------------------------------------------------------------------------
@@ -492,7 +499,7 @@ def _eval_candidates(paths, args, needs_grad):
             return step
         # whole-row tiles differ from the default only above 64 channels
         names = [name for name in paths if name != "triton_wide" or args[0].shape[1] > 64]
-        return {name: timed(paths[name]) for name in names}
+        return choice.checked({name: timed(paths[name]) for name in names})
     x, weight, bias, running_mean, running_var, eps, residual, relu = args
 
     def leaf(t):
@@ -500,7 +507,9 @@ def _eval_candidates(paths, args, needs_grad):
 
     x_, w_, b_, r_ = (leaf(t) for t in (x, weight, bias, residual))
     wrt = [t for t in (x_, w_, b_, r_) if t is not None and t.requires_grad]
-    grad_y = torch.randn_like(x)
+    # Not randn: timing must leave the run's random stream as it was (a run whose choices come from
+    # the disk cache draws the same numbers); a constant gradient times the same kernels.
+    grad_y = torch.ones_like(x)
 
     def timed_with_grad(path):
         def step():

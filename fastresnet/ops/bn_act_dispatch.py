@@ -21,6 +21,7 @@ the dispatch cache is built once per problem, when it is first decided.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -44,6 +45,10 @@ TRAIN_FORWARD_MIN_ROWS = 2**15
 FIXED_BACKWARD = "eager"
 
 _chosen: dict[tuple, str] = {}  # (stage, signature, ...) -> path
+
+# The kernels' variants that entered the dispatch before running on a GPU, each with the path it must
+# agree with: their first timed call is compared with that path's output (checked()).
+UNVERIFIED_ON_GPU = {"triton_single": "triton", "triton_pipelined": "triton", "triton_wide": "triton"}
 
 
 def clear() -> None:
@@ -88,6 +93,18 @@ def decide(memo: tuple, x: Tensor, describe: Callable[[], str], candidates: Call
         path = dispatch.choose(describe(), candidates(), fixed, x.device) if measured(x) else "triton"
         _chosen[memo] = path
     return path
+
+
+def checked(candidates: dict[str, Callable], outputs: Callable[[object], tuple] = lambda out: (out,)) -> dict:
+    """candidates with each variant of UNVERIFIED_ON_GPU wrapped so that its first call (the
+    measurement's untimed warm-up) compares `outputs(result)` with its known-good path's
+    (dispatch.checked_on_first_call): one that is off warns and is left out of the measurement."""
+    result = dict(candidates)
+    for name, baseline in UNVERIFIED_ON_GPU.items():
+        if name in result and baseline in candidates:
+            expected = functools.cache(candidates[baseline])
+            result[name] = dispatch.checked_on_first_call("batch_norm_act", name, candidates[name], expected, outputs)
+    return result
 
 
 def known(memo: tuple) -> Optional[str]:

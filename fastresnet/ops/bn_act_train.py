@@ -168,10 +168,11 @@ def forward_paths_for(x: Tensor) -> tuple[str, ...]:
 
 def forward_saved(path: str, x, weight, bias, residual, eps, relu) -> "Saved":
     """What a forward path leaves for the backward, run without autograd and
-    without running statistics (for timing a backward after it)."""
+    without running statistics (for timing a backward after it); y is kept
+    even without a ReLU, so that the dispatch can check a new forward's output."""
     with torch.no_grad():
         y, mean, invstd, impl, reserve = FORWARD_PATHS[path](x, weight, bias, residual, None, 0.0, eps, relu)
-    return Saved(x, weight, bias, residual, mean, invstd, y if relu else None, impl, reserve, None, eps, relu)
+    return Saved(x, weight, bias, residual, mean, invstd, y, impl, reserve, None, eps, relu)
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ FASTRESNET_DISPATCH=NAME.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -194,27 +195,42 @@ def _problem_key(x, weight, grad_y, stride, padding, norm, input_grad) -> str:
             f":norm{int(norm is not None)}:xgrad{int(input_grad)}:{layout}")
 
 
+def timed_runs(grad_y: Tensor, x: Tensor, weight: Tensor, norm: Norm, stride: Sequence[int],
+               padding: Sequence[int], input_grad: bool) -> dict:
+    """The candidates the dispatch times: each path on the real tensors. The Triton kernels entered
+    before running on a GPU, so each Triton path's first (untimed) call is compared with cuDNN's
+    gradients, and one that is off is left out however fast (wrong gradients would train wrong)."""
+    names = candidates(stride, input_grad or norm is not None)
+    runs = {
+        name: (lambda name=name: run_backward(name, grad_y, x, weight, norm, stride, padding, input_grad))
+        for name in names
+    }
+    expected = functools.cache(runs[FIXED_BACKWARD])
+    for name in names:
+        if name != FIXED_BACKWARD:
+            runs[name] = dispatch.checked_on_first_call("conv_stats backward", name, runs[name], expected,
+                                                        lambda grads: grads)
+    return runs
+
+
 def choose_backward(requested: str, grad_y: Tensor, x: Tensor, weight: Tensor, norm: Norm,
                     stride: Sequence[int], padding: Sequence[int], input_grad: bool) -> str:
     """The path to run: the requested one, else (requested == "auto") the environment's, else the
     fastest by measurement on a GPU (the fixed rule where nothing can be measured: the CPU, or
-    inside CUDA-graph capture)."""
+    inside CUDA-graph capture before any measurement). A choice measured earlier (CUDA graphs'
+    uncaptured warm-up run) is what a capture records."""
     if requested != "auto":
         return requested
     forced = _requested()
     if forced is not None:
         return forced
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return FIXED_BACKWARD
-    signature = (tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), grad_y.stride(), tuple(stride),
+    signature = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(weight.shape), grad_y.stride(), tuple(stride),
                  tuple(padding), norm is not None, input_grad)
     choice = _choices.get(signature)
     if choice is None:
-        names = candidates(stride, input_grad or norm is not None)
-        runs = {
-            name: (lambda name=name: run_backward(name, grad_y, x, weight, norm, stride, padding, input_grad))
-            for name in names
-        }
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():  # nothing to measure, or no sync allowed
+            return FIXED_BACKWARD
+        runs = timed_runs(grad_y, x, weight, norm, stride, padding, input_grad)
         key = _problem_key(x, weight, grad_y, stride, padding, norm, input_grad)
         choice = dispatch.choose(key, runs, FIXED_BACKWARD, x.device)
         _choices[signature] = choice

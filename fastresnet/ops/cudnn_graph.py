@@ -397,6 +397,11 @@ def _disagreement(y, mean, var, y_ref, eps: float) -> Optional[str]:
     return None
 
 
+def _capturing(x: Tensor) -> bool:
+    """Whether x's CUDA stream is capturing a CUDA graph (never off CUDA)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
     """conv_stats' cuDNN-conv path: the same results from a conv and a separate statistics pass."""
     return torch.ops.fastresnet.conv_stats.default(
@@ -431,8 +436,11 @@ def _conv_stats_graph_op(
     """(y, mean, invstd, unbiased var) as fastresnet::conv_stats, from one cuDNN graph."""
     norm = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
     key = graph_key(x.shape, weight.shape, x.dtype, stride, padding, norm is not None, x.device.index or 0)
-    entry = _entry(key)
-    if entry.graph is None:
+    capturing = _capturing(x)
+    # Building a graph (a cuDNN handle, plans, the first-call check's host syncs) cannot happen inside
+    # a CUDA-graph capture: a graph first met there runs unfused, and is built by a later eager call.
+    entry = _entries.get(key) if capturing else _entry(key)
+    if entry is None or entry.graph is None:
         return _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps)
     scale = bias = None
     if norm is not None:  # relu((x - mean) * invstd * gamma + beta) = relu(x * scale + bias)
@@ -441,7 +449,7 @@ def _conv_stats_graph_op(
     y, sums, sq_sums = _execute(entry.graph, key, x, weight, scale, bias)
     count = y.numel() // y.shape[1]
     mean, invstd, var_unbiased = stats_from_sums(sums, sq_sums, count, eps)
-    if not entry.checked and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # no sync in a capture
+    if not entry.checked and not capturing:  # no sync in a capture
         var_biased = var_unbiased * ((count - 1) / count)
         if not _check_first_call(entry, key, x, weight, y, mean, var_biased, norm, stride, padding, eps):
             return _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps)

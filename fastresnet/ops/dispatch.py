@@ -198,8 +198,49 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -
     return times
 
 
+# A candidate's output may differ from a known-good one's by rounding (bf16: about 2^-8 per element);
+# ||out - expected|| / ||expected|| stays far below this unless the candidate computes something else.
+CHECK_RTOL = 3e-2
+
+
+def checked_on_first_call(op: str, name: str, run: Callable[[], object], expected: Callable[[], object],
+                          outputs: Callable[[object], tuple] = lambda out: (out,),
+                          rtol: float = CHECK_RTOL) -> Callable[[], object]:
+    """run, whose first call (the measurement's first, untimed warm-up) also compares its output tensors
+    (`outputs(result)`, None entries skipped) with expected()'s; a mismatch warns and raises, which
+    leaves the candidate out of the measurement.
+
+    For kernels that enter a dispatch before they have ever run on a GPU: being fast must not be
+    enough to win if the output is wrong. `expected` is a reference or a known-good candidate (cache
+    it: it runs once per problem, only when the dispatch measures, never for a decision from disk)."""
+    checked = False
+
+    def call():
+        nonlocal checked
+        out = run()
+        if not checked:
+            for got, want in zip(outputs(out), outputs(expected())):
+                if got is None or want is None:
+                    continue
+                want = want.float()
+                error = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+                if not error <= rtol:  # also catches NaN
+                    message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    raise RuntimeError(message)
+            checked = True
+        return out
+
+    return call
+
+
 def _can_measure(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (never off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def choose(key: str, candidates: dict[str, Callable[[], object]], fixed: str, device: torch.device) -> str:
@@ -218,12 +259,16 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], fixed: str, de
         raise ValueError(
             f"{DISPATCH_ENV}={mode!r} is neither 'measure', 'fixed' nor a candidate of {key} ({sorted(candidates)})"
         )
+    if _capturing(device):
+        # Inside a CUDA-graph capture timing cannot run (its event sync, and a first-call check's
+        # .item(), are errors there that also break the capture): a choice already made, else the rule.
+        return remembered_choice(key, candidates, device) or fixed
     return measured_choice(key, candidates, device)
 
 
-def measured_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
-    """The fastest candidate for `key`: from this process's memory, else the disk cache, else timed now
-    (and remembered in both). `choose` without its switches, for callers with switches of their own."""
+def remembered_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str | None:
+    """The choice for `key` from this process's memory, else from the disk cache (then also kept in
+    memory), or None when neither has one that is still a candidate."""
     if key in _memory:
         return _memory[key]["choice"]
     _, _, stored = _disk_decisions(device)
@@ -231,6 +276,15 @@ def measured_choice(key: str, candidates: dict[str, Callable[[], object]], devic
     if entry is not None and entry["choice"] in candidates:
         _memory[key] = {**entry, "source": "disk cache"}
         return entry["choice"]
+    return None
+
+
+def measured_choice(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The fastest candidate for `key`: from this process's memory, else the disk cache, else timed now
+    (and remembered in both). `choose` without its switches, for callers with switches of their own."""
+    remembered = remembered_choice(key, candidates, device)
+    if remembered is not None:
+        return remembered
     times = measure(candidates, device)
     if not times:
         raise RuntimeError(f"fastresnet dispatch: every candidate failed for {key}: {sorted(candidates)}")
