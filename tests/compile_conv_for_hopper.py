@@ -8,17 +8,14 @@ tensors (channel strides 1, pointers and the other strides divisible by 16),
 runs ptxas -v for sm_90a on the PTX, and fails when a tile spills registers
 or needs more shared memory than an H100 gives one block (227 KB). Each class
 is compiled with the heaviest epilogue it meets (see VARIANTS), and the widest
-tiles once more on the strided 3x3 K loop: both K loops, both epilogues. Run by tests/test_conv.py in a process
+tiles once more on the strided 3x3 K loop: both K loops, both epilogues. Run by tests/test_hopper_compile.py in a process
 without TRITON_INTERPRET.
 
     python tests/compile_conv_for_hopper.py [--report]   # --report: registers and shared memory per tile
 """
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -27,6 +24,7 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastresnet.kernels.conv import _HOPPER_TILES, _conv_bn_act_fwd  # noqa: E402
+from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 H100_SHARED_PER_BLOCK = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
@@ -66,24 +64,6 @@ def compile_tile(tile, kernel, stride, residual, relu):
                        constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     return compiled.asm["ptx"], compiled.metadata.shared
-
-
-def ptxas_usage(ptx: str) -> dict:
-    """Registers per thread and spill bytes (stores + loads) that ptxas reports for sm_90a."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {result.stderr[-2000:]}")
-    registers = re.search(r"Used (\d+) registers", result.stderr)
-    spills = [int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
-    if registers is None or len(spills) != 2:
-        raise RuntimeError(f"unexpected ptxas -v output: {result.stderr[-2000:]}")
-    return {"registers": int(registers.group(1)), "spill_bytes": sum(spills)}
 
 
 def check_tile(shape_class, tile, kernel, stride, residual, relu) -> tuple[str, str | None]:

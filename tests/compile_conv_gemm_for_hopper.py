@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
-from compile_conv_for_hopper import H100_SHARED_PER_BLOCK, ptxas_usage  # noqa: E402  (this folder)
+from compile_conv_for_hopper import H100_SHARED_PER_BLOCK  # noqa: E402  (this folder)
+from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 from fastresnet.kernels.conv import _TileConfig  # noqa: E402
 from fastresnet.kernels.conv_gemm import _GEMM_TILES, GROUP_M, _conv1x1_gemm_bn_act, _gemm_shared_bytes  # noqa: E402
 

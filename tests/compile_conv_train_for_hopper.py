@@ -2,7 +2,7 @@
 
 Triton's compiler and ptxas run on any machine; the interpreter never runs
 them, so this is what catches a kernel that only the GPU compiler rejects.
-Run by tests/test_conv_train.py in a process without TRITON_INTERPRET. The
+Run by tests/test_hopper_compile.py in a process without TRITON_INTERPRET. The
 specialisations are those of a real launch on channels_last bf16 tensors
 (channel strides 1, the other strides and sizes divisible by 16), so the
 software pipeline is checked too: it must stage A and B in shared memory.
@@ -12,9 +12,6 @@ time, also go through ptxas (sm_90a), which must report no register spills.
 
 import concurrent.futures
 import os
-import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -23,6 +20,7 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastresnet.kernels.bn_stats import _bn_stats_merge  # noqa: E402
+from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 from fastresnet.kernels.conv import _TileConfig  # noqa: E402
 from fastresnet.kernels.conv_train import _STATS_TILES, _conv_stats_fwd  # noqa: E402
 from fastresnet.kernels.conv_train_bwd import _DGRAD_TILES, _WGRAD_TILES, _conv_dgrad_bn, _conv_wgrad  # noqa: E402
@@ -79,7 +77,8 @@ def stats_tile_variant(tile_name, kernel, stride, dtype):
     compiled = conv_variant(kernel, stride, True, dtype, fp32_mode=int(fp32),
                             block_k=tile.block_k // 2 if fp32 else tile.block_k,
                             tile=(tile.block_m, tile.block_n, tile.num_warps, tile.num_stages))
-    registers, spills = ptxas_report(compiled.asm["ptx"])
+    usage = ptxas_usage(compiled.asm["ptx"])
+    registers, spills = usage["registers"], usage["spill_bytes"]
     label = f"_conv_stats_fwd tile {tile.name} {kernel}x{kernel} stride {stride} norm_input=True {dtype}"
     allowed = KNOWN_STATS_SPILLS.get(tile.name, 0)
     assert spills <= allowed, f"{label}: {spills} bytes of register spills ({registers} registers)"
@@ -107,20 +106,6 @@ def run_in_parallel(jobs):
         return [future.result() for future in futures]
 
 
-def ptxas_report(ptx: str) -> tuple[int, int]:
-    """(registers, spilled bytes) that ptxas gives the kernel on sm_90a."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True)
-    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
-    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr))
-    return registers, spills
-
-
 NORM_ON = {name: "*fp32" for name in NORM_POINTERS}
 NORM_OFF = dict.fromkeys(NORM_POINTERS)
 
@@ -128,7 +113,8 @@ NORM_OFF = dict.fromkeys(NORM_POINTERS)
 def check_backward_kernel(fn, label, pointers, constexprs, divisible, num_warps, num_stages=4):
     compiled = compile_for_hopper(fn, pointers, constexprs, divisible, num_warps=num_warps, num_stages=num_stages)
     assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{label}: loads not pipelined"
-    registers, spills = ptxas_report(compiled.asm["ptx"])
+    usage = ptxas_usage(compiled.asm["ptx"])
+    registers, spills = usage["registers"], usage["spill_bytes"]
     assert spills == 0, f"{label}: {spills} bytes of register spills ({registers} registers)"
     return f"{label}: {registers} registers, no spills, {compiled.metadata.shared} B shared"
 

@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant of kernels/bn_act.py for sm_90 (H100/H200)
 without a GPU: Triton's compiler and ptxas run on any machine, the interpreter
-never runs them. Run by tests/test_bn_act.py in a process without
+never runs them. Run by tests/test_hopper_compile.py in a process without
 TRITON_INTERPRET (under it the kernels are interpreter objects).
 Inputs bf16 with channel stride 1 (channels_last), as on the GPU, and every
 pointer and pixel/image stride marked divisible by 16, as Triton's launcher
@@ -12,9 +12,7 @@ the evidence behind the block sizes in kernels/bn_act.py."""
 
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -23,6 +21,7 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastresnet.kernels import bn_act as kernels  # noqa: E402
+from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 
 ACT, F32 = "*bf16", "*fp32"
 
@@ -61,17 +60,8 @@ def _widest(ptx: str, op: str) -> str:
 
 
 def ptxas_registers(ptx: str) -> str:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True)
-    found = re.search(r"Used (\d+) registers", result.stderr)
-    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)
-    spilled = sum(map(int, spills)) if spills else "?"
-    return f"{found.group(1) if found else '?'} (spills {spilled} B)"
+    usage = ptxas_usage(ptx)
+    return f"{usage['registers']} (spills {usage['spill_bytes']} B)"
 
 
 def main():
