@@ -273,10 +273,20 @@ def _tile_candidates(
     are shallower and a tile that does not fit the device's shared memory is
     left out.
     """
+    rule = _tile_config(m, out_c, in_c, flat_k, itemsize, False, device)
+    return _fitted_tiles(rule, _HOPPER_TILES[_shape_class(out_c, flat_k, residual)], out_c, in_c, flat_k,
+                         itemsize, device, limit=5)
+
+
+def _fitted_tiles(rule: _TileConfig, listed, out_c: int, in_c: int, flat_k: bool, itemsize: int, device,
+                  limit: int) -> list[_TileConfig]:
+    """`rule` (the tile that runs without measurement), then each listed (BM, BN, BK, warps, stages)
+    fitted to the problem and the device, without repeats, at most `limit` in all: the rules of
+    _tile_candidates, shared with the training conv's tile list (kernels/conv_train.py)."""
     major, _ = torch.cuda.get_device_capability(device)
     shared_limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 48 * 1024
-    tiles = [_tile_config(m, out_c, in_c, flat_k, itemsize, False, device)]
-    for bm, bn, bk, warps, stages in _HOPPER_TILES[_shape_class(out_c, flat_k, residual)]:
+    tiles = [rule]
+    for bm, bn, bk, warps, stages in listed:
         if bn > _pow2_at_least(out_c, 64, 256):
             continue
         bk = bk if itemsize <= 2 else bk // 2
@@ -287,7 +297,7 @@ def _tile_candidates(
         tile = _TileConfig(bm, bn, bk, 8, warps, stages)
         if tile not in tiles and tile.shared_bytes(itemsize) <= shared_limit:
             tiles.append(tile)
-    return tiles[:5]
+    return tiles[:limit]
 
 
 def _fp32_mode(dtype: torch.dtype, interpreted: bool) -> int:

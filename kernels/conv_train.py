@@ -34,9 +34,9 @@ import torch
 
 from fastresnet.kernels.conv import (
     _dot_acc,
+    _fitted_tiles,
     _fp32_mode,
     _grouped_tile,
-    _pow2_at_least,
     _tile_config,
     _TileConfig,
 )
@@ -167,25 +167,14 @@ def _stats_shape_class(out_c: int) -> str:
 def _stats_tile_candidates(m: int, out_c: int, in_c: int, itemsize: int, device) -> list[_TileConfig]:
     """The tiles worth timing for one GPU problem (at most MAX_STATS_TILES), the fixed rule's first.
 
-    As kernels/conv.py _tile_candidates: K steps halve for 4-byte operands (the
+    Fitted as kernels/conv.py _tile_candidates fits (_fitted_tiles): K steps halve for 4-byte operands (the
     same bytes per stage) and shrink to the channel count where it is smaller; a
     256-wide N tile is left out below 256 output channels; before sm_90 the
     pipelines are shallower, and a tile beyond the device's shared memory is left out.
     """
-    major, _ = torch.cuda.get_device_capability(device)
-    shared_limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 48 * 1024
-    tiles = [_tile_config(m, out_c, in_c, False, itemsize, False, device)]
-    for bm, bn, bk, warps, stages in _STATS_TILES[_stats_shape_class(out_c)]:
-        if bn > _pow2_at_least(out_c, 64, 256):
-            continue
-        bk = bk if itemsize <= 2 else bk // 2
-        bk = min(bk, _pow2_at_least(in_c, 16, bk))
-        if major < 9:
-            stages = min(stages, 3 if major >= 8 else 2)
-        tile = _TileConfig(bm, bn, bk, 8, warps, stages)
-        if tile not in tiles and tile.shared_bytes(itemsize) <= shared_limit:
-            tiles.append(tile)
-    return tiles[:MAX_STATS_TILES]
+    rule = _tile_config(m, out_c, in_c, False, itemsize, False, device)
+    return _fitted_tiles(rule, _STATS_TILES[_stats_shape_class(out_c)], out_c, in_c, False, itemsize, device,
+                         limit=MAX_STATS_TILES)
 
 
 def conv_stats_fwd(x, packed_weight, out, stride, padding, norm_input=None, interpreted=False, tile=None):
