@@ -73,8 +73,15 @@ def stats_problem_key(x: Tensor, packed_weight: Tensor, stride: Sequence[int], p
                       norm_input: bool) -> str:
     """The dispatch key of one conv_stats problem: shape, stride, padding, dtype, prologue, layout."""
     out_c, kh, kw, in_c = packed_weight.shape
+    return _tile_key("stats", x, (out_c, in_c, kh, kw), stride, padding, norm_input)
+
+
+def _tile_key(kind: str, x: Tensor, weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+              norm_input: bool) -> str:
+    """"conv_<kind>_tile:..." for a problem of x and a [Cout, Cin, KH, KW] weight."""
+    out_c, in_c, kh, kw = weight_shape
     layout = "cl" if x.is_contiguous(memory_format=torch.channels_last) else "any"
-    return (f"conv_stats_tile:{out_c}x{in_c}k{kh}x{kw}s{stride[0]}x{stride[1]}p{padding[0]}x{padding[1]}"
+    return (f"conv_{kind}_tile:{out_c}x{in_c}k{kh}x{kw}s{stride[0]}x{stride[1]}p{padding[0]}x{padding[1]}"
             f":x{'x'.join(map(str, x.shape))}:{str(x.dtype).removeprefix('torch.')}"
             f":norm{int(norm_input)}:{layout}")
 
@@ -151,11 +158,7 @@ def choose_stats_tile(x: Tensor, packed_weight: Tensor, out: Tensor, stride: Seq
 
 def _backward_key(kind: str, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                   norm_input: bool) -> str:
-    out_c, in_c, kh, kw = weight.shape
-    layout = "cl" if x.is_contiguous(memory_format=torch.channels_last) else "any"
-    return (f"conv_{kind}_tile:{out_c}x{in_c}k{kh}x{kw}s{stride[0]}x{stride[1]}p{padding[0]}x{padding[1]}"
-            f":x{'x'.join(map(str, x.shape))}:{str(x.dtype).removeprefix('torch.')}"
-            f":norm{int(norm_input)}:{layout}")
+    return _tile_key(kind, x, weight.shape, stride, padding, norm_input)
 
 
 def wgrad_tile_names(grad_y: Tensor, x: Tensor, out_c: int) -> list[str]:
