@@ -23,8 +23,8 @@
 # "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 8;
 # 0 = serial).
 #
-# Seconds per stage, expected on an H100/H200 (session 1 on the H200, serial tests):
-#   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial in session 1 (about 70% more tests since), -n 8 (Triton and
+# Seconds per stage, expected on an H100/H200 (bench/RESULTS.md run 2 on the H200, serial tests):
+#   install 10-20 | ceilings 20-30 | cuda-tests ~260 serial in run 2 (about 70% more tests since), -n 8 (Triton and
 #   inductor compiles dominate; 16 CPU cores) | bench_train ~200-260 (two ResNet-50
 #   training-step compiles in short mode, plus the fused blocks' per-shape tuning of 8
 #   block shapes x 4 paths, Triton compiles included) |

@@ -5,7 +5,7 @@ scripts beside this file in a process without TRITON_INTERPRET: each compiles it
 variants for sm_90 with ptxas and fails on what a GPU run would suffer (a compile error, loads
 that are not software-pipelined, register spills, more shared memory than a block has).
 
-Register allocation differs between Triton releases (each ships its own ptxas): session 2 found a
+Register allocation differs between Triton releases (each ships its own ptxas): we found a
 dgrad tile that fits in triton 3.8 and spills under 3.6, the GPU machine's version. So when
 FASTRESNET_GPU_TRITON_PYTHON names a Python whose Triton is the GPU's (for example a venv made
 with `python3 -m venv --system-site-packages V && V/bin/pip install --no-deps triton==3.6.0`),

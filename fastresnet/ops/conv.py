@@ -457,7 +457,7 @@ def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
     return dispatch.choose(problem_key(x, p, residual, relu), candidates, fixed_choice(names, residual, relu), x.device)
 
 
-# Candidates that entered the dispatch before running on a GPU (session 2: the per-tile Triton kernels,
+# Candidates that entered the dispatch before running on a GPU (the per-tile Triton kernels,
 # the TMA GEMM, cuBLASLt's epilogue path); cuDNN's two are the known-good baseline.
 UNVERIFIED_ON_GPU = (TRITON_TILE_PREFIX, TRITON_GEMM_PREFIX, "cublaslt_fused")
 
