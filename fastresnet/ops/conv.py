@@ -461,6 +461,7 @@ def _choose(x, p: PreparedConvBN, residual, relu, mode: str) -> str:
 # the TMA GEMM, cuBLASLt's epilogue path); cuDNN's two are the known-good baseline.
 UNVERIFIED_ON_GPU = (TRITON_TILE_PREFIX, TRITON_GEMM_PREFIX, "cublaslt_fused")
 
+
 def _checked_on_first_call(name: str, run: Callable, expected: Callable) -> Callable:
     """run, whose first call also compares its output with the reference conv's (dispatch.checked_on_first_call):
     a candidate of UNVERIFIED_ON_GPU that computes wrong is left out of the measurement."""
