@@ -48,6 +48,15 @@ def _channel_scale(scale_ptr, invstd_ptr, cols, col_mask):
 
 
 @triton.jit
+def _add_residual(z, res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc):
+    """z plus the residual's [rows, cols] tile (fp32), or z itself when res_ptr is None."""
+    if res_ptr is not None:
+        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
+        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _pre_activation(
     x_ptr, res_ptr, scale_ptr, invstd_ptr, shift_ptr, center_ptr,
     rows, cols, mask, col_mask, HW,
@@ -60,10 +69,7 @@ def _pre_activation(
         x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0)[None, :]
     scale = _channel_scale(scale_ptr, invstd_ptr, cols, col_mask)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    z = x * scale[None, :] + shift[None, :]
-    if res_ptr is not None:
-        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
-        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    z = _add_residual(x * scale[None, :] + shift[None, :], res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc)
     return x, z
 
 
@@ -138,9 +144,7 @@ def _bn_eval_act_fwd(
     z = (x - mean[None, :]) * scale[None, :]
     if bias_ptr is not None:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if res_ptr is not None:
-        r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
-        z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    z = _add_residual(z, res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc)
     if RELU:
         z = tl.maximum(z, 0.0)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -257,9 +261,7 @@ def _bn_train_fwd_single(
         offs = _row_offsets(rows, HW, x_sn, x_shw)[:, None] + cols[None, :] * x_sc
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-        if res_ptr is not None:
-            r_offs = _row_offsets(rows, HW, r_sn, r_shw)[:, None] + cols[None, :] * r_sc
-            z += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+        z = _add_residual(z, res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc)
         if RELU:
             z = tl.maximum(z, 0.0)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
