@@ -150,12 +150,29 @@ def test_gemm_tiles_follow_the_device(hopper):
     assert small and all(_gemm_shared_bytes(t, 2, True) <= 160 * 1024 for t in small) and len(small) < len(full)
 
 
-def test_dispatch_offers_gemm_tiles_only_where_they_apply(hopper, monkeypatch):
+@pytest.fixture
+def posing_as_hopper(hopper, monkeypatch):
+    """CPU tensors that say they are on CUDA, an H100's properties and Triton present: what the candidate
+    lists read (shapes, layout, dtype, the device), not a GPU to run on."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
+
+
+@pytest.fixture
+def captured(posing_as_hopper, monkeypatch):
+    """The candidates conv_ops._choose hands to the dispatch: dispatch.choose records them (in the dict
+    returned) and takes the fixed rule."""
+    from fastresnet.ops import dispatch
+
+    candidates = {}
+    monkeypatch.setattr(dispatch, "choose", lambda key, named, fixed, device: candidates.update(named) or fixed)
+    return candidates
+
+
+def test_dispatch_offers_gemm_tiles_only_where_they_apply(posing_as_hopper, monkeypatch):
     """On a CUDA tensor (emulated: the candidate list reads only shapes, layout, dtype and the device), the
     1x1 channels_last bf16 conv gets "triton_gemm:<tile>" candidates beside the others; fp32 and a
     pre-Hopper GPU do not."""
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
     x, weight, scale, shift, res = _problem(2, 64, 256, 4, 4, torch.bfloat16, True)
     p = PreparedConvBN(weight, scale, shift, dtype=torch.bfloat16)
     names = _candidates(x, p, res)
@@ -169,18 +186,14 @@ def test_dispatch_offers_gemm_tiles_only_where_they_apply(hopper, monkeypatch):
     assert not any(n.startswith("triton_gemm:") for n in _candidates(x, p, res))
 
 
-def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(hopper, monkeypatch):
+def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(captured, monkeypatch):
     """The TMA GEMM's candidates have never run on a GPU: the first (untimed) call of each is compared with
     the reference conv, and one that is off warns and raises, which the dispatch's measurement skips."""
     from fastresnet.ops import conv as conv_ops
     from fastresnet.ops import dispatch
 
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
     x, weight, scale, shift, res = _problem(1, 32, 128, 3, 5, torch.float16, True)
     p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
-    captured = {}
-    monkeypatch.setattr(dispatch, "choose", lambda key, candidates, fixed, device: captured.update(candidates) or fixed)
     conv_ops._choose(x, p, res, True, "measure")
     name = next(n for n in captured if n.startswith("triton_gemm:"))
     cpu = torch.device("cpu")
@@ -210,18 +223,14 @@ def test_gemm_candidate_keeps_a_residual_it_cannot_view_as_rows():
     assert_close(out, _expected(x, weight, scale, shift, res, True), atol=4e-3, rtol=4e-3, name="unaligned x")
 
 
-def test_every_unverified_candidate_is_checked_against_the_reference(hopper, monkeypatch):
+def test_every_unverified_candidate_is_checked_against_the_reference(captured, monkeypatch):
     """The per-tile Triton kernels and cuBLASLt's path have not run on a GPU either: their first call is
     compared with the reference like the TMA GEMM's; cuDNN's candidates are not wrapped."""
     from fastresnet.ops import conv as conv_ops
     from fastresnet.ops import dispatch
 
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
     x, weight, scale, shift, _ = _problem(1, 32, 128, 3, 5, torch.float16, False)
     p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
-    captured = {}
-    monkeypatch.setattr(dispatch, "choose", lambda key, candidates, fixed, device: captured.update(candidates) or fixed)
     conv_ops._choose(x, p, None, True, "measure")
     unverified = [n for n in captured if n.startswith(("triton:", "triton_gemm:")) or n == "cublaslt_fused"]
     assert "cublaslt_fused" in unverified and any(n.startswith("triton:") for n in unverified)
