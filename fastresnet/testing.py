@@ -57,3 +57,16 @@ def assert_as_accurate_as(actual, baseline, exact, *, name="tensor", factor=2.0,
             f"{name}: relative error {error:.3e} against fp32, PyTorch's own low-precision error "
             f"{baseline_error:.3e} (allowed {factor:g}x that + {floor:g} = {allowed:.3e})"
         )
+
+
+def spawn_ranks(worker, *args, nprocs: int = 2) -> None:
+    """Run worker(rank, port, *args) in `nprocs` processes (torch.multiprocessing.spawn), port being a
+    free TCP port on 127.0.0.1 for the ranks' rendezvous (gloo on the CPU)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, *args), nprocs=nprocs, join=True)

@@ -18,6 +18,7 @@ from fastresnet.data import DataConfig
 from fastresnet.models import get_model
 from fastresnet.nn import FusedBasicBlock, FusedBottleneck
 from fastresnet.ops import dispatch
+from fastresnet.testing import spawn_ranks
 from fastresnet.training import TrainConfig
 from fastresnet.training import model as model_prep
 
@@ -197,14 +198,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_runs_rank_0s_choice(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_worker, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["choice"] == rank1["choice"] == "fused" and rank0["fused"] > 0 and rank1["fused"] > 0
     assert rank0["source"] == "measured" and rank1["source"].startswith("rank 0 (this rank measured plain")

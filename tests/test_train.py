@@ -15,6 +15,7 @@ import torch
 
 from fastresnet.data import DataConfig
 from fastresnet.training import NonFiniteLoss, TrainConfig, train
+from fastresnet.testing import spawn_ranks
 from fastresnet.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, port: int, world_size: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -161,14 +162,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 def test_two_process_gloo_ddp_ranks_end_with_identical_weights(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, 2, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for name, tensor in rank0["weights"].items():
         assert torch.equal(tensor, rank1["weights"][name]), f"{name} differs between ranks"
