@@ -37,6 +37,7 @@ from fastresnet.kernels.conv import (
     _fitted_tiles,
     _fp32_mode,
     _grouped_tile,
+    _tile_pixels,
     _tile_config,
     _TileConfig,
 )
@@ -85,11 +86,7 @@ def _conv_stats_fwd(
     K_TOTAL = KH * KW * IN_C
     pid_m, pid_n = _grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(OUT_C, BLOCK_N), GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    out_w = offs_m % OUT_W
-    out_h = (offs_m // OUT_W) % OUT_H
-    batch = offs_m // (OUT_W * OUT_H)
-    m_ok = offs_m < M
+    batch, out_h, out_w, m_ok = _tile_pixels(pid_m, M, OUT_H, OUT_W, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < OUT_C
     offs_k = tl.arange(0, BLOCK_K)

@@ -52,7 +52,15 @@ import triton
 import triton.language as tl
 
 from fastresnet.kernels import bn_act
-from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _pow2_at_least, _tile_config, _TileConfig
+from fastresnet.kernels.conv import (
+    _dot_acc,
+    _fp32_mode,
+    _grouped_tile,
+    _pow2_at_least,
+    _tile_config,
+    _tile_pixels,
+    _TileConfig,
+)
 from fastresnet.kernels.conv_train import _normalise_on_load
 
 
@@ -155,11 +163,7 @@ def _conv_dgrad_bn(
     K_TOTAL = KH * KW * OUT_C
     pid_m, pid_n = _grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(IN_C, BLOCK_N), GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_w = offs_m % IN_W
-    in_h = (offs_m // IN_W) % IN_H
-    batch = offs_m // (IN_W * IN_H)
-    m_ok = offs_m < M
+    batch, in_h, in_w, m_ok = _tile_pixels(pid_m, M, IN_H, IN_W, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < IN_C
     offs_k = tl.arange(0, BLOCK_K)
