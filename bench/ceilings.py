@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from fastresnet.ops.dispatch import time_ms
+from fastresnet.ops.tuning import time_ms
 
 
 def _git_revision() -> str | None:

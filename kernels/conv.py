@@ -317,10 +317,6 @@ def _fp32_mode(dtype: torch.dtype, interpreted: bool) -> int:
     return 1 if torch.backends.cudnn.allow_tf32 else 2
 
 
-def conv_bn_act_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _launch_conv_bn_act(
     x, packed_weight, scale, shift, residual, out, stride, padding, dilation, relu, interpreted, tile=None
 ):

@@ -22,7 +22,7 @@ from torch import nn
 
 from fastresnet.data import build_loaders
 from fastresnet.flops import count_macs
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
 from fastresnet.training.config import TrainConfig, validate
@@ -353,7 +353,7 @@ class Trainer:
             "fused_blocks": p.fused_blocks,
             "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,
             "optimizer": self.optimizer_impl,
-            "dispatch": dispatch.decisions(),
+            "dispatch": tuning.decisions(),
         }
 
     def _plot(self) -> None:
