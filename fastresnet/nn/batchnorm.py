@@ -58,7 +58,7 @@ def bn_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bo
     the ReLU (a FrozenBatchNorm2d, another BatchNorm subclass)."""
     if isinstance(bn, (BatchNormAct2d, SyncBatchNormAct2d)) or type(bn) in _FUSABLE:
         if not reduces_across_processes(bn):
-            return _fused(bn, x, residual, relu)
+            return batch_norm_act(x, *batch_norm_args(bn, x), residual, relu)
         if not x.is_cuda:
             return synced_on_cpu(bn, x, residual, relu)
     y = batch_norm(bn, x)
@@ -86,12 +86,14 @@ def _running_stats(bn):
     return bn.running_mean, bn.running_var
 
 
-def _fused(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple:
+    """(weight, bias, running_mean, running_var, training, momentum, eps) of F.batch_norm for this forward
+    of bn, the batch counted: nn.BatchNorm2d.forward's reading of its options, line for line (batch
+    statistics in training, and in eval when there are no running ones)."""
     bn._check_input_dim(x)
     factor = momentum_factor(bn)
-    # Batch statistics in training, and in eval when there are no running ones (nn.BatchNorm2d.forward).
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return batch_norm_act(x, bn.weight, bn.bias, *_running_stats(bn), batch_stats, factor, bn.eps, residual, relu)
+    return (bn.weight, bn.bias, *_running_stats(bn), batch_stats, factor, bn.eps)
 
 
 def synced_on_cpu(bn: nn.SyncBatchNorm, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -154,7 +156,7 @@ class BatchNormAct2d(_ActMixin, nn.BatchNorm2d):
         self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return _fused(self, input, residual, self.apply_relu)  # never reduces across processes: no question
+        return batch_norm_act(input, *batch_norm_args(self, input), residual, self.apply_relu)
 
 
 class SyncBatchNormAct2d(_ActMixin, nn.SyncBatchNorm):

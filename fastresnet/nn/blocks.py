@@ -35,6 +35,7 @@ input (tune_dispatch makes them), else the fixed rule ("eager").
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -107,20 +108,37 @@ class _FusedBlock(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            return self.run_path(self._path_for(x), x)
-        if self.mode == "bn_act" or self._wants_grad(x) or not self._foldable():
-            return self._forward_unfused(x, fused_bn=self.mode == "bn_act")
-        return self._forward_folded(x)
+    def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
+        """The block's output. `path` runs one training path by name (benchmarks and tests) instead of
+        the mode's choice. The loops over the convs sit here, so that a kernel launch is three calls below
+        the module: the op, its body, the kernels' launcher."""
+        if path is None and not self.training:
+            if self.mode == "bn_act" or self._wants_grad(x) or not self._foldable():
+                return self._forward_unfused(x, fused_bn=self.mode == "bn_act")
+            shortcut = self._folded_shortcut(x) if self.residual else None
+            out = x
+            for i, (conv, bn) in enumerate(self._pairs(), 1):
+                out = conv_bn_act_modules(conv, bn, out, shortcut if i == self.num_convs else None)
+            return out
+        path = path or self._path_for(x)
+        if path not in CONV_STATS_PATHS:
+            if path not in PATHS:
+                raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+            return self._forward_unfused(x, fused_bn=path == "cudnn_bnact")
+        # Each conv emits its output's statistics, which the next applies on load; the last BN, the
+        # shortcut's addition and the ReLU are one bn_act_stats.
+        x = x.to(compute_dtype(x))
+        shortcut = self._conv_stats_shortcut(x, path) if self.residual else None
+        out, stats = x, None
+        for conv, bn in self._pairs():
+            out, *batch = _stats_conv(path, conv)(out, conv.weight.to(x.dtype), conv.stride, conv.padding, bn.eps,
+                                                  stats)
+            stats = _batch_statistics(bn, *batch, x)
+        return bn_act_stats(out, *stats, residual=shortcut, relu=True)
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
-        """The training forward through one named path (benchmarks and tests call it directly)."""
-        if path in CONV_STATS_PATHS:
-            return self._forward_conv_stats(x, path)
-        if path in ("cudnn_bnact", "eager"):
-            return self._forward_unfused(x, fused_bn=path == "cudnn_bnact")
-        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+        """The training forward through one named path."""
+        return _FusedBlock.forward(self, x, path)
 
     def _wants_grad(self, x: Tensor) -> bool:
         """Whether autograd may want gradients of this call (the folded ops have no backward)."""
@@ -133,22 +151,14 @@ class _FusedBlock(nn.Module):
         projection = self._projection() if self.residual else None
         return all(foldable_reason(bn) is None for bn in norms + ([projection[2]] if projection else []))
 
-    def _forward_folded(self, x: Tensor) -> Tensor:
-        shortcut = None
-        if self.residual:
-            projection = self._projection()
-            if projection is None:
-                shortcut = x if self.downsample is None else self.downsample(x)
-            else:
-                prefix, conv, bn = projection
-                shortcut = x
-                for module in prefix:  # e.g. timm's avg_down AvgPool2d
-                    shortcut = module(shortcut)
-                shortcut = conv_bn_act_modules(conv, bn, shortcut, relu=False)
-        out = x
-        for i, (conv, bn) in enumerate(self._pairs(), 1):
-            out = conv_bn_act_modules(conv, bn, out, shortcut if i == self.num_convs else None)
-        return out
+    def _folded_shortcut(self, x: Tensor) -> Tensor:
+        projection = self._projection()
+        if projection is None:
+            return x if self.downsample is None else self.downsample(x)
+        prefix, conv, bn = projection
+        for module in prefix:  # e.g. timm's avg_down AvgPool2d
+            x = module(x)
+        return conv_bn_act_modules(conv, bn, x, relu=False)
 
     def _forward_unfused(self, x: Tensor, fused_bn: bool) -> Tensor:
         """The original composition, each BN (+ add) + ReLU fused into one pass when fused_bn. A projection
@@ -174,16 +184,6 @@ class _FusedBlock(nn.Module):
             x = module(x)
         return bn_act(bn, conv(x), relu=False) if fused_bn else batch_norm(bn, conv(x))
 
-    def _forward_conv_stats(self, x: Tensor, path: str) -> Tensor:
-        """Each conv a conv_stats whose statistics the next applies on load; the last BN, the shortcut's
-        addition and the ReLU one bn_act_stats."""
-        x = x.to(compute_dtype(x))
-        shortcut = self._conv_stats_shortcut(x, path) if self.residual else None
-        out, stats = x, None
-        for conv, bn in self._pairs():
-            out, stats = _conv_bn_stats(conv, bn, out, stats, path)
-        return bn_act_stats(out, *stats, residual=shortcut, relu=True)
-
     def _conv_stats_shortcut(self, x: Tensor, path: str) -> Optional[Tensor]:
         projection = self._projection()
         if projection is None:
@@ -191,8 +191,8 @@ class _FusedBlock(nn.Module):
         prefix, conv, bn = projection
         for module in prefix:
             x = module(x)
-        y, stats = _conv_bn_stats(conv, bn, x, None, path)
-        return bn_act_stats(y, *stats, relu=False)
+        y, *batch = _stats_conv(path, conv)(x, conv.weight.to(x.dtype), conv.stride, conv.padding, bn.eps, None)
+        return bn_act_stats(y, *_batch_statistics(bn, *batch, x), relu=False)
 
     # -- choosing the training path ------------------------------------------------------
 
@@ -279,22 +279,22 @@ class _FusedBlock(nn.Module):
         return {path: (lambda p=path: step(p)) for path in names}
 
 
-def _conv_bn_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, norm_input, path: str):
-    """The raw conv output and its BatchNorm's (mean, invstd, gamma, beta); running statistics updated."""
-    weight = conv.weight.to(x.dtype)
+def _stats_conv(path: str, conv: nn.Conv2d):
+    """The op that runs `conv` on a statistics path: f(x, weight, stride, padding, eps, norm_input) ->
+    (y, mean, invstd, unbiased var)."""
     if path == "cudnn_graph":
-        y, mean, invstd, var_unbiased = cudnn_graph.conv_stats_graph(x, weight, conv.stride, conv.padding, bn.eps,
-                                                                     norm_input)
-    else:
-        use_cudnn = path == "mixed" and tuple(conv.kernel_size) != (1, 1)
-        y, mean, invstd, var_unbiased = conv_stats(x, weight, conv.stride, conv.padding, bn.eps, norm_input,
-                                                   use_cudnn)
+        return cudnn_graph.conv_stats_graph
+    return functools.partial(conv_stats, use_cudnn=path == "mixed" and tuple(conv.kernel_size) != (1, 1))
+
+
+def _batch_statistics(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, var_unbiased: Tensor, like: Tensor):
+    """(mean, invstd, gamma, beta) of bn for the next op, bn's running statistics updated from the batch."""
     factor = momentum_factor(bn)
     if bn.track_running_stats and bn.running_mean is not None:
         update_running_stats((bn.running_mean, bn.running_var), mean, var_unbiased, factor)
-    gamma = bn.weight if bn.weight is not None else x.new_ones(bn.num_features, dtype=torch.float32)
-    beta = bn.bias if bn.bias is not None else x.new_zeros(bn.num_features, dtype=torch.float32)
-    return y, (mean, invstd, gamma, beta)
+    gamma = bn.weight if bn.weight is not None else like.new_ones(bn.num_features, dtype=torch.float32)
+    beta = bn.bias if bn.bias is not None else like.new_zeros(bn.num_features, dtype=torch.float32)
+    return mean, invstd, gamma, beta
 
 
 class FusedBasicBlock(_FusedBlock):

@@ -394,13 +394,11 @@ def conv_bn_act(x, weight, scale, shift, stride=1, padding=0, residual=None, rel
                relu)
 
 
-def _from_modules(x, residual, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                  padding, dilation, groups, relu) -> Tensor:
+def _folded(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
+            groups, dtype) -> ConvBN:
+    """The conv with its BatchNorm's statistics as they are now."""
     scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, conv_bias)
-    p = ConvBN(weight, scale, shift, stride, padding, dilation, groups, dtype=x.dtype)
-    # The layout the fake implementation promises: a no-op except where cuDNN picked channels_last for an
-    # NCHW input (the folded weight is channels_last).
-    return run(x, p, residual, relu).contiguous(memory_format=memory_format_of(x))
+    return ConvBN(weight, scale, shift, stride, padding, dilation, groups, dtype=dtype)
 
 
 @torch.library.custom_op("fastresnet::conv_bn_act_inference", mutates_args=())
@@ -409,8 +407,11 @@ def _conv_bn_act_inference(x: Tensor, residual: Optional[Tensor], weight: Tensor
                            running_var: Tensor, eps: float, stride: list[int], padding: list[int],
                            dilation: list[int], groups: int, relu: bool) -> Tensor:
     """relu(bn(conv(x)) + residual) in x's dtype and memory format; inference only."""
-    return _from_modules(x, residual, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                         padding, dilation, groups, relu)
+    p = _folded(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
+                groups, x.dtype)
+    # The layout the fake implementation promises: a no-op except where cuDNN picked channels_last for an
+    # NCHW input (the folded weight is channels_last).
+    return run(x, p, residual, relu).contiguous(memory_format=memory_format_of(x))
 
 
 @_conv_bn_act_inference.register_fake
@@ -436,4 +437,4 @@ def conv_bn_act_modules(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual=None
                                      relu, conv.dilation, conv.groups)
     if torch.compiler.is_compiling():
         return torch.ops.fastresnet.conv_bn_act_inference(*args)
-    return _from_modules(*args)
+    return run(x, _folded(*args[2:13], dtype), residual, relu)

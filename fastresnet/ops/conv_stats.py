@@ -144,7 +144,10 @@ def _conv_stats_op(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invs
         return (y, *bn_kernels().bn_stats(y, eps))
     packed = weight.permute(0, 2, 3, 1).contiguous()  # [Cout, KH, KW, Cin]: free for a channels_last weight
     tile = stats_tile(x, packed, out, stride, padding, norm, eps)  # measured here, where the inputs are real
-    return (out, *run_conv_stats(x, packed, out, stride, padding, norm, eps, tile))
+    bn_stats, _, conv_train, _ = _kernels()
+    mean_part, m2_part, rows = conv_train.conv_stats_fwd(x, packed, out, stride, padding, norm, x.device.type == "cpu",
+                                                         tile)
+    return (out, *bn_stats.finalize_stats(mean_part, m2_part, out.numel() // out.shape[1], rows, eps))
 
 
 @_conv_stats_op.register_fake
