@@ -54,7 +54,8 @@ class ProfileOptions:
 
 
 def options_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
+                                     "[training flags]", add_help=False, allow_abbrev=False)
     parser.add_argument("--providers", default="fastresnet",
                         help=f"comma-separated, one bar each: {', '.join(PROVIDERS)} (default: fastresnet)")
     parser.add_argument("--mode", default="train", choices=MODES, help="the training step or inference (default: train)")
@@ -68,13 +69,15 @@ def options_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> tuple[TrainConfig, ProfileOptions, Path | None]:
     parser = options_parser()
     if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\nProfile options:\n" + parser.format_help().split("\n", 2)[-1])
+        print(__doc__.strip() + "\n\n" + parser.format_help().replace("options:", "profile options:", 1))
+        print("training flags (as python -m fastresnet.train's):")
         build_parser(prog="python -m fastresnet.profile [profile options]").print_help()
         raise SystemExit(0)
     args, rest = parser.parse_known_args(_normalize_flags(argv))
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
     invocation = parse_invocation(rest)
+    validate(invocation.config)  # before a run directory is made for it
     if invocation.profile:
         raise ConfigError("--profile belongs to python -m fastresnet.train; here the count is --steps")
     options = ProfileOptions(providers=tuple(parse_providers(args.providers)), mode=args.mode, steps=args.steps,

@@ -3,6 +3,7 @@
 import inspect
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,7 @@ CONV_BACKWARD_ARGS = _shapes([[2, 4, 8, 8], [2, 3, 8, 8], [4, 3, 3, 3]] + [[]] *
                               "[True, True, False]"])
 BN_ARGS = _shapes([[2, 4, 8, 8], [4], [4], [4], [4], [], [], [], []], ["float"] * 5 + ["Scalar"] * 4,
                   ["", "", "", "", "", "True", "0.1", "1e-05", "True"])
+COPY_ARGS = _shapes([[4, 3, 3, 3], [4, 3, 3, 3], []], ["float", "c10::BFloat16", "Scalar"], ["", "", "False"])
 CONV_FLOPS = 2 * 2 * 4 * 8 * 8 * 3 * 3 * 3  # per call: batch 2, 4 out, 8x8, 3 in, 3x3
 UNKNOWN_KERNEL = "void at::native::distribution_elementwise_grid_stride_kernel<float, 4>(int)"
 
@@ -145,6 +147,10 @@ def gpu_trace(unknown_us: float = 40.0) -> dict:
         _launch(6, 530, tid=2), _launch(7, 540, tid=2),
         _kernel("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_kernel", 6, 540, 60),
         _kernel("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_kernel", 7, 600, 100),
+        # a layout copy of the weight gradient inside the conv's backward: a copy, with its own bytes
+        _event("cpu_op", "aten::copy_", 560, 10, tid=2, **COPY_ARGS), _launch(8, 565, tid=2),
+        _kernel("void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda()>()",
+                8, 700, 10),
     ]
     return {"traceEvents": events}
 
@@ -161,7 +167,8 @@ def test_a_gpu_trace_is_split_into_categories_that_add_up_to_the_window():
         cat.OPTIMIZER: 50,
         cat.CONV_DGRAD: 60,
         cat.CONV_WGRAD: 100,
-        cat.HOST_GAP: (10 + 40 + 100 + 50) + (40 + 300),
+        cat.COPIES: 10,
+        cat.HOST_GAP: (10 + 40 + 100 + 50) + (40 + 290),
     }
     assert {k: round(v * 1e3, 6) for k, v in b.time_ms.items()} == expected_us
     assert b.rows_total_ms() == pytest.approx(b.step_ms)
@@ -173,6 +180,7 @@ def test_work_comes_from_the_recorded_shapes_and_is_unknown_elsewhere():
     assert b.work[cat.CONV_FORWARD].flops == CONV_FLOPS / 2  # one conv in two steps
     assert b.work[cat.CONV_DGRAD].flops == b.work[cat.CONV_WGRAD].flops == CONV_FLOPS / 2
     assert b.work[cat.BN_ACT].bytes == (2 * 2048 + 4 * 16) / 2  # x read once and y written once, plus 4 vectors
+    assert b.work[cat.COPIES].bytes == 108 * (4 + 2) / 2  # fp32 written, bf16 read; the conv has no copy work
     for unknown in ("fastresnet::conv_stats", cat.OTHER, cat.HOST_GAP, cat.DATA):
         assert unknown not in b.work
 
@@ -298,6 +306,19 @@ def test_bad_options_are_clear_errors(tmp_path, capsys, args, message):
     assert profile.main(args + ["--out", str(tmp_path)]) == profile.EXIT_CONFIG
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_gpu_scripts_profile_command_parses():
+    """bench/gpu_check.sh's profile stage: ResNet-50 training, batch 256, bf16, both providers."""
+    script = (Path(__file__).parents[1] / "bench" / "gpu_check.sh").read_text()
+    body = script.split("run_profile() {", 1)[1].split("\n}", 1)[0].replace("\\\n", " ")
+    words = shlex.split(body.split("&&", 1)[0])
+    args = words[words.index("fastresnet.profile") + 1:]
+    cfg, options, resume = profile.parse(args)
+    assert (cfg.model, cfg.data.batch_size, cfg.data.image_size, cfg.amp, cfg.fused_blocks, cfg.compile) == (
+        "resnet50", 256, 224, "bf16", "on", "default")
+    assert options.providers == ("torchvision+compile", "fastresnet") and options.mode == "train"
+    assert options.steps <= 5 and resume is None
 
 
 def test_train_profile_needs_a_positive_count(capsys):
