@@ -14,9 +14,10 @@ A GPU kernel is classified by, in this order:
   5. else "other", listed by name in the report so that the tables can be extended.
 On a CPU there are no kernels: each slice of the main thread's time goes by 1 and 3.
 
-The names here are those cuDNN 8/9, cuBLAS(Lt), CUTLASS, PyTorch's native CUDA kernels and
-inductor emit (tests/test_profile.py lists real examples; `kernels.tsv`, written beside
-each profile, lists a run's names with the category they got, ready to paste there).
+The patterns follow the names cuDNN 8/9, cuBLAS(Lt), CUTLASS, PyTorch's native CUDA kernels,
+inductor and kernels/ emit; tests/profile_kernel_names.tsv lists examples (so far from public
+traces and source code, not yet from a GPU trace of this project). `kernels.tsv`, written beside
+each profile, lists a run's names with the category they got, in that file's format.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ POOL_LOSS = "pool, softmax, loss"
 OPTIMIZER = "optimizer"
 COPIES = "copies, casts, fills"
 OTHER = "other"
-HOST_GAP = "host idle between kernels"  # on a CPU: the main thread inside no op (Python)
+HOST_GAP = "host idle between kernels"  # on a CPU: the main thread in no op, in views or autograd's bookkeeping
 DATA = "data loading"
 FUSED_PREFIX = "fastresnet::"
 
