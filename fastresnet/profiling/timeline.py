@@ -124,7 +124,7 @@ class _Tally:
         unit = self._work_unit(stack, category)
         if unit is not None:
             self.units[category][id(unit)] = self.estimates[id(unit)][category]
-        else:
+        elif not (stack and self._unit_below(stack[-1], category)):
             self.uncovered_ms[category] += ms
 
     def _work_unit(self, stack: list[HostEvent], category: str) -> HostEvent | None:
@@ -139,9 +139,22 @@ class _Tally:
                 return event
         return None
 
+    def _unit_below(self, event: HostEvent, category: str) -> bool:
+        """Whether an op inside `event` has work in `category`: then `event`'s own time is its wrapper's
+        (aten::conv2d around aten::convolution, autograd's node around aten::convolution_backward)."""
+        pending = list(event.children)
+        while pending:
+            child = pending.pop()
+            if id(child) not in self.estimates:
+                self.estimates[id(child)] = estimate(child.name, child.args)
+            if self.estimates[id(child)] is not None and category in self.estimates[id(child)]:
+                return True
+            pending.extend(child.children)
+        return False
+
     def work_per_step(self, steps: int) -> dict[str, Work]:
-        """Work per category where ops with an estimate cover all but UNCOVERED_SHARE of its time
-        (the rest being their thin wrappers: aten::conv2d around aten::convolution, autograd nodes)."""
+        """Work per category where ops with an estimate (or their wrappers) cover all but
+        UNCOVERED_SHARE of its time."""
         known = {}
         for category, units in self.units.items():
             if self.uncovered_ms[category] > UNCOVERED_SHARE * self.time_ms[category]:
