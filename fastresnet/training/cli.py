@@ -1,10 +1,11 @@
 """The command line of `python -m fastresnet.train`: TrainConfig as flags.
 
 Every leaf field of TrainConfig is a flag of the same name (`--lr`,
-`--data.batch_size`; `-` and `_` are interchangeable). Two flags are not
-fields: `--recipe NAME|FILE` picks the base values and `--resume RUN_DIR`
+`--data.batch_size`; `-` and `_` are interchangeable). Three flags are not
+fields: `--recipe NAME|FILE` picks the base values, `--resume RUN_DIR`
 continues a run from its checkpoint with its saved config (flags given with
-it still win, e.g. a longer `--length`; a recipe cannot be given with it).
+it still win, e.g. a longer `--length`; a recipe cannot be given with it),
+and `--profile N` profiles N steps instead of training (fastresnet.profile).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Invocation:
     config: TrainConfig
     resume: Path | None  # the run directory to continue, or None
     recipe: str  # "" when none was given
+    profile: int = 0  # > 0: profile this many steps (fastresnet.profile) instead of training
 
 
 def build_parser(prog: str = "python -m fastresnet.train") -> argparse.ArgumentParser:
@@ -40,6 +42,9 @@ def build_parser(prog: str = "python -m fastresnet.train") -> argparse.ArgumentP
     )
     parser.add_argument("--recipe", default="", help=f"a named recipe ({', '.join(list_recipes())}) or a .toml file")
     parser.add_argument("--resume", default="", help="a run directory (or its checkpoint.pt) to continue")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="profile N training steps instead of training: trace.json, profile.md and profile.png "
+                        "in the run directory's profile/ (python -m fastresnet.profile has more options)")
     defaults = _flat_defaults(TrainConfig())
     comments = {**field_comments(TrainConfig), **field_comments(DataConfig, "data.")}
     for name, kind in flat_fields(TrainConfig).items():
@@ -103,7 +108,9 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
         if unknown[0].startswith("--"):
             raise unknown_name_error(name, flat_fields(TrainConfig))
         raise ConfigError(f"unexpected argument {unknown[0]!r}: every setting is a --field value pair")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "profile")}
+    if args.profile is not None and args.profile < 1:
+        raise ConfigError(f"--profile {args.profile}: the number of steps to profile must be >= 1")
 
     cfg = TrainConfig()
     resume = resolve_run_dir(args.resume) if args.resume else None
@@ -118,7 +125,7 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
         model = given.get("model") or recipe.get("model") or cfg.model
         cfg = apply_flat(cfg, recipe_values(recipe, model), f"recipe {args.recipe}")
     cfg = apply_flat(cfg, given, "command line")
-    return Invocation(config=cfg, resume=resume, recipe=args.recipe)
+    return Invocation(config=cfg, resume=resume, recipe=args.recipe, profile=args.profile or 0)
 
 
 def resolve_run_dir(path: str) -> Path:
