@@ -21,7 +21,7 @@
 # first, so pytest still writes the benchmarks it finished.
 # Switches: CUDA_TEST_SECONDS (the CUDA tests' limit), BENCH_FILES (space-separated
 # benchmark files, in order; FILE@WORDS runs the cases that `pytest -k WORDS` selects, e.g.
-# bench/bench_fused_train_step.py@eager; the entry `profile` is the profile stage; BENCH_FILES="" runs
+# bench/bench_fused_train_step.py@eager; the entries `profile` and `tune` are those stages; BENCH_FILES="" runs
 # none), SKIP_STAGES (e.g.
 # "ceilings cuda-tests" for a second call), PYTEST_WORKERS (parallel CUDA tests, default 8;
 # 0 = serial).
@@ -85,6 +85,7 @@ stage_limit() {  # stage_limit NAME: the default seconds of a stage
         cuda-tests) echo "${CUDA_TEST_SECONDS:-150}" ;;
         bench_train | bench_fused_train_step) echo "${STAGE_SECONDS:-260}" ;;
         profile) echo "${PROFILE_SECONDS:-120}" ;;
+        tune) echo "${TUNE_SECONDS:-300}" ;;
         *) echo "${STAGE_SECONDS:-100}" ;;
     esac
 }
@@ -141,9 +142,19 @@ run_profile() {
         cp "$out"/logs/profile/profile.{md,png,json} "$out"/
 }
 
+# Every choice of that ResNet-50 run made ahead (python -m fastresnet.tune) from an empty cache of its own,
+# so that its wall time is what a first run on a fresh machine pays; the decisions exported beside the results.
+run_tune() {
+    local started=$SECONDS
+    FASTRESNET_CACHE_DIR="$out/logs/tune-cache" python3 -m fastresnet.tune --model resnet50 --data.backend synthetic \
+        --data.batch_size 256 --data.image_size 224 --amp bf16 --channels_last true --compile default \
+        --fused_blocks on --export "$out/decisions.json" > "$out/logs/tune.md" &&
+        echo "tuning from an empty cache: $((SECONDS - started)) s" | tee -a "$out/logs/tune.md"
+}
+
 benchmark_files() {  # the default order: the open questions first, then every other file
     local first="bench/bench_train.py profile bench/bench_convert.py bench/bench_fused_train_step.py
-        bench/bench_bn_act.py bench/bench_fused_blocks.py bench/bench_conv.py" file
+        bench/bench_bn_act.py bench/bench_fused_blocks.py bench/bench_conv.py tune" file
     echo $first
     for file in bench/bench_*.py; do
         [[ " $(echo $first) " == *" $file "* ]] || echo "$file"
@@ -151,16 +162,16 @@ benchmark_files() {  # the default order: the open questions first, then every o
 }
 
 # `timeout` runs programs, not shell functions: the functions go through bash -c.
-export -f install_project run_cuda_tests run_profile
+export -f install_project run_cuda_tests run_profile run_tune
 export out workers
 stage install bash -c install_project
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
 stage ceilings python3 bench/ceilings.py --out "$out/ceilings.json"
 stage cuda-tests bash -c run_cuda_tests
 files=${BENCH_FILES-$(benchmark_files)}
-for entry in $files; do  # FILE, FILE@KEYWORDS (pytest -k KEYWORDS) or profile
-    if [ "$entry" = profile ]; then
-        stage profile bash -c run_profile
+for entry in $files; do  # FILE, FILE@KEYWORDS (pytest -k KEYWORDS), profile or tune
+    if [ "$entry" = profile ] || [ "$entry" = tune ]; then
+        stage "$entry" bash -c "run_$entry"
         continue
     fi
     file=${entry%%@*}

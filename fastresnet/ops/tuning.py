@@ -53,7 +53,9 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +350,42 @@ def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Option
     return choice
 
 
+def export_decisions(path: Path, device: torch.device) -> int:
+    """Write every decision known here for `device` (the disk cache, and this process's) to `path`, with
+    the GPU and versions they hold for; returns how many."""
+    _, tag, stored = _disk_entries(device)
+    entries = {**stored, **{k: {f: v for f, v in e.items() if f != "source"} for k, e in _decisions.items()}}
+    save_cache(Path(path), tag, entries)
+    return len(entries)
+
+
+def import_decisions(path: Path, device: torch.device) -> int:
+    """Add the decisions of a file written by export_decisions to this machine's cache; returns how many.
+    Raises ValueError, naming what differs, for a file made on another GPU or other versions, or one
+    that is not such a file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: not a fastresnet decisions file ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("decisions"), dict):
+        raise ValueError(f"{path}: not a fastresnet decisions file (no 'decisions' table); "
+                         "write one with python -m fastresnet.tune --export FILE")
+    tag = environment_tag(device)
+    recorded = {k: data.get(k) for k in tag}
+    if recorded != tag:
+        differ = ", ".join(f"{k} {recorded[k]!r} there, {tag[k]!r} here" for k in tag if recorded[k] != tag[k])
+        raise ValueError(f"{path}: made for another machine or versions ({differ}); its timings say nothing here")
+    entries = {k: v for k, v in data["decisions"].items() if valid_entry(v)}
+    if len(entries) != len(data["decisions"]):
+        raise ValueError(f"{path}: {len(data['decisions']) - len(entries)} malformed entries; re-export it")
+    cache, _, stored = _disk_entries(device)
+    merged = {**load_cache(cache, tag), **entries}
+    save_cache(cache, tag, merged)
+    stored.update(merged)
+    return len(entries)
+
+
 # ---------------------------------------------------------------------------
 # Timing and checking
 # ---------------------------------------------------------------------------
@@ -377,6 +415,65 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -
         except Exception as err:  # an unsupported cuDNN configuration, a Triton compile error, a failed check
             log.info("tuning: candidate %s failed and is left out: %s", name, err)
     return times
+
+
+class Progress:
+    """A line on `stream` as each candidate starts, so that a first call's measurement (every candidate
+    compiled, then timed) is no silent pause: which problem and candidate, and an estimate of what is
+    left of the problem from what its candidates so far took (their compiles included). A problem
+    measured inside a candidate's first call (a kernel's tile inside a backward path) is indented."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.problems = 0
+        self.started = time.perf_counter()
+        self._open: list[tuple[list[str], list[float]]] = []  # (candidates, start times) per problem under way
+
+    def problem(self, op: str, key: str, names: Sequence[str]) -> None:
+        self.problems += 1
+        self._print(f"tuning problem {self.problems} ({op}): {key}: {len(names)} candidates")
+        self._open.append((list(names), []))
+
+    def reporting(self, name: str, run: Callable[[], object]) -> Callable[[], object]:
+        """run, whose first call is announced."""
+        names, starts = self._open[-1]
+        announced = False
+
+        def call():
+            nonlocal announced
+            if not announced:
+                announced = True
+                self._starting(name, names, starts)
+            return run()
+
+        return call
+
+    def _starting(self, name: str, names: list[str], starts: list[float]) -> None:
+        now = time.perf_counter()
+        starts.append(now)
+        done = len(starts) - 1
+        left = f"; about {(now - starts[0]) / done * (len(names) - done):.0f} s left for this problem" if done else ""
+        self._print(f"  [{done + 1}/{len(names)}] {name}{left}")
+
+    def chosen(self, choice: str, times: dict[str, float]) -> None:
+        self._open.pop()
+        timed = ", ".join(f"{n} {ms:.3f} ms" for n, ms in sorted(times.items(), key=lambda kv: kv[1]))
+        self._print(f"  -> {choice} ({timed}; {time.perf_counter() - self.started:.0f} s since the first problem)")
+
+    def failed(self) -> None:
+        self._open.pop()
+
+    def _print(self, line: str) -> None:
+        print("  " * len(self._open) + line, file=self.stream, flush=True)
+
+
+_progress: Optional[Progress] = None
+
+
+def show_progress(progress: Optional[Progress]) -> None:
+    """Report every measurement to `progress` (None: quietly, the default)."""
+    global _progress
+    _progress = progress
 
 
 # ||out - expected|| / ||expected|| of a candidate that computes the same thing is rounding (bf16: about
@@ -525,8 +622,13 @@ class Tuned:
             expected = functools.cache(expected)
             for name in unproven:
                 candidates[name] = checked_on_first_call(self.name, name, candidates[name], expected, outputs)
+        if _progress is not None:
+            _progress.problem(self.name, problem, list(candidates))
+            candidates = {name: _progress.reporting(name, run) for name, run in candidates.items()}
         times = measure(candidates, device)
         if not times:
+            if _progress is not None:
+                _progress.failed()
             raise RuntimeError(f"fastresnet {self.name}: every candidate failed for {problem}: {sorted(candidates)}")
         choice = min(times, key=times.get)
         entry = {"op": self.name, "choice": choice, "times_ms": {k: round(v, 5) for k, v in times.items()}}
@@ -537,6 +639,8 @@ class Tuned:
         log.info("tuning %s -> %s (%s)", problem, choice,
                  ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items())))
         _remember_on_disk(device, problem, entry)
+        if _progress is not None:
+            _progress.chosen(choice, times)
         return choice
 
 

@@ -73,6 +73,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            if info.rank == 0:  # a first call's measurements, said as they happen (python -m fastresnet.tune: ahead)
+                tuning.show_progress(tuning.Progress())
 
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
