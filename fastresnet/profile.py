@@ -33,7 +33,7 @@ from fastresnet.profiling.capture import capture
 from fastresnet.profiling.providers import MODES, PROVIDERS, build_subject, endless_batches, parse_providers
 from fastresnet.profiling.work import Work
 from fastresnet.training import distributed
-from fastresnet.training.cli import _normalize_flags, build_parser, parse_invocation
+from fastresnet.training.cli import parse_command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import seed_everything
@@ -67,16 +67,9 @@ def options_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> tuple[TrainConfig, ProfileOptions, Path | None]:
-    parser = options_parser()
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + parser.format_help().replace("options:", "profile options:", 1))
-        print("training flags (as python -m fastresnet.train's):")
-        build_parser(prog="python -m fastresnet.profile [profile options]").print_help()
-        raise SystemExit(0)
-    args, rest = parser.parse_known_args(_normalize_flags(argv))
+    args, invocation = parse_command(argv, options_parser(), __doc__)
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
-    invocation = parse_invocation(rest)
     validate(invocation.config)  # before a run directory is made for it
     if invocation.profile:
         raise ConfigError("--profile belongs to python -m fastresnet.train; here the count is --steps")

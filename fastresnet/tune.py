@@ -26,7 +26,7 @@ import torch
 
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
-from fastresnet.training.cli import _normalize_flags, build_parser, parse_invocation
+from fastresnet.training.cli import parse_command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import evaluate_model, make_train_step, seed_everything
@@ -46,16 +46,9 @@ def options_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = options_parser()
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + parser.format_help().replace("options:", "tune options:", 1))
-        print("training flags (as python -m fastresnet.train's):")
-        build_parser(prog="python -m fastresnet.tune [tune options]").print_help()
-        raise SystemExit(0)
-    args, rest = parser.parse_known_args(_normalize_flags(argv))
+    args, invocation = parse_command(argv, options_parser(), __doc__)
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    invocation = parse_invocation(rest)
     validate(invocation.config)
     return invocation.config, args
 

@@ -135,3 +135,16 @@ def resolve_run_dir(path: str) -> Path:
     if not (p / "config.json").is_file():
         raise ConfigError(f"--resume {path}: no run directory there (expected {p / 'config.json'})")
     return p
+
+
+def parse_command(argv: list[str], options: argparse.ArgumentParser, doc: str) -> tuple[argparse.Namespace, Invocation]:
+    """(the command's own options, the training flags) of a command that takes both (fastresnet.profile,
+    fastresnet.tune); --help prints `doc`, the options and the training flags, and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip() + "\n\n" + options.format_help().replace("options:", f"{options.prog} options:", 1))
+        print("training flags (as python -m fastresnet.train's):")
+        build_parser(prog=f"{options.prog} [options]").print_help()
+        raise SystemExit(0)
+    args, rest = options.parse_known_args(_normalize_flags(argv))
+    return args, parse_invocation(rest)
+
