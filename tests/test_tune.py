@@ -124,3 +124,13 @@ def test_the_gpu_scripts_tune_command_parses():
     assert (cfg.model, cfg.data.batch_size, cfg.data.image_size, cfg.amp, cfg.fused_blocks, cfg.compile) == (
         "resnet50", 256, 224, "bf16", "on", "default")
     assert args.export == "$out/decisions.json" and args.steps == 1
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_bad_tuning_switch_stops_a_command_before_it_starts(command, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.setenv("FASTRESNET_DISPATCH", "triton")  # the pre-namespace form: now an error, not ignored
+    assert importlib.import_module(f"fastresnet.{command}").main([]) == 2
+    err = capsys.readouterr().err
+    assert "FASTRESNET_DISPATCH: 'triton' is neither" in err and "conv_bn_act" in err

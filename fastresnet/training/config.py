@@ -136,3 +136,9 @@ def validate(cfg: TrainConfig) -> None:
         except RuntimeError:
             raise ConfigError(f"device {cfg.device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
         need(kind in ("cpu", "cuda"), f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    from fastresnet.ops import tuning
+
+    try:  # the tuning switches (FASTRESNET_DISPATCH and kin): a mistake there is the user's too
+        tuning.settings()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
