@@ -33,6 +33,7 @@ cifar10's "45k5k" does (the test files are left alone).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import tempfile
 import zlib
@@ -44,7 +45,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, TensorLoader
+from .loader import Shard, tensor_loaders
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts them
 TORCHVISION_SUBFOLDER = Path("FashionMNIST") / "raw"  # where torchvision.datasets.FashionMNIST downloads them
@@ -198,20 +199,11 @@ def build_fashion_mnist(cfg: DataConfig, *, device: torch.device, shard: Shard):
     train_images, val_images = train_images.to(device), val_images.to(device)
     mean, std = mean_and_std(train_images)
 
-    def loader(images, labels, *, train: bool) -> TensorLoader:
-        return TensorLoader(
-            images,
-            labels,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shard=shard,
-            train=train,
-            drop_last=cfg.drop_last,
-            transform=make_transform(mean, std, cfg.torch_dtype, train=train),
-        )
-
+    train, val = tensor_loaders(cfg, shard, (train_images, train_labels), (val_images, val_labels),
+                                functools.partial(make_transform, mean, std, cfg.torch_dtype))
     return DataLoaders(
-        train=loader(train_images, train_labels, train=True),
-        val=loader(val_images, val_labels, train=False),
+        train=train,
+        val=val,
         num_classes=NUM_CLASSES,
         image_size=IMAGE_SIZE,
         backend="fashion-mnist",
