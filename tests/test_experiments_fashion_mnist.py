@@ -72,3 +72,21 @@ def test_not_installed_is_a_bad_argument_naming_the_install(tmp_path, monkeypatc
     monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", tmp_path / "not-installed")
     assert experiments_main(["degradation", "--dataset", "fashion-mnist", "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_depth_sweep_leaves_resnet110_out_of_the_cpu_preset_only(fm_root, monkeypatch):
+    from fastresnet.experiments import depth_sweep
+    from fastresnet.experiments.__main__ import build_parser
+    from fastresnet.experiments.settings import settings_from_args
+
+    def depths(argv):
+        args = build_parser().parse_args(["depth-sweep", "--dataset", "fashion-mnist", "--data", str(fm_root), *argv])
+        return depth_sweep.main(args, settings_from_args(args))
+
+    monkeypatch.setattr(depth_sweep, "run", lambda settings, depths: depths)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert depths([]) == (20, 32, 44, 56)
+    assert depths(["--depths", "20,110"]) == (20, 110)
+    assert depths(["--iterations", "64000"]) == (20, 32, 44, 56)  # the preset is the dataset's, not its length
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert depths([]) == (20, 32, 44, 56, 110)
