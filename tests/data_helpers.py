@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gzip
 import io
 import pickle
 import shutil
@@ -26,6 +27,7 @@ CLASSES = 3
 TRAIN_PER_CLASS = 6
 VAL_PER_CLASS = 2
 CIFAR_PER_BATCH = 20  # images per fake CIFAR pickle batch: 100 train, 20 test
+FASHION_TRAIN, FASHION_TEST = 24, 6  # fake Fashion-MNIST images: ids 0..23 train, 24..29 test
 
 
 @functools.cache
@@ -110,4 +112,31 @@ def write_fake_cifar(root, per_batch=CIFAR_PER_BATCH):
         data[:, 2048:] = 40 * index  # ... blue plane: which batch; green plane: the class
         with (root / name).open("wb") as file:
             pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, file)
+    return root
+
+
+def idx_bytes(values: torch.Tensor, magic: int) -> bytes:
+    """An IDX file of unsigned bytes: magic number, one big-endian size per dimension, the values."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in values.shape)
+    return header + values.to(torch.uint8).numpy().tobytes()
+
+
+def write_idx(path: Path, data: bytes, gz: bool) -> Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_fake_fashion_mnist(root: Path, gz: bool = True) -> Path:
+    """Fashion-MNIST's four IDX files; image `id` is one flat grey 10 + 8 * id, its label id % 10."""
+    from fastresnet.data.fashion_mnist import FILES
+
+    root.mkdir(parents=True, exist_ok=True)
+    ids = {"train": torch.arange(FASHION_TRAIN), "test": torch.arange(FASHION_TRAIN, FASHION_TRAIN + FASHION_TEST)}
+    for split, split_ids in ids.items():
+        images = (10 + 8 * split_ids).view(-1, 1, 1).expand(-1, 28, 28)
+        write_idx(root / FILES[split, "images"], idx_bytes(images, 0x803), gz)
+        write_idx(root / FILES[split, "labels"], idx_bytes(split_ids % 10, 0x801), gz)
     return root

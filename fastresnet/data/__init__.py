@@ -1,4 +1,4 @@
-"""Data back ends: DALI, nvJPEG, torchvision, cifar10, digits and synthetic, chosen by name.
+"""Data back ends: DALI, nvJPEG, torchvision, cifar10, fashion-mnist, digits and synthetic, chosen by name.
 
     from fastresnet.data import DataConfig, build_loaders
     data = build_loaders(DataConfig(backend="auto", root="/data/imagenet"), device=torch.device("cuda"),

@@ -33,8 +33,19 @@ def is_cifar_folder(root: str | Path) -> bool:
     return (Path(root) / "data_batch_1").is_file() or (Path(root) / "test_batch").is_file()
 
 
+def is_fashion_mnist_folder(root: str | Path) -> bool:
+    from .fashion_mnist import FILES, find_file  # late: torchvision's import takes a second
+
+    try:
+        find_file(Path(root), FILES["train", "images"])
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
-    """`auto`: digits without a root; cifar10 for a cifar-10-batches-py folder; for an
+    """`auto`: digits without a root; cifar10 for a cifar-10-batches-py folder, fashion-mnist for
+    a folder of Fashion-MNIST's IDX files; for an
     ImageFolder, DALI if it imports and the device is a GPU, else nvJPEG on a GPU,
     else torchvision's CPU workers."""
     if cfg.backend != "auto":
@@ -43,6 +54,8 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
         return "digits"
     if is_cifar_folder(cfg.root):
         return "cifar10"
+    if is_fashion_mnist_folder(cfg.root):
+        return "fashion-mnist"
     if device.type == "cuda":
         return "dali" if dali_available() else "nvjpeg"
     return "torchvision"
@@ -55,7 +68,7 @@ def build_loaders(
     device = torch.device(device)
     shard = Shard(rank=rank, world_size=world_size, seed=seed)
     backend = resolve_backend(cfg, device)
-    if backend not in ("digits", "synthetic") and cfg.root is None:
+    if backend not in ("digits", "synthetic", "fashion-mnist") and cfg.root is None:
         raise ValueError(f"the {backend} back end reads a dataset folder: set DataConfig.root")
     if backend == "digits":
         from .digits import build_digits as build
@@ -63,6 +76,8 @@ def build_loaders(
         from .synthetic import build_synthetic as build
     elif backend == "cifar10":
         from .cifar10 import build_cifar10 as build
+    elif backend == "fashion-mnist":
+        from .fashion_mnist import build_fashion_mnist as build
     elif backend == "torchvision":
         from .torchvision_backend import build_torchvision as build
     elif backend == "nvjpeg":

@@ -10,6 +10,7 @@ the last 5,000 are the validation set (the test batch is left alone).
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, TensorLoader
+from .loader import Shard, tensor_loaders
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -89,20 +90,11 @@ def build_cifar10(cfg: DataConfig, *, device: torch.device, shard: Shard):
     # (32, 32, 3): the per-pixel mean, summed without a float copy of the whole set
     mean = train_images.sum(0, dtype=torch.float32).div_(255.0 * len(train_images))
 
-    def loader(images, labels, *, train: bool) -> TensorLoader:
-        return TensorLoader(
-            images,
-            labels,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shard=shard,
-            train=train,
-            drop_last=cfg.drop_last,
-            transform=make_transform(mean, cfg.torch_dtype, train=train),
-        )
-
+    train, val = tensor_loaders(cfg, shard, (train_images, train_labels), (val_images, val_labels),
+                                functools.partial(make_transform, mean, cfg.torch_dtype))
     return DataLoaders(
-        train=loader(train_images, train_labels, train=True),
-        val=loader(val_images, val_labels, train=False),
+        train=train,
+        val=val,
         num_classes=NUM_CLASSES,
         image_size=IMAGE_SIZE,
         backend="cifar10",

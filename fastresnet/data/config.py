@@ -6,17 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "dali", "nvjpeg", "torchvision", "cifar10", "digits", "synthetic")
+BACKENDS = ("auto", "dali", "nvjpeg", "torchvision", "cifar10", "fashion-mnist", "digits", "synthetic")
 RECIPES = ("rrc", "paper-scale")
 BAD_FILE_POLICIES = ("fail", "skip")
 CIFAR_SPLITS = ("full", "45k5k")
+FASHION_MNIST_SPLITS = ("full", "55k5k")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class DataConfig:
-    backend: str = "auto"  # auto | dali | nvjpeg | torchvision | cifar10 | digits | synthetic
-    root: str | None = None  # dataset folder: ImageFolder root with train/ and val/, or cifar-10-batches-py
+    backend: str = "auto"  # auto | dali | nvjpeg | torchvision | cifar10 | fashion-mnist | digits | synthetic
+    root: str | None = None  # dataset folder: ImageFolder root with train/ and val/, cifar-10-batches-py, or Fashion-MNIST's IDX files (fashion-mnist: None = /usr/share/datasets/fashion-mnist)
     batch_size: int = 128  # images per step per process
     val_batch_size: int | None = None  # images per val step per process (None: batch_size)
     workers: int = 8  # CPU decoding processes (torchvision) or threads (dali)
@@ -28,6 +29,7 @@ class DataConfig:
     drop_last: bool = True  # train: drop the last partial batch (val never drops, never pads)
     bad_files: str = "fail"  # "fail": stop at the first bad file, naming it | "skip": skip it and count it
     cifar_split: str = "full"  # cifar10: "full" (50k train / 10k test) | "45k5k" (the paper's 45k train / 5k val)
+    fashion_mnist_split: str = "full"  # fashion-mnist: "full" (60k train / 10k test) | "55k5k" (55k train / the last 5k as val)
     hw_decoder_load: float = 0.65  # dali: share of JPEGs sent to the hardware decoder (A100/H100), 0..1
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # rrc: range of the crop's area, as a fraction of the image's
     scale_range: tuple[int, int] = (256, 480)  # paper-scale: range of the shorter side in pixels before the crop
@@ -42,6 +44,7 @@ class DataConfig:
         _check_choice("recipe", self.recipe, RECIPES)
         _check_choice("bad_files", self.bad_files, BAD_FILE_POLICIES)
         _check_choice("cifar_split", self.cifar_split, CIFAR_SPLITS)
+        _check_choice("fashion_mnist_split", self.fashion_mnist_split, FASHION_MNIST_SPLITS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         for name in ("batch_size", "image_size", "num_classes", "synthetic_steps", "synthetic_val_steps"):
             if getattr(self, name) < 1:

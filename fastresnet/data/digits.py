@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
-from .loader import Shard, TensorLoader
+from .loader import Shard, tensor_loaders
 
 IMAGE_SIZE = 32  # pixels per side after upscaling
 NUM_CLASSES = 10
@@ -55,20 +55,11 @@ def build_digits(cfg: DataConfig, *, device: torch.device, shard: Shard):
     def identity(batch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return batch  # indexing a channels_last tensor on dim 0 keeps it channels_last
 
-    def loader(images, labels, *, train: bool) -> TensorLoader:
-        return TensorLoader(
-            to_device(images),
-            labels,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shard=shard,
-            train=train,
-            drop_last=cfg.drop_last,
-            transform=identity,
-        )
-
+    train, val = tensor_loaders(cfg, shard, (to_device(train_images), train_labels),
+                                (to_device(test_images), test_labels), lambda train: identity)
     return DataLoaders(
-        train=loader(train_images, train_labels, train=True),
-        val=loader(test_images, test_labels, train=False),
+        train=train,
+        val=val,
         num_classes=NUM_CLASSES,
         image_size=IMAGE_SIZE,
         backend="digits",

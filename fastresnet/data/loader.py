@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from .config import DataConfig
+
 Batch = tuple[torch.Tensor, torch.Tensor]
+Transform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 class Loader:
@@ -105,7 +110,7 @@ class TensorLoader(Loader):
         shard: Shard,
         train: bool,
         drop_last: bool,
-        transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+        transform: Transform,
     ) -> None:
         super().__init__()
         if len(images) != len(labels):
@@ -138,3 +143,27 @@ class TensorLoader(Loader):
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(epoch_seed(self.shard.seed, self.epoch) + 7 * self.shard.rank + 1)
         return generator
+
+
+def tensor_loaders(
+    cfg: DataConfig,
+    shard: Shard,
+    train: Batch,
+    val: Batch,
+    make_transform: Callable[..., Transform],
+) -> tuple[TensorLoader, TensorLoader]:
+    """The train and val TensorLoaders of a set held on the device; `make_transform(train=...)`
+    gives each split its transform (augmentation for training only)."""
+
+    def loader(images: torch.Tensor, labels: torch.Tensor, *, train: bool) -> TensorLoader:
+        return TensorLoader(
+            images,
+            labels,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shard=shard,
+            train=train,
+            drop_last=cfg.drop_last,
+            transform=make_transform(train=train),
+        )
+
+    return loader(*train, train=True), loader(*val, train=False)

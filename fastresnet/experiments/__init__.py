@@ -5,6 +5,7 @@
     python -m fastresnet.experiments layer-responses --checkpoint runs/plain20-... runs/resnet20-...
     python -m fastresnet.experiments depth-sweep --data ~/cifar-10-batches-py --with-1202
     python -m fastresnet.experiments shortcuts --depth 32
+    python -m fastresnet.experiments degradation --dataset fashion-mnist    # apt-get install dataset-fashion-mnist
 
 Each trains its nets with `fastresnet.training.train` (the same fast path as
 `python -m fastresnet.train`), writes PNG figures, JSON numbers and a

@@ -1,13 +1,22 @@
 """What every experiment shares: where outputs go, which data, the training budget.
 
 Every run starts from the `paper-cifar` recipe (batch 128, lr 0.1, weight
-decay 1e-4, momentum 0.9, ResNet-110 warmed up at 0.01). The budget defaults
-to the paper's when a CIFAR-10 folder is given (lr divided by 10 at 32k and
-48k iterations, stop at 64k, evaluation every epoch on the 10k test images)
-and to a small one on the bundled `digits` set (1500 training images: 11
-steps per epoch at batch 128), which trains in seconds on a GPU
-and minutes on a CPU. Any TrainConfig field can still be set with
-`--set field=value` (for example `--set compile=off`).
+decay 1e-4, momentum 0.9, ResNet-110 warmed up at 0.01). The budget follows
+the data (`--dataset`, else inferred from `--data`):
+
+- cifar10 (`--data` a cifar-10-batches-py folder): the paper's (lr divided by
+  10 at 32k and 48k iterations, stop at 64k, evaluation every epoch on the 10k
+  test images);
+- fashion-mnist (`--data` its folder, default /usr/share/datasets/fashion-mnist):
+  the paper's on a GPU; on a CPU a preset sized for a 2-core machine
+  (FASHION_MNIST_CPU_BUDGET), the same for all four experiments so that they
+  share their runs: `layer-responses`, `depth-sweep` and `shortcuts` reuse the
+  nets `degradation` trained;
+- digits (no `--data`): a small budget on the bundled 1500 training images (11
+  steps per epoch at batch 128), seconds on a GPU, minutes on a CPU.
+
+Any TrainConfig field can still be set with `--set field=value` (for example
+`--set compile=off`), and `--iterations` overrides every preset.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import DataConfig
+from fastresnet.data.build import is_fashion_mnist_folder
+from fastresnet.data.fashion_mnist import resolve_root
 from fastresnet.training import TrainConfig
 from fastresnet.training.config import replace_fields
 from fastresnet.training.fields import ConfigError, apply_flat
@@ -39,6 +50,13 @@ class Budget:
 
 PAPER_CIFAR_BUDGET = Budget(iterations=64000, milestones=(32000, 48000), eval_every=1)
 DIGITS_BUDGET = Budget(iterations=400, milestones=(200, 300), eval_every=2)
+# 1.3 epochs of Fashion-MNIST's 60,000 images (468 steps each), the lr divided at the paper's
+# fractions of the run (1/2, 3/4). On an otherwise idle 2-core CPU a step takes 0.4 s for a
+# 20-layer net, 1.3 s for a 56-layer one and 2.6 s for ResNet-110, so degradation's four nets take
+# about 35 minutes, and then depth-sweep's three more (32, 44, 110) about 40 and shortcuts' two
+# (B, C at depth 20) about 10.
+FASHION_MNIST_CPU_BUDGET = Budget(iterations=600, milestones=(300, 450), eval_every=1)
+DATASETS = ("digits", "cifar10", "fashion-mnist")
 PAPER_BATCH = 128  # images per step
 RECIPE = "paper-cifar"  # fastresnet/recipes/paper-cifar.toml: lr, momentum, weight decay, ResNet-110 warm-up
 
@@ -46,7 +64,8 @@ RECIPE = "paper-cifar"  # fastresnet/recipes/paper-cifar.toml: lr, momentum, wei
 @dataclass
 class Settings:
     out: Path = Path("experiments")  # the experiment's outputs and its runs/ go here
-    data: str | None = None  # a cifar-10-batches-py folder; None: the bundled digits set
+    data: str | None = None  # the dataset's folder (cifar10: required; fashion-mnist: None = the apt install's)
+    dataset: str = ""  # digits | cifar10 | fashion-mnist; "": cifar10 or fashion-mnist by the --data folder, else digits
     iterations: int | None = None  # None: the budget of the data (paper's for CIFAR-10)
     milestones: tuple[int, ...] | None = None  # steps; None: the budget's (scaled with --iterations if given)
     eval_every: int | None = None  # epochs; None: the budget's
@@ -56,8 +75,30 @@ class Settings:
     progress: str = "auto"
     stop_at_step: int = 0  # > 0: every run stops (checkpointed) at this step, as if preempted (tests)
 
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            self.dataset = "digits" if self.data is None else inferred_dataset(self.data)
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset == "digits" and self.data is not None:
+            raise ConfigError(f"--data {self.data}: the digits set is bundled and reads no folder")
+
+    def base_budget(self) -> Budget:
+        """The dataset's preset: the paper's, except digits and Fashion-MNIST on a CPU."""
+        if self.dataset == "digits":
+            return DIGITS_BUDGET
+        if self.dataset == "fashion-mnist" and not self.on_gpu:
+            return FASHION_MNIST_CPU_BUDGET
+        return PAPER_CIFAR_BUDGET
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the runs will train on CUDA: the training program's device, auto unless --set."""
+        device = self.overrides.get("device", "auto")
+        return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+
     def budget(self) -> Budget:
-        base = PAPER_CIFAR_BUDGET if self.data else DIGITS_BUDGET
+        base = self.base_budget()
         iterations = self.iterations or base.iterations
         milestones = self.milestones
         if milestones is None:  # the paper's milestones at the same fractions (1/2 and 3/4) of the run
@@ -68,16 +109,27 @@ class Settings:
         return Budget(iterations, milestones, self.eval_every if self.eval_every is not None else base.eval_every)
 
     def data_config(self) -> DataConfig:
-        if self.data is None:
+        if self.dataset == "digits":
             return DataConfig(backend="digits", batch_size=self.batch_size, val_batch_size=500)
+        if self.dataset == "fashion-mnist":
+            try:
+                root = resolve_root(self.data)
+            except FileNotFoundError as error:
+                raise ConfigError(f"--dataset fashion-mnist: {error}") from None
+            return DataConfig(backend="fashion-mnist", root=str(root), batch_size=self.batch_size,
+                              val_batch_size=1000)
+        if self.data is None:
+            raise ConfigError("--dataset cifar10 reads a cifar-10-batches-py folder: give it with --data")
         root = Path(self.data).expanduser()
         if not (root / "data_batch_1").is_file():
-            raise ConfigError(f"--data {self.data}: not a cifar-10-batches-py folder (no {root / 'data_batch_1'})")
+            raise ConfigError(f"--data {self.data}: not a cifar-10-batches-py folder (no {root / 'data_batch_1'}) "
+                              "nor a folder of Fashion-MNIST's IDX files")
         return DataConfig(backend="cifar10", root=str(root), batch_size=self.batch_size, val_batch_size=1000)
 
-    @property
-    def dataset(self) -> str:
-        return "cifar10" if self.data else "digits"
+
+def inferred_dataset(data: str) -> str:
+    """fashion-mnist for a folder of its IDX files, else cifar10 (whose folder is checked when used)."""
+    return "fashion-mnist" if is_fashion_mnist_folder(Path(data).expanduser()) else "cifar10"
 
 
 def train_config(settings: Settings, model: str, shortcut: str = "") -> TrainConfig:
@@ -103,11 +155,15 @@ def train_config(settings: Settings, model: str, shortcut: str = "") -> TrainCon
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="experiments", help="folder for the outputs and the runs/ they train")
+    parser.add_argument("--dataset", default="", choices=("", *DATASETS), metavar="{" + ",".join(DATASETS) + "}",
+                        help="default: cifar10 or fashion-mnist by the --data folder's files, digits without --data")
     parser.add_argument("--data", default=None,
-                        help="a cifar-10-batches-py folder (the paper's budget); without it: the bundled digits set")
+                        help="the dataset's folder: cifar-10-batches-py, or Fashion-MNIST's IDX files (default "
+                        "/usr/share/datasets/fashion-mnist); without it and --dataset: the bundled digits set")
     parser.add_argument("--iterations", type=int, default=None,
-                        help=f"steps per run (default: {PAPER_CIFAR_BUDGET.iterations} on CIFAR-10, "
-                        f"{DIGITS_BUDGET.iterations} on digits)")
+                        help=f"steps per run (default: {PAPER_CIFAR_BUDGET.iterations} on CIFAR-10 and on "
+                        f"Fashion-MNIST with a GPU, {FASHION_MNIST_CPU_BUDGET.iterations} on Fashion-MNIST on a "
+                        f"CPU, {DIGITS_BUDGET.iterations} on digits)")
     parser.add_argument("--milestones", default=None,
                         help="steps where the lr is divided by 10, comma-separated (default: 1/2 and 3/4 of the run)")
     parser.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
@@ -135,7 +191,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"--iterations must be >= 1, got {args.iterations}")
     return Settings(
-        out=Path(args.out), data=args.data, iterations=args.iterations, milestones=milestones,
+        out=Path(args.out), data=args.data, dataset=args.dataset, iterations=args.iterations, milestones=milestones,
         eval_every=args.eval_every, batch_size=args.batch_size, seed=args.seed, overrides=overrides,
         progress=args.progress, stop_at_step=args.stop_at_step,
     )
