@@ -20,7 +20,12 @@ Bad files: what the scan finds (non-images, empty classes) follows the
 policy before DALI starts; a file DALI cannot decode stops the pipeline with
 its path in the message. bad_files="fail" raises BadImageError naming it;
 "skip" rebuilds the pipeline for this rank's files not yet delivered, minus
-that file, and carries on.
+that file, and carries on. DALI's decoder also reads through JPEGs that
+libjpeg, and so Pillow and every other back end, refuse (an unknown marker, a
+second frame header, a table that contradicts its length: fastresnet.data.jpeg);
+a thread pool checks each file's marker structure in delivery order while DALI
+decodes, once per file and process, and a batch reaches the model only after
+its files passed: "fail" stops naming the file, "skip" drops it from the batch.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ except ImportError as error:  # DALI is optional (the `dali` extra)
 from .augment import IMAGENET_MEAN, IMAGENET_STD, LIGHTING_EIGVAL, LIGHTING_EIGVEC, nhwc_to_model_layout
 from .config import DataConfig
 from .crops import RRC_RATIO
-from .folder import BadImageError, ImageList, open_rgb, report_skipped, scan_image_folder
+from .folder import BadImageError, ImageList, open_rgb, read_bytes, report_skipped, scan_image_folder
+from .jpeg import is_jpeg, structure_problem
 from .loader import Batch, Loader, Shard, batches_per_epoch, epoch_seed
 
 READER = "Reader"
+CHECK_CHUNK = 64  # files per task of the structure checks
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead (its default prefetch_queue_depth)
 FAILED_SAMPLE = re.compile(r"Failed to decode sample #?\d*\s*:\s*(\S+)")
 # nvJPEG's scratch buffers, preallocated so that the first large images do not stall (NVIDIA's RN50 values)
@@ -158,6 +165,51 @@ def decodes(path: str) -> bool:
     return True
 
 
+def jpeg_problems(paths: list[str]) -> list[str | None]:
+    """For each file: why libjpeg would refuse it (a JPEG, by content), or None."""
+    problems = []
+    for path in paths:
+        try:
+            data = read_bytes(path)
+        except BadImageError as error:
+            problems.append(error.reason)
+            continue
+        problems.append(structure_problem(data) if is_jpeg(data) else None)
+    return problems
+
+
+class StructureChecks:
+    """The JPEG structure of an epoch's files, checked by a thread pool in delivery order, each file
+    once per process (`sound` remembers the files that passed)."""
+
+    def __init__(self, files: list[str], order: list[int], sound: set[int], workers: int) -> None:
+        self.sound = sound
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self.pending: dict[int, tuple] = {}  # file index -> (future of its chunk, position in it)
+        todo = [index for index in dict.fromkeys(order) if index not in sound]
+        for start in range(0, len(todo), CHECK_CHUNK):
+            chunk = todo[start : start + CHECK_CHUNK]
+            future = self.pool.submit(jpeg_problems, [files[index] for index in chunk])
+            self.pending.update((index, (future, position)) for position, index in enumerate(chunk))
+
+    def problems(self, indices: list[int]) -> list[tuple[int, str]]:
+        """(index, problem) of the bad files among `indices`, waiting for their checks."""
+        bad = []
+        for index in indices:
+            if index in self.sound or index not in self.pending:
+                continue
+            future, position = self.pending.pop(index)
+            problem = future.result()[position]
+            if problem is None:
+                self.sound.add(index)
+            else:
+                bad.append((index, problem))
+        return bad
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DaliLoader(Loader):
     def __init__(self, images: ImageList, cfg: DataConfig, *, device: torch.device, shard: Shard, train: bool) -> None:
         super().__init__()
@@ -166,7 +218,9 @@ class DaliLoader(Loader):
         self.drop_last = cfg.drop_last and train
         self.crops = 10 if cfg.ten_crop and not train else 1
         self.skipped = len(images.skipped)
-        self.excluded: set[str] = set()  # files DALI failed to decode, left out under "skip"
+        self.skipped_files.update((bad.path, bad.reason or "") for bad in images.skipped)
+        self.excluded: set[str] = set()  # files DALI failed to decode or libjpeg refuses, left out under "skip"
+        self.sound: set[int] = set()  # files whose JPEG structure passed the check
         self.num_samples = self.shard_size(len(images.files))
         if self.drop_last:
             self.num_samples -= self.num_samples % self.batch_size
@@ -204,27 +258,50 @@ class DaliLoader(Loader):
             files, shard_id, num_shards = pending, 0, 1
         delivered = from_current = 0
         iterator = None
-        while delivered < len(self):
-            try:
-                if iterator is None:  # DALI's iterator runs the first batch when it is made
-                    iterator = self.iterator(files, shard_id=shard_id, num_shards=num_shards)
-                outputs = next(iterator)
-            except StopIteration:
-                break
-            except RuntimeError as error:  # DALI reports a decode failure as RuntimeError
-                undelivered = pending[from_current * self.batch_size :]
-                # DALI reads ahead, and past the end of the shard it wraps around to the shard's start
-                in_flight = undelivered[: self.read_ahead] + pending[: self.read_ahead]
-                self.handle_decode_failure(error, [self.images.files[i] for i in in_flight])
-                pending = [i for i in undelivered if self.images.files[i] not in self.excluded]
-                if not pending:
+        checks = StructureChecks(self.images.files, pending, self.sound, self.cfg.workers)
+        try:
+            while delivered < len(self):
+                try:
+                    if iterator is None:  # DALI's iterator runs the first batch when it is made
+                        iterator = self.iterator(files, shard_id=shard_id, num_shards=num_shards)
+                    outputs = next(iterator)
+                except StopIteration:
                     break
-                files, shard_id, num_shards, iterator, from_current = pending, 0, 1, None, 0
-                continue
-            delivered += 1
-            from_current += 1
-            yield self.to_model_input(outputs[0])
+                except RuntimeError as error:  # DALI reports a decode failure as RuntimeError
+                    undelivered = pending[from_current * self.batch_size :]
+                    # DALI reads ahead, and past the end of the shard it wraps around to the shard's start
+                    in_flight = undelivered[: self.read_ahead] + pending[: self.read_ahead]
+                    self.handle_decode_failure(error, [self.images.files[i] for i in in_flight])
+                    pending = [i for i in undelivered if self.images.files[i] not in self.excluded]
+                    if not pending:
+                        break
+                    files, shard_id, num_shards, iterator, from_current = pending, 0, 1, None, 0
+                    continue
+                first = from_current * self.batch_size
+                delivered += 1
+                from_current += 1
+                images, labels = self.to_model_input(outputs[0])
+                images, labels = self.without_refused(images, labels, pending[first : first + len(labels)], checks)
+                if len(labels):
+                    yield images, labels
+        finally:
+            checks.close()
         report_skipped(self.skipped - skipped_before, f"DaliLoader epoch {self.epoch}")
+
+    def without_refused(self, images, labels, indices: list[int], checks: StructureChecks) -> Batch:
+        """The batch without the files whose JPEG structure libjpeg refuses (skip), or BadImageError (fail)."""
+        bad = checks.problems(indices)
+        if not bad:
+            return images, labels
+        paths = {self.images.files[index]: problem for index, problem in bad}
+        if self.cfg.bad_files == "fail":
+            path, problem = next(iter(paths.items()))
+            raise BadImageError(path, f"{problem}: DALI's decoder would read it through, Pillow and libjpeg refuse it")
+        self.excluded.update(paths)
+        self.skipped += len(paths)
+        self.skipped_files.update((path, f"{problem} (refused by libjpeg)") for path, problem in paths.items())
+        keep = torch.tensor([index not in dict(bad) for index in indices], device=labels.device)
+        return images[keep.repeat_interleave(self.crops)], labels[keep]
 
     @property
     def read_ahead(self) -> int:
@@ -253,6 +330,7 @@ class DaliLoader(Loader):
             raise BadImageError(bad[0], f"DALI cannot decode it ({last_line})") from error
         self.excluded.update(bad)
         self.skipped += len(bad)
+        self.skipped_files.update((path, f"DALI cannot decode it ({last_line})") for path in bad)
 
     def iterator(self, indices: list[int], *, shard_id: int, num_shards: int) -> DALIGenericIterator:
         gpu = self.device.type == "cuda"
