@@ -6,7 +6,8 @@
     python -m fastresnet.train --resume runs/resnet20-digits-20260101-120000
 
 `--help` lists every field. Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT, checkpoint saved),
-2 bad configuration, 3 out of memory, 4 non-finite loss.
+2 a mistake in the input, told in one line (a flag or value, a bad dataset file, an unreadable
+checkpoint, a run directory that exists, a full disk), 3 out of memory, 4 non-finite loss.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import sys
 
 import torch
 
+from fastresnet.errors import command
 from fastresnet.training import distributed
 from fastresnet.training.cli import parse_invocation
 from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import NonFiniteLoss, train
 
-EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE = 2, 3, 4
+EXIT_OOM, EXIT_NONFINITE = 3, 4  # 2: a user error (fastresnet.errors): a flag, a file, the disk
 
 
 def out_of_memory_advice(cfg: TrainConfig, err: BaseException) -> str:
@@ -50,19 +51,13 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        invocation = parse_invocation(argv)
-        validate(invocation.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    invocation = parse_invocation(argv)
+    validate(invocation.config)
     cfg = invocation.config
     try:
         train(cfg, resume=invocation.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
