@@ -3,8 +3,8 @@
 Groups are `bn_act/<mode>/<N>x<C>x<H>x<W>`, mode in forward / backward / full
 (training) and eval (eval-mode forward, running statistics), providers:
   fastresnet  BatchNormAct2d(x, residual) as users get it: the measured
-              dispatch between the Triton kernels and eager PyTorch
-  triton      the same with FASTRESNET_DISPATCH=triton: always the kernels
+              choice between the Triton kernels and eager PyTorch
+  triton      the same with FASTRESNET_DISPATCH=batch_norm_act=triton: always the kernels
   eager       relu(nn.BatchNorm2d(x) + residual), cuDNN/ATen (the baseline)
   compile     torch.compile of the eager module (Inductor's fused kernels)
 and one `copy` group per shape, torch's device-to-device copy, the measured
@@ -24,12 +24,12 @@ activation dtype each:
   eval      3E: read x and residual, write y
 so median time gives GB/s, comparable between providers and with `copy` (2E).
 
-The fastresnet rows carry the dispatch's choice per stage in extra_info
-(`dispatch_choice`, e.g. "fwd triton, bwd(after triton) eager, bwd(after eager)
-eager, fwdbwd triton"; `dispatch` has the measured times), which bench/report.py
-prints beside the provider. The backward group times the backward of a graph
-built by one call with gradients: its forward is fwdbwd's choice when that was
-decided before (an earlier full/backward run of the shape), else fwd's.
+The fastresnet rows carry the choice per stage in extra_info (`dispatch_choice`,
+e.g. "forward triton, backward(after triton) eager, backward(after eager) eager,
+step triton"; `dispatch` has the measured times), which bench/report.py prints
+beside the provider. The backward group times the backward of a graph built by
+one call with gradients: its forward is the step's choice when that was decided
+before (an earlier full/backward run of the shape), else the forward's.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fastresnet.nn import BatchNormAct2d
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 from fastresnet.reference import batch_norm_act_reference
 from fastresnet.testing import assert_close
 
@@ -125,12 +125,12 @@ def check_against_reference(module: nn.Module, x: torch.Tensor, residual: torch.
 def test_bn_act(benchmark, provider, mode, shape):
     if provider == "compile" and not ON_GPU:
         pytest.skip("torch.compile takes minutes to build these kernels on this CPU")
-    # "triton" pins the dispatch to the kernels for this test only.
-    dispatch.set_dispatch_mode("triton" if provider == "triton" else None)
+    # "triton" pins the op to the kernels for this test only.
+    tuning.override("batch_norm_act=triton" if provider == "triton" else None)
     try:
         run_bn_act(benchmark, provider, mode, shape)
     finally:
-        dispatch.set_dispatch_mode(None)
+        tuning.override(None)
 
 
 def run_bn_act(benchmark, provider, mode, shape):
@@ -164,28 +164,27 @@ def run_bn_act(benchmark, provider, mode, shape):
         benchmark.extra_info.update(dispatch=entries, dispatch_choice=dispatch_summary(entries))
 
 
-# The dispatch stages each benchmark mode runs (fastresnet.ops.bn_act_dispatch).
-TRAIN_STAGES = ("train:fwd", "train:bwd", "train:fwdbwd")
-MODE_STAGES = {"forward": ("train:fwd",), "backward": TRAIN_STAGES, "full": TRAIN_STAGES, "eval": ("eval:fwd",)}
+# The stages (ops of fastresnet.ops.tuning) each benchmark mode runs.
+TRAIN_STAGES = ("batch_norm_act.forward", "batch_norm_act.backward", "batch_norm_act.step")
+MODE_STAGES = {"forward": TRAIN_STAGES[:1], "backward": TRAIN_STAGES, "full": TRAIN_STAGES,
+               "eval": ("batch_norm_act.eval",)}
 
 
 def dispatch_entries(mode: str, shape) -> list[dict]:
-    """The dispatch decisions behind this benchmark (key, choice, measured times),
-    so that the report shows which path ran in each stage and why."""
+    """The decisions behind this benchmark (key, choice, measured times), so that the report shows which
+    path ran in each stage and why."""
     tag = f":x{shape_id(shape)}:"
-    return [entry for entry in dispatch.decisions()
-            if entry["key"].startswith("batch_norm_act") and tag in entry["key"]
-            and ":".join(entry["key"].split(":")[1:3]) in MODE_STAGES[mode]]
+    return [entry for entry in tuning.decisions() if entry["op"] in MODE_STAGES[mode] and tag in entry["key"]]
 
 
 def dispatch_summary(entries: list[dict]) -> str:
-    """'fwd triton, bwd(after triton) eager, ...': each stage (train:/eval: dropped)
-    and its choice; fwdbwd is the forward that calls with gradients run."""
+    """'forward triton, backward(after triton) eager, ...': each stage and its choice; the step's is the
+    forward that calls with gradients run."""
     parts = []
     for entry in entries:
-        fields = entry["key"].split(":")
-        after = next((f.removeprefix("after-") for f in fields if f.startswith("after-")), None)
-        parts.append(f"{fields[2]}{f'(after {after})' if after else ''} {entry['choice']}")
+        after = next((f.removeprefix("after-") for f in entry["key"].split(":") if f.startswith("after-")), None)
+        stage = entry["op"].removeprefix("batch_norm_act.")
+        parts.append(f"{stage}{f'(after {after})' if after else ''} {entry['choice']}")
     return ", ".join(parts) or "not measured"
 
 

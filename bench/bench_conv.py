@@ -13,9 +13,10 @@ Providers:
                  the persistent TMA GEMM with the fused epilogue
                  (kernels/conv_gemm.py) with its shape class's first tile (on
                  the CPU: the interpreter's tile);
-  fastresnet     conv_bn_act as the library runs it: the dispatcher's choice
-                 among cuDNN's fused conv, cuDNN + the epilogue kernel, every
-                 Triton tile of the shape class ("triton:<tile>"), for 1x1
+  fastresnet     conv_bn_act as the library runs it: the tuned choice among
+                 cuDNN's fused conv, cuDNN + the epilogue kernel, the Triton
+                 kernel with its rule's tile and, with FASTRESNET_EXPERIMENTAL=1,
+                 every other tile of the shape class ("triton:<tile>"), for 1x1
                  stride-1 convs every tile of the TMA GEMM ("triton_gemm:<tile>",
                  sm_90+, fp16/bf16) and, without a residual, the cuBLASLt GEMM.
 
@@ -33,16 +34,16 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from fastresnet.ops import dispatch
-from fastresnet.ops.conv import (
+from fastresnet.ops import tuning
+from fastresnet.ops.conv_bn_act import (
     IMPLEMENTATIONS,
-    PreparedConvBN,
+    ConvBN,
     _gemm_supports,
     _run_triton_gemm,
-    _triton_gemm_names,
-    conv_bn_act_prepared,
     implementation,
     problem_key,
+    run,
+    triton_gemm_names,
 )
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
@@ -97,7 +98,7 @@ def _problem(conv: dict, dev):
     )
     scale = bn["weight"] * torch.rsqrt(bn["running_var"] + 1e-5)
     shift = bn["bias"] - bn["running_mean"] * scale
-    prepared = PreparedConvBN(weight, scale, shift, conv["stride"], conv["k"] // 2, dtype=dtype)
+    prepared = ConvBN(weight, scale, shift, conv["stride"], conv["k"] // 2, dtype=dtype)
     out_size = conv["size"] // conv["stride"]
     res = None
     if conv["res"]:
@@ -105,7 +106,7 @@ def _problem(conv: dict, dev):
     return x, prepared, bn, res
 
 
-def _provider_fn(provider, x, p: PreparedConvBN, bn, res, relu):
+def _provider_fn(provider, x, p: ConvBN, bn, res, relu):
     def cudnn_conv():
         return F.conv2d(x, p.weight, None, p.stride, p.padding)
 
@@ -120,11 +121,11 @@ def _provider_fn(provider, x, p: PreparedConvBN, bn, res, relu):
 
     def triton_gemm():
         if x.is_cuda:
-            return implementation(_triton_gemm_names(x, p, res)[0])(x, p, res, relu)
+            return implementation(triton_gemm_names(x, p, res)[0])(x, p, res, relu)
         return _run_triton_gemm(x, p, res, relu)
 
     def fastresnet():
-        return conv_bn_act_prepared(x, p, res, relu)
+        return run(x, p, res, relu)
 
     providers = dict(cudnn_conv=cudnn_conv, cudnn_bn_act=cudnn_bn_act, triton=triton, triton_gemm=triton_gemm,
                      fastresnet=fastresnet)
@@ -159,8 +160,8 @@ def test_conv_bn_act(benchmark, conv, provider):
 
 
 def dispatch_decision(key: str, dev) -> dict:
-    """The dispatcher's decision for one problem key: choice, each candidate's ms, and where it came from."""
-    found = [d for d in dispatch.decisions() if d["key"] == key]
+    """The tuned decision for one problem key: choice, each candidate's ms, and where it came from."""
+    found = [d for d in tuning.decisions() if d["key"] == key]
     if found:
         return found[-1]
     why = "no GPU: the interpreter runs the one Triton tile" if dev.type != "cuda" else "not measured"

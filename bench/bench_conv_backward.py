@@ -1,23 +1,25 @@
 """The backward of one training conv (conv_stats): cuDNN vs the Triton wgrad/dgrad paths, per shape.
 
-Answers issue 5's question "does a Triton wgrad/dgrad with fused BatchNorm backward win on any
+Answers the question "does a Triton wgrad/dgrad with fused BatchNorm backward win on any
 shape?". One group per ResNet-50 conv (batch 256, 224x224, bf16, channels_last on a GPU;
 batch 2 at 64x64, channels / 8, fp32, through the interpreter on the CPU). Each provider computes
 the same gradients (x through its BatchNorm + ReLU with batch statistics, weight, gamma, beta)
 for conv(relu(bn(x))) (conv2, conv3 of a bottleneck) or conv(x) (conv1, the downsample):
 
-  cudnn         conv_stats' backward as it was: recompute relu(bn(x)) into memory, cuDNN's
+  cudnn         conv_stats' backward by its fixed rule: recompute relu(bn(x)) into memory, cuDNN's
                 dgrad + wgrad, the BatchNorm backward's reduction and elementwise passes
                 (the baseline);
   triton_wgrad  Triton wgrad normalising on load (nothing written), cuDNN dgrad, both passes;
   triton_dgrad  cuDNN wgrad on the recomputed input, Triton stride-1 dgrad with the ReLU mask
                 and the BatchNorm sums in its epilogue (only the elementwise pass left);
   triton_bwd    both Triton kernels;
-  fastresnet    what conv_stats runs by default: the measured choice (extra_info `path`);
+  fastresnet    what conv_stats runs by default: the tuned choice (extra_info `path`; the
+                Triton paths compete with FASTRESNET_EXPERIMENTAL=1);
   eager         autograd through F.conv2d(relu(F.batch_norm(x))) with the normalised input
                 saved: plain PyTorch's backward for the same conv.
 
-At stride 2 the dgrad is cuDNN's in every path, so triton_dgrad / triton_bwd are skipped there.
+At stride 2 the dgrad is cuDNN's in every path, so triton_dgrad / triton_bwd are skipped there
+(the tuner times them there too: each equals the path without the Triton dgrad).
 extra_info `flops`: dgrad + wgrad, 2 x 2 * M * Cout * K, for TFLOP/s against the matmul ceiling.
 """
 
@@ -30,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from fastresnet.ops import conv_train_backward
-from fastresnet.ops.conv_train import conv_stats  # noqa: F401  (registers the fastresnet ops)
+from fastresnet.ops import tuning
+from fastresnet.ops.conv_stats import conv_stats  # noqa: F401  (registers the fastresnet ops)
 from fastresnet.testing import assert_close
 
 EPS = 1e-5
@@ -126,9 +128,8 @@ def _check(actual, expected, name):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("conv", _convs(), ids=lambda c: c["name"])
-def test_conv_backward(benchmark, conv, provider, monkeypatch):
+def test_conv_backward(benchmark, conv, provider):
     dev = harness.device()
-    monkeypatch.delenv(conv_train_backward.BACKWARD_ENV, raising=False)
     if provider in ("triton_dgrad", "triton_bwd") and conv["stride"] != 1:
         pytest.skip("stride-2 dgrad is cuDNN's in every path")
     x, weight, norm, grad_y = _problem(conv, dev)
@@ -151,7 +152,5 @@ def test_conv_backward(benchmark, conv, provider, monkeypatch):
 
 
 def _decisions_for(conv: dict) -> list[dict]:
-    from fastresnet.ops import dispatch
-
     tag = f"{conv['cout']}x{conv['cin']}k{conv['k']}x{conv['k']}s{conv['stride']}"
-    return [d for d in dispatch.decisions() if d["key"].startswith(f"conv_stats_backward:{tag}")]
+    return [d for d in tuning.decisions() if d["key"].startswith(f"conv_stats.backward:{tag}")]

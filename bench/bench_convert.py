@@ -33,7 +33,7 @@ import torchvision
 
 import fastresnet
 import harness
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 
 PROVIDERS = ["torchvision", "fastresnet", "torch_compile", "fastresnet_compile"]
 
@@ -99,7 +99,7 @@ def test_resnet50_inference(benchmark, resnet50, provider, monkeypatch):
     if provider == "fastresnet":
         report = net.fastresnet_report
         extra.update(replaced=len(report.replaced), left=len(report.left))
-        extra["dispatch"] = {d["key"]: d["choice"] for d in dispatch.decisions()}
+        extra["dispatch"] = {d["key"]: d["choice"] for d in tuning.decisions()}
     harness.run(
         benchmark, forward, dev=dev, group="resnet50 inference", provider=provider,
         baseline=provider == "torchvision", **extra,

@@ -20,7 +20,7 @@ block input, write and read back each raw conv output, write the output; backwar
 twice that), so GB/s compares against the copy bandwidth; `peak_memory_bytes`, the peak
 allocation of one step above what was allocated before it (activations saved for backward
 plus transients), `path`, what the fused block chose, and `conv_dispatch`, every per-conv
-decision of the step (fastresnet.ops.dispatch.decisions(): conv_stats' tile, its backward's
+decision of the step (fastresnet.ops.tuning.decisions(): conv_stats' tile, its backward's
 path and the Triton wgrad/dgrad tiles, with each candidate's measured ms), and `conv_choices`,
 the same in one line, so a GPU run shows which tiles won.
 """
@@ -36,7 +36,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import harness
 from fastresnet import convert
-from fastresnet.ops import conv_train_backward, conv_train_tiles, cudnn_graph, dispatch
+from fastresnet.nn import blocks
+from fastresnet.ops import cudnn_graph, tuning
 from fastresnet.testing import assert_close
 
 # (name, block class, inplanes, planes, stride, input side at batch 256 / 224 px)
@@ -126,23 +127,21 @@ def _peak_memory(step, dev) -> int | None:
     return torch.cuda.max_memory_allocated(dev) - before
 
 
-CONV_DECISIONS = ("conv_stats_tile:", "conv_stats_backward:", "conv_wgrad_tile:", "conv_dgrad_tile:")
+CONV_DECISIONS = ("conv_stats.tile", "conv_stats.backward", "conv_wgrad.tile", "conv_dgrad.tile")
 
 
 def _forget_conv_choices():
     """Clear the in-process choices (the disk cache stays, so nothing is timed twice), so that
-    dispatch.decisions() after the first step lists this block's conv decisions alone."""
-    dispatch.clear_memory()
-    conv_train_tiles.clear_choices()
-    conv_train_backward.clear_choices()
+    tuning.decisions() after the first step lists this block's conv decisions alone."""
+    tuning.clear()
 
 
 def _conv_decisions() -> list[dict]:
-    return [d for d in dispatch.decisions() if d["key"].startswith(CONV_DECISIONS)]
+    return [d for d in tuning.decisions() if d["op"] in CONV_DECISIONS]
 
 
 def _conv_choices_line(decisions: list[dict]) -> str:
-    """'conv_stats_tile:64x64k3x3s1x1p1x1:x256x64x56x56:bfloat16:norm1:cl -> triton:128x64x64w8s4; ...'"""
+    """'conv_stats.tile:64x64k3x3s1x1p1x1:x256x64x56x56:bfloat16:norm1:cl -> tile:128x64x64w8s4; ...'"""
     return "; ".join(f"{d['key']} -> {d['choice']}" for d in decisions)
 
 
@@ -191,9 +190,9 @@ def test_block_train_step(benchmark, shape, provider, monkeypatch):
     step()  # the first call measures the fused block's paths and its convs' tiles / compiles
     conv_dispatch = _conv_decisions()
     peak = _peak_memory(step, dev)
-    chosen = ",".join(sorted(set(getattr(model, "_paths", {}).values()))) or provider
+    chosen = ",".join(blocks.chosen_paths()) if provider == "fused" else provider
     extra = {"conv_dispatch": conv_dispatch, "conv_choices": _conv_choices_line(conv_dispatch)} if conv_dispatch else {}
-    if provider == "cudnn_graph":  # the graphs of this block's shapes: built, unsupported or rejected
+    if provider == "cudnn_graph":  # the graphs of this block's shapes: built or unsupported
         statuses = [r["status"] for r in cudnn_graph.report()]
         extra["cudnn_graphs"] = f"{sum(s.startswith('built') for s in statuses)} of {len(statuses)} built"
     harness.run(

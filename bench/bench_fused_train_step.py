@@ -22,7 +22,8 @@ import torchvision
 
 import harness
 from fastresnet import convert
-from fastresnet.nn.fused_blocks import tune_dispatch
+from fastresnet.nn import tune_dispatch
+from fastresnet.nn.blocks import chosen_paths
 from fastresnet.testing import assert_close
 
 # The eager pair first: cheap (no compile), so a stage cut short by its time limit still has them.
@@ -81,7 +82,7 @@ def test_resnet50_train_step(benchmark, provider, monkeypatch):
         step()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-    paths = sorted({p for m in model.modules() for p in getattr(m, "_paths", {}).values()})
+    paths = chosen_paths() if provider.startswith("fastresnet") else []
     harness.run(
         benchmark, step, dev=dev, group="resnet50 train step", provider=provider,
         baseline=provider == "torchvision_compile", images=x.shape[0], peak_memory_bytes=peak,

@@ -96,6 +96,8 @@ def test_train_images_per_second(benchmark, provider):
 
 
 def _block_paths(model: torch.nn.Module) -> str:
-    """The fused blocks' chosen paths (fastresnet.nn.fused_blocks), for the report."""
-    paths = sorted({p for m in model.modules() for p in getattr(m, "_paths", {}).values()})
-    return ",".join(paths) or "-"
+    """The fused blocks' chosen paths (fastresnet.nn.blocks), for the report; "-" for a plain model."""
+    from fastresnet.nn.blocks import FusedBasicBlock, FusedBottleneck, chosen_paths
+
+    fused = any(isinstance(m, (FusedBasicBlock, FusedBottleneck)) for m in model.modules())
+    return ",".join(chosen_paths()) if fused else "-"

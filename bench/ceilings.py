@@ -1,9 +1,10 @@
 """Measure the device's two ceilings and describe the environment.
 
 The copy bandwidth (a large device-to-device copy, bytes read + written)
-and the dense bf16 matrix rate (an 8192^3 product on random data) are the
-floors every kernel's achieved GB/s or TFLOP/s is compared with
-(../shared/MEASURING.md). On a CPU it only reports the environment.
+and the dense bf16 matrix rate (an 8192^3 product on random data), measured
+by fastresnet.profiling.ceilings, are the floors every kernel's achieved
+GB/s or TFLOP/s is compared with (../shared/MEASURING.md). On a CPU it only
+reports the environment.
 
     python bench/ceilings.py --out ceilings.json
 """
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-from fastresnet.ops.dispatch import time_ms
+from fastresnet.profiling.ceilings import copy_bandwidth_gbs, matmul_tflops
 
 
 def _git_revision() -> str | None:
@@ -56,20 +57,6 @@ def environment() -> dict:
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     return info
-
-
-def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), src.device, reps=20)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def matmul_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, a.device, reps=20)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,8 @@
 At the 14x14 and 7x7 stages a BatchNorm + add + ReLU moves 25-50 MB, a few
 microseconds of GPU time at 4 TB/s: the call's host time (Python, dispatch,
 launches) decides its speed. This script runs the Python of the path a GPU
-takes after its dispatch has decided (`--path triton` or `eager`, forced with
-fastresnet.ops.dispatch.set_dispatch_mode) with every Triton launch stubbed
+takes after its choice is made (`--path triton` or `eager`, pinned with
+fastresnet.ops.tuning.override("batch_norm_act=...")) with every Triton launch stubbed
 out, so it measures everything but the launches themselves, and counts the
 aten ops each call issues (each one a launch on a GPU):
 
@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastresnet import backend
 from fastresnet.kernels import bn_act as kernels
 from fastresnet.nn import BatchNormAct2d
-from fastresnet.ops import bn_act_dispatch, dispatch
+from fastresnet.ops import tuning
 
 
 class CountOps(TorchDispatchMode):
@@ -53,7 +53,7 @@ def stub_kernels() -> None:
             setattr(kernels, name, _NoLaunch())
     kernels._multiprocessors = lambda index: 132  # an H100/H200
     backend.use_triton = lambda tensor: True
-    bn_act_dispatch.measured = lambda x: True
+    tuning.can_measure = lambda device: True
 
 
 def best_us_per_call(fn, calls: int) -> float:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
     stub_kernels()
-    dispatch.set_dispatch_mode(args.path)
+    tuning.override(f"batch_norm_act={args.path}")
     bn = BatchNormAct2d(64)
     x = torch.randn(8, 64, 7, 7).contiguous(memory_format=torch.channels_last)
     residual = torch.randn_like(x)

@@ -82,12 +82,17 @@ def normalise_act_reference(x, mean, invstd, gamma, beta, relu=True):
     return (torch.relu(z) if relu else z).to(x.dtype)
 
 
-def conv_stats_reference(x, weight, stride=1, padding=0, norm_input=None):
-    """(y, mean, biased var) with y = conv2d(a, weight) in x's dtype, where a is x,
-    or normalise_act_reference(x, *norm_input) when norm_input = (mean, invstd,
-    gamma, beta) is given; mean and var are y's per-channel batch statistics in
-    fp32 (of y as stored). Kernel: kernels/conv_train.py `_conv_stats_fwd`."""
+def conv_stats_reference(x, weight, stride=1, padding=0, norm_input=None, eps=1e-5):
+    """(y, mean, invstd, unbiased var) with y = conv2d(a, weight) in x's dtype, where a is x, or
+    normalise_act_reference(x, *norm_input) when norm_input = (mean, invstd, gamma, beta) is given;
+    mean and invstd = 1/sqrt(biased var + eps) are y's per-channel batch statistics in fp32 (of y as
+    stored), ordinary differentiable tensors, so autograd through them is the full BatchNorm backward
+    of whatever normalises y with them; the unbiased variance (for running_var) is detached.
+    Kernel: kernels/conv_train.py `_conv_stats_fwd`."""
     a = x if norm_input is None else normalise_act_reference(x, *norm_input)
     y = F.conv2d(a, weight.to(x.dtype), None, stride, padding)
+    m = y.numel() // y.shape[1]
+    if m <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.size()}")
     var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), unbiased=False)
-    return y, mean, var
+    return y, mean, torch.rsqrt(var + eps), (var * (m / (m - 1))).detach()

@@ -4,6 +4,7 @@
     python -m fastresnet.train --recipe paper-cifar --model resnet110 --data.root ~/data/cifar-10-batches-py
     torchrun --nproc_per_node=8 -m fastresnet.train --recipe fast-imagenet --data.root /data/imagenet
     python -m fastresnet.train --resume runs/resnet20-digits-20260101-120000
+    python -m fastresnet.train --profile 5 --model resnet50 --data.backend synthetic   # where the step's time goes
 
 `--help` lists every field. Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT, checkpoint saved),
 2 a mistake in the input, told in one line (a flag or value, a bad dataset file, an unreadable
@@ -51,12 +52,27 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def profile_instead(invocation, argv: list[str] | None) -> int:
+    """`--profile N`: fastresnet.profile's default profile of this config, into the run directory."""
+    import shlex
+
+    from fastresnet.profile import ProfileOptions, output_dir, run_profile
+
+    options = ProfileOptions(steps=invocation.profile)
+    argv = sys.argv[1:] if argv is None else argv
+    run_profile(invocation.config, options, output_dir(invocation.config, options, invocation.resume),
+                command=shlex.join(["python", "-m", "fastresnet.train", *argv]))
+    return 0
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     invocation = parse_invocation(argv)
     validate(invocation.config)
     cfg = invocation.config
     try:
+        if invocation.profile:
+            return profile_instead(invocation, argv)
         train(cfg, resume=invocation.resume)
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)

@@ -214,7 +214,7 @@ def _bn_stats_partial(
 # Only C / BLOCK_C programs run, so the row loops are software-pipelined
 # (tl.range num_stages=3) over tall tiles to keep loads in flight; at large M
 # the split statistics pass wins, and the op layer offers this one as a
-# dispatch candidate only for small M (bn_act_train.SINGLE_PASS_MAX_ROWS).
+# dispatch candidate only for small M (fastresnet.ops.bn_act.SINGLE_PASS_MAX_ROWS).
 @triton.jit
 def _bn_train_fwd_single(
     x_ptr,  # input, any float dtype, strides x_s*; y has the same strides

@@ -2,7 +2,7 @@
 
 The conv epilogue (kernels/conv_train.py) leaves one (mean, M2) partial per
 row block and channel; a large activation has thousands of them (ResNet-50's
-first stage at batch 256: 6,272 row blocks). Issue 3's `_bn_stats_finalize`
+first stage at batch 256: 6,272 row blocks). kernels/bn_act.py's `_bn_stats_finalize`
 merges partials with one program per channel block, which is right for a
 few hundred partials but leaves the GPU nearly idle for thousands. So first
 `_bn_stats_merge` reduces groups of GROUP partials in parallel, with the same

@@ -22,7 +22,8 @@ Accumulation is fp32. fp16/bf16 operands use the tensor cores natively; fp32
 operands use tf32 when ALLOW_TF32 (the launcher follows torch's cuDNN tf32
 switch, as F.conv2d does) and full fp32 otherwise. Triton's interpreter
 computes bf16 dots wrongly, so under the interpreter DOT_IN_FP32 converts the
-tiles to fp32 before the dot.
+tiles to fp32 before the dot. The store rounds to nearest even (`_to_stored`), as
+the GPU's conversion and torch's eager ops do.
 
 Two K loops: for C >= 16 one loop over (tap, channel block) steps, each
 loading BLOCK_K contiguous channels of one tap (as torch inductor's conv
@@ -54,6 +55,25 @@ def _dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, FP32_MODE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+# Triton's interpreter converts fp32 to bf16 by dropping the low 16 bits (round toward zero; its
+# "rtne" mode is ignored for that pair): every bf16 store would shrink by ~2^-9 relative on average,
+# a bias that compounds over a network (a converted ResNet-56 drifted 27x further from fp32 than eager
+# autocast). Read at import, as triton.jit itself decides whether to interpret.
+_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _to_stored(y, dtype: tl.constexpr):
+    """fp32 y in the stored dtype, rounded to nearest even: on a GPU the conversion itself (cvt.rn);
+    under the interpreter, for bf16, the round-half-to-even of fp32's bits (NaN kept as NaN)."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(y != y, y.to(dtype), rounded)
+    return y.to(dtype)
 
 
 @triton.jit
@@ -169,7 +189,8 @@ def _conv_bn_act_fwd(
     if APPLY_RELU:
         y = tl.maximum(y, 0.0)
     o_rows = batch * stride_on + out_h * stride_oh + out_w * stride_ow
-    tl.store(out_ptr + o_rows[:, None] + offs_n[None, :] * stride_oc, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+    out_ptrs = out_ptr + o_rows[:, None] + offs_n[None, :] * stride_oc
+    tl.store(out_ptrs, _to_stored(y, out_ptr.dtype.element_ty), mask=out_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -315,10 +336,6 @@ def _fp32_mode(dtype: torch.dtype, interpreted: bool) -> int:
     if interpreted:
         return 2
     return 1 if torch.backends.cudnn.allow_tf32 else 2
-
-
-def conv_bn_act_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _launch_conv_bn_act(

@@ -33,7 +33,7 @@ prologue's values live across the K loop.
 Epilogue, in fp32 on the accumulator: y = acc * scale + shift (+ the
 residual tile, loaded by TMA) (ReLU), cast once to the output dtype.
 
-Requirements (checked by fastresnet.ops.conv before this runs): C and Cout
+Requirements (checked by fastresnet.ops.conv_bn_act before this runs): C and Cout
 multiples of 16 (TMA wants 16-byte aligned row strides and a 16-byte
 minimum box row), base pointers 16-byte aligned, x / residual / output laid
 out as contiguous [M, C] / [M, Cout] matrices (channels_last), fp16 or bf16

@@ -21,7 +21,7 @@ that the next op normalises) give each [BLOCK_M, BLOCK_N] tile its per-channel
 mean and M2 = sum((y - tile_mean)^2), two passes over registers, fp32. Row
 block p writes partial p of [P, OUT_C] buffers. Partials of BLOCK_M rows each
 are then merged with Chan et al.'s parallel formula (kernels/bn_stats.py and
-issue 3's `_bn_stats_finalize`): no E[y^2] - E[y]^2 over N*H*W, which loses
+kernels/bn_act.py's `_bn_stats_finalize`): no E[y^2] - E[y]^2 over N*H*W, which loses
 everything when the mean is large against the spread.
 """
 
@@ -134,7 +134,7 @@ def _conv_stats_fwd(
 # ---------------------------------------------------------------------------
 
 # The tiles the measured dispatch times for _conv_stats_fwd per shape class on
-# a GPU (fastresnet.ops.conv_train_tiles), written for sm_90 with 2-byte operands:
+# a GPU (fastresnet.ops.conv_stats), written for sm_90 with 2-byte operands:
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The inference conv's list
 # (kernels/conv.py _HOPPER_TILES) does not carry over: the prologue (a scale and
 # a shift per K column, a mask for the padding taps) and the statistics

@@ -246,7 +246,7 @@ def _wgrad_split(m: int, out_c: int, in_c: int, taps: int, tile: _TileConfig, in
     return max(1, min(triton.cdiv(2 * sms, tiles), m // (8 * tile.block_k)))
 
 
-# The tiles the measured dispatch times per shape (fastresnet.ops.conv_train_tiles), besides
+# The tiles the measured dispatch times per shape (fastresnet.ops.conv_stats), besides
 # each launch helper's fixed rule, for sm_90 with 2-byte operands (K steps halve for fp32):
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in each kernel's GEMM terms. Each compiles for
 # sm_90a without spills under triton 3.6 and 3.8 (tests/compile_conv_train_for_hopper.py).

@@ -13,14 +13,16 @@ import types
 import pytest
 import torch
 
-from fastresnet.ops.conv import (
-    PreparedConvBN,
-    _candidates,
+from fastresnet.ops import conv_bn_act as conv_ops
+from fastresnet.ops import tuning
+from fastresnet.ops.conv_bn_act import (
+    ConvBN,
     _gemm_supports,
     _pixel_rows,
     _run_triton_gemm,
-    _triton_gemm_names,
+    candidates as _candidates,
     implementation,
+    triton_gemm_names as _triton_gemm_names,
 )
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
@@ -55,7 +57,7 @@ SHAPES = [(2, 48, 80, 5, 7), (1, 32, 48, 5, 9), (1, 16, 16, 2, 3)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gemm_kernel_matches_reference(shape, residual, relu, dtype):
     x, weight, scale, shift, res = _problem(*shape, dtype, residual)
-    p = PreparedConvBN(weight, scale, shift, dtype=dtype)
+    p = ConvBN(weight, scale, shift, dtype=dtype)
     assert _gemm_supports(x, p, res)
     out = _run_triton_gemm(x, p, res, relu)
     atol, rtol = TOL[dtype]
@@ -79,23 +81,23 @@ def test_persistent_loop_covers_every_tile(num_programs):
 
 def test_gemm_applies_only_to_tma_ready_pointwise_convs():
     x, weight, scale, shift, res = _problem(2, 32, 48, 4, 5, torch.float16, True)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    p = ConvBN(weight, scale, shift, dtype=torch.float16)
     assert _gemm_supports(x, p, res) and _gemm_supports(x, p, None)
     assert not _gemm_supports(x.contiguous(), p, None)  # NCHW: no [N*H*W, C] view
     assert not _gemm_supports(x, p, res.contiguous())  # an NCHW residual
-    assert not _gemm_supports(x, PreparedConvBN(weight, scale, shift, stride=2, dtype=torch.float16), None)
-    assert not _gemm_supports(x, PreparedConvBN(weight, scale, shift, padding=1, dtype=torch.float16), None)
+    assert not _gemm_supports(x, ConvBN(weight, scale, shift, stride=2, dtype=torch.float16), None)
+    assert not _gemm_supports(x, ConvBN(weight, scale, shift, padding=1, dtype=torch.float16), None)
     w3 = torch.randn(48, 32, 3, 3).half()
-    assert not _gemm_supports(x, PreparedConvBN(w3, scale, shift, padding=1, dtype=torch.float16), None)
+    assert not _gemm_supports(x, ConvBN(w3, scale, shift, padding=1, dtype=torch.float16), None)
     wg = torch.randn(48, 16, 1, 1).half()
-    assert not _gemm_supports(x, PreparedConvBN(wg, scale, shift, groups=2, dtype=torch.float16), None)
+    assert not _gemm_supports(x, ConvBN(wg, scale, shift, groups=2, dtype=torch.float16), None)
     x24, w24, s24, b24, _ = _problem(2, 24, 48, 4, 5, torch.float16, False)  # C = 24: rows not 16-aligned
-    assert not _gemm_supports(x24, PreparedConvBN(w24, s24, b24, dtype=torch.float16), None)
+    assert not _gemm_supports(x24, ConvBN(w24, s24, b24, dtype=torch.float16), None)
     x40, w40, s40, b40, _ = _problem(2, 32, 40, 4, 5, torch.float16, False)  # Cout = 40
-    assert not _gemm_supports(x40, PreparedConvBN(w40, s40, b40, dtype=torch.float16), None)
+    assert not _gemm_supports(x40, ConvBN(w40, s40, b40, dtype=torch.float16), None)
     shifted = torch.empty(2 * 32 * 4 * 5 + 4, dtype=torch.float16)[4:].view(2, 4, 5, 32).permute(0, 3, 1, 2)
     assert shifted.is_contiguous(memory_format=CL) and not _gemm_supports(shifted, p, None)  # base 8 B off
-    assert not _gemm_supports(x.double(), PreparedConvBN(weight.double(), scale, shift), None)
+    assert not _gemm_supports(x.double(), ConvBN(weight.double(), scale, shift), None)
 
 
 # ---------------------------------------------------------------------------
@@ -158,14 +160,22 @@ def posing_as_hopper(hopper, monkeypatch):
     monkeypatch.setattr("fastresnet.backend.triton_available", lambda: True)
 
 
+REAL_MEASURE = tuning.measure
+
+
 @pytest.fixture
 def captured(posing_as_hopper, monkeypatch):
-    """The candidates conv_ops._choose hands to the dispatch: dispatch.choose records them (in the dict
-    returned) and takes the fixed rule."""
-    from fastresnet.ops import dispatch
-
+    """The candidates the conv_bn_act tuner would time, wrapped as on a GPU: tuning.measure records them
+    (in the dict returned) and times none (the first wins)."""
     candidates = {}
-    monkeypatch.setattr(dispatch, "choose", lambda key, named, fixed, device: candidates.update(named) or fixed)
+
+    def record(named, device):
+        candidates.update(named)
+        return {next(iter(named)): 1.0}
+
+    monkeypatch.setattr(tuning, "can_measure", lambda device: True)
+    monkeypatch.setattr(tuning, "measure", record)
+    monkeypatch.setattr(tuning, "_remember_on_disk", lambda *args: None)  # after tuning.clear(), times anew
     return candidates
 
 
@@ -174,14 +184,14 @@ def test_dispatch_offers_gemm_tiles_only_where_they_apply(posing_as_hopper, monk
     1x1 channels_last bf16 conv gets "triton_gemm:<tile>" candidates beside the others; fp32 and a
     pre-Hopper GPU do not."""
     x, weight, scale, shift, res = _problem(2, 64, 256, 4, 4, torch.bfloat16, True)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.bfloat16)
+    p = ConvBN(weight, scale, shift, dtype=torch.bfloat16)
     names = _candidates(x, p, res)
     gemm = [n for n in names if n.startswith("triton_gemm:")]
     assert gemm == _triton_gemm_names(x, p, res) and 2 <= len(gemm) <= 4
     assert "cudnn_fused" in names and any(n.startswith("triton:") for n in names)
     assert all(callable(implementation(n)) for n in gemm)
     x32, w32, s32, b32, _ = _problem(2, 64, 256, 4, 4, torch.float32, False)
-    assert not any(n.startswith("triton_gemm:") for n in _candidates(x32, PreparedConvBN(w32, s32, b32), None))
+    assert not any(n.startswith("triton_gemm:") for n in _candidates(x32, ConvBN(w32, s32, b32), None))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not any(n.startswith("triton_gemm:") for n in _candidates(x, p, res))
 
@@ -189,29 +199,27 @@ def test_dispatch_offers_gemm_tiles_only_where_they_apply(posing_as_hopper, monk
 def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(captured, monkeypatch):
     """The TMA GEMM's candidates have never run on a GPU: the first (untimed) call of each is compared with
     the reference conv, and one that is off warns and raises, which the dispatch's measurement skips."""
-    from fastresnet.ops import conv as conv_ops
-    from fastresnet.ops import dispatch
-
     x, weight, scale, shift, res = _problem(1, 32, 128, 3, 5, torch.float16, True)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
-    conv_ops._choose(x, p, res, True, "measure")
+    p = ConvBN(weight, scale, shift, dtype=torch.float16)
+    conv_ops._choose(x, p, res, True)
     name = next(n for n in captured if n.startswith("triton_gemm:"))
     cpu = torch.device("cpu")
-    monkeypatch.setattr(dispatch, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
-    assert list(dispatch.measure({name: captured[name]}, cpu)) == [name]  # the kernel matches the reference
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    assert list(REAL_MEASURE({name: captured[name]}, cpu)) == [name]  # the kernel matches the reference
     wrong = conv_ops._run_reference(x, p, res, True) * 1.1
     monkeypatch.setattr(conv_ops, "_run_reference", lambda *args: wrong)  # a reference it cannot match
-    conv_ops._choose(x, p, res, True, "measure")  # fresh candidates, checked against that
+    tuning.clear()
+    conv_ops._choose(x, p, res, True)  # fresh candidates, checked against that
     with pytest.warns(RuntimeWarning, match=f"candidate {name} is off the reference"):
-        assert dispatch.measure({name: captured[name]}, cpu) == {}
+        assert REAL_MEASURE({name: captured[name]}, cpu) == {}
 
 
 def test_gemm_candidate_keeps_a_residual_it_cannot_view_as_rows():
     """The dispatch's choice is kept per signature; a later call with an NCHW residual (no [M, Cout] view)
     or an x that starts off 16-byte alignment must still compute the conv with its residual: the
-    implicit-GEMM kernel takes over (before: the residual was dropped, or TMA refused the pointer)."""
+    implicit-GEMM kernel takes over (the residual is never dropped, and TMA is never handed such a pointer)."""
     x, weight, scale, shift, res = _problem(1, 32, 48, 5, 9, torch.float16, True)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    p = ConvBN(weight, scale, shift, dtype=torch.float16)
     nchw_res = res.contiguous()
     out = _run_triton_gemm(x, p, nchw_res, True)
     assert_close(out, _expected(x, weight, scale, shift, res, True), atol=4e-3, rtol=4e-3, name="nchw residual")
@@ -225,24 +233,23 @@ def test_gemm_candidate_keeps_a_residual_it_cannot_view_as_rows():
 
 def test_every_unverified_candidate_is_checked_against_the_reference(captured, monkeypatch):
     """The per-tile Triton kernels and cuBLASLt's path have not run on a GPU either: their first call is
-    compared with the reference like the TMA GEMM's; cuDNN's candidates are not wrapped."""
-    from fastresnet.ops import conv as conv_ops
-    from fastresnet.ops import dispatch
-
+    compared with the reference like the TMA GEMM's; cuDNN's candidates and the rule's tile, which have,
+    are not wrapped."""
     x, weight, scale, shift, _ = _problem(1, 32, 128, 3, 5, torch.float16, False)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
-    conv_ops._choose(x, p, None, True, "measure")
+    p = ConvBN(weight, scale, shift, dtype=torch.float16)
+    conv_ops._choose(x, p, None, True)
     unverified = [n for n in captured if n.startswith(("triton:", "triton_gemm:")) or n == "cublaslt_fused"]
     assert "cublaslt_fused" in unverified and any(n.startswith("triton:") for n in unverified)
-    wrapped = {n for n, fn in captured.items() if getattr(fn, "__name__", "") == "call"}  # _checked_on_first_call's
-    assert wrapped == set(unverified)
+    wrapped = {n for n, fn in captured.items() if getattr(fn, "__name__", "") == "call"}  # checked_on_first_call's
+    assert wrapped == set(unverified) and "triton" in captured
     wrong = conv_ops._run_reference(x, p, None, True) * 1.1
     monkeypatch.setattr(conv_ops, "_run_reference", lambda *args: wrong)
     captured.clear()
-    conv_ops._choose(x, p, None, True, "measure")
-    monkeypatch.setattr(dispatch, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    tuning.clear()
+    conv_ops._choose(x, p, None, True)
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
     with pytest.warns(RuntimeWarning, match="candidate cublaslt_fused is off the reference"):
-        assert dispatch.measure({"cublaslt_fused": captured["cublaslt_fused"]}, torch.device("cpu")) == {}
+        assert REAL_MEASURE({"cublaslt_fused": captured["cublaslt_fused"]}, torch.device("cpu")) == {}
 
 
 def test_gemm_tile_names_are_checked():
@@ -254,7 +261,7 @@ def test_gemm_tile_names_are_checked():
 def test_gemm_candidate_by_name_computes_the_conv(name):
     """A named tile (what the dispatch times) runs through the interpreter too: tiles change only loop bounds."""
     x, weight, scale, shift, res = _problem(1, 32, 48, 5, 9, torch.float16, True)
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.float16)
+    p = ConvBN(weight, scale, shift, dtype=torch.float16)
     out = implementation(name)(x, p, res, True)
     assert_close(out, _expected(x, weight, scale, shift, res, True), atol=4e-3, rtol=4e-3, name=name)
 
@@ -277,7 +284,7 @@ def test_every_gemm_tile_on_gpu(conv):
     cin, cout, residual, size = conv
     for dtype in (torch.bfloat16, torch.float16):
         x, weight, scale, shift, res = _problem(4, cin, cout, size, size, dtype, residual, device="cuda")
-        p = PreparedConvBN(weight, scale, shift, dtype=dtype)
+        p = ConvBN(weight, scale, shift, dtype=dtype)
         assert _gemm_supports(x, p, res)
         names = _triton_gemm_names(x, p, res)
         assert 2 <= len(names) <= 4
@@ -295,20 +302,15 @@ def test_every_gemm_tile_on_gpu(conv):
 def test_dispatch_times_every_gemm_tile_on_gpu(tmp_path, monkeypatch, residual):
     """The measured dispatch times each "triton_gemm:<tile>" beside cuDNN and the implicit GEMM; none is
     left out by the first-call check against the reference (its warning would say which) or a failure."""
-    from fastresnet.ops import dispatch
-    from fastresnet.ops.conv import conv_bn_act
-
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")
     monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
-    dispatch.clear_memory()
+    tuning.clear()
     x, weight, scale, shift, res = _problem(8, 128, 512, 28, 28, torch.bfloat16, residual, device="cuda")
-    try:
-        with torch.no_grad():
-            out = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
-        (decision,) = dispatch.decisions()
-    finally:
-        dispatch.clear_memory()
-    p = PreparedConvBN(weight, scale, shift, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = conv_ops.conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
+    (decision,) = tuning.decisions()
+    p = ConvBN(weight, scale, shift, dtype=torch.bfloat16)
     timed = [name for name in decision["times_ms"] if name.startswith("triton_gemm:")]
     assert sorted(timed) == sorted(_triton_gemm_names(x, p, res)), decision
     assert_close(out, _expected(x, weight, scale, shift, res, True), atol=6e-2, rtol=3e-2, name=decision["choice"])

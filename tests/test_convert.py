@@ -16,7 +16,8 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastresnet
-from fastresnet.nn.inference_blocks import InferenceBasicBlock, InferenceBottleneck
+from fastresnet.models import get_model
+from fastresnet.nn import FusedBasicBlock, FusedBottleneck
 from fastresnet.testing import assert_close
 
 
@@ -174,6 +175,32 @@ def test_checkpoint_loads_and_folded_weights_refresh(reference_path):
         assert relative_error(converted(x), other(x)) < 1e-5
 
 
+@pytest.mark.parametrize("kernel_path", [False, True], ids=["reference", "kernel"])
+def test_bn_recalibration_and_data_edits_are_seen(kernel_path, monkeypatch):
+    """Nothing folded is kept between eval calls, so nothing goes stale: not after BatchNorm statistics are
+    refreshed by train-mode forwards under no_grad (torch.optim.swa_utils.update_bn; BatchNorm's own
+    statistics update bumps no version counter), nor after `.data` edits of a weight or a buffer (which
+    bypass version counters by design)."""
+    if not kernel_path:
+        monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
+    torch.manual_seed(0)
+    model = randomize_bn(get_model("resnet20", num_classes=4))
+    converted = converted_copy(model)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    loader = [(torch.randn(4, 3, 8, 8) * 2 + 1,) for _ in range(2)]
+    with torch.no_grad():
+        converted(x)  # the first eval call
+        for m in (model, converted):
+            torch.optim.swa_utils.update_bn(loader, m)
+            m.eval()
+        assert relative_error(converted(x), model(x)) < 1e-4, "after update_bn"
+        for m in (model, converted):
+            m.conv1.weight.data.mul_(3.0)
+            m.layer1[0].bn1.running_var.data.mul_(4.0)
+            m.layer2[0].conv2.weight.data.mul_(0.5)
+        assert relative_error(converted(x), model(x)) < 1e-4, "after .data edits"
+
+
 def test_dtype_change_after_convert_refreshes_folded_weights(reference_path):
     model = randomize_bn(torchvision.models.resnet18())
     converted = converted_copy(model)
@@ -290,7 +317,7 @@ def test_zoo_style_blocks_through_the_kernel(residual):
     model = nn.Sequential(BasicBlock(16, 16, residual=residual), BasicBlock(16, 32, stride=2, residual=residual))
     randomize_bn(model)
     converted = converted_copy(model)
-    assert [type(m) for m in converted] == [InferenceBasicBlock, InferenceBasicBlock]
+    assert [type(m) for m in converted] == [FusedBasicBlock, FusedBasicBlock]
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
@@ -308,7 +335,7 @@ def test_torchvision_blocks_through_the_kernel():
     )
     randomize_bn(block)
     fused = fastresnet.convert(copy.deepcopy(block))
-    assert isinstance(fused, InferenceBottleneck)
+    assert isinstance(fused, FusedBottleneck)
     x = torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_close(fused(x), block(x), atol=1e-4, rtol=1e-4)

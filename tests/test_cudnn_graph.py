@@ -1,8 +1,9 @@
 """fastresnet.ops.cudnn_graph: cuDNN's conv + BatchNorm-statistics graph as a fused-block path.
 
 On the CPU: the pure-Python shape and key logic, the statistics finalisation
-and its guard, the custom op's plumbing (forward, autograd, fallbacks) with a
-stand-in for the cuDNN graph, and cuDNN's own validation and heuristics for
+and the first-call check that guards it, the custom op's plumbing (forward,
+autograd, fallbacks) with a stand-in for the cuDNN graph, the block path with
+it, and cuDNN's own validation and heuristics for
 the graph this module describes, planned deviceless for an H100 when the
 optional package is installed. On a GPU (cuda-marked): the real graph against
 eager PyTorch for whole blocks.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastresnet import convert
-from fastresnet.ops import cudnn_graph, dispatch
+from fastresnet.ops import cudnn_graph, tuning
 from fastresnet.ops.cudnn_graph import GraphKey, channels_last_strides, graph_key, stats_from_sums
 from fastresnet.reference import conv_stats_reference
 from fastresnet.testing import assert_as_accurate_as, assert_close
@@ -49,12 +50,22 @@ def test_no_candidate_without_cuda():
         cudnn_graph.conv_stats_graph(x, torch.randn(8, 16, 1, 1))
 
 
-def test_dispatch_key_names_the_candidates():
+def test_a_path_that_appears_later_is_measured_not_shadowed(fake_gpu_timing, monkeypatch):
     # A path that appears later (the package installed) must not be shadowed by a cached older choice.
     block = convert(BasicBlock(8, 8), mode="train")
     x = _channels_last(torch.randn(2, 8, 4, 4))
-    assert block._problem_key(x, ["triton", "mixed", "cudnn_graph", "eager"]).endswith(":triton|mixed|cudnn_graph|eager")
-    assert block._problem_key(x, ["triton", "eager"]) != block._problem_key(x, ["triton", "cudnn_graph", "eager"])
+    def block_timings():
+        return [key for op, key in fake_gpu_timing.timed if op == "fused_block"]
+
+    block(x)
+    assert len(block_timings()) == 1
+    tuning.clear()  # a new process, with the disk cache
+    block(x)
+    assert len(block_timings()) == 1  # the same candidates: the disk cache answers
+    tuning.clear()
+    monkeypatch.setattr(type(block), "candidate_paths", lambda self, x: ["triton", "cudnn_graph", "eager"])
+    block(x)  # cudnn_graph fails on the CPU (and is left out), but it was timed: not shadowed
+    assert len(block_timings()) == 2
 
 
 def test_imports_cleanly_without_the_package():
@@ -62,7 +73,7 @@ def test_imports_cleanly_without_the_package():
     code = (
         "import sys; sys.modules['cudnn'] = None\n"
         "import torch\n"
-        "from fastresnet.nn import fused_blocks\n"
+        "from fastresnet.nn import blocks\n"
         "from fastresnet.ops import cudnn_graph\n"
         "print(cudnn_graph.unavailable_reason(torch.device('cuda')))\n"
     )
@@ -152,17 +163,22 @@ def test_stats_from_sums_match_var_mean():
         stats_from_sums(*_sums(constant[:1, :, :1, :1]), 1, EPS)
 
 
-def test_guard_rejects_sum_of_squares_cancellation():
-    # mean 1e4, std 1: fp32 sums lose the variance; mean 0: they keep it.
+def test_the_first_call_check_rejects_sum_of_squares_cancellation():
+    """The statistics' guard is the tuner's first-call check of the block path: it compares what the
+    statistics do to the normalised output with the eager path's. mean 1e4, std 1: fp32 sums lose the
+    variance (rejected); mean 0: they keep it (accepted)."""
     for offset, fine in ((0.0, True), (1e4, False)):
-        y = torch.randn(8, 4, 16, 16, dtype=torch.float64).add(offset)
-        mean, _, var_unbiased = stats_from_sums(*_sums(y), y.numel() // 4, EPS)
-        m = y.numel() // 4
-        y32 = y.float()
-        reason = cudnn_graph._disagreement(y32, mean, var_unbiased * (m - 1) / m, y32, EPS)
-        assert (reason is None) == fine, reason
-    y = torch.randn(2, 4, 3, 3)
-    assert "output differs" in cudnn_graph._disagreement(y, *torch.var_mean(y, (0, 2, 3))[::-1], y + 1, EPS)
+        y = torch.randn(8, 4, 16, 16, dtype=torch.float64).add(offset).float()
+        _, invstd, _ = stats_from_sums(*_sums(y.double()), y.numel() // 4, EPS)
+        var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+        graph_out = ((y.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)).float()
+        eager_out = ((y.double() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + EPS).view(1, -1, 1, 1)).float()
+        check = tuning.checked_on_first_call("fused_block", "cudnn_graph", lambda: graph_out, lambda: eager_out)
+        if fine:
+            check()
+        else:
+            with pytest.warns(RuntimeWarning, match="candidate cudnn_graph is off"), pytest.raises(RuntimeError):
+                check()
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +230,7 @@ def stand_in(monkeypatch):
 
 
 def _chain(x, w1, w2, g1, b1, g2, b2):
-    from fastresnet.ops.conv_train import bn_act_stats
+    from fastresnet.ops.bn_act import bn_act_stats
 
     y1, m1, i1, v1 = cudnn_graph.conv_stats_graph(x, w1, 1, 1, EPS)
     y2, m2, i2, v2 = cudnn_graph.conv_stats_graph(y1, w2, 2, 0, EPS, norm_input=(m1, i1, g1, b1))
@@ -229,10 +245,9 @@ def _eager_chain(x, w1, w2, g1, b1, g2, b2):
     return out, (y1.mean((0, 2, 3)), y1.var((0, 2, 3)), y2.mean((0, 2, 3)), y2.var((0, 2, 3)))
 
 
-@pytest.mark.parametrize("verdict", ["built", "rejected", "unsupported"])
+@pytest.mark.parametrize("verdict", ["built", "unsupported"])
 def test_op_forward_gradients_and_statistics(stand_in, verdict):
     verdicts, entries = stand_in
-    verdicts["corrupt"] = 50.0 if verdict == "rejected" else 0.0
     verdicts["unsupported"] = verdict == "unsupported"
     args = [_channels_last(torch.randn(2, 8, 7, 7)), torch.randn(12, 8, 3, 3) * 0.3, torch.randn(16, 12, 1, 1) * 0.3,
             torch.rand(12) + 0.5, torch.randn(12), torch.rand(16) + 0.5, torch.randn(16)]
@@ -251,13 +266,13 @@ def test_op_forward_gradients_and_statistics(stand_in, verdict):
         assert_close(a.grad / scale, b.grad / scale, atol=2e-4, rtol=2e-4, name=f"grad {name}")
     statuses = {e.status.split()[0].rstrip(":") for e in entries.values()}
     assert statuses == {verdict}, statuses
-    if verdict == "built":  # one run per graph (the backward reruns no conv forward), checked on it
-        assert all(e.checked and e.graph.graph.runs == 1 for e in entries.values())
+    if verdict == "built":  # one run per graph (the backward reruns no conv forward)
+        assert all(e.graph.graph.runs == 1 for e in entries.values())
 
 
 def test_op_first_met_inside_a_cuda_graph_capture_runs_unfused(stand_in, monkeypatch):
     """Building a graph needs a cuDNN handle and host syncs, which a CUDA-graph capture forbids: a key
-    first met there runs the unfused path without building; the next eager call builds and checks it."""
+    first met there runs the unfused path without building; the next eager call builds it."""
     verdicts, entries = stand_in
     real_entry = cudnn_graph._entry
     monkeypatch.setattr(cudnn_graph, "_entries", entries)  # the stand-in's table is what _entries holds
@@ -273,14 +288,14 @@ def test_op_first_met_inside_a_cuda_graph_capture_runs_unfused(stand_in, monkeyp
     monkeypatch.setattr(cudnn_graph, "_entry", real_entry)
     cudnn_graph.conv_stats_graph(x, w, 1, 1, EPS)
     (entry,) = entries.values()
-    assert entry.checked and entry.graph.graph.runs == 1
+    assert entry.graph.graph.runs == 1
 
 
 def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in, monkeypatch):
     # An NCHW input: the graph runs NHWC, the op returns what its fake promised (x's layout).
     x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3)
     y, mean, invstd, var = cudnn_graph.conv_stats_graph(x, w, 1, 1)
-    ref, ref_mean, _ = conv_stats_reference(x, w, 1, 1)
+    ref, *_ = conv_stats_reference(x, w, 1, 1)
     assert y.is_contiguous() and y.shape == ref.shape
     assert_close(y, ref, atol=1e-4, rtol=1e-4, name="y")
     compiled = torch.compile(lambda a, b: cudnn_graph.conv_stats_graph(a, b, 1, 1)[0], fullgraph=True, backend="eager")
@@ -308,6 +323,23 @@ def test_block_path_matches_torchvision_with_the_stand_in(stand_in):
     for (name, a), b in zip(fused.named_buffers(), ref.buffers()):
         assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-3, name=name)
     assert len(stand_in[1]) == 4  # conv1, conv2, conv3, downsample: one graph each
+
+
+def test_a_graph_whose_statistics_are_off_never_wins_the_block(stand_in, fake_gpu_timing, monkeypatch):
+    """The path has not run on a GPU: its first timed step is compared with the eager block's output and
+    gradients, and with spoilt sums (a wrong mean) it warns and is left out, however fast."""
+    verdicts, _ = stand_in
+    verdicts["corrupt"] = 50.0
+    ref = Bottleneck(16, 4)
+    fused = convert(copy.deepcopy(ref), mode="train")
+    monkeypatch.setattr(type(fused), "candidate_paths", lambda self, x: ["triton", "cudnn_graph", "eager"])
+    fake_gpu_timing.winners["fused_block"] = "cudnn_graph"
+    x = _channels_last(torch.randn(2, 16, 5, 5))
+    with pytest.warns(RuntimeWarning, match="candidate cudnn_graph is off"):
+        out = fused(x)
+    assert_close(out, ref(x), atol=1e-3, rtol=1e-3, name="output")
+    (decision,) = [d for d in tuning.decisions() if d["op"] == "fused_block"]
+    assert "cudnn_graph" not in decision["times_ms"] and decision["choice"] != "cudnn_graph"
 
 
 # ---------------------------------------------------------------------------
@@ -431,7 +463,6 @@ def test_gpu_cudnn_graph_path_matches_eager(kind, dtype):
     for (name, a), b in zip(fused.named_buffers(), ref.buffers()):
         assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-2, name=name)
     statuses = _built_statuses(dtype)
-    assert not any(s.startswith("rejected") for s in statuses), statuses
     if not any(s.startswith("built") for s in statuses):
         pytest.skip(f"results right, but through the unfused fallback: cuDNN built no graph for {dtype}: {statuses}")
 
@@ -440,7 +471,7 @@ def test_gpu_cudnn_graph_path_matches_eager(kind, dtype):
 @needs_package
 def test_gpu_cudnn_graph_builds_for_resnet50_convs():
     """The candidate is only worth its place if cuDNN serves it in 16-bit: a ResNet-50 stage-1 3x3
-    (prologue) and 1x1 (no prologue) must build in fp16 or bf16 and pass the first-call check."""
+    (prologue) and 1x1 (no prologue) must build in fp16 or bf16 and compute the reference's output and mean."""
     cudnn_graph.clear_cache()
     built = {}
     for dtype in (torch.float16, torch.bfloat16):
@@ -450,7 +481,7 @@ def test_gpu_cudnn_graph_builds_for_resnet50_convs():
         w3 = _channels_last(torch.randn(64, 64, 3, 3, device="cuda", dtype=dtype) / 24)
         w1 = _channels_last(torch.randn(64, 64, 1, 1, device="cuda", dtype=dtype) / 8)
         y, mean, invstd, _ = cudnn_graph.conv_stats_graph(x, w3, 1, 1, EPS, norm)
-        ref, ref_mean, ref_var = conv_stats_reference(x, w3, 1, 1, norm)
+        ref, ref_mean, _, _ = conv_stats_reference(x, w3, 1, 1, norm)
         assert_close(y.float(), ref.float(), atol=5e-2, rtol=5e-2, name=f"{dtype} y")
         assert_close(mean, ref_mean, atol=2e-2, rtol=2e-2, name=f"{dtype} mean")
         cudnn_graph.conv_stats_graph(x, w1, 1, 0, EPS)
@@ -463,13 +494,13 @@ def test_gpu_cudnn_graph_builds_for_resnet50_convs():
 @needs_package
 def test_gpu_measured_dispatch_times_the_cudnn_graph_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
+    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")  # the path has not run on a GPU yet
+    tuning.clear()
     ref, inplanes = _gpu_block("basic")
     fused = convert(copy.deepcopy(ref), mode="train")
     x = _channels_last(torch.randn(16, inplanes, 28, 28, device="cuda"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused(x)
-    (decision,) = [d for d in dispatch.decisions() if d["key"].startswith("fused_train_block")]
-    print(json.dumps({**decision, "cudnn_graphs": _built_statuses()}, indent=1))
-    assert "cudnn_graph" in decision["key"].rsplit(":", 1)[-1]
-    assert "cudnn_graph" in decision["times_ms"], decision  # timed, not failed
+    (decision,) = [d for d in tuning.decisions() if d["op"] == "fused_block"]
+    print(json.dumps({**decision, "cudnn_graphs": [str(s) for s in _built_statuses()]}, indent=1))
+    assert "cudnn_graph" in decision["times_ms"], decision  # timed, not failed or left out by its check

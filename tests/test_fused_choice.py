@@ -17,7 +17,7 @@ from torch import nn
 from fastresnet.data import DataConfig
 from fastresnet.models import get_model
 from fastresnet.nn import FusedBasicBlock, FusedBottleneck
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 from fastresnet.testing import spawn_ranks
 from fastresnet.training import TrainConfig
 from fastresnet.training import model as model_prep
@@ -48,7 +48,7 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")  # the blocks' eager path: no interpreter
     monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
-    dispatch.clear_memory()
+    tuning.clear()
     record = {"times": {"fused": 2.0, "plain": 3.0}, "compiled": [], "timed": [], "runs": []}
 
     def fake_compile(module, mode):
@@ -61,14 +61,13 @@ def fake_gpu(tmp_path, monkeypatch):
         record["timed"].append(ran)
         return record["times"][ran]
 
-    monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
-    monkeypatch.setattr(dispatch, "time_ms", fake_time_ms)
+    monkeypatch.setattr(tuning, "can_measure", lambda device: True)
+    monkeypatch.setattr(tuning, "time_ms", fake_time_ms)
     monkeypatch.setattr(model_prep, "compile_module", fake_compile)
     real_plan = model_prep.fused_blocks_plan  # the plan a GPU would get
     monkeypatch.setattr(model_prep, "fused_blocks_plan", lambda cfg, device, mode: real_plan(cfg, GPU, mode))
     yield record
-    dispatch.clear_memory()
-    dispatch.set_dispatch_mode(None)
+    tuning.clear()
 
 
 def config(**changes) -> TrainConfig:
@@ -96,7 +95,7 @@ def test_auto_keeps_the_faster_compiled_model_and_records_why(fake_gpu, faster, 
     assert choice.times_ms == fake_gpu["times"]
     assert prepared.fused_blocks.startswith(f"auto -> {faster} (measured")
     assert f"fused blocks auto -> {faster}" in caplog.text and "resnet20" in caplog.text
-    (cache,) = dispatch.cache_dir().glob("dispatch-*.json")
+    (cache,) = tuning.cache_dir().glob("dispatch-*.json")
     stored = json.loads(cache.read_text())["decisions"][choice.key]
     assert stored["choice"] == faster and stored["times_ms"] == fake_gpu["times"]
     assert "4x3x32x32" in choice.key and "compile-default" in choice.key and "float32" in choice.key
@@ -104,7 +103,7 @@ def test_auto_keeps_the_faster_compiled_model_and_records_why(fake_gpu, faster, 
 
 def test_a_later_run_reads_the_choice_from_disk_and_compiles_only_the_winner(fake_gpu):
     first = prepare(config())
-    dispatch.clear_memory()  # a new process
+    tuning.clear()  # a new process
     fake_gpu.update(compiled=[], timed=[])
     again = prepare(config())
     assert fake_gpu["timed"] == [] and fake_gpu["compiled"] == ["fused"]
@@ -130,10 +129,12 @@ def test_timing_leaves_weights_statistics_and_gradients_as_they_were(fake_gpu):
     assert all(p is plain[name] for name, p in prepared.module.named_parameters())
 
 
-@pytest.mark.parametrize("pin, expected, timed", [("plain", "plain", False), ("fused", "fused", False),
-                                                   ("fixed", "plain", False), ("triton", "fused", True)])
+@pytest.mark.parametrize("pin, expected, timed", [("train_step=plain", "plain", False),
+                                                   ("train_step=fused", "fused", False), ("fixed", "plain", False),
+                                                   ("train_step=fixed", "plain", False),
+                                                   ("fused_block=triton", "fused", True)])
 def test_dispatch_switch_pins_or_skips_the_timing(fake_gpu, monkeypatch, pin, expected, timed):
-    # a pin of a kernel path ("triton") says nothing about this choice: it is measured
+    # a pin of another op (a block's path) says nothing about this choice: it is measured
     monkeypatch.setenv("FASTRESNET_DISPATCH", pin)
     prepared = prepare(config())
     assert prepared.fused_choice.choice == expected and bool(fake_gpu["timed"]) == timed
@@ -183,8 +184,8 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
         fn()
         return times[runs[-1]]
 
-    dispatch._can_measure = lambda device: True
-    dispatch.time_ms = fake_time_ms
+    tuning.can_measure = lambda device: True
+    tuning.time_ms = fake_time_ms
     model_prep.compile_module = lambda module, mode: RecordingCompile(module, runs, mode)
     distributed.setup("cpu", "gloo")
     try:

@@ -47,12 +47,12 @@ def test_auto_times_fused_against_plain_under_cuda_graphs_and_caches_the_choice(
     from torch._dynamo.utils import counters
 
     from fastresnet.models import get_model
-    from fastresnet.ops import dispatch
+    from fastresnet.ops import tuning
     from fastresnet.training.model import prepare_model
 
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
-    dispatch.clear_memory()
+    tuning.clear()
     counters.clear()
     cfg = gpu_config(tmp_path, compile="reduce-overhead", unit="step", length=6, eval_every=0)
     result = train(cfg)
@@ -65,9 +65,9 @@ def test_auto_times_fused_against_plain_under_cuda_graphs_and_caches_the_choice(
     assert skips.get("cudagraph_skips", 0) == 0, (
         f"torch.compile fell back to running without CUDA graphs (TORCH_LOGS=perf_hints says why): {skips}")
 
-    dispatch.clear_memory()  # a new process: the disk cache answers
-    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
+    tuning.clear()  # a new process: the disk cache answers
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
     device = torch.device("cuda")
     again = prepare_model(get_model("resnet20", num_classes=10), cfg, device, 32)
     assert again.fused_choice.choice == choice["choice"] and again.fused_choice.source == "disk cache"
-    dispatch.clear_memory()
+    tuning.clear()

@@ -1,23 +1,106 @@
-"""BatchNormAct2d: nn.BatchNorm2d with the residual add and ReLU fused in.
+"""BatchNormAct2d and SyncBatchNormAct2d: torch's BatchNorm modules with the residual add and ReLU fused in.
 
-A subclass with exactly nn.BatchNorm2d's parameters and buffers (weight, bias,
-running_mean, running_var, num_batches_tracked), so state_dicts load both
-ways, and exactly its semantics (momentum including None, the cumulative
-average; track_running_stats=False; eval mode; the error for one value per
-channel in training). forward(x, residual=None) returns
-act(batch_norm(x) + residual) in one pass over memory (two in training: the
-statistics, then the normalisation) through fastresnet.ops.batch_norm_act.
+Subclasses with exactly their parent's parameters and buffers (weight, bias, running_mean,
+running_var, num_batches_tracked), so state_dicts load both ways, and exactly its semantics (momentum
+including None, the cumulative average; track_running_stats=False; eval mode; the error for one value
+per channel in training). forward(x, residual=None) returns act(batch_norm(x) + residual) through
+fastresnet.ops.batch_norm_act: one pass over memory (two in training: the statistics, then the
+normalisation). SyncBatchNormAct2d reduces its training statistics across the process group, as
+nn.SyncBatchNorm does; in eval, and in training without a group of several processes, it is
+BatchNormAct2d.
+
+bn_act(bn, x, residual, relu) is the same for any BatchNorm module a model holds, which is how the
+fused blocks apply theirs: a module swapped in later (torch.nn.SyncBatchNorm.convert_sync_batchnorm)
+is honoured at the next call.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastresnet.ops.bn_act import batch_norm_act
+from fastresnet.ops.bn_act import batch_norm_act, sync_batch_norm_act
 
 Activation = Union[str, bool, None]
+
+
+def momentum_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The running-average factor of this forward, counting the batch in num_batches_tracked in training,
+    exactly as nn.BatchNorm2d.forward does (momentum=None: the cumulative average). Every module of the
+    library that updates BatchNorm statistics itself counts through this one function."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
+def reduces_across_processes(bn: nn.Module) -> bool:
+    """Whether bn's training forward reduces its statistics across several processes (as
+    nn.SyncBatchNorm.forward decides)."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return False
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    return torch.distributed.get_world_size(bn.process_group or torch.distributed.group.WORLD) > 1
+
+
+_FUSABLE = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def bn_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """act(bn(x) + residual): through the fused op for a BatchNorm2d or a SyncBatchNorm that needs no
+    reduction across processes (or one of this module's classes), else batch_norm(bn, x), the add and
+    the ReLU (a FrozenBatchNorm2d, another BatchNorm subclass)."""
+    if isinstance(bn, (BatchNormAct2d, SyncBatchNormAct2d)) or type(bn) in _FUSABLE:
+        if not reduces_across_processes(bn):
+            return batch_norm_act(x, *batch_norm_args(bn, x), residual, relu)
+        if not x.is_cuda:
+            return synced_on_cpu(bn, x, residual, relu)
+    y = batch_norm(bn, x)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
+    """bn's BatchNorm alone (without the act of this module's classes). A SyncBatchNorm reducing across
+    CPU processes, which torch's supports on GPUs only, reduces through fastresnet's implementation."""
+    if reduces_across_processes(bn) and not x.is_cuda:
+        return synced_on_cpu(bn, x, None, False)
+    if isinstance(bn, SyncBatchNormAct2d):
+        return nn.SyncBatchNorm.forward(bn, x)
+    if isinstance(bn, BatchNormAct2d):
+        return nn.BatchNorm2d.forward(bn, x)
+    return bn(x)
+
+
+def _running_stats(bn):
+    """(running_mean, running_var) as this forward reads or updates them, or (None, None)."""
+    if bn.training and not bn.track_running_stats:
+        return None, None
+    return bn.running_mean, bn.running_var
+
+
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple:
+    """(weight, bias, running_mean, running_var, training, momentum, eps) of F.batch_norm for this forward
+    of bn, the batch counted: nn.BatchNorm2d.forward's reading of its options, line for line (batch
+    statistics in training, and in eval when there are no running ones)."""
+    bn._check_input_dim(x)
+    factor = momentum_factor(bn)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return (bn.weight, bn.bias, *_running_stats(bn), batch_stats, factor, bn.eps)
+
+
+def synced_on_cpu(bn: nn.SyncBatchNorm, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    bn._check_input_dim(x)
+    factor = momentum_factor(bn)
+    group = bn.process_group or torch.distributed.group.WORLD
+    return sync_batch_norm_act(x, bn.weight, bn.bias, *_running_stats(bn), factor, bn.eps, group, residual, relu)
 
 
 def _relu_from_act(act: Activation) -> bool:
@@ -31,40 +114,19 @@ def _relu_from_act(act: Activation) -> bool:
     raise ValueError(f"act must be 'relu', None/'identity' or a bool, got {act!r}")
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
-    """act(BatchNorm2d(x) + residual), act in {ReLU, identity}.
+class _ActMixin:
+    """act=/relu= arguments, forward(x, residual), and a constructor that shares another BatchNorm's tensors."""
 
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype:
-            as nn.BatchNorm2d.
-        act: "relu" (default) or True for ReLU; None, "identity" or False for none.
-        relu: the same as a bool; when given it overrides act.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        act: Activation = "relu",
-        relu: Optional[bool] = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
+    apply_relu: bool
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, *, act: Activation = "relu") -> "BatchNormAct2d":
-        """A BatchNormAct2d that shares bn's parameter and buffer tensors (not copies)."""
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
-        fused = cls(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", act=act
-        )
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, *, act: Activation = "relu"):
+        """An instance that shares bn's parameter and buffer tensors (not copies)."""
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
+        fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", act=act)
+        if isinstance(fused, nn.SyncBatchNorm):
+            fused.process_group = getattr(bn, "process_group", None)
         for name, param in bn.named_parameters(recurse=False):
             setattr(fused, name, param)
         for name, buffer in bn.named_buffers(recurse=False):
@@ -72,36 +134,54 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return fused.train(bn.training)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        self._check_input_dim(input)
-        # What follows mirrors nn.BatchNorm2d.forward line for line, so the
-        # running statistics evolve exactly as PyTorch's do.
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training, and in eval when there are no running ones.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are updated only in training with track_running_stats.
-        use_running = not self.training or self.track_running_stats
-        return batch_norm_act(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-            residual,
-            self.apply_relu,
-        )
+        return bn_act(self, input, residual, self.apply_relu)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={'relu' if self.apply_relu else None}"
 
 
-def is_plain_batchnorm(module: nn.Module) -> bool:
-    """True for exactly an nn.BatchNorm2d or a BatchNormAct2d: a subclass with
-    its own forward (SyncBatchNorm, a frozen BN) must not be replaced."""
-    return type(module) in (nn.BatchNorm2d, BatchNormAct2d)
+class BatchNormAct2d(_ActMixin, nn.BatchNorm2d):
+    """act(BatchNorm2d(x) + residual), act in {ReLU, identity}.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as nn.BatchNorm2d.
+        act: "relu" (default) or True for ReLU; None, "identity" or False for none.
+        relu: the same as a bool; when given it overrides act.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, act: Activation = "relu",
+                 relu: Optional[bool] = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return batch_norm_act(input, *batch_norm_args(self, input), residual, self.apply_relu)
+
+
+class SyncBatchNormAct2d(_ActMixin, nn.SyncBatchNorm):
+    """act(SyncBatchNorm(x) + residual): BatchNormAct2d whose training statistics are those of the whole
+    process group (torch's SyncBatchNorm on GPUs, fastresnet's on CPUs). Same arguments as
+    BatchNormAct2d, plus nn.SyncBatchNorm's process_group."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 act: Activation = "relu", relu: Optional[bool] = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """nn.SyncBatchNorm.convert_sync_batchnorm for models that hold BatchNormAct2d: those become
+        SyncBatchNormAct2d (keeping their act), other BatchNorms nn.SyncBatchNorm; the tensors are shared."""
+        if type(module) is BatchNormAct2d:
+            sync = cls.from_batchnorm(module, act="relu" if module.apply_relu else None)
+            sync.process_group = process_group
+            return sync
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for name, child in list(module.named_children()):
+            converted = cls.convert_sync_batchnorm(child, process_group)
+            if converted is not child:
+                setattr(module, name, converted)
+        return module

@@ -14,13 +14,13 @@ BatchNorm. It ships in the optional `nvidia-cudnn-frontend` package
 (`pip install fastresnet[cudnn]`); without the package, or off CUDA, this
 module imports cleanly and offers nothing.
 
-conv_stats_graph() has conv_stats' meaning exactly (fastresnet.ops.conv_train):
+conv_stats_graph() has conv_stats' meaning exactly (fastresnet.ops.conv_stats):
 it returns (y, mean, invstd, unbiased var) of the raw output, and its
 backward is conv_stats' (cuDNN dgrad and wgrad via aten.convolution_backward,
 then the Triton BatchNorm + ReLU backward). So a fused block can run every
-conv through cuDNN's graph, end with issue 3's bn_act_stats, and the
-measured dispatch of fastresnet.nn.fused_blocks times it ("cudnn_graph")
-against the Triton kernels it is the baseline for.
+conv through cuDNN's graph, end with bn_act_stats, and the tuned choice of
+fastresnet.nn.blocks times it ("cudnn_graph") against the Triton kernels it
+is the baseline for.
 
 Graphs are built once per (shapes, dtype, stride, padding, prologue, device)
 and cached in this process. Building tries a few precisions (scale/bias and
@@ -33,7 +33,7 @@ Statistics: sum and sum of squares, and how that is guarded.
   cuDNN's genstats gives sum and sum-of-squares; the variance is then
   E[y^2] - E[y]^2, which cancels catastrophically when |mean| >> std
   (fp32 keeps ~7 digits: at mean/std = 1e3 the variance keeps about one).
-  Issue 3 made fastresnet's own statistics numerically safe (per-block
+  fastresnet's own statistics are numerically safe (per-block
   Welford partials merged with Chan's formula); this candidate trades that
   for cuDNN's fused kernel. Why it is acceptable here, and the guards:
   - Where it runs, conv inputs are BatchNorm'd ReLU outputs (or the block
@@ -42,16 +42,14 @@ Statistics: sum and sum of squares, and how that is guarded.
     fp32 epsilon * (1 + mean^2 / var), ~1e-6 there.
   - The finalisation (mean, var, invstd) runs in fp64 from the fp32 sums and
     clamps var at 0, so it adds no cancellation of its own.
-  - The first call for each graph also computes the statistics of the same
-    output with a two-pass fp32 reduction and recomputes the conv unfused;
-    if the output or the statistics disagree beyond ACCURACY (judged by
-    their effect on the normalised output), the graph is rejected for good:
-    that call and every later one return the unfused path's results (what
-    the dispatch then times, the check running in its untimed warm-up), and
-    report() / unsupported_reason() say why.
+  - Never having run on a GPU, the path takes part only with
+    FASTRESNET_EXPERIMENTAL=1, and then the block's first timed call with it
+    is compared with the eager block (output and every gradient) by
+    fastresnet.ops.tuning's first-call check: statistics that cancel, or a
+    graph that computes anything else, leave the path out for that block.
   What is not guarded: data whose mean drifts far from zero relative to its
   spread *after* the first call (a per-call check would need a host sync).
-  Use FASTRESNET_DISPATCH to rule the candidate out for such models.
+  Pin another path (FASTRESNET_DISPATCH=fused_block=mixed) for such models.
 
 Not verified on a GPU yet (written against nvidia-cudnn-frontend 1.32's
 Python API and cuDNN 9.19/9.24; on this CPU-only machine cuDNN's heuristics,
@@ -68,23 +66,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastresnet.ops.conv_train import (
-    _check_conv_inputs, _empty_output, _like, _pair, conv_stats_input_grads, save_conv_stats_context,
-)
-from fastresnet.reference import normalise_act_reference
+from fastresnet.ops.conv_stats import check_conv_inputs, conv_stats_input_grads, fp32_norm, save_conv_stats_context
+from fastresnet.ops.layout import conv_output_shape, empty_conv_output, pair, with_strides_of
 
 log = logging.getLogger("fastresnet.cudnn_graph")
 
 PACKAGE = "nvidia-cudnn-frontend"
-# Largest accepted disagreement with the unfused path on a graph's first call:
-# output, relative to the largest |y| (bf16 convs from two libraries differ by
-# ulps); mean, relative to sqrt(var + eps); variance, relative to var + eps.
-ACCURACY = {
-    "output": {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 3e-2},
-    "mean": 1e-3,
-    "var": 1e-3,
-}
-
 # ---------------------------------------------------------------------------
 # The optional package
 # ---------------------------------------------------------------------------
@@ -126,13 +113,6 @@ def channels_last_strides(shape: Sequence[int]) -> list[int]:
     return [h * w * c, 1, w * c, c]
 
 
-def conv_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],
-                      padding: Sequence[int]) -> list[int]:
-    n, _, h, w = x_shape
-    out_c, _, kh, kw = w_shape
-    return [n, out_c, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
-
-
 @dataclass(frozen=True)
 class GraphKey:
     """Everything a built graph depends on. Tensors are always passed NHWC, so no strides."""
@@ -147,7 +127,7 @@ class GraphKey:
 
     @property
     def y_shape(self) -> list[int]:
-        return conv_output_shape(self.x_shape, self.w_shape, self.stride, self.padding)
+        return list(conv_output_shape(self.x_shape, self.w_shape, self.stride, self.padding))
 
 
 def graph_key(x_shape, w_shape, dtype, stride, padding, prologue: bool, device_index: int = 0) -> GraphKey:
@@ -269,9 +249,8 @@ def finalise_graph(built: _Graph) -> _Graph:
 
 @dataclass
 class _Entry:
-    graph: Optional[_Graph]  # None: unsupported or rejected, the unfused path runs
-    status: str  # "built ...", "unsupported: ...", "rejected: ..."
-    checked: bool = False  # the first-call accuracy check has run
+    graph: Optional[_Graph]  # None: unsupported, the unfused path runs
+    status: str  # "built ..." or "unsupported: ..."
 
 
 _entries: dict[GraphKey, _Entry] = {}
@@ -325,8 +304,8 @@ def _entry(key: GraphKey) -> _Entry:
 
 
 def report() -> list[dict]:
-    """Every graph this process asked for: its key and what became of it (built, unsupported, rejected)."""
-    return [{"key": key, "status": e.status, "checked": e.checked} for key, e in _entries.items()]
+    """Every graph this process asked for: its key and what became of it (built or unsupported)."""
+    return [{"key": key, "status": e.status} for key, e in _entries.items()]
 
 
 def clear_cache() -> None:
@@ -378,25 +357,6 @@ def _execute(built: _Graph, key: GraphKey, x: Tensor, weight: Tensor, scale: Opt
     return y, sums, sq_sums
 
 
-def _disagreement(y, mean, var, y_ref, eps: float) -> Optional[str]:
-    """Why the graph's output or statistics are not the unfused path's, or None.
-
-    Statistics errors are judged by what they do to the normalised output
-    (y - mean) / sqrt(var + eps): a mean error relative to sqrt(var + eps),
-    a variance error relative to var + eps."""
-    scale = y_ref.float().abs().max().clamp_min(1e-6)
-    out_err = ((y.float() - y_ref.float()).abs().max() / scale).item()
-    if not out_err <= ACCURACY["output"][y.dtype]:  # `not <=` also catches NaN
-        return f"output differs from the unfused conv by {out_err:.3g} of its largest value"
-    var_ref, mean_ref = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
-    mean_err = ((mean - mean_ref).abs() / (var_ref + eps).sqrt()).max().item()
-    var_err = ((var - var_ref).abs() / (var_ref + eps)).max().item()
-    if not (mean_err <= ACCURACY["mean"] and var_err <= ACCURACY["var"]):
-        return (f"sum/sum-of-squares statistics off by {mean_err:.3g} (mean, in units of sqrt(var + eps)) and "
-                f"{var_err:.3g} (var, relative to var + eps)")
-    return None
-
-
 def _capturing(x: Tensor) -> bool:
     """Whether x's CUDA stream is capturing a CUDA graph (never off CUDA)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -407,18 +367,6 @@ def _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, 
     return torch.ops.fastresnet.conv_stats.default(
         x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, True, "auto"
     )  # "auto": the backward path, unused here (this call is inside an op, below autograd)
-
-
-def _check_first_call(entry: _Entry, key: GraphKey, x, weight, y, mean, var_biased, norm, stride, padding, eps):
-    """Compare the first call against the unfused conv and a two-pass reduction; reject on disagreement."""
-    entry.checked = True
-    a = x if norm is None else normalise_act_reference(x, *norm)
-    y_ref = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1)
-    reason = _disagreement(y, mean, var_biased, y_ref, eps)
-    if reason is not None:
-        entry.graph, entry.status = None, f"rejected: {reason}"
-        log.warning("cudnn_graph %s rejected, the unfused path runs instead: %s", key, reason)
-    return reason is None
 
 
 @torch.library.custom_op("fastresnet::conv_stats_cudnn_graph", mutates_args=())
@@ -436,10 +384,9 @@ def _conv_stats_graph_op(
     """(y, mean, invstd, unbiased var) as fastresnet::conv_stats, from one cuDNN graph."""
     norm = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
     key = graph_key(x.shape, weight.shape, x.dtype, stride, padding, norm is not None, x.device.index or 0)
-    capturing = _capturing(x)
-    # Building a graph (a cuDNN handle, plans, the first-call check's host syncs) cannot happen inside
-    # a CUDA-graph capture: a graph first met there runs unfused, and is built by a later eager call.
-    entry = _entries.get(key) if capturing else _entry(key)
+    # Building a graph (a cuDNN handle, plans) cannot happen inside a CUDA-graph capture: a graph first
+    # met there runs unfused, and is built by a later eager call.
+    entry = _entries.get(key) if _capturing(x) else _entry(key)
     if entry is None or entry.graph is None:
         return _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps)
     scale = bias = None
@@ -449,16 +396,12 @@ def _conv_stats_graph_op(
     y, sums, sq_sums = _execute(entry.graph, key, x, weight, scale, bias)
     count = y.numel() // y.shape[1]
     mean, invstd, var_unbiased = stats_from_sums(sums, sq_sums, count, eps)
-    if not entry.checked and not capturing:  # no sync in a capture
-        var_biased = var_unbiased * ((count - 1) / count)
-        if not _check_first_call(entry, key, x, weight, y, mean, var_biased, norm, stride, padding, eps):
-            return _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps)
-    return _like(y, _empty_output(x, weight, stride, padding)), mean, invstd, var_unbiased
+    return with_strides_of(y, empty_conv_output(x, weight, stride, padding)), mean, invstd, var_unbiased
 
 
 @_conv_stats_graph_op.register_fake
 def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
-    out = _empty_output(x, weight, stride, padding)
+    out = empty_conv_output(x, weight, stride, padding)
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
     return out, stat, torch.empty_like(stat), torch.empty_like(stat)
 
@@ -475,21 +418,15 @@ torch.library.register_autograd(
 
 def conv_stats_graph(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5,
                      norm_input=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fastresnet.ops.conv_train.conv_stats through one cuDNN graph (same arguments, same results).
+    """fastresnet.ops.conv_stats.conv_stats through one cuDNN graph (same arguments, same results).
 
-    Needs CUDA and nvidia-cudnn-frontend; where cuDNN has no engine for the
-    graph, or rejected it on its first call, the op runs conv_stats' unfused
-    cuDNN path instead (check with unsupported_reason() or report())."""
-    _check_conv_inputs(x, weight, norm_input)
+    Needs CUDA and nvidia-cudnn-frontend; where cuDNN has no engine for the graph, the op runs
+    conv_stats' unfused cuDNN path instead (check with unsupported_reason() or report())."""
+    check_conv_inputs(x, weight, norm_input)
     # Under torch.compile the eager call that chose this path has checked (and the import probe
     # is not traceable); the op itself is opaque to the compiler.
     reason = None if torch.compiler.is_compiling() else unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"conv_stats_graph: {reason}")
-    stride, padding = _pair(stride), _pair(padding)
-    mean_in = invstd_in = gamma_in = beta_in = None
-    if norm_input is not None:
-        mean_in, invstd_in, gamma_in, beta_in = (v.float() for v in norm_input)
-    return torch.ops.fastresnet.conv_stats_cudnn_graph(
-        x, weight, mean_in, invstd_in, gamma_in, beta_in, stride, padding, eps
-    )
+    return torch.ops.fastresnet.conv_stats_cudnn_graph(x, weight, *fp32_norm(norm_input), list(pair(stride)),
+                                                       list(pair(padding)), eps)

@@ -1,14 +1,16 @@
 """The command line of `python -m fastresnet.train`: TrainConfig as flags.
 
 Every leaf field of TrainConfig is a flag of the same name (`--lr`,
-`--data.batch_size`; `-` and `_` are interchangeable). Two flags are not
-fields: `--recipe NAME|FILE` picks the base values and `--resume RUN_DIR`
+`--data.batch_size`; `-` and `_` are interchangeable). Three flags are not
+fields: `--recipe NAME|FILE` picks the base values, `--resume RUN_DIR`
 continues a run from its checkpoint with its saved config (flags given with
-it still win, e.g. a longer `--length`; a recipe cannot be given with it).
+it still win, e.g. a longer `--length`; a recipe cannot be given with it),
+and `--profile N` profiles N steps instead of training (fastresnet.profile).
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import re
@@ -33,6 +35,7 @@ class Invocation:
     config: TrainConfig
     resume: Path | None  # the run directory to continue, or None
     recipe: str  # "" when none was given
+    profile: int = 0  # > 0: profile this many steps (fastresnet.profile) instead of training
 
 
 def build_parser(prog: str = "python -m fastresnet.train") -> ArgumentParser:
@@ -44,6 +47,9 @@ def build_parser(prog: str = "python -m fastresnet.train") -> ArgumentParser:
     )
     parser.add_argument("--recipe", default="", help=f"a named recipe ({', '.join(list_recipes())}) or a .toml file")
     parser.add_argument("--resume", default="", help="a run directory (or its checkpoint.pt) to continue")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="profile N training steps instead of training: trace.json, profile.md and profile.png "
+                        "in the run directory's profile/ (python -m fastresnet.profile has more options)")
     defaults = _flat_defaults(TrainConfig())
     comments = {**field_comments(TrainConfig), **field_comments(DataConfig, "data.")}
     for name, kind in flat_fields(TrainConfig).items():
@@ -107,7 +113,9 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
         if unknown[0].startswith("--"):
             raise unknown_name_error(name, flat_fields(TrainConfig))
         raise ConfigError(f"unexpected argument {unknown[0]!r}: every setting is a --field value pair")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "profile")}
+    if args.profile is not None and args.profile < 1:
+        raise ConfigError(f"--profile {args.profile}: the number of steps to profile must be >= 1")
 
     cfg = TrainConfig()
     resume = resolve_run_dir(args.resume) if args.resume else None
@@ -122,7 +130,7 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
         model = given.get("model") or recipe.get("model") or cfg.model
         cfg = apply_flat(cfg, recipe_values(recipe, model), f"recipe {args.recipe}")
     cfg = apply_flat(cfg, given, "command line")
-    return Invocation(config=cfg, resume=resume, recipe=args.recipe)
+    return Invocation(config=cfg, resume=resume, recipe=args.recipe, profile=args.profile or 0)
 
 
 def resolve_run_dir(path: str) -> Path:
@@ -148,3 +156,16 @@ def read_saved_config(run_dir: Path) -> tuple[dict, str]:
         raise ConfigError(f"--resume: {path} is not a run's config (a JSON object of TrainConfig fields); restore it, "
                           f"or delete it to resume with the copy of the config that {CHECKPOINT_NAME} holds")
     return saved, str(path)
+
+
+def parse_command(argv: list[str], options: argparse.ArgumentParser, doc: str) -> tuple[argparse.Namespace, Invocation]:
+    """(the command's own options, the training flags) of a command that takes both (fastresnet.profile,
+    fastresnet.tune); --help prints `doc`, the options and the training flags, and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip() + "\n\n" + options.format_help().replace("options:", f"{options.prog} options:", 1))
+        print("training flags (as python -m fastresnet.train's):")
+        build_parser(prog=f"{options.prog} [options]").print_help()
+        raise SystemExit(0)
+    args, rest = options.parse_known_args(_normalize_flags(argv))
+    return args, parse_invocation(rest)
+

@@ -138,6 +138,12 @@ def validate(cfg: TrainConfig) -> None:
          f"--out_dir {cfg.out_dir}: that is a file, not a folder; give the folder the runs go in")
     if cfg.device != "auto":
         check_device(cfg.device)
+    from fastresnet.ops import tuning
+
+    try:  # the tuning switches (FASTRESNET_DISPATCH and kin): a mistake there is the user's too
+        tuning.settings()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_device(name: str) -> None:

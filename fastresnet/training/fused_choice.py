@@ -9,13 +9,13 @@ alone, and the library must never be slower than plain PyTorch.
 
 So with fused_blocks="auto" and compile on, the training step is timed both ways on
 the run's batch shape: converted + compiled ("fused") and plain + compiled ("plain"),
-forward and backward, after the compile (fastresnet.ops.dispatch.time_ms: warm-up calls,
-then the median of ten). The faster one is kept. The choice is stored in the dispatch
+forward and backward, after the compile (op "train_step" of fastresnet.ops.tuning: warm-up
+calls, then the median of ten). The faster one is kept. The choice is stored in the tuning
 disk cache (per GPU and torch/triton versions) under a key of the model, batch shape,
 dtype, memory format and compile mode, so a later run of the same setting compiles
 only the winner. Switches: FASTRESNET_DISPATCH=fixed takes the rule without timing
-(FIXED_CHOICE), FASTRESNET_DISPATCH=fused|plain pins one; the config's fused_blocks="on"
-or "off" skips all of this.
+(FIXED_CHOICE), FASTRESNET_DISPATCH=train_step=fused (or =plain) pins one; the config's
+fused_blocks="on" or "off" skips all of this.
 
 The two models share their parameter and buffer tensors (a structural copy), so the
 optimizer, checkpoints and evaluation see the same weights whichever wins; the timing
@@ -33,10 +33,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 
 log = logging.getLogger("fastresnet.training")
 
+TUNED = tuning.Tuned("train_step")
 CANDIDATES = ("fused", "plain")
 # Without a measurement: plain + compile is plain PyTorch, so it cannot be slower than plain PyTorch.
 FIXED_CHOICE = "plain"
@@ -46,7 +47,7 @@ FIXED_CHOICE = "plain"
 class FusedChoice:
     choice: str  # "fused" or "plain"
     source: str  # "measured", "disk cache", "fixed rule" or "pinned by FASTRESNET_DISPATCH"
-    key: str  # the dispatch-cache key
+    key: str  # the tuning cache's key
     times_ms: dict[str, float] = field(default_factory=dict)  # per training step (forward + backward)
 
     def summary(self) -> str:
@@ -92,7 +93,7 @@ def choose_fused_or_plain(
     """(the winning module, its compiled runner if the timing built one, the choice).
 
     `fuse(m)` converts m's blocks (and tunes their paths); `compile_module(m)` is torch.compile
-    with the run's mode. A candidate that fails (a compile error) is left out by the dispatch.
+    with the run's mode. A candidate that fails (a compile error) is left out of the timing.
     """
     built: dict[str, nn.Module] = {}
     runners: dict[str, nn.Module] = {}
@@ -107,18 +108,18 @@ def choose_fused_or_plain(
             runners[name] = compile_module(module_for(name))
         training_step(runners[name], images, dtype)
 
-    pinned = dispatch.dispatch_mode()
+    current = tuning.settings()
     times: dict[str, float] = {}
     saved = [b.detach().clone() for b in model.buffers()]
     try:
-        if pinned in CANDIDATES:
-            choice, source = pinned, "pinned by FASTRESNET_DISPATCH"
-        elif pinned == "fixed":
-            choice, source = FIXED_CHOICE, "fixed rule"
-        else:  # "measure", or a pin of a kernel-level path (e.g. "triton"), which says nothing here
-            candidates = {name: (lambda n=name: timed_step(n)) for name in CANDIDATES}
-            choice = dispatch.measured_choice(key, candidates, images.device)
-            entry = dispatch.decision(key)
+        choice = TUNED.choose((key,), images.device, names=CANDIDATES, fixed=FIXED_CHOICE, key=lambda: key,
+                              runs=lambda names: {name: (lambda n=name: timed_step(n)) for name in names})
+        entry = tuning.decision(key)
+        if current.pin_for(TUNED.name) in CANDIDATES:
+            source = "pinned by FASTRESNET_DISPATCH"
+        elif entry is None:
+            source = "fixed rule"
+        else:
             source, times = entry["source"], dict(entry["times_ms"])
     finally:  # timing steps are not training steps, even when a candidate failed halfway
         with torch.no_grad():

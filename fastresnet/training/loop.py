@@ -23,7 +23,7 @@ from torch import nn
 from fastresnet.data import BadImageError, build_loaders
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
-from fastresnet.ops import dispatch
+from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, capture_rng, check_resumable, load_checkpoint, load_weights, restore_rng,
@@ -82,6 +82,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            if info.rank == 0:  # a first call's measurements, said as they happen (python -m fastresnet.tune: ahead)
+                tuning.show_progress(tuning.Progress())
 
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
@@ -425,7 +427,7 @@ class Trainer:
             "fused_blocks": p.fused_blocks,
             "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,
             "optimizer": self.optimizer_impl,
-            "dispatch": dispatch.decisions(),
+            "dispatch": tuning.decisions(),
         }
 
     def _plot(self) -> None:

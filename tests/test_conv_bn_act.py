@@ -1,28 +1,30 @@
-"""The fused conv-BN-act kernel against F.conv2d, the op's checks, and the dispatch cache.
+"""The inference conv-BN-act op (fastresnet.ops.conv_bn_act): the kernel against F.conv2d, each
+implementation, the op's checks, its candidates per GPU, and the custom op torch.compile holds.
 
-On the CPU the kernel runs through Triton's interpreter (conftest sets
-TRITON_INTERPRET=1): small shapes, big blocks.
+On the CPU the kernel runs through Triton's interpreter (conftest sets TRITON_INTERPRET=1): small
+shapes, big blocks; FASTRESNET_FORCE_REFERENCE=1 gives the traced reference path.
 """
 
-import json
+import copy
 import math
 import types
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import Bottleneck, conv1x1
 
-from fastresnet.ops import dispatch
-from fastresnet.ops.conv import (
-    PreparedConvBN,
-    _candidates as conv_candidates,
-    _triton_tile_names,
+import fastresnet
+from fastresnet.ops import tuning
+from fastresnet.ops.conv_bn_act import (
+    ConvBN,
+    candidates as conv_candidates,
     conv_bn_act,
-    conv_bn_act_prepared,
     implementation,
     problem_key,
+    run,
+    triton_tile_names,
 )
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
@@ -116,11 +118,11 @@ def test_grouped_conv_falls_back_to_reference():
 
 @pytest.mark.parametrize("name", ["triton", "cudnn_affine"])  # cudnn_fused needs cuDNN: a cuda test
 def test_each_cpu_runnable_implementation_matches(name):
-    from fastresnet.ops.conv import IMPLEMENTATIONS, _candidates
+    from fastresnet.ops.conv_bn_act import IMPLEMENTATIONS
 
     x, weight, scale, shift, res = _problem(16, 24, 3, 2, 1, 1, 7, 7, torch.float16, residual=True)
-    p = PreparedConvBN(weight, scale, shift, 2, 1)
-    assert name in _candidates(x, p, res)
+    p = ConvBN(weight, scale, shift, 2, 1)
+    assert name in conv_candidates(x, p, res)
     out = IMPLEMENTATIONS[name](x, p, res, True)
     assert_close(out, _expected(x, weight, scale, shift, 2, 1, res, True, 1), atol=4e-3, rtol=4e-3)
 
@@ -207,12 +209,17 @@ def test_tile_candidates_follow_dtype_and_older_gpus(hopper, monkeypatch):
 
 
 def test_tiles_fixed_switch_leaves_the_rule_tile_alone(hopper, monkeypatch):
-    """FASTRESNET_TILES=fixed: one Triton candidate per kernel, the tile the fixed rule runs."""
+    """"triton" is the fixed rule's tile, "triton:<tile>" each other one; FASTRESNET_TILES=fixed lets
+    only the rule's compete."""
     x, weight, scale, shift, _ = _problem(64, 128, 3, 1, 1, 1, 8, 8, torch.float16)
-    p = PreparedConvBN(weight, scale, shift, 1, 1)
-    searched = _triton_tile_names(x, p, None)
-    monkeypatch.setenv(dispatch.TILES_ENV, "fixed")
-    assert len(searched) > 1 and _triton_tile_names(x, p, None) == searched[:1]
+    p = ConvBN(weight, scale, shift, 1, 1)
+    searched = triton_tile_names(x, p, None)
+    assert searched[0] == "triton" and len(searched) > 1 and all(n.startswith("triton:") for n in searched[1:])
+    gpu = torch.device("cuda")
+    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")
+    assert tuning.Tuned("conv_bn_act").allowed(searched, gpu) == searched
+    monkeypatch.setenv(tuning.TILES_ENV, "fixed")
+    assert tuning.Tuned("conv_bn_act").allowed(searched + ["cudnn_fused"], gpu) == ["triton", "cudnn_fused"]
 
 
 def test_tile_names_are_checked():
@@ -239,9 +246,9 @@ def test_every_tile_candidate_computes_the_conv(hopper, name, conv, residual):
     bounds, never the result (warps and stages are the GPU compiler's; tests/compile_conv_for_hopper.py)."""
     cin, cout, k, stride, pad, dil, h, w = conv
     x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, dil, h, w, torch.float16, residual=residual)
-    p = PreparedConvBN(weight, scale, shift, stride, pad)
-    names = _triton_tile_names(x, p, res)
-    assert names and all(n.startswith("triton:") for n in names)
+    p = ConvBN(weight, scale, shift, stride, pad)
+    names = triton_tile_names(x, p, res)
+    assert names[0] == "triton" and all(n.startswith("triton:") for n in names[1:])
     expected = _expected(x, weight, scale, shift, stride, pad, res, True, dil)
     for tile_name in names:
         out = implementation(tile_name)(x, p, res, True)
@@ -252,7 +259,7 @@ def test_every_tile_candidate_computes_the_conv(hopper, name, conv, residual):
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_cublaslt_candidate_is_the_1x1_conv(dtype, relu):
     x, weight, scale, shift, _ = _problem(32, 48, 1, 1, 0, 1, 5, 7, dtype)
-    p = PreparedConvBN(weight, scale, shift, dtype=dtype)
+    p = ConvBN(weight, scale, shift, dtype=dtype)
     assert "cublaslt_fused" in conv_candidates(x, p, None)
     out = implementation("cublaslt_fused")(x, p, None, relu)
     assert out.shape == (2, 48, 5, 7) and out.dtype == dtype
@@ -263,120 +270,21 @@ def test_cublaslt_candidate_is_the_1x1_conv(dtype, relu):
 
 def test_cublaslt_candidate_only_where_it_is_a_gemm():
     x, weight, scale, shift, res = _problem(32, 48, 1, 1, 0, 1, 5, 7, torch.float32, residual=True)
-    p = PreparedConvBN(weight, scale, shift)
+    p = ConvBN(weight, scale, shift)
     assert "cublaslt_fused" not in conv_candidates(x, p, res)  # a residual: left to the one-kernel paths
     assert "cublaslt_fused" not in conv_candidates(x.contiguous(), p, None)  # NCHW: no [N*H*W, C] view
-    assert "cublaslt_fused" not in conv_candidates(x, PreparedConvBN(weight, scale, shift, stride=2), None)
+    assert "cublaslt_fused" not in conv_candidates(x, ConvBN(weight, scale, shift, stride=2), None)
     x3, w3, *_ = _problem(32, 48, 3, 1, 1, 1, 5, 7, torch.float32)
-    assert "cublaslt_fused" not in conv_candidates(x3, PreparedConvBN(w3, scale, shift, padding=1), None)
+    assert "cublaslt_fused" not in conv_candidates(x3, ConvBN(w3, scale, shift, padding=1), None)
 
 
 # ---------------------------------------------------------------------------
-# Dispatch: choice, cache file
+# The choice between implementations
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
-    dispatch.clear_memory()
-    yield tmp_path
-    dispatch.clear_memory()
-    dispatch.set_dispatch_mode(None)
-
-
-@pytest.fixture
-def fake_timer(monkeypatch):
-    """Pretend the CPU can be measured, with made-up times per candidate."""
-    calls = []
-    times = {"fast": 1.0, "slow": 3.0}
-
-    def fake_time_ms(fn, device, warmup=3, reps=10):
-        name = fn()
-        calls.append(name)
-        return times[name]
-
-    monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
-    monkeypatch.setattr(dispatch, "time_ms", fake_time_ms)
-    return calls
-
-
-def _candidates():
-    return {"slow": lambda: "slow", "fast": lambda: "fast", "broken": lambda: 1 / 0}
-
-
-def test_dispatch_measures_once_and_caches_on_disk(cache_dir, fake_timer, caplog):
-    cpu = torch.device("cpu")
-    with caplog.at_level("INFO", logger="fastresnet.dispatch"):
-        assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
-    assert "dispatch k1 -> fast (fast 1.000 ms, slow 3.000 ms)" in caplog.text
-    assert sorted(fake_timer) == ["fast", "slow"]  # "broken" raised and was skipped
-    assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
-    assert len(fake_timer) == 2  # the second call was answered from memory
-    (listed,) = dispatch.decisions()
-    assert listed["choice"] == "fast" and listed["times_ms"] == {"fast": 1.0, "slow": 3.0}
-    (path,) = cache_dir.glob("dispatch-*.json")
-    assert json.loads(path.read_text())["decisions"]["k1"]["choice"] == "fast"
-    assert not list(cache_dir.glob("*.tmp"))  # the temp file was renamed over, not left behind
-
-    dispatch.clear_memory()  # a new process
-    assert dispatch.choose("k1", _candidates(), "slow", cpu) == "fast"
-    assert len(fake_timer) == 2 and dispatch.decisions()[0]["source"] == "disk cache"
-
-
-@pytest.mark.parametrize("content", ["{not json", '{"decisions": 3}', "[]"], ids=["truncated", "bad_table", "list"])
-def test_dispatch_ignores_corrupt_cache_with_warning(cache_dir, fake_timer, content):
-    path = dispatch.cache_path(dispatch.environment_tag(torch.device("cpu")))
-    path.write_text(content)
-    with pytest.warns(RuntimeWarning, match="corrupt dispatch cache"):
-        assert dispatch.choose("k1", _candidates(), "slow", torch.device("cpu")) == "fast"
-    assert json.loads(path.read_text())["decisions"]["k1"]["choice"] == "fast"  # rewritten whole
-
-
-def test_dispatch_ignores_stale_cache_with_warning(cache_dir, fake_timer):
-    tag = dispatch.environment_tag(torch.device("cpu"))
-    path = dispatch.cache_path(tag)
-    dispatch.save_cache(path, {**tag, "triton": "0.0.1"}, {"k1": {"choice": "slow", "times_ms": {}}})
-    with pytest.warns(RuntimeWarning, match="stale dispatch cache"):
-        assert dispatch.choose("k1", _candidates(), "slow", torch.device("cpu")) == "fast"
-
-
-def test_dispatch_switches(cache_dir, fake_timer, monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("FASTRESNET_DISPATCH", "fixed")
-    assert dispatch.choose("k2", _candidates(), "slow", cpu) == "slow" and not fake_timer
-    monkeypatch.setenv("FASTRESNET_DISPATCH", "broken")
-    assert dispatch.choose("k2", _candidates(), "slow", cpu) == "broken"
-    dispatch.set_dispatch_mode("nonsense")
-    with pytest.raises(ValueError, match="nonsense"):
-        dispatch.choose("k2", _candidates(), "slow", cpu)
-    dispatch.set_dispatch_mode("fixed")
-    assert dispatch.choose("k2", _candidates(), "slow", cpu) == "slow"
-
-
-def test_dispatch_inside_a_cuda_graph_capture_times_nothing(cache_dir, fake_timer, monkeypatch):
-    """A first call met inside a CUDA-graph capture (no warm-up before it) cannot time (the event sync
-    would fail and spoil the capture): a choice already made is used, else the fixed rule."""
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
-    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "slow" and not fake_timer
-    assert dispatch.decision("k4") is None  # nothing remembered: a later uncaptured call measures
-    monkeypatch.setattr(dispatch, "_capturing", lambda device: False)
-    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "fast"
-    dispatch.clear_memory()  # a new process: the disk cache answers inside a capture too
-    monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
-    timed = len(fake_timer)
-    assert dispatch.choose("k4", _candidates(), "slow", cpu) == "fast" and len(fake_timer) == timed
-
-
-def test_dispatch_off_gpu_uses_fixed_rule(cache_dir):
-    assert dispatch.choose("k3", _candidates(), "slow", torch.device("cpu")) == "slow"
-    assert not list(cache_dir.iterdir())
 
 
 def test_problem_key_names_the_shape():
-    p = PreparedConvBN(torch.randn(64, 32, 3, 3), torch.ones(64), torch.zeros(64), stride=2, padding=1)
+    p = ConvBN(torch.randn(64, 32, 3, 3), torch.ones(64), torch.zeros(64), stride=2, padding=1)
     x = torch.randn(4, 32, 14, 14).contiguous(memory_format=torch.channels_last)
     key = problem_key(x, p, None, True)
     assert "n4c32h14w14" in key and "k64x3x3" in key and "s2x2" in key and "float32" in key and ":cl:" in key
@@ -416,12 +324,9 @@ def test_triton_kernel_on_gpu(conv, dtype):
     cin, cout, k, stride, pad, size = conv
     x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, 1, size, size, dtype, batch=4, residual=True)
     x, weight, scale, shift, res = (t.cuda() for t in (x, weight, scale, shift, res))
-    p = PreparedConvBN(weight, scale, shift, stride, pad)
-    dispatch.set_dispatch_mode("triton")
-    try:
-        out = conv_bn_act_prepared(x, p, res, relu=True)
-    finally:
-        dispatch.set_dispatch_mode(None)
+    p = ConvBN(weight, scale, shift, stride, pad)
+    tuning.override("conv_bn_act=triton")
+    out = run(x, p, res, relu=True)
     expected = _expected(x, weight, scale, shift, stride, pad, res, True, 1)
     atol, rtol = {torch.float32: (2e-2, 2e-2)}.get(dtype, KERNEL_TOL[dtype])  # fp32 runs as tf32, like cuDNN
     assert_close(out, expected, atol=atol, rtol=rtol)
@@ -429,24 +334,35 @@ def test_triton_kernel_on_gpu(conv, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "plain"])
-def test_dispatch_measures_on_gpu(cache_dir, residual):
+def test_dispatch_measures_on_gpu(tmp_path, monkeypatch, residual):
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")
     x, weight, scale, shift, res = _problem(64, 256, 1, 1, 0, 1, 28, 28, torch.bfloat16, batch=32, residual=residual)
     x, weight, scale, shift = (t.cuda() for t in (x, weight, scale, shift))
     res = res.cuda() if residual else None
     expected = _expected(x, weight, scale, shift, 1, 0, res, True, 1)
     out = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
-    (decision,) = dispatch.decisions()
+    (decision,) = tuning.decisions()
     times = decision["times_ms"]
-    assert decision["source"] == "measured" and "cudnn_fused" in times
-    assert sum(name.startswith("triton:") for name in times) >= 2  # every tile timed as its own candidate
+    assert decision["source"] == "measured" and {"cudnn_fused", "triton"} <= set(times)
+    assert sum(name.startswith("triton:") for name in times) >= 1  # every other tile timed as its own candidate
     assert ("cublaslt_fused" in times) == (not residual)  # a 1x1 GEMM on channels_last, without residual
     assert_close(out, expected, atol=3e-2, rtol=2e-2)
     for name in times:  # every candidate computes the same thing
-        dispatch.set_dispatch_mode(name)
+        tuning.override(f"conv_bn_act={name}")
         got = conv_bn_act(x, weight, scale, shift, 1, 0, residual=res)
         assert_close(got, expected, atol=6e-2, rtol=3e-2, name=name)
         assert got.is_contiguous(memory_format=torch.channels_last), name
-    assert list(cache_dir.glob("dispatch-*.json"))
+    assert list(tmp_path.glob("dispatch-*.json"))
+
+
+@pytest.mark.cuda
+def test_a_default_gpu_run_times_only_gpu_proven_implementations(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    x, weight, scale, shift, _ = _problem(64, 256, 1, 1, 0, 1, 28, 28, torch.bfloat16, batch=32)
+    conv_bn_act(*(t.cuda() for t in (x, weight, scale, shift)), 1, 0)
+    (decision,) = tuning.decisions()
+    assert set(decision["times_ms"]) == {"cudnn_fused", "cudnn_affine", "triton"}
 
 
 # One ResNet-like problem per shape class on the GPU: (cin, cout, kernel, stride, padding, dilation, h, w), residual
@@ -470,7 +386,120 @@ def test_every_tile_candidate_on_gpu(name, conv, residual):
                                             residual=residual)
     x, weight, scale, shift = (t.cuda() for t in (x, weight, scale, shift))
     res = res.cuda() if residual else None
-    p = PreparedConvBN(weight, scale, shift, stride, pad)
+    p = ConvBN(weight, scale, shift, stride, pad)
     expected = _expected(x, weight, scale, shift, stride, pad, res, True, dil)
-    for tile_name in _triton_tile_names(x, p, res):
+    for tile_name in triton_tile_names(x, p, res):
         assert_close(implementation(tile_name)(x, p, res, True), expected, atol=3e-2, rtol=2e-2, name=tile_name)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile of converted models: one graph, the fused op held as a custom op on the kernel path
+# ---------------------------------------------------------------------------
+
+OP = torch.ops.fastresnet.conv_bn_act_inference.default
+OP_TARGETS = (OP, torch.ops.fastresnet.conv_bn_act_inference)  # dynamo's graphs name the packet
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def _bottleneck_net():
+    """A stem conv-BN-ReLU chain and a projection Bottleneck: every kind of fused module, small."""
+    stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+    block = Bottleneck(32, 16, stride=2, downsample=nn.Sequential(conv1x1(32, 64, 2), nn.BatchNorm2d(64)))
+    return _randomize_bn(nn.Sequential(stem, block))
+
+
+def _graphs_of(model, x):
+    """Compile with fullgraph=True through a backend that keeps each captured FX graph; return (output, graphs)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True, backend=keep)(x)
+    return out, graphs
+
+
+def _op_calls(graph_module) -> int:
+    return sum(node.target in OP_TARGETS for node in graph_module.graph.nodes)
+
+
+def test_converted_model_is_one_graph_on_the_reference_path(monkeypatch):
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
+    model = _bottleneck_net()
+    converted = fastresnet.convert(copy.deepcopy(model))
+    x = torch.randn(1, 3, 8, 7).contiguous(memory_format=torch.channels_last)
+    out, graphs = _graphs_of(converted, x)
+    assert len(graphs) == 1 and _op_calls(graphs[0]) == 0  # the reference, traced like any PyTorch code
+    with torch.no_grad():
+        assert_close(out, model(x), atol=1e-4, rtol=1e-4, name="compiled reference path")
+
+
+def test_kernel_path_is_one_graph_holding_the_custom_op():
+    model = _bottleneck_net()
+    converted = fastresnet.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 6, 5).contiguous(memory_format=torch.channels_last)
+    out, graphs = _graphs_of(converted, x)
+    assert len(graphs) == 1
+    assert _op_calls(graphs[0]) == 5  # stem, conv1, conv2, conv3 (+ add + ReLU), downsample
+    with torch.no_grad():
+        assert_close(out, model(x), atol=1e-4, rtol=1e-4, name="compiled kernel path")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_op_follows_changed_weights():
+    """Nothing folded is kept between calls: the compiled model sees a BatchNorm recalibrated in place, and
+    a weight edited through .data (which bypasses the version counter)."""
+    model = _bottleneck_net()
+    converted = fastresnet.convert(copy.deepcopy(model))
+    compiled = torch.compile(converted, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4, name="first call")
+        for m in (model, converted):
+            m[1].bn2.running_var.mul_(3.0)
+            m[1].conv3.weight.data.mul_(2.0)
+        assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4, name="after the changes")
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_custom_op_passes_opcheck(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 5, 4).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 24, 3, 2).contiguous(memory_format=fmt)
+    weight = torch.randn(24, 16, 3, 3) / 12
+    stats = (torch.rand(24) + 0.5, torch.randn(24) * 0.1, torch.randn(24) * 0.1, torch.rand(24) + 0.5)
+    args = (x, residual, weight, None, *stats, 1e-5, [2, 2], [1, 1], [1, 1], 1, True)
+    torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
+    out = OP(*args)
+    assert out.is_contiguous(memory_format=fmt)  # the layout the fake implementation promises
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs capture the op
+def test_gpu_compiled_converted_resnet_matches_eager(mode):
+    """On the GPU the compiled converted model (inductor, bf16, channels_last) holds one custom op per conv
+    and matches the eager converted model, also when CUDA graphs capture and replay it."""
+    model = _randomize_bn(torchvision.models.resnet18()).cuda().to(torch.bfloat16)
+    model = model.to(memory_format=torch.channels_last)
+    converted = fastresnet.convert(copy.deepcopy(model))
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    _, graphs = _graphs_of(converted, x)
+    assert len(graphs) == 1 and _op_calls(graphs[0]) == 20  # resnet18: the stem, 16 block convs, 3 projections
+    compiled = torch.compile(converted, fullgraph=True, mode=mode)
+    with torch.inference_mode():
+        expected = converted(x).float()
+        for call in range(3):  # CUDA graphs: warm-up, record, replay
+            got = compiled(x).float()
+            assert_close(got, expected, atol=5e-2, rtol=5e-2, name=f"compiled ({mode}) converted resnet18, call {call}")

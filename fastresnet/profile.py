@@ -1,0 +1,155 @@
+"""`python -m fastresnet.profile`: where a training (or inference) step's time goes.
+
+    python -m fastresnet.profile                                     # ResNet-20 on digits, on this machine
+    python -m fastresnet.profile --model resnet50 --data.backend synthetic --data.batch_size 256 --amp bf16 \\
+        --providers torchvision,torchvision+compile,fastresnet --steps 5
+    python -m fastresnet.train --profile 5 [training flags]          # the same, for the training run's config
+
+The step is built as the training program builds it, from the same flags (`python -m
+fastresnet.train --help`: model, batch, amp, channels_last, compile, fused blocks, data back end),
+once per provider (fastresnet.profiling.providers). After `--warmup` unprofiled steps, `--steps`
+steps run under torch.profiler. Written to `--out` (default: a run directory under --out_dir):
+profile.md (a table per provider: time, share, FLOPs, bytes and the distance from the floor the
+measured ceilings set), profile.png (a stacked bar per provider), profile.json, and per provider
+<provider>/trace.json (open it in ui.perfetto.dev or chrome://tracing) and <provider>/kernels.tsv.
+Exit status as `fastresnet.train`: 2 bad configuration, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastresnet.data import build_loaders
+from fastresnet.errors import ArgumentParser, command
+from fastresnet.flops import count_macs
+from fastresnet.profiling import categories as cat
+from fastresnet.profiling import ceilings, report
+from fastresnet.profiling.capture import capture
+from fastresnet.profiling.providers import MODES, PROVIDERS, build_subject, endless_batches, parse_providers
+from fastresnet.profiling.work import Work
+from fastresnet.training import distributed
+from fastresnet.training.cli import parse_command
+from fastresnet.training.config import TrainConfig, validate
+from fastresnet.training.fields import ConfigError
+from fastresnet.training.loop import seed_everything
+from fastresnet.training.model import amp_dtype, build_model
+from fastresnet.training.rundir import create_run_dir, environment
+
+EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
+
+
+@dataclass
+class ProfileOptions:
+    providers: tuple[str, ...] = ("fastresnet",)
+    mode: str = "train"  # "train": the whole training step; "inference": the forward pass in eval mode
+    steps: int = 5  # profiled steps
+    warmup: int = 3  # unprofiled steps before (compilation, autotuning, first-call measurements)
+    out: str = ""  # output folder; "" = <run directory>/profile
+    ceilings: bool = True  # measure copy bandwidth and matrix rate in this process
+
+
+def options_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
+                                     "[training flags]", add_help=False, allow_abbrev=False)
+    parser.add_argument("--providers", default="fastresnet",
+                        help=f"comma-separated, one bar each: {', '.join(PROVIDERS)} (default: fastresnet)")
+    parser.add_argument("--mode", default="train", choices=MODES, help="the training step or inference (default: train)")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
+    parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default: 3)")
+    parser.add_argument("--out", default="", help="output folder (default: a run directory under --out_dir, /profile)")
+    parser.add_argument("--no_ceilings", action="store_true", help="do not measure copy bandwidth and matrix rate")
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[TrainConfig, ProfileOptions, Path | None]:
+    args, invocation = parse_command(argv, options_parser(), __doc__)
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
+    validate(invocation.config)  # before a run directory is made for it
+    if invocation.profile:
+        raise ConfigError("--profile belongs to python -m fastresnet.train; here the count is --steps")
+    options = ProfileOptions(providers=tuple(parse_providers(args.providers)), mode=args.mode, steps=args.steps,
+                             warmup=args.warmup, out=args.out, ceilings=not args.no_ceilings)
+    return invocation.config, options, invocation.resume
+
+
+def output_dir(cfg: TrainConfig, options: ProfileOptions, resume: Path | None) -> Path:
+    if options.out:
+        return Path(options.out)
+    return (resume if resume is not None else create_run_dir(cfg)) / "profile"
+
+
+def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, command: str = "") -> dict[str, Path]:
+    """Profile each provider's step; write the outputs; return what was written (name -> path)."""
+    validate(cfg)
+    if distributed.launched_by_torchrun():
+        raise ConfigError("the profile runs in one process: start it with python, not torchrun")
+    _, device = distributed.setup(cfg.device, cfg.dist_backend)
+    if device.type == "cuda":  # as the training program sets them
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        data = build_loaders(cfg.data, device=device, seed=cfg.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"cannot start: {err}") from err
+    batches = endless_batches(data.train)
+    macs = count_macs(build_model(cfg, data.num_classes), (3, data.image_size, data.image_size))
+    passes = 3 if options.mode == "train" else 1
+    run = report.ProfileRun(
+        title=f"{cfg.model} {'training step' if options.mode == 'train' else 'inference'}, batch {cfg.data.batch_size}",
+        command=command, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        mode=options.mode, batch_size=cfg.data.batch_size, steps=options.steps, warmup=options.warmup,
+        step_flops=passes * 2.0 * macs * cfg.data.batch_size,
+        ceilings=ceilings.measure(device, amp_dtype(cfg, device)) if options.ceilings else None,
+        environment=_versions(device))
+    for provider in options.providers:
+        seed_everything(cfg.seed)
+        subject = build_subject(provider, options.mode, cfg, device, data.num_classes, data.image_size)
+        trace = out_dir / provider / "trace.json"
+        result = capture(subject, batches, device, options.steps, options.warmup, trace)
+        if options.mode == "train" and result.time_ms.get(cat.OPTIMIZER):
+            result.work[cat.OPTIMIZER] = Work(bytes=subject.optimizer_bytes)
+        run.results.append(report.ProviderResult(provider, subject.description, result, trace))
+        print(f"{provider}: {result.step_ms:,.3f} ms/step ({subject.description})", flush=True)
+        for warning in report.warnings(result):
+            print(f"{provider}: {warning}", file=sys.stderr)
+        del subject
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    written = report.write_outputs(run, out_dir)
+    print(f"outputs in {out_dir}: {', '.join(written)}, and per provider trace.json and kernels.tsv")
+    return written
+
+
+def _versions(device: torch.device) -> dict:
+    env = environment(device, 1)
+    keys = ("fastresnet", "git_revision", "torch", "cuda", "cudnn", "triton", "torchvision")
+    return {k: env[k] for k in keys if env.get(k) is not None}
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    from fastresnet.train import is_out_of_memory, out_of_memory_advice
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, options, resume = parse(argv)
+        out_dir = output_dir(cfg, options, resume)
+        run_profile(cfg, options, out_dir, command=shlex.join(["python", "-m", "fastresnet.profile", *argv]))
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err) and not isinstance(err, MemoryError):
+            raise
+        print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
+        return EXIT_OOM
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

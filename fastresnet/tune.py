@@ -1,0 +1,130 @@
+"""`python -m fastresnet.tune`: make every measured choice of a training run ahead of time.
+
+    python -m fastresnet.tune --model resnet50 --data.backend synthetic --data.batch_size 256 --amp bf16
+    python -m fastresnet.tune [training flags] --export decisions.json   # then, on each identical machine:
+    python -m fastresnet.tune --import decisions.json
+
+The first call of each problem on a GPU times its candidates (fastresnet.ops.tuning): the fused-or-plain
+choice under torch.compile, every fused block's path, every conv's implementation, tile and backward,
+every BatchNorm stage. This command builds the run's model as the training program does, from the same
+flags (`python -m fastresnet.train --help`), and runs `--steps` training steps and one evaluation batch
+on random data of the run's shape, with a line of progress per timed candidate. The decisions land in the
+tuning cache (~/.cache/fastresnet, $FASTRESNET_CACHE_DIR), so the run itself times nothing; they are
+printed as a table. `--export FILE` writes this machine's decisions for its GPU and versions;
+`--import FILE` adds such a file's to the cache here, refusing one made on another GPU or versions.
+On a CPU nothing is timed (the fixed rules run), and the table is empty.
+Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fastresnet.errors import ArgumentParser, command
+from fastresnet.ops import tuning
+from fastresnet.training import distributed
+from fastresnet.training.cli import parse_command
+from fastresnet.training.config import TrainConfig, validate
+from fastresnet.training.fields import ConfigError
+from fastresnet.training.loop import evaluate_model, make_train_step, seed_everything
+from fastresnet.training.model import amp_dtype, build_model, build_optimizer, example_batch, prepare_model
+
+EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
+
+
+def options_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
+                                     usage="%(prog)s [tune options] [training flags]")
+    parser.add_argument("--steps", type=int, default=1, help="training steps to run (default: 1)")
+    parser.add_argument("--export", default="", metavar="FILE", help="write the decisions made here to FILE")
+    parser.add_argument("--import", dest="import_", default="", metavar="FILE",
+                        help="add FILE's decisions (made on a machine like this one) to the cache, and stop")
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    args, invocation = parse_command(argv, options_parser(), __doc__)
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    validate(invocation.config)
+    return invocation.config, args
+
+
+def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None = None) -> list[dict]:
+    """Every choice a training run of `cfg` makes, made now: the model as prepare_model builds it, `steps`
+    training steps and one evaluation batch on random images of the run's shape. Returns the decisions."""
+    if distributed.launched_by_torchrun():
+        raise ConfigError("tune in one process (start it with python, not torchrun): the decisions are per GPU")
+    _, device = distributed.setup(cfg.device, cfg.dist_backend)
+    if device.type == "cuda":  # as the training program sets them
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    from fastresnet.data import build_loaders
+
+    data = build_loaders(cfg.data, device=device, seed=cfg.seed)
+    seed_everything(cfg.seed)
+    tuning.show_progress(progress or tuning.Progress())
+    try:
+        prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
+        amp = amp_dtype(cfg, device)
+        optimizer = build_optimizer(prepared.module, cfg, device, lr=0.0)
+        step = make_train_step(prepared.runner, torch.nn.CrossEntropyLoss(), optimizer, amp, None)
+        images = example_batch(cfg, device, data.image_size)
+        labels = torch.zeros(images.shape[0], dtype=torch.long, device=device)
+        for _ in range(steps):
+            step(images, labels)
+        evaluate_model(prepared.module, [(images, labels)], device, amp)
+    finally:
+        tuning.show_progress(None)
+    return tuning.decisions()
+
+
+def decisions_table(decisions: list[dict]) -> str:
+    if not decisions:
+        return "no decision was timed (on a CPU the fixed rules run; on a GPU all were in the cache)"
+    lines = ["| op | problem | choice | candidates timed (ms) | source |", "|---|---|---|---|---|"]
+    for d in decisions:
+        times = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(d["times_ms"].items(), key=lambda kv: kv[1]))
+        lines.append(f"| {d['op']} | {d['key']} | {d['choice']} | {times} | {d['source']} |")
+    return "\n".join(lines)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    from fastresnet.train import is_out_of_memory, out_of_memory_advice
+
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
+    try:
+        cfg, args = parse(argv)
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              cfg.device if cfg.device != "auto" else "cpu")
+        if args.import_:
+            try:
+                count = tuning.import_decisions(Path(args.import_), device)
+            except ValueError as err:  # not such a file, or one for another GPU or versions
+                raise ConfigError(str(err)) from err
+            print(f"{count} decisions from {args.import_} added to {tuning.cache_dir()}")
+            return 0
+        decisions = tune_run(cfg, args.steps)
+        print(decisions_table(decisions))
+        if args.export:
+            count = tuning.export_decisions(Path(args.export), device)
+            print(f"{count} decisions for {tuning.environment_tag(device)['device']} written to {args.export}")
+    except (RuntimeError, MemoryError) as err:
+        if cfg is None or not (is_out_of_memory(err) or isinstance(err, MemoryError)):
+            raise
+        print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
+        return EXIT_OOM
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
