@@ -39,6 +39,7 @@ import torch
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError as error:  # DALI is optional (the `dali` extra)
@@ -143,18 +144,39 @@ def train_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, deco
 
 @pipeline_def(enable_conditionals=False)
 def val_pipeline(files, labels, *, shard_id, num_shards, cfg: DataConfig, decode_device: str, image_dtype):
+    """torchvision's evaluation views, made as the other back ends make them: each box (crops.centre_box,
+    crops.five_boxes) cut from the decoded image in its own pixels, then resized to size x size. Resizing
+    the whole image and cropping after puts the crop up to a pixel elsewhere and resamples it
+    differently (0.06-0.15 mean absolute difference from torchvision, normalised, on photos)."""
     jpegs, labels = read_shard(files, labels, shard_id, num_shards)
-    images = fn.resize(decode(jpegs, cfg, decode_device), resize_shorter=cfg.resize_before_crop)
+    images = decode(jpegs, cfg, decode_device)
     size, normalisation = cfg.image_size, pixel_normalisation(image_dtype)
+    boxes = val_boxes(fn.peek_image_shape(jpegs), size=size, resize=cfg.resize_before_crop)
     if not cfg.ten_crop:
-        return fn.crop_mirror_normalize(images, crop=(size, size), **normalisation), labels
-    corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
-    views = [
-        fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=x, crop_pos_y=y, mirror=mirror, **normalisation)
-        for mirror in (0, 1)
-        for x, y in corners
-    ]
+        return crop_resize(images, boxes[-1], size, normalisation), labels
+    views = [crop_resize(images, box, size, normalisation, mirror=mirror) for mirror in (0, 1) for box in boxes]
     return fn.stack(*views), labels
+
+
+def val_boxes(shape, *, size: int, resize: int) -> list:
+    """(top, left, side) of the four corner boxes and the centre box (last), in the image's pixels,
+    as crops.five_boxes computes them (its rounding of the side is half-up here)."""
+    height, width = shape[0], shape[1]
+    shorter = dmath.min(height, width)
+    side = dmath.max(1, dmath.min(shorter, dmath.floor(size * shorter / resize + 0.5)))
+    right, bottom = width - side, height - side
+    corners = [(0, 0), (0, right), (bottom, 0), (bottom, right), (dmath.floor(bottom / 2), dmath.floor(right / 2))]
+    return [(top, left, side) for top, left in corners]
+
+
+def crop_resize(images, box, size: int, normalisation: dict, mirror: int = 0):
+    top, left, side = box
+    anchor = fn.stack(fn.cast(top, dtype=types.FLOAT), fn.cast(left, dtype=types.FLOAT))
+    extent = fn.stack(fn.cast(side, dtype=types.FLOAT), fn.cast(side, dtype=types.FLOAT))
+    # the box stays on the CPU for a GPU slice too: DALI takes slice arguments from the host
+    crop = fn.slice(images, anchor, extent, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+    crop = fn.resize(crop, resize_x=size, resize_y=size, antialias=True)
+    return fn.crop_mirror_normalize(crop, mirror=mirror, **normalisation)
 
 
 def decodes(path: str) -> bool:
