@@ -19,12 +19,15 @@ import torch
 
 from fastresnet.data import build_loaders
 from fastresnet.training import distributed
-from fastresnet.training.checkpoint import load_checkpoint
+from fastresnet.errors import command
+from fastresnet.training.checkpoint import load_checkpoint, load_weights
 from fastresnet.training.cli import _normalize_flags, build_parser
-from fastresnet.training.config import TrainConfig
+from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
 from fastresnet.training.loop import evaluate_model
 from fastresnet.training.model import amp_dtype, build_model
+
+NEEDS = ("model", "config", "step")  # what evaluation reads of a checkpoint
 
 
 def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
@@ -37,22 +40,26 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
     if args.recipe or args.resume:
         raise ConfigError("evaluate takes --checkpoint, not --recipe or --resume")
     checkpoint = Path(args.checkpoint)
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, needs=NEEDS)
     cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"{checkpoint} (saved config)")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "checkpoint", "output")}
     cfg = apply_flat(cfg, given, "command line")
-    return checkpoint, cfg, Path(args.output) if args.output else None
+    validate(cfg)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {output}: that is a folder; give the path of the JSON file to write")
+    return checkpoint, cfg, output
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
-    state = load_checkpoint(checkpoint)
-    data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
-    model = build_model(cfg, data.num_classes)
+    state = load_checkpoint(checkpoint, needs=NEEDS)
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ConfigError(f"the checkpoint's weights do not fit {cfg.model} with {data.num_classes} classes: {err}") from None
+        data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+    except (ValueError, FileNotFoundError) as err:  # a dataset folder that moved, a class count
+        raise ConfigError(f"cannot evaluate on --data.root {cfg.data.root}: {err}") from err
+    model = build_model(cfg, data.num_classes)
+    load_weights(model, state, checkpoint, f"{cfg.model} with {data.num_classes} classes")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -62,14 +69,12 @@ def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         checkpoint, cfg, output = parse(argv)
         result = evaluate_checkpoint(checkpoint, cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         distributed.teardown()
     if distributed.launched_by_torchrun() and int(os.environ["RANK"]) != 0:

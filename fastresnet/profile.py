@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import build_loaders
+from fastresnet.errors import ArgumentParser, command
 from fastresnet.flops import count_macs
 from fastresnet.profiling import categories as cat
 from fastresnet.profiling import ceilings, report
@@ -40,7 +41,7 @@ from fastresnet.training.loop import seed_everything
 from fastresnet.training.model import amp_dtype, build_model
 from fastresnet.training.rundir import create_run_dir, environment
 
-EXIT_CONFIG, EXIT_OOM = 2, 3
+EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
 
 
 @dataclass
@@ -53,8 +54,8 @@ class ProfileOptions:
     ceilings: bool = True  # measure copy bandwidth and matrix rate in this process
 
 
-def options_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
+def options_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
                                      "[training flags]", add_help=False, allow_abbrev=False)
     parser.add_argument("--providers", default="fastresnet",
                         help=f"comma-separated, one bar each: {', '.join(PROVIDERS)} (default: fastresnet)")
@@ -133,6 +134,7 @@ def _versions(device: torch.device) -> dict:
     return {k: env[k] for k in keys if env.get(k) is not None}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from fastresnet.train import is_out_of_memory, out_of_memory_advice
 
@@ -141,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, options, resume = parse(argv)
         out_dir = output_dir(cfg, options, resume)
         run_profile(cfg, options, out_dir, command=shlex.join(["python", "-m", "fastresnet.profile", *argv]))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err) and not isinstance(err, MemoryError):
             raise

@@ -7,7 +7,8 @@
     python -m fastresnet.train --profile 5 --model resnet50 --data.backend synthetic   # where the step's time goes
 
 `--help` lists every field. Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT, checkpoint saved),
-2 bad configuration, 3 out of memory, 4 non-finite loss.
+2 a mistake in the input, told in one line (a flag or value, a bad dataset file, an unreadable
+checkpoint, a run directory that exists, a full disk), 3 out of memory, 4 non-finite loss.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import sys
 
 import torch
 
+from fastresnet.errors import command
 from fastresnet.training import distributed
 from fastresnet.training.cli import parse_invocation
 from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import NonFiniteLoss, train
 
-EXIT_CONFIG, EXIT_OOM, EXIT_NONFINITE = 2, 3, 4
+EXIT_OOM, EXIT_NONFINITE = 3, 4  # 2: a user error (fastresnet.errors): a flag, a file, the disk
 
 
 def out_of_memory_advice(cfg: TrainConfig, err: BaseException) -> str:
@@ -64,21 +65,15 @@ def profile_instead(invocation, argv: list[str] | None) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        invocation = parse_invocation(argv)
-        validate(invocation.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    invocation = parse_invocation(argv)
+    validate(invocation.config)
     cfg = invocation.config
     try:
         if invocation.profile:
             return profile_instead(invocation, argv)
         train(cfg, resume=invocation.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE

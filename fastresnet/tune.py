@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastresnet.errors import ArgumentParser, command
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.cli import parse_command
@@ -32,11 +33,11 @@ from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import evaluate_model, make_train_step, seed_everything
 from fastresnet.training.model import amp_dtype, build_model, build_optimizer, example_batch, prepare_model
 
-EXIT_CONFIG, EXIT_OOM = 2, 3
+EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
 
 
-def options_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
+def options_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
                                      usage="%(prog)s [tune options] [training flags]")
     parser.add_argument("--steps", type=int, default=1, help="training steps to run (default: 1)")
     parser.add_argument("--export", default="", metavar="FILE", help="write the decisions made here to FILE")
@@ -93,6 +94,7 @@ def decisions_table(decisions: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from fastresnet.train import is_out_of_memory, out_of_memory_advice
 
@@ -114,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             count = tuning.export_decisions(Path(args.export), device)
             print(f"{count} decisions for {tuning.environment_tag(device)['device']} written to {args.export}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     except (RuntimeError, MemoryError) as err:
         if cfg is None or not (is_out_of_memory(err) or isinstance(err, MemoryError)):
             raise

@@ -60,6 +60,21 @@ def broken_after_header() -> bytes:
     return good[: len(good) // 3] + b"\xff\x01" * 200 + b"\xff\xd9"
 
 
+def refused_by_libjpeg() -> bytes:
+    """A photograph's JPEG with an unknown marker (0xFF 0x0C) in the middle of its entropy-coded data:
+    libjpeg (Pillow, torchvision) stops with an error, DALI's decoder reads through it."""
+    import random
+
+    from fastresnet.data.fake_imagenet import fake_photo, sample_photographs
+
+    buffer = io.BytesIO()
+    fake_photo(sample_photographs(), random.Random(0), size=(96, 64)).save(buffer, format="JPEG", quality=90)
+    good = buffer.getvalue()
+    scan = good.index(b"\xff\xda")
+    middle = scan + (len(good) - scan) // 2
+    return good[:middle] + b"\xff\x0c" + good[middle:]
+
+
 def png_bytes(size=(64, 48), colour=(30, 200, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
@@ -86,6 +101,7 @@ BAD_FILES = {
     # a JPEG whose frame header still reads as a 3-component JPEG with an end marker, so the
     # nvjpeg back end sends it to the batched decoder, which fails: the one-by-one fallback runs
     "broken_after_header": (lambda: broken_after_header(), "error"),
+    "refused_by_libjpeg": (refused_by_libjpeg, "error"),
     "grayscale_jpeg": (lambda: jpeg_bytes(mode="L"), "handled"),
     "cmyk_jpeg": (lambda: jpeg_bytes(mode="CMYK"), "handled"),
     "png_named_jpeg": (lambda: png_bytes(), "handled"),

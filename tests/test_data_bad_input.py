@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from data_helpers import BAD_FILES, add_bad_file, small_folder
+from data_helpers import BAD_FILES, add_bad_file, fake_imagenet_root, small_folder
 
 from fastresnet.data import DataConfig, build_loaders, dali_available
 from fastresnet.data.__main__ import main as data_cli
@@ -108,6 +108,48 @@ def test_the_nvjpeg_header_check_lets_the_broken_jpeg_through_to_the_batched_dec
     assert not gpu_decodable(BAD_FILES["png_named_jpeg"][0]())
 
 
+@pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
+def test_dali_alone_decodes_the_jpeg_that_libjpeg_refuses(tmp_path):
+    # The premise of the dali back end's structure checks: DALI's own decoder (its CPU pipeline)
+    # hands out an image for this file, where Pillow stops.
+    from data_helpers import refused_by_libjpeg
+    from nvidia.dali import fn, pipeline_def
+    from PIL import Image
+
+    path = tmp_path / "refused.JPEG"
+    path.write_bytes(refused_by_libjpeg())
+    with pytest.raises(OSError, match="broken data stream"):
+        Image.open(path).load()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode_only():
+        jpegs, _ = fn.readers.file(files=[str(path)], labels=[0])
+        return fn.decoders.image(jpegs, device="cpu")
+
+    pipeline = decode_only()
+    pipeline.build()
+    (images,) = pipeline.run()
+    assert images.as_array().shape == (1, 64, 96, 3)
+
+
+def test_jpeg_structure_check_passes_valid_jpegs_and_leaves_truncation_to_the_decoders():
+    import io
+
+    from PIL import Image
+
+    from fastresnet.data.jpeg import structure_problem
+
+    files = [p.read_bytes() for p in sorted(fake_imagenet_root().rglob("*.JPEG"))]
+    photo = Image.open(io.BytesIO(files[0]))
+    for options in ({"progressive": True}, {"subsampling": 0}, {"quality": 30}, {"restart_marker_blocks": 1}):
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", **options)
+        files.append(buffer.getvalue())
+    files += [BAD_FILES[kind][0]() for kind in ("grayscale_jpeg", "cmyk_jpeg", "truncated_jpeg", "corrupt_jpeg")]
+    assert [structure_problem(data) for data in files] == [None] * len(files)
+    assert "unknown marker 0x0c" in structure_problem(BAD_FILES["refused_by_libjpeg"][0]())
+
+
 def test_val_class_unknown_to_train_is_an_error(tmp_path):
     small_folder(tmp_path)
     (tmp_path / "val" / "zebra").mkdir()
@@ -133,7 +175,7 @@ def test_verify_lists_every_problem_and_exits_1(tmp_path, capsys):
         assert line.startswith("error" if BAD_FILES[kind][1] == "error" else "note")
     assert any("notes.txt" in line and line.startswith("error") for line in lines)
     assert any("empty class" in line for line in lines)
-    assert lines[-1].startswith("checked 19 images: 6 error(s), 3 note(s)")
+    assert lines[-1].startswith("checked 20 images: 7 error(s), 3 note(s)")
 
 
 def test_verify_passes_a_clean_dataset_and_fails_a_missing_one(tmp_path, capsys):

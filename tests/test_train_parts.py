@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastresnet.training import ConfigError, TrainConfig, evaluate_model, validate
-from fastresnet.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
+from fastresnet.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_atomic
 from fastresnet.training.cli import parse_invocation
 from fastresnet.training.metrics import EvalAccumulator, TrainAccumulator
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
@@ -146,19 +146,20 @@ def test_checkpoint_round_trip_with_rng_states(tmp_path):
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import os
+
     path = tmp_path / "checkpoint.pt"
     save_atomic({"format": 1, "step": 1, "w": torch.ones(1000)}, path)
-    real_save = torch.save
+    real_fsync = os.fsync
 
-    def crash_halfway(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(f.tell() // 2)  # a torn write ...
-        raise OSError("simulated crash: disk full / killed")  # ... then the crash
+    def crash_halfway(fd):
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)  # a torn write ...
+        raise OSError("simulated crash: killed")  # ... then the crash
 
-    monkeypatch.setattr(torch, "save", crash_halfway)
+    monkeypatch.setattr(os, "fsync", crash_halfway)
     with pytest.raises(OSError, match="simulated crash"):
         save_atomic({"format": 1, "step": 2, "w": torch.zeros(1000)}, path)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"], "the temporary file must not be left behind"
@@ -167,7 +168,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, m
 def test_a_torn_checkpoint_is_reported_not_loaded(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(path)
 
 

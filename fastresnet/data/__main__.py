@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from fastresnet.errors import ArgumentParser, UserError, command
 
 from .fake_imagenet import make_fake_imagenet
 from .verify import summarise, verify_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
+    parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check a dataset folder and list its problems (exit 1 on errors)")
     verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, or cifar-10-batches-py")
@@ -25,12 +28,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "verify":
         problems, checked = verify_dataset(args.root, workers=args.workers)
         print(summarise(problems, checked))
         return 1 if any(problem.error for problem in problems) else 0
+    check_new_folder(Path(args.root))
+    if args.classes < 1 or args.images_per_class < 1 or (args.val_images_per_class or 1) < 1:
+        raise UserError("make-fake-imagenet: --classes, --images-per-class and --val-images-per-class must be >= 1")
     root = make_fake_imagenet(
         args.root,
         classes=args.classes,
@@ -41,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {root}/train and {root}/val: {args.classes} classes")
     return 0
+
+
+def check_new_folder(root: Path) -> None:
+    """make-fake-imagenet writes only into a new or empty folder: nothing there is overwritten."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        kind = "a folder that is not empty" if root.is_dir() else "a file"
+        raise UserError(f"make-fake-imagenet {root}: that is {kind}; give a new folder (nothing is overwritten)")
 
 
 if __name__ == "__main__":

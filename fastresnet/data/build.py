@@ -70,6 +70,9 @@ def build_loaders(
     backend = resolve_backend(cfg, device)
     if backend not in ("digits", "synthetic", "fashion-mnist") and cfg.root is None:
         raise ValueError(f"the {backend} back end reads a dataset folder: set DataConfig.root")
+    if backend in ("digits", "synthetic") and cfg.root is not None:  # the folder would be ignored
+        raise ValueError(f"the {backend} back end reads no dataset folder, but DataConfig.root is {cfg.root!r}: "
+                         "unset it, or choose the back end that reads it (auto picks one from the folder)")
     if backend == "digits":
         from .digits import build_digits as build
     elif backend == "synthetic":

@@ -53,6 +53,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"DataConfig.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        for name in ("val_batch_size", "val_resize"):  # None means the default; 0 is not that
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        _check_range("rrc_scale", self.rrc_scale, low=0.0, high=1.0, what="a fraction of the image's area")
+        _check_range("scale_range", self.scale_range, low=0, high=None, what="pixels of the shorter side")
+        if self.lighting_std < 0:
+            raise ValueError(f"DataConfig.lighting_std must be >= 0, got {self.lighting_std}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,3 +78,12 @@ class DataConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"DataConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(name: str, bounds: tuple, *, low: float, high: float | None, what: str) -> None:
+    """(min, max) with low < min <= max (<= high): a reversed or empty range is an error, not a swap."""
+    first, last = bounds
+    if not (low < first <= last and (high is None or last <= high)):
+        upper = f" <= {high:g}" if high is not None else ""
+        raise ValueError(f"DataConfig.{name} must be (min, max) with {low:g} < min <= max{upper} ({what}), "
+                         f"got {tuple(bounds)}")

@@ -26,19 +26,36 @@ from pathlib import Path
 
 from PIL import Image
 
+from fastresnet.errors import UserError
+
 # torchvision ImageFolder's extensions; every one decodes in Pillow, torchvision and DALI
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """A dataset file that cannot be used; the message starts with its path.
 
     Also constructible from the message alone, as DataLoader does when it
-    re-raises a worker's exception in the main process."""
+    re-raises a worker's exception in the main process: from its text (the
+    worker's traceback) the original message is taken back."""
 
     def __init__(self, path: str | Path, reason: str | None = None) -> None:
+        if reason is None and WORKER_TRACEBACK in str(path):
+            path, _, reason = worker_message(str(path)).partition(": ")
         super().__init__(str(path) if reason is None else f"{path}: {reason}")
         self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # through a worker process's pipe whole
+        return type(self), (self.path, self.reason)
+
+
+WORKER_TRACEBACK = "Original Traceback"
+
+
+def worker_message(text: str) -> str:
+    """The original exception's message: the last line of the worker's traceback, after its type."""
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split("BadImageError: ", 1)[-1]
 
 
 @dataclass
@@ -81,25 +98,36 @@ def scan_split(split_dir: str | Path, *, classes: list[str] | None = None, bad_f
 def _scan_class(class_dir: Path, images: ImageList, bad_files: str) -> list[str]:
     """Image files under one class folder (subfolders included), sorted.
 
-    os.walk's scandir knows each entry's type without a stat call: ImageNet's
-    1.28 million files list in seconds."""
+    scandir knows each entry's type without a stat call: ImageNet's 1.28
+    million files list in seconds. Only a symbolic link costs a stat, to find
+    a broken one here rather than in the middle of an epoch."""
     usable = []
-    for folder, subfolders, names in os.walk(class_dir):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            path = os.path.join(folder, name)
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                usable.append(path)
-            else:
-                extension = os.path.splitext(name)[1] or "none"
-                handle_bad(
-                    BadImageError(path, f"not an image file (extension {extension!r})"), bad_files, images.skipped
-                )
+    for path, entry in _walk_files(class_dir):
+        extension = os.path.splitext(entry.name)[1]
+        if extension.lower() not in IMAGE_EXTENSIONS:
+            problem = f"not an image file (extension {extension or 'none'!r})"
+        elif entry.is_symlink() and not os.path.exists(path):
+            problem = f"a broken symbolic link (to {os.readlink(path)!r})"
+        else:
+            usable.append(path)
+            continue
+        handle_bad(BadImageError(path, problem), bad_files, images.skipped)
     if not usable:
         handle_bad(BadImageError(class_dir, "empty class folder: no image files"), bad_files, images.skipped)
     return usable
+
+
+def _walk_files(folder: Path):
+    """(path, DirEntry) of every file under `folder`, in os.walk's order (a folder's files by name,
+    then its subfolders by name, linked ones too as torchvision's ImageFolder does); dotfiles left out."""
+    with os.scandir(folder) as scan:
+        entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    subfolders = [entry for entry in entries if entry.is_dir()]
+    for entry in entries:
+        if not entry.is_dir():
+            yield entry.path, entry
+    for entry in subfolders:
+        yield from _walk_files(Path(entry.path))
 
 
 def handle_bad(error: BadImageError, bad_files: str, skipped: list[BadImageError]) -> None:
@@ -130,10 +158,21 @@ def open_rgb(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB") if image.mode != "RGB" else image.copy()
-    except FileNotFoundError:
-        raise
+    except OSError as error:
+        if error.errno is not None:  # the file itself: gone since the scan, unreadable, not a file
+            raise BadImageError(path, f"cannot read it ({error.strerror})") from error
+        raise BadImageError(path, f"cannot decode ({type(error).__name__}: {error})") from error
     except Exception as error:  # noqa: BLE001  Pillow raises many types: all mean "cannot decode"
         raise BadImageError(path, f"cannot decode ({type(error).__name__}: {error})") from error
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, or BadImageError naming it (gone since the scan, unreadable, not a file)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise BadImageError(path, f"cannot read it ({error.strerror})") from error
 
 
 def report_skipped(skipped: int, where: str) -> None:

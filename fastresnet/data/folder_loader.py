@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import normalise, pca_lighting
 from .config import DataConfig
-from .folder import ImageList, report_skipped
+from .folder import BadImageError, ImageList, report_skipped
 from .loader import Batch, Loader, Shard, batches_per_epoch, epoch_seed
 
 PREFETCH_FACTOR = 4  # batches each worker decodes ahead of the training step
@@ -32,8 +32,8 @@ class FolderLoader(Loader):
 
     Subclasses give the dataset (what a worker does per file), the collate
     function and `to_model_input` (what the main process does per batch on the
-    device). A batch from the workers is (payload, labels, skipped count); a
-    batch with skipped files is that much shorter.
+    device). A batch from the workers is (payload, labels, the BadImageErrors of
+    its skipped files); a batch with skipped files is that much shorter.
     """
 
     def __init__(
@@ -45,6 +45,7 @@ class FolderLoader(Loader):
         self.drop_last = cfg.drop_last and train
         self.crops = 10 if cfg.ten_crop and not train else 1
         self.skipped = len(dataset.images.skipped)  # files the scan already left out
+        self.skipped_files.update((error.path, error.reason or "") for error in dataset.images.skipped)
         self.num_samples = shard.count(len(dataset), even=train)
         if self.drop_last:
             self.num_samples -= self.num_samples % self.batch_size
@@ -65,24 +66,26 @@ class FolderLoader(Loader):
             drop_last=self.drop_last,
             prefetch_factor=PREFETCH_FACTOR if self.cfg.workers else None,
         )
-        skipped_this_epoch = 0
+        skipped_before = self.skipped
         generator = torch.Generator(device=self.device).manual_seed(self.dataset.seed + 7 * self.shard.rank + 1)
         for payload, labels, skipped in loader:
-            skipped_this_epoch += skipped
-            if len(labels) == 0:
-                continue  # every file of this batch was bad and skipped
-            images, labels, dropped = self.to_model_input(payload, labels, generator)
-            skipped_this_epoch += dropped
             if len(labels):
+                images, labels, dropped = self.to_model_input(payload, labels, generator)
+                skipped = skipped + dropped
+            self.count_skipped(skipped)  # now: a consumer may stop after len(self) batches
+            if len(labels):  # else every file of this batch was bad and skipped
                 yield images, labels.to(self.device, non_blocking=True)
-        self.skipped += skipped_this_epoch
-        report_skipped(skipped_this_epoch, f"{type(self).__name__} epoch {self.epoch}")
+        report_skipped(self.skipped - skipped_before, f"{type(self).__name__} epoch {self.epoch}")
+
+    def count_skipped(self, bad: list[BadImageError]) -> None:
+        self.skipped += len(bad)
+        self.skipped_files.update((error.path, error.reason or "") for error in bad)
 
     def collate(self, samples):
         raise NotImplementedError
 
     def to_model_input(self, payload, labels: torch.Tensor, generator: torch.Generator):
-        """(images on the device, their labels, files found bad here and dropped)."""
+        """(images on the device, their labels, the BadImageErrors of files found bad here and dropped)."""
         raise NotImplementedError
 
     def finish_on_device(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -90,3 +93,9 @@ class FolderLoader(Loader):
         if self.train and self.cfg.recipe == "paper-scale" and self.cfg.lighting_std > 0:
             images = pca_lighting(images, std=self.cfg.lighting_std, generator=generator)
         return normalise(images, dtype=self.cfg.torch_dtype)
+
+
+def split_skipped(samples: list) -> tuple[list, list[BadImageError]]:
+    """(the good samples, the errors of the bad files a dataset skipped in their place)."""
+    return ([sample for sample in samples if not isinstance(sample, BadImageError)],
+            [sample for sample in samples if isinstance(sample, BadImageError)])

@@ -28,10 +28,11 @@ class Loader:
     num_samples: int  # images this rank sees per epoch (after sharding and dropping)
     batch_size: int  # images per step
     crops: int = 1  # views per image in a batch: 10 for a ten-crop val loader
-    skipped: int = 0  # bad files skipped so far under bad_files="skip"
+    skipped: int = 0  # bad files skipped so far under bad_files="skip" (a file bad in two epochs counts twice)
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.skipped_files: dict[str, str] = {}  # path -> why, each bad file skipped so far
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle: epoch e always gives the same order for a given seed."""

@@ -29,8 +29,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .augment import uint8_to_unit
 from .config import DataConfig
 from .crops import Box, centre_box, five_boxes, rrc_box, sample_rng, scale_box
-from .folder import BadImageError, ImageList, open_rgb, scan_image_folder
-from .folder_loader import EpochDataset, FolderLoader
+from .folder import BadImageError, ImageList, open_rgb, read_bytes, scan_image_folder
+from .folder_loader import EpochDataset, FolderLoader, split_skipped
+from .jpeg import components, is_jpeg, structure_problem
 from .loader import Shard
 
 
@@ -45,29 +46,11 @@ def decode_to_rgb(data, device: torch.device):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-JPEG_START = b"\xff\xd8"
 JPEG_END = b"\xff\xd9"
-START_OF_FRAME = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn markers (not DHT, JPG, DAC)
-
-
-def jpeg_components(data: bytes) -> int | None:
-    """Colour components in a JPEG's frame header (1 gray, 3 YCbCr, 4 CMYK); None if not found."""
-    position = 2
-    while position + 9 < len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker in START_OF_FRAME:
-            return data[position + 9]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
 
 
 def gpu_decodable(data: bytes) -> bool:
-    return data.startswith(JPEG_START) and data.rstrip(b"\x00").endswith(JPEG_END) and jpeg_components(data) in (1, 3)
+    return is_jpeg(data) and data.rstrip(b"\x00").endswith(JPEG_END) and components(data) in (1, 3)
 
 
 class BytesDataset(EpochDataset):
@@ -79,24 +62,26 @@ class BytesDataset(EpochDataset):
 
     def __getitem__(self, index: int):
         path, label = self.images.files[index], self.images.labels[index]
-        with open(path, "rb") as file:
-            data = file.read()
-        if gpu_decodable(data):
-            return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), label, index
         try:
+            data = read_bytes(path)
+            if gpu_decodable(data):
+                problem = structure_problem(data)  # nvJPEG, like DALI's decoder, reads through these
+                if problem:
+                    raise BadImageError(path, problem)
+                return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), label, index
             image = np.array(open_rgb(path))
-        except BadImageError:
+        except BadImageError as error:
             if self.cfg.bad_files == "fail":
                 raise
-            return None
+            return error
         return ("rgb", torch.from_numpy(image).permute(2, 0, 1).contiguous()), label, index
 
 
 def collate_encoded(samples):
-    good = [sample for sample in samples if sample is not None]
+    good, skipped = split_skipped(samples)
     payload = [(kind, data, index) for (kind, data), _, index in good]
     labels = torch.tensor([label for _, label, _ in good], dtype=torch.int64)
-    return payload, labels, len(samples) - len(good)
+    return payload, labels, skipped
 
 
 def crop_resize(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
@@ -112,14 +97,14 @@ class NvjpegLoader(FolderLoader):
 
     def to_model_input(self, payload, labels: torch.Tensor, generator: torch.Generator):
         decoded = self.decode(payload)
-        kept = [position for position, image in enumerate(decoded) if image is not None]
+        kept = [position for position, image in enumerate(decoded) if not isinstance(image, BadImageError)]
         views = [self.views(decoded[position], payload[position][2]) for position in kept]
         images = self.finish_on_device(torch.cat(views), generator) if views else None
-        return images, labels[kept], len(payload) - len(kept)
+        return images, labels[kept], [image for image in decoded if isinstance(image, BadImageError)]
 
-    def decode(self, payload) -> list[torch.Tensor | None]:
-        """All images of the batch as (3, H, W) uint8 on the device (None: a bad file, skipped);
-        the JPEGs in one decoder call."""
+    def decode(self, payload) -> list[torch.Tensor | BadImageError]:
+        """All images of the batch as (3, H, W) uint8 on the device (or the error of a bad file,
+        skipped); the JPEGs in one decoder call."""
         jpeg_positions = [i for i, (kind, _, _) in enumerate(payload) if kind == "jpeg"]
         decoded: list[torch.Tensor | None] = [
             data.to(self.device, non_blocking=True) if kind == "rgb" else None for kind, data, _ in payload
@@ -133,7 +118,7 @@ class NvjpegLoader(FolderLoader):
             decoded[position] = image
         return decoded
 
-    def decode_alone(self, entry) -> torch.Tensor | None:
+    def decode_alone(self, entry) -> torch.Tensor | BadImageError:
         """One JPEG the batched call choked on: the decoder alone, else Pillow, else a bad file."""
         _, data, index = entry
         try:
@@ -142,10 +127,10 @@ class NvjpegLoader(FolderLoader):
             pass
         try:
             image = open_rgb(self.dataset.images.files[index])
-        except BadImageError:
+        except BadImageError as error:
             if self.cfg.bad_files == "fail":
                 raise
-            return None
+            return error
         return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(self.device)
 
     def views(self, image: torch.Tensor, index: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from .augment import nhwc_to_model_layout, uint8_to_unit
 from .config import DataConfig
 from .crops import Box, centre_box, five_boxes, rrc_box, sample_rng, scale_box
 from .folder import BadImageError, ImageList, open_rgb, scan_image_folder
-from .folder_loader import EpochDataset, FolderLoader
+from .folder_loader import EpochDataset, FolderLoader, split_skipped
 from .loader import Shard
 
 
@@ -40,10 +40,10 @@ class PillowDataset(EpochDataset):
         path, label = self.images.files[index], self.images.labels[index]
         try:
             image = open_rgb(path)
-        except BadImageError:
+        except BadImageError as error:
             if self.cfg.bad_files == "fail":
                 raise
-            return None
+            return error
         return torch.from_numpy(np.stack(self.views(image, index))), label
 
     def views(self, image: Image.Image, index: int) -> list[np.ndarray]:
@@ -63,9 +63,8 @@ class PillowDataset(EpochDataset):
 
 
 def collate_views(samples):
-    """Stack the good samples' views into (B * views, size, size, 3); count the skipped ones."""
-    good = [sample for sample in samples if sample is not None]
-    skipped = len(samples) - len(good)
+    """Stack the good samples' views into (B * views, size, size, 3); pass the bad files on."""
+    good, skipped = split_skipped(samples)
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
     images = torch.cat([views for views, _ in good])
@@ -79,7 +78,7 @@ class TorchvisionLoader(FolderLoader):
 
     def to_model_input(self, payload: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         images = uint8_to_unit(payload.to(self.device, non_blocking=True))
-        return self.finish_on_device(nhwc_to_model_layout(images), generator), labels, 0
+        return self.finish_on_device(nhwc_to_model_layout(images), generator), labels, []
 
 
 def build_torchvision(cfg: DataConfig, *, device: torch.device, shard: Shard):

@@ -41,6 +41,9 @@ def verify_dataset(root: str | Path, *, workers: int = 8) -> tuple[list[Problem]
         return verify_cifar(root)
     splits = [root / name for name in ("train", "val") if (root / name).is_dir()] or [root]
     problems, lists, classes = [], [], None
+    if len(splits) == 1 and splits[0] != root:  # one of train/ and val/: training needs both
+        missing = root / ("val" if splits[0].name == "train" else "train")
+        problems.append(Problem(str(missing), "missing: training reads train/ and val/ side by side", error=True))
     for split in splits:
         try:
             listed = scan_split(split, classes=classes, bad_files="skip")

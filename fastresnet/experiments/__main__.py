@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastresnet.training import ConfigError, NonFiniteLoss
+from fastresnet.errors import ArgumentParser, command
+from fastresnet.training import NonFiniteLoss
 
 from . import EXPERIMENTS
 from .settings import add_common_flags, settings_from_args
 
-EXIT_INTERRUPTED, EXIT_BAD_ARGUMENTS = 1, 2
+EXIT_INTERRUPTED = 1  # 2: a user error (fastresnet.errors)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastresnet.experiments",
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m fastresnet.experiments",
                                      description="The paper's experiments, one command each.")
     commands = parser.add_subparsers(dest="experiment", required=True, metavar="NAME")
     for name, module in EXPERIMENTS.items():
@@ -29,14 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = EXPERIMENTS[args.experiment]
     try:
         result = module.main(args, settings_from_args(args))
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_ARGUMENTS
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import paper
 from .figures import figure6
 from .runs import FINAL_WINDOW, train_all
-from .settings import Settings, parse_depths, provenance, train_config
+from .settings import ConfigError, Settings, parse_depths, provenance, train_config
 from .tables import markdown_table, publish
 
 NAME = "degradation"
@@ -54,7 +54,7 @@ def verdict(plain_errors: list[float], residual_errors: list[float], margin: flo
 
 def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MARGIN, say=print) -> dict | None:
     if len(depths) < 2:
-        raise ValueError(f"degradation compares depths: give at least two, got {depths}")
+        raise ConfigError(f"--depths {depths}: degradation compares depths, give at least two")
     models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
     outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
     if not finished:

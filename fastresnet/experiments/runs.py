@@ -26,11 +26,11 @@ from pathlib import Path
 from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
-from fastresnet.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fastresnet.training.checkpoint import CHECKPOINT_NAME
 from fastresnet.training.fields import to_dict
 from fastresnet.training.metrics import read_jsonl
 
-from .tables import write_json, write_text
+from .tables import write_json
 
 DONE_NAME = "done.json"
 # Fields that change how a run is shown or stopped, not what it computes.
@@ -68,8 +68,7 @@ def train_or_resume(cfg: TrainConfig) -> RunOutcome:
     if done.is_file():
         return RunOutcome(cfg.run_name, cfg.model, run_dir, "completed", "finished earlier", summarize(run_dir))
     checkpoint = run_dir / CHECKPOINT_NAME
-    if checkpoint.is_file():
-        drop_metrics_after(run_dir, load_checkpoint(checkpoint)["step"])
+    if checkpoint.is_file():  # train drops the metrics logged past the checkpoint's step
         result, action = train(cfg, resume=run_dir), "resumed"
     else:
         if run_dir.exists():  # died before its first checkpoint: nothing to keep
@@ -80,15 +79,6 @@ def train_or_resume(cfg: TrainConfig) -> RunOutcome:
         outcome.summary = summarize(run_dir)
         write_json(done, {"result": result, "summary": outcome.summary})
     return outcome
-
-
-def drop_metrics_after(run_dir: Path, step: int) -> None:
-    """Keep the metric records up to the checkpoint's step: the resumed run logs the rest again."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def summarize(run_dir: Path) -> dict:

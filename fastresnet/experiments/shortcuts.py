@@ -16,7 +16,7 @@ from pathlib import Path
 from . import paper
 from .figures import curves_and_finals
 from .runs import train_all
-from .settings import Settings, provenance, train_config
+from .settings import ConfigError, Settings, provenance, train_config
 from .tables import markdown_table, publish
 
 NAME = "shortcuts"
@@ -27,7 +27,7 @@ DEFAULT_THRESHOLD = 1.0  # percentage points; Table 3's spread is 0.84
 
 def run(settings: Settings, depth: int, threshold: float = DEFAULT_THRESHOLD, say=print) -> dict | None:
     if depth not in DEPTHS:
-        raise ValueError(f"--depth {depth}: choose one of {', '.join(map(str, DEPTHS))}")
+        raise ConfigError(f"--depth {depth}: choose one of {', '.join(map(str, DEPTHS))}")
     model = f"resnet{depth}"
     outcomes, finished = train_all([train_config(settings, model, option) for option in OPTIONS], say=say)
     if not finished:

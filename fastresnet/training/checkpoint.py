@@ -14,31 +14,78 @@ epoch's iterator) and at the moment of saving (to continue from).
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastresnet.errors import DISK_FULL, UserError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+MB = 1e6
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, unreadable or not the one the run needs."""
+
+
+class NoSpaceError(UserError, OSError):
+    """The disk cannot take the next checkpoint; the last good one is kept."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write `obj` to `path` whole or not at all (the previous file stays until the new one is complete).
+
+    The bytes are made in memory first, so that their size is known: a disk without room for them
+    (beside the previous checkpoint, which stays until the rename) is told before anything is
+    written. Temporary files left by a save that was killed are removed first: they are never
+    complete, and they hold the room the next save needs."""
     path = Path(path)
+    remove_stale_temporaries(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    free = shutil.disk_usage(path.parent).free
+    if free < len(data):
+        raise no_space(path, len(data), free)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise no_space(path, len(data), shutil.disk_usage(path.parent).free) from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if stale.name != f".{path.name}.tmp-{os.getpid()}":
+            stale.unlink(missing_ok=True)
+
+
+def no_space(path: Path, needed: int, free: int) -> NoSpaceError:
+    kept = f"the last good checkpoint {path} is kept" if path.is_file() else "no checkpoint was written yet"
+    return NoSpaceError(
+        errno.ENOSPC,
+        f"no space left on {path.parent}: {needed / MB:.1f} MB needed for {path.name}, {free / MB:.1f} MB free; "
+        f"{kept}. Free some space and continue with --resume {path.parent}",
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -54,20 +101,64 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dict, on the CPU; a clear error if it is missing or not ours."""
+def load_checkpoint(path: str | os.PathLike, needs: tuple[str, ...] = ()) -> dict:
+    """The checkpoint dict, on the CPU, holding the entries `needs`; CheckpointError if it is missing,
+    damaged or not a fastresnet checkpoint."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}: give a run directory or its {CHECKPOINT_NAME}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # torch.load raises many types (zip, pickle, EOF): all mean "cannot read"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is damaged or not a fastresnet "
+            f"checkpoint ({type(err).__name__}: {reason[:200]}). Restore it from a copy, or start the run again"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise RuntimeError(f"{path} is not a fastresnet checkpoint (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{path} is not a fastresnet checkpoint (format {FORMAT_VERSION}): give a run directory "
+                              "written by python -m fastresnet.train")
+    missing = [key for key in needs if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a checkpoint of python -m fastresnet.train")
     return state
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:
+    """model.load_state_dict(state["model"]), or a CheckpointError saying whose weights these are."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        saved = state.get("config", {}).get("model", "another model") if isinstance(state.get("config"), dict) else "?"
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
+        raise CheckpointError(f"{path} holds weights of {saved} that do not fit {what} ({detail[:200]})") from None
+
+
+# A resumed run continues where its checkpoint stopped only with these as they were: the position in
+# the epoch and every length of the schedule count batches of the run's batch size and number of
+# processes, and the data order and the weights follow the seed and the model.
+RESUME_FIXED = ("model", "shortcut", "seed", "data.batch_size", "data.drop_last")
+
+
+def check_resumable(state: dict, cfg, world_size: int, path: str | os.PathLike) -> None:
+    """A ConfigError naming the first flag that differs from the checkpoint's run where it must not."""
+    from fastresnet.training.fields import ConfigError, flatten, to_dict
+
+    saved, now = flatten(state["config"]), flatten(to_dict(cfg))
+    for name in RESUME_FIXED:
+        if name in saved and saved[name] != now[name]:
+            raise ConfigError(
+                f"--resume {Path(path).parent}: --{name} {now[name]!r} differs from the run's {saved[name]!r}, which "
+                "a resumed run must keep (its checkpoint counts batches and draws data by them); drop the flag, or "
+                "start a new run"
+            )
+    saved_world = state.get("world_size", world_size)
+    if saved_world != world_size:
+        raise ConfigError(f"--resume {Path(path).parent}: the run trained with {saved_world} processes, this one has "
+                          f"{world_size}; resume it with {saved_world} (its position counts batches of every process)")
 
 
 # --- random number generator states, in a form torch.load(weights_only=True) accepts

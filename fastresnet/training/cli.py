@@ -20,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastresnet.data import DataConfig
+from fastresnet.errors import ArgumentParser
+from fastresnet.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
 from fastresnet.training.recipes import list_recipes, read_recipe, recipe_values
+
+
+CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -33,8 +38,8 @@ class Invocation:
     profile: int = 0  # > 0: profile this many steps (fastresnet.profile) instead of training
 
 
-def build_parser(prog: str = "python -m fastresnet.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(prog: str = "python -m fastresnet.train") -> ArgumentParser:
+    parser = ArgumentParser(
         prog=prog,
         description="Train a ResNet of the fastresnet zoo. With no arguments: ResNet-20 on the small "
         "`digits` set, about a minute on a CPU.",
@@ -117,8 +122,8 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
     if resume is not None and args.recipe:
         raise ConfigError("--recipe cannot be combined with --resume: the resumed run keeps its saved config")
     if resume is not None:
-        saved = json.loads((resume / "config.json").read_text())
-        cfg = apply_flat(cfg, flatten(saved), str(resume / "config.json"))
+        saved, source = read_saved_config(resume)
+        cfg = apply_flat(cfg, flatten(saved), source)
     elif args.recipe:
         recipe = read_recipe(args.recipe)
         # The recipe's per-model table follows the model that will be trained.
@@ -132,9 +137,25 @@ def resolve_run_dir(path: str) -> Path:
     p = Path(path)
     if p.is_file():
         p = p.parent
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"--resume {path}: no run directory there (expected {p / 'config.json'})")
+    if not (p / CONFIG_NAME).is_file() and not (p / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"--resume {path}: no run directory there (expected {p / CONFIG_NAME})")
     return p
+
+
+def read_saved_config(run_dir: Path) -> tuple[dict, str]:
+    """(the run's config, where it came from): config.json, or the checkpoint's copy where config.json is gone."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return load_checkpoint(run_dir, needs=("config",))["config"], f"{run_dir / CHECKPOINT_NAME} (its config)"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {path} ({err}); restore it, or delete it to resume with the copy of "
+                          f"the config that {CHECKPOINT_NAME} holds") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a run's config (a JSON object of TrainConfig fields); restore it, "
+                          f"or delete it to resume with the copy of the config that {CHECKPOINT_NAME} holds")
+    return saved, str(path)
 
 
 def parse_command(argv: list[str], options: argparse.ArgumentParser, doc: str) -> tuple[argparse.Namespace, Invocation]:

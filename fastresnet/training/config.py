@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fastresnet.data import DataConfig
@@ -105,6 +106,8 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.model in list_models(), f"model {cfg.model!r} is not in the zoo; choose one of: {', '.join(list_models())}")
     need(cfg.shortcut in ("", "A", "B", "C"), f"shortcut must be A, B, C or empty, got {cfg.shortcut!r}")
+    need(not (cfg.shortcut and cfg.model.startswith("plain")),
+         f"--shortcut {cfg.shortcut}: {cfg.model} is a plain net, it has no shortcuts (train a resnet to compare options)")
     need(cfg.length > 0, f"length must be > 0 ({cfg.unit}s), got {cfg.length}")
     need(cfg.unit == "epoch" or float(cfg.length).is_integer(), f"length in steps must be whole, got {cfg.length}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
@@ -129,16 +132,34 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 epochs, got {cfg.eval_every}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 epochs, got {cfg.checkpoint_every}")
     need(cfg.stop_at_step >= 0, f"stop_at_step must be >= 0, got {cfg.stop_at_step}")
-    need("/" not in cfg.run_name, f"run_name is a folder name, not a path: {cfg.run_name!r}")
+    need("/" not in cfg.run_name and "\\" not in cfg.run_name and cfg.run_name not in (".", ".."),
+         f"--run_name {cfg.run_name!r}: a run name is one folder name inside --out_dir, not a path")
+    need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
+         f"--out_dir {cfg.out_dir}: that is a file, not a folder; give the folder the runs go in")
     if cfg.device != "auto":
-        try:
-            kind = __import__("torch").device(cfg.device).type
-        except RuntimeError:
-            raise ConfigError(f"device {cfg.device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-        need(kind in ("cpu", "cuda"), f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+        check_device(cfg.device)
     from fastresnet.ops import tuning
 
     try:  # the tuning switches (FASTRESNET_DISPATCH and kin): a mistake there is the user's too
         tuning.settings()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_device(name: str) -> None:
+    """The device exists here: a CUDA device needs a visible GPU of that index."""
+    import torch
+
+    from fastresnet.training.fields import ConfigError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine shows {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

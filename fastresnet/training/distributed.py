@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from fastresnet.training.config import check_device
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,9 @@ def launched_by_torchrun() -> bool:
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(preference)
     device = torch.device(preference)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {preference}: no CUDA GPU is visible to this process")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -57,8 +59,26 @@ def setup(device_preference: str, backend: str) -> tuple[ProcessInfo, torch.devi
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, **kwargs)
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                store=attempt_store(info), **kwargs)
     return info, device
+
+
+def attempt_store(info: ProcessInfo) -> dist.Store | None:
+    """The key-value store for this attempt's process group: None (torch's env:// default) unless
+    the workers share their elastic agents' store.
+
+    That store outlives a restart of the worker group, and the process group's keys (each rank's
+    address) are not kept apart by attempt, so a restarted worker would read the address of a worker
+    that died and fail to connect. The restart count cannot keep them apart: each agent counts its
+    own, and an agent whose workers were restarted for another node's failure counts none. What every
+    rank does count alike is its own starts, since a restart starts every rank once."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timedelta(minutes=30))
+    attempt = store.add(f"fastresnet/starts/rank{info.rank}", 1)
+    return dist.PrefixStore(f"fastresnet/attempt{attempt}", store)
 
 
 def teardown() -> None:
@@ -85,13 +105,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def rank0_choice(value: str) -> str:
-    """Rank 0's value on every rank (a choice each rank measured, which must agree)."""
+def rank0_choice(value):
+    """Rank 0's value (any picklable object) on every rank: a choice that all must follow."""
     if not is_active():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's value (any picklable object), in rank order, on every rank."""
+    if not is_active():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:

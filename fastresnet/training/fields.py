@@ -14,9 +14,11 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from fastresnet.errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration problem found before anything starts."""
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem: a flag, a value, a run directory, a resume that cannot be right."""
 
 
 def flat_fields(cls, prefix: str = "") -> dict[str, Any]:
@@ -107,9 +109,11 @@ def _coerce(value, kind):
     if kind is int:
         if isinstance(value, bool):
             raise TypeError("expected an integer")
+        if isinstance(value, str) and "e" in value.lower():  # 1e3 is a whole number; 2.5e0 is not
+            value = float(value)
         if isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected an integer")
-        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            raise ValueError("expected a whole number")
+        return int(value)
     if kind is float:
         if isinstance(value, bool):
             raise TypeError("expected a number")

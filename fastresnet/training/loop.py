@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastresnet.data import build_loaders
+from fastresnet.data import BadImageError, build_loaders
+from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
-from fastresnet.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
+from fastresnet.training.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, capture_rng, check_resumable, load_checkpoint, load_weights, restore_rng,
+    save_atomic,
+)
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError, to_dict
 from fastresnet.training.metrics import (
@@ -33,11 +37,14 @@ from fastresnet.training.metrics import (
 from fastresnet.training.model import amp_dtype, build_model, build_optimizer, prepare_model
 from fastresnet.training.plot import plot_curves
 from fastresnet.training.progress import Progress
-from fastresnet.training.rundir import create_run_dir, write_run_files
+from fastresnet.training.rundir import open_run_dir, write_run_files
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
 from fastresnet.training.signals import StopRequest
 
 FORMAT_VERSION = 1
+# What _save writes and _load reads back
+RESUME_NEEDS = ("model", "optimizer", "scaler", "schedule", "epoch", "batches_done", "step", "rng_epoch_start", "rng",
+                "config")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,6 +59,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     try:
         try:
             trainer = Trainer(cfg, info, device, Path(resume) if resume else None, stop)
+        except UserError:
+            raise
         except (ValueError, FileNotFoundError) as err:  # a dataset folder, a class count, a batch size
             raise ConfigError(f"cannot start: {err}") from err
         return trainer.run()
@@ -105,11 +114,19 @@ class Trainer:
         self.resume_rng: dict | None = None
         self.last_good_checkpoint: Path | None = None
         self.last_eval: dict = {}
-        self.run_dir = resume if resume is not None else (create_run_dir(cfg) if info.is_main else None)
+        self.restarted = False  # a torchelastic restart continuing its launch's run
+        if resume is None:
+            self.run_dir, self.restarted = open_run_dir(cfg, info.is_main)
+            if self.restarted and (self.run_dir / CHECKPOINT_NAME).is_file():
+                resume = self.run_dir
+        else:
+            self.run_dir = resume
         if resume is not None:
             self._load(resume / CHECKPOINT_NAME)
         writes = info.is_main
         self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl" if writes else None)
+        self.metrics_log.drop_after(self.step)  # what a killed process logged after its last checkpoint
+        self.reported_skips: set[str] = set()  # bad files listed so far (bad_files="skip")
         self.progress = Progress(cfg.progress, enabled=writes, total_steps=self.total_steps,
                                  steps_per_epoch=self.steps_per_epoch)
         if writes:
@@ -144,6 +161,22 @@ class Trainer:
     def run(self) -> dict:
         self._announce()
         self.evaluated_at = self.saved_at = -1
+        try:
+            status = self._run_epochs()
+        except BadImageError as err:
+            raise self._stopped_by(err) from err
+        if self.saved_at != self.step:
+            self._save()
+        self._report_skipped()
+        self._plot()
+        self.progress.close()
+        result = {"status": status, "step": self.step, "epoch": self.epoch, "run_dir": str(self.run_dir),
+                  "checkpoint": str(self.last_good_checkpoint), "skipped_files": len(self.reported_skips),
+                  **{f"test_{k}": v for k, v in self.last_eval.items()}}
+        self._say_where_outputs_went(result)
+        return result
+
+    def _run_epochs(self) -> str:
         status = "completed"
         while self.step < self.total_steps:
             status = self._train_epoch()
@@ -155,16 +188,36 @@ class Trainer:
                 self._evaluate_and_log()
             if done or (self.cfg.checkpoint_every and self.epoch % self.cfg.checkpoint_every == 0):
                 self._save()
+            self._report_skipped()
         if status == "completed" and self.evaluated_at != self.step:  # a step-length run ending mid-epoch
             self._evaluate_and_log()
-        if self.saved_at != self.step:
+        return status
+
+    def _stopped_by(self, err: BadImageError) -> BadImageError:
+        """A bad file met under bad_files="fail": keep the progress (alone: the state is at a step
+        boundary; under torchrun the other ranks wait in a collective) and say what to do."""
+        if not self.info.distributed and self.info.is_main:
             self._save()
-        self._plot()
-        self.progress.close()
-        result = {"status": status, "step": self.step, "epoch": self.epoch, "run_dir": str(self.run_dir),
-                  "checkpoint": str(self.last_good_checkpoint), **{f"test_{k}": v for k, v in self.last_eval.items()}}
-        self._say_where_outputs_went(result)
-        return result
+        kept = f"checkpoint saved at step {self.saved_at}" if self.saved_at == self.step else (
+            f"the last checkpoint is {self.last_good_checkpoint or 'none (none was written yet)'}")
+        return BadImageError(err.path, f"{err.reason or 'a bad file'}; {kept}. Replace or remove the file "
+                             f"(python -m fastresnet.data verify {self.cfg.data.root} lists every bad one) or set "
+                             f"--data.bad_files skip, then continue with --resume {self.run_dir}")
+
+    def _report_skipped(self) -> None:
+        """The bad files skipped since the last report (bad_files="skip"), from every rank: one line on
+        the console, all of them in skipped_files.txt."""
+        mine = [*self.data.train.skipped_files.items(), *self.data.val.skipped_files.items()]
+        found = dict(item for rank_items in distributed.gather(mine) for item in rank_items)
+        new = [(path, reason) for path, reason in found.items() if path not in self.reported_skips]
+        self.reported_skips.update(found)
+        if not new or not self.info.is_main:
+            return
+        listing = self.run_dir / "skipped_files.txt"
+        with open(listing, "a") as f:
+            f.writelines(f"{path}: {reason}\n" for path, reason in new)
+        self.progress.note(f"skipped {len(new)} bad file(s) (bad_files=skip), listed in {listing}; "
+                           f"the first: {new[0][0]}: {new[0][1]}")
 
     def _epoch_batches(self):
         """The epoch's batch iterator, positioned after the batches already done (a resumed run)."""
@@ -192,7 +245,11 @@ class Trainer:
         self.model.train()
         while self.batches_done < self.steps_per_epoch and self.step < self.total_steps:
             with self.throughput.waiting():
-                images, labels = next(batches)
+                batch = next(batches, None)
+            if batch is None:  # every file of a batch was bad and skipped: the epoch is that much shorter
+                self._check_short_epoch_allowed()
+                break
+            images, labels = batch
             self._step(images, labels)
             self.batches_done += 1
             self.step += 1
@@ -210,11 +267,18 @@ class Trainer:
                 self._log_train()
                 return "interrupted" if self.stop else "stopped-at-step"
         self._log_train()
-        if self.batches_done >= self.steps_per_epoch:
+        if self.batches_done >= self.steps_per_epoch or self.step < self.total_steps:
             self.epoch += 1
             self.batches_done = 0
             return "epoch-done"
         return "completed"
+
+    def _check_short_epoch_allowed(self) -> None:
+        if self.info.distributed:  # the other ranks would wait for this one's gradients forever
+            raise BadImageError(
+                f"rank {self.info.rank}", f"a whole batch of bad files was skipped in epoch {self.epoch}, so this "
+                "rank has fewer batches than the others, which DistributedDataParallel cannot run: remove the bad "
+                f"files (python -m fastresnet.data verify {self.cfg.data.root} lists them)")
 
     def _should_stop(self, at_log: bool) -> bool:
         if self.cfg.stop_at_step and self.step == self.cfg.stop_at_step:
@@ -309,18 +373,23 @@ class Trainer:
             "rng_epoch_start": self.epoch_start_rng if self.batches_done else None,
             "rng": capture_rng(),
             "config": to_dict(self.cfg),
+            "world_size": self.info.world_size,
             "last_eval": self.last_eval,
         }
         self.last_good_checkpoint = save_atomic(state, self.run_dir / CHECKPOINT_NAME)
         self.saved_at = self.step
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.schedule.load_state_dict(state["schedule"])
+        state = load_checkpoint(path, needs=RESUME_NEEDS)
+        check_resumable(state, self.cfg, self.info.world_size, path)
+        load_weights(self.model, state, path, f"{self.cfg.model} with {self.data.num_classes} classes")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.schedule.load_state_dict(state["schedule"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: its optimizer or schedule state does not fit this run ({err})") from None
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
         self.epoch_start_rng = state["rng_epoch_start"]
         self.resume_rng = state["rng"]
@@ -344,6 +413,9 @@ class Trainer:
             f"speed: amp {amp}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
             f"fused blocks {p.fused_blocks}, SGD {self.optimizer_impl}"
         )
+        if self.restarted:
+            self.progress.note("restarted by torchelastic: continuing this launch's run "
+                               + (f"from its checkpoint at step {self.step}" if self.step else "from the start"))
         if self.run_dir is not None:
             self.progress.note(f"outputs: {self.run_dir}")
 

@@ -167,8 +167,27 @@ class JsonLines:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def drop_after(self, step: int) -> None:
+        """Keep the records up to `step`, the checkpoint's: a resumed run logs the steps after it again."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= step)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text(kept)
+            tmp.replace(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records; a line cut short by a killed process (the last one) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

@@ -6,11 +6,24 @@ runs/<name>/env.json      versions, GPU, git revision, command line, world size,
 runs/<name>/metrics.jsonl one JSON object per log interval and evaluation
 runs/<name>/curves.png    the training curves
 runs/<name>/checkpoint.pt the latest checkpoint (atomic)
+runs/<name>/launch.json   under torchrun: the elastic agents that run it, whose restarts continue it
+
+A run directory that exists is never written into, except by `--resume` and by
+a restart of the torchrun launch that created it. torchelastic restarts a
+failed worker group with the same command line, so a restarted group must find
+its run again by itself, while a user who repeats a run name by mistake must
+still be refused. The restart count (TORCHELASTIC_RESTART_COUNT) cannot tell
+them apart: a first attempt refused for a taken name fails, and its restart
+would count 1. What does tell them apart is the launch: each worker's parent is
+its node's elastic agent, alive across the restarts of one launch and new with
+every launch, so the run records the agents (run id, host, pid, start time)
+of the group that created it, and a group with one of them continues the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -21,8 +34,9 @@ from pathlib import Path
 import torch
 
 import fastresnet
+from fastresnet.training import distributed
 from fastresnet.training.config import TrainConfig
-from fastresnet.training.fields import to_dict
+from fastresnet.training.fields import ConfigError, to_dict
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -30,16 +44,101 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model}-{cfg.data.backend}-{stamp}"
 
 
+LAUNCH_NAME = "launch.json"
+
+
 def create_run_dir(cfg: TrainConfig) -> Path:
-    folder = Path(cfg.out_dir) / (cfg.run_name or default_run_name(cfg))
-    folder.mkdir(parents=True, exist_ok=True)
+    """A new run directory: --run_name's, refused if it exists; else <model>-<backend>-<time>[-N], free."""
+    out = Path(cfg.out_dir)
+    if cfg.run_name:
+        return make_folder(out / cfg.run_name, cfg)
+    name = default_run_name(cfg)
+    for suffix in ["", *(f"-{n}" for n in range(2, 100))]:  # two runs started in the same second
+        if not (out / (name + suffix)).exists():
+            return make_folder(out / (name + suffix), cfg)
+    raise ConfigError(f"--out_dir {out}: too many runs named {name}-N; give --run_name")
+
+
+def make_folder(folder: Path, cfg: TrainConfig) -> Path:
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"run directory {folder} exists: continue that run with --resume {folder}, or give another --run_name "
+            "(a run directory is never written into by a new run)"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create {folder} ({err.strerror})") from None
     return folder
+
+
+def launch_token() -> str | None:
+    """This worker's torchelastic launch: run id, host, and the pid and start time of its agent
+    (its parent process); None outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    agent = os.getppid()
+    return f"{run_id}@{socket.gethostname()}:{agent}:{process_start_time(agent)}"
+
+
+def process_start_time(pid: int) -> str:
+    """Clock ticks after boot at which `pid` started (Linux), which with the pid names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before it may hold spaces
+
+
+def open_run_dir(cfg: TrainConfig, is_main: bool) -> tuple[Path, bool]:
+    """On every rank: (the run directory, whether this torchrun launch made it before a restart and
+    continues it). Rank 0 decides, and a refusal reaches every rank, so that none waits for the others."""
+    tokens = [token for token in distributed.gather(launch_token()) if token]
+    decision = None
+    if is_main:
+        try:
+            folder, own = claim_run_dir(cfg, tokens)
+            decision = (str(folder), own, None)
+        except ConfigError as err:
+            decision = (None, False, str(err))
+    folder, own, error = distributed.rank0_choice(decision)
+    if error is not None:
+        raise ConfigError(error)
+    return Path(folder), own
+
+
+def claim_run_dir(cfg: TrainConfig, tokens: list[str]) -> tuple[Path, bool]:
+    """(the run directory, whether this launch continues it): the run this torchrun launch created
+    before a restart (any of `tokens`, its workers' launch tokens, recorded there), else a new one."""
+    own = own_run_dir(cfg, set(tokens)) if tokens else None
+    folder = own or create_run_dir(cfg)
+    if tokens:
+        recorded = read_launch(folder)
+        write_json(folder / LAUNCH_NAME, {"agents": sorted(recorded | set(tokens))})
+    return folder, own is not None
+
+
+def own_run_dir(cfg: TrainConfig, tokens: set[str]) -> Path | None:
+    out = Path(cfg.out_dir)
+    folders = [out / cfg.run_name] if cfg.run_name else [p.parent for p in sorted(out.glob(f"*/{LAUNCH_NAME}"))]
+    return next((folder for folder in folders if read_launch(folder) & tokens), None)
+
+
+def read_launch(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / LAUNCH_NAME).read_text())["agents"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def git_revision() -> str:
