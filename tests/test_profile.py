@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastresnet import profile, train
+from fastresnet.errors import EXIT_USER_ERROR
 from fastresnet.profiling import categories as cat
 from fastresnet.profiling import report
 from fastresnet.profiling.timeline import breakdown
@@ -312,7 +313,7 @@ def test_train_profile_writes_into_the_run_directory(tmp_path):
     (["--profile", "3"], "here the count is --steps"),
 ])
 def test_bad_options_are_clear_errors(tmp_path, capsys, args, message):
-    assert profile.main(args + ["--out", str(tmp_path)]) == profile.EXIT_CONFIG
+    assert profile.main(args + ["--out", str(tmp_path)]) == EXIT_USER_ERROR
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -331,5 +332,5 @@ def test_the_gpu_scripts_profile_command_parses():
 
 
 def test_train_profile_needs_a_positive_count(capsys):
-    assert train.main(["--profile", "0"]) == train.EXIT_CONFIG
+    assert train.main(["--profile", "0"]) == EXIT_USER_ERROR
     assert "--profile 0" in capsys.readouterr().err
