@@ -83,6 +83,7 @@ BAD_FLAGS = [
     (["--out_dir", "{tmp}/a-file"], "that is a file, not a folder"),
     (["--resume", "{tmp}/nowhere"], "no run directory there"),
     (["--lr"], "argument --lr: expected one argument"),
+    (["--lr_milestones", "0.5"], "the cosine schedule does not use them"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "no CUDA GPU is visible"))

@@ -114,6 +114,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.base_batch_size >= 0, f"base_batch_size must be >= 0, got {cfg.base_batch_size}")
     need(cfg.lr_decay > 0, f"lr_decay must be > 0, got {cfg.lr_decay}")
     need(cfg.schedule != "step" or len(cfg.lr_milestones) > 0, "schedule 'step' needs lr_milestones (in `unit`)")
+    need(cfg.schedule == "step" or not cfg.lr_milestones,
+         f"--lr_milestones {','.join(f'{m:g}' for m in cfg.lr_milestones)}: the {cfg.schedule} schedule does not use "
+         "them; add --schedule step, or drop them")
     need(list(cfg.lr_milestones) == sorted(cfg.lr_milestones), f"lr_milestones must ascend, got {cfg.lr_milestones}")
     need(all(m > 0 for m in cfg.lr_milestones), f"lr_milestones must be > 0, got {cfg.lr_milestones}")
     need(cfg.plateau_patience >= 1, f"plateau_patience must be >= 1 evaluation, got {cfg.plateau_patience}")
