@@ -17,7 +17,6 @@ Exit status as `fastresnet.train`: 2 bad configuration, 3 out of memory.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from dataclasses import dataclass
@@ -37,11 +36,9 @@ from fastresnet.training import distributed
 from fastresnet.training.cli import parse_command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
-from fastresnet.training.loop import seed_everything
+from fastresnet.training.loop import configure_cuda, seed_everything
 from fastresnet.training.model import amp_dtype, build_model
 from fastresnet.training.rundir import create_run_dir, environment
-
-EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
 
 
 @dataclass
@@ -56,7 +53,7 @@ class ProfileOptions:
 
 def options_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
-                                     "[training flags]", add_help=False, allow_abbrev=False)
+                            "[training flags]", add_help=False, allow_abbrev=False)
     parser.add_argument("--providers", default="fastresnet",
                         help=f"comma-separated, one bar each: {', '.join(PROVIDERS)} (default: fastresnet)")
     parser.add_argument("--mode", default="train", choices=MODES, help="the training step or inference (default: train)")
@@ -91,10 +88,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
     if distributed.launched_by_torchrun():
         raise ConfigError("the profile runs in one process: start it with python, not torchrun")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
-    if device.type == "cuda":  # as the training program sets them
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_cuda(cfg, device)
     try:
         data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     except (ValueError, FileNotFoundError) as err:
@@ -136,18 +130,16 @@ def _versions(device: torch.device) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import is_out_of_memory, out_of_memory_advice
+    from fastresnet.train import out_of_memory_exit
 
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         cfg, options, resume = parse(argv)
         out_dir = output_dir(cfg, options, resume)
         run_profile(cfg, options, out_dir, command=shlex.join(["python", "-m", "fastresnet.profile", *argv]))
     except (RuntimeError, MemoryError) as err:
-        if not is_out_of_memory(err) and not isinstance(err, MemoryError):
-            raise
-        print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
-        return EXIT_OOM
+        return out_of_memory_exit(cfg, err)
     return 0
 
 

@@ -52,6 +52,15 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def out_of_memory_exit(cfg: TrainConfig | None, err: RuntimeError | MemoryError) -> int:
+    """EXIT_OOM, with what to change printed, for running out of memory while running `cfg`; any
+    other error (or one before there was a config) is raised again."""
+    if cfg is None or not (is_out_of_memory(err) or isinstance(err, MemoryError)):
+        raise err
+    print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
+    return EXIT_OOM
+
+
 def profile_instead(invocation, argv: list[str] | None) -> int:
     """`--profile N`: fastresnet.profile's default profile of this config, into the run directory."""
     import shlex
@@ -78,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
     except (RuntimeError, MemoryError) as err:
-        if not is_out_of_memory(err) and not isinstance(err, MemoryError):
-            raise
-        print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
-        return EXIT_OOM
+        return out_of_memory_exit(cfg, err)
     finally:
         distributed.teardown()
     return 0

@@ -30,15 +30,13 @@ from fastresnet.training import distributed
 from fastresnet.training.cli import parse_command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
-from fastresnet.training.loop import evaluate_model, make_train_step, seed_everything
+from fastresnet.training.loop import configure_cuda, evaluate_model, make_train_step, seed_everything
 from fastresnet.training.model import amp_dtype, build_model, build_optimizer, example_batch, prepare_model
-
-EXIT_OOM = 3  # 2: a user error (fastresnet.errors)
 
 
 def options_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
-                                     usage="%(prog)s [tune options] [training flags]")
+                            usage="%(prog)s [tune options] [training flags]")
     parser.add_argument("--steps", type=int, default=1, help="training steps to run (default: 1)")
     parser.add_argument("--export", default="", metavar="FILE", help="write the decisions made here to FILE")
     parser.add_argument("--import", dest="import_", default="", metavar="FILE",
@@ -60,10 +58,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
     if distributed.launched_by_torchrun():
         raise ConfigError("tune in one process (start it with python, not torchrun): the decisions are per GPU")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
-    if device.type == "cuda":  # as the training program sets them
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_cuda(cfg, device)
     from fastresnet.data import build_loaders
 
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
@@ -96,7 +91,7 @@ def decisions_table(decisions: list[dict]) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import is_out_of_memory, out_of_memory_advice
+    from fastresnet.train import out_of_memory_exit
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
@@ -117,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             count = tuning.export_decisions(Path(args.export), device)
             print(f"{count} decisions for {tuning.environment_tag(device)['device']} written to {args.export}")
     except (RuntimeError, MemoryError) as err:
-        if cfg is None or not (is_out_of_memory(err) or isinstance(err, MemoryError)):
-            raise
-        print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
-        return EXIT_OOM
+        return out_of_memory_exit(cfg, err)
     finally:
         distributed.teardown()
     return 0

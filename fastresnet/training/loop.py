@@ -74,16 +74,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_cuda(cfg: TrainConfig, device: torch.device) -> None:
+    """The GPU's math as a training run of `cfg` has it: cuDNN's autotuner as configured, TF32 for
+    fp32 matmuls and convs. The profile and the tuning ahead of a run set the same."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info, device: torch.device, resume: Path | None, stop: StopRequest):
         self.cfg, self.info, self.device, self.stop = cfg, info, device, stop
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights (DDP also broadcasts them)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            if info.rank == 0:  # a first call's measurements, said as they happen (python -m fastresnet.tune: ahead)
-                tuning.show_progress(tuning.Progress())
+        configure_cuda(cfg, device)
+        if device.type == "cuda" and info.rank == 0:  # a first call's measurements, said as they happen
+            tuning.show_progress(tuning.Progress())  # (python -m fastresnet.tune makes them ahead)
 
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
