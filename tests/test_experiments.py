@@ -4,6 +4,7 @@ One module-scoped experiment (plain-20/32 and ResNet-20/32, two steps each,
 batch 8) is interrupted, resumed and re-run; the other tests read its runs.
 """
 
+import dataclasses
 import json
 import math
 
@@ -164,6 +165,20 @@ def test_run_names_follow_the_settings(tmp_path):
     assert a.run_name == train_config(tiny(tmp_path), "resnet20", "A").run_name  # A is the CIFAR default
     assert a.run_name != train_config(tiny(tmp_path), "resnet20", "B").run_name
     assert a.run_name != train_config(Settings(out=tmp_path, iterations=3), "resnet20").run_name
+
+
+def test_a_config_field_added_at_its_default_keeps_the_run_names(tmp_path, monkeypatch):
+    """Runs take hours: a later TrainConfig field must not orphan them under a new name."""
+    from fastresnet.experiments import runs
+    from fastresnet.training import TrainConfig
+
+    before = train_config(tiny(tmp_path), "resnet20")
+    grown = dataclasses.make_dataclass("GrownConfig", [("new_knob", int, dataclasses.field(default=3))],
+                                       bases=(TrainConfig,))
+    monkeypatch.setattr(runs, "TrainConfig", grown)
+    after = grown(**{f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig)})
+    assert runs.run_name(after) == runs.run_name(before)
+    assert runs.run_name(dataclasses.replace(after, new_knob=4)) != runs.run_name(before)
 
 
 @pytest.mark.parametrize("argv, message", [

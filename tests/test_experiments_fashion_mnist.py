@@ -11,6 +11,7 @@ from fastresnet.experiments.__main__ import main as experiments_main
 from fastresnet.experiments.settings import (
     DIGITS_BUDGET,
     FASHION_MNIST_CPU_BUDGET,
+    FASHION_MNIST_QUICK_BUDGET,
     PAPER_CIFAR_BUDGET,
     Settings,
     train_config,
@@ -29,13 +30,18 @@ def test_the_cpu_preset_on_a_cpu_and_the_papers_schedule_on_a_gpu(fm_root, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert settings.budget() == FASHION_MNIST_CPU_BUDGET
     cfg = train_config(settings, "resnet56")
-    assert (cfg.length, cfg.lr_milestones, cfg.unit) == (600, (300, 450), "step")
+    assert (cfg.length, cfg.lr_milestones, cfg.unit) == (15 * 468, (3510, 5265), "step")  # 15 epochs, lr / 10 at 1/2, 3/4
+    quick = Settings(dataset="fashion-mnist", data=str(fm_root), quick=True)
+    assert quick.budget() == FASHION_MNIST_QUICK_BUDGET
+    assert train_config(quick, "resnet56").run_name != cfg.run_name
     assert (cfg.data.backend, cfg.data.root, cfg.lr, cfg.data.batch_size) == ("fashion-mnist", str(fm_root), 0.1, 128)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert settings.budget() == PAPER_CIFAR_BUDGET
     assert train_config(settings, "resnet110").warmup_until_train_error == 80.0  # the recipe's, unchanged
     assert Settings(dataset="fashion-mnist", overrides={"device": "cpu"}).budget() == FASHION_MNIST_CPU_BUDGET
     assert Settings().budget() == DIGITS_BUDGET
+    with pytest.raises(ConfigError, match="--quick is a Fashion-MNIST preset"):
+        Settings(quick=True)
     assert Settings(dataset="fashion-mnist", data=str(fm_root), iterations=50).budget().milestones == (25, 38)
 
 

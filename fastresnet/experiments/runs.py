@@ -2,10 +2,12 @@
 
 Every experiment trains its nets with `fastresnet.training.train` into
 `<out>/runs/<model>[-<shortcut>]-<hash>/`, where the hash is taken over the
-run's resolved config (without the fields that only change how it is shown).
-So a run is defined by its settings: an experiment re-run with the same
-settings finds its runs; `layer-responses` finds the nets `degradation`
-trained with the same budget; different budgets never mix.
+fields of the run's resolved config that differ from TrainConfig's defaults
+(without the fields that only change how it is shown). So a run is defined by
+its settings: an experiment re-run with the same settings finds its runs;
+`layer-responses` finds the nets `degradation` trained with the same budget;
+different budgets never mix; and a field added to TrainConfig later, at its
+default, leaves the names of runs that take hours to train unchanged.
 
 A run is finished when `done.json` sits beside its checkpoint (written after
 `train` returned "completed"). A run with a checkpoint but no `done.json` was
@@ -41,10 +43,23 @@ FINAL_WINDOW = 0.1
 
 
 def run_name(cfg: TrainConfig) -> str:
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in PRESENTATION_FIELDS}
+    defaults = flat_values(to_dict(TrainConfig()))
+    settings = {k: v for k, v in flat_values(to_dict(cfg)).items()
+                if k not in PRESENTATION_FIELDS and (k not in defaults or v != defaults[k])}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     shortcut = f"-{cfg.shortcut}" if cfg.shortcut else ""
     return f"{cfg.model}{shortcut}-{digest}"
+
+
+def flat_values(tree: dict, prefix: str = "") -> dict:
+    """{"lr": 0.1, "data.batch_size": 128, ...}; tuples as lists, as config.json holds them."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_values(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @dataclass
