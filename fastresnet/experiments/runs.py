@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import shutil
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
 from fastresnet.training.checkpoint import CHECKPOINT_NAME
+from fastresnet.training.config import replace_fields
 from fastresnet.training.fields import to_dict
 from fastresnet.training.metrics import read_jsonl
 
@@ -60,6 +62,11 @@ def flat_values(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def named(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the run name its settings give."""
+    return replace_fields(cfg, run_name=run_name(cfg))
 
 
 @dataclass
@@ -108,6 +115,7 @@ def summarize(run_dir: Path) -> dict:
     return {
         "model": config["model"],
         "shortcut": config.get("shortcut") or "",
+        "seed": config["seed"],
         "params": count_params(model),
         "steps": last_step,
         "train_curve": [[r["step"], r["error"]] for r in train_records],
@@ -128,11 +136,33 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def over_seeds(summaries: list[dict]) -> dict:
+    """One net trained once per seed, as one summary: the first seed's curves, and each final error the
+    mean over the seeds, beside its per-seed values, sample std and best (the paper's "best (mean +- std)")."""
+    combined = dict(summaries[0], seeds=[s["seed"] for s in summaries])
+    for key in ("final_train_error", "final_test_error"):
+        values = [s[key] for s in summaries]
+        combined[key] = mean(values)
+        combined[f"{key}_seeds"] = values
+        combined[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        combined[f"{key}_best"] = min(values)
+    return combined
+
+
+def by_net(outcomes: list[RunOutcome]) -> dict[str, dict]:
+    """{model or model-shortcut: over_seeds(its runs' summaries)}, in the order the nets first trained."""
+    groups: dict[str, list[dict]] = {}
+    for outcome in outcomes:
+        s = outcome.summary
+        groups.setdefault(s["model"] + (f"-{s['shortcut']}" if s["shortcut"] else ""), []).append(s)
+    return {name: over_seeds(summaries) for name, summaries in groups.items()}
+
+
 def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], bool]:
     """Train the runs in order; stop at the first one that is interrupted. Returns (outcomes, all finished)."""
     outcomes = []
     for i, cfg in enumerate(configs, 1):
-        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''}: "
+        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''} seed {cfg.seed}: "
             f"{Path(cfg.out_dir) / cfg.run_name}")
         outcome = train_or_resume(cfg)
         outcomes.append(outcome)

@@ -48,7 +48,7 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine schedule
     warmup: float = 0.0  # warm-up length, in `unit`
     warmup_kind: Literal["linear", "constant"] = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout
-    warmup_lr: float = 0.0  # lr at the start of a linear warm-up, or during a constant one
+    warmup_lr: float = 0.0  # lr at the start of a linear warm-up, or during a constant one (scaled like lr)
     warmup_until_train_error: float = 0.0  # percent; > 0: warm-up ends once the training error is below it
 
     # --- optimizer and loss

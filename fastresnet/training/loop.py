@@ -107,7 +107,8 @@ class Trainer:
                 f"batch {cfg.data.batch_size}): lower --data.batch_size"
             )
         self.global_batch = cfg.data.batch_size * info.world_size
-        self.peak_lr = cfg.lr * (self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0)
+        self.lr_scale = self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0
+        self.peak_lr = cfg.lr * self.lr_scale
         self.total_steps = self._to_steps(cfg.length)
         self.schedule = LRSchedule(self._schedule_spec())
         self.optimizer = build_optimizer(self.model, cfg, device, self.schedule.lr_at(0))
@@ -157,7 +158,8 @@ class Trainer:
         return ScheduleSpec(
             peak_lr=self.peak_lr, total_steps=self.total_steps, kind=cfg.schedule,
             milestones=tuple(self._to_steps(m) for m in cfg.lr_milestones), decay=cfg.lr_decay, min_lr=cfg.min_lr,
-            warmup_steps=self._to_steps(cfg.warmup), warmup_kind=cfg.warmup_kind, warmup_lr=cfg.warmup_lr,
+            warmup_steps=self._to_steps(cfg.warmup), warmup_kind=cfg.warmup_kind,
+            warmup_lr=cfg.warmup_lr * self.lr_scale,  # the recipe's 0.01 is for the same base batch as its 0.1
             warmup_until_train_error=cfg.warmup_until_train_error,
             plateau_patience=cfg.plateau_patience, plateau_threshold=cfg.plateau_threshold,
         )
