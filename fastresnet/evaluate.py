@@ -22,8 +22,8 @@ from fastresnet.training import distributed
 from fastresnet.errors import command
 from fastresnet.training.checkpoint import load_checkpoint, load_weights
 from fastresnet.training.cli import _normalize_flags, build_parser
-from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
+from fastresnet.training.config import TrainConfig, saved_values, validate
+from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, unknown_name_error
 from fastresnet.training.loop import evaluate_model
 from fastresnet.training.model import amp_dtype, build_model
 
@@ -41,7 +41,7 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
         raise ConfigError("evaluate takes --checkpoint, not --recipe or --resume")
     checkpoint = Path(args.checkpoint)
     state = load_checkpoint(checkpoint, needs=NEEDS)
-    cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"{checkpoint} (saved config)")
+    cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"{checkpoint} (saved config)")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "checkpoint", "output")}
     cfg = apply_flat(cfg, given, "command line")
     validate(cfg)

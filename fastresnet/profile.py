@@ -89,10 +89,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
         raise ConfigError("the profile runs in one process: start it with python, not torchrun")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
     configure_cuda(cfg, device)
-    try:
-        data = build_loaders(cfg.data, device=device, seed=cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"cannot start: {err}") from err
+    data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     batches = endless_batches(data.train)
     macs = count_macs(build_model(cfg, data.num_classes), (3, data.image_size, data.image_size))
     passes = 3 if options.mode == "train" else 1

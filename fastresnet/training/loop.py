@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastresnet.data import BadImageError, build_loaders
+from fastresnet.data.loader import require_batches
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
 from fastresnet.ops import tuning
@@ -100,12 +101,8 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
 
+        require_batches(self.data.train)
         self.steps_per_epoch = len(self.data.train)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set gives 0 batches per epoch on this rank ({self.data.train.num_samples} images, "
-                f"batch {cfg.data.batch_size}): lower --data.batch_size"
-            )
         self.global_batch = cfg.data.batch_size * info.world_size
         self.peak_lr = cfg.lr * (self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0)
         self.total_steps = self._to_steps(cfg.length)
