@@ -254,6 +254,25 @@ def test_a_subset_of_other_sizes_is_taken(tmp_path):
     assert (data.train.num_samples, data.val.num_samples) == (6, 24)
 
 
+def test_verify_checks_every_file_and_the_splits_together(fm_root, full_size_root, tmp_path, capsys):
+    from fastresnet.data.__main__ import main as data_cli
+
+    assert data_cli(["verify", str(fm_root)]) == 0
+    assert capsys.readouterr().out.strip() == f"checked {TRAIN + TEST} images: 0 error(s), 0 note(s)"
+    assert data_cli(["verify", str(swapped_links(full_size_root, tmp_path / "swapped"))]) == 1
+    assert "are swapped" in capsys.readouterr().out
+    broken = write_fake_fashion_mnist(tmp_path / "broken", gz=False)
+    damage_raw = broken / FILES["train", "images"]
+    damage_raw.write_bytes(damage_raw.read_bytes()[:-100])
+    (broken / FILES["test", "labels"]).unlink()
+    assert data_cli(["verify", str(broken)]) == 1
+    lines = capsys.readouterr().out.splitlines()  # sorted by path: t10k-... before train-...
+    assert lines[0].startswith(f"error  {broken / FILES['test', 'labels']}: missing (nor ")
+    assert lines[1] == f"error  {damage_raw} is truncated: 18732 bytes, its header promises 18832 " + \
+        f"(24 x 28 x 28 bytes of images); {fashion_mnist.INSTALL_HINT}"
+    assert lines[2] == f"checked {TEST} images: 2 error(s), 0 note(s)"
+
+
 REAL = fashion_mnist.DEFAULT_ROOT
 REAL_MISSING = f"Fashion-MNIST is not installed in {REAL} ({INSTALL})"
 

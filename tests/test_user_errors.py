@@ -350,6 +350,16 @@ def test_verify_lists_a_broken_symlink_with_every_other_problem(tmp_path, capsys
     assert "2 error(s)" in out
 
 
+@pytest.mark.parametrize("target, message", [("missing", "no such folder"), ("a-file", "that is a file"),
+                                             ("empty", "not a dataset folder that verify knows")])
+def test_verify_of_no_dataset_is_one_line_naming_the_formats(tmp_path, capsys, target, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    assert data_main(["verify", str(tmp_path / target)]) == 2
+    one_line_error(capsys, f"verify {tmp_path / target}: {message}", "ImageFolder", "cifar-10-batches-py",
+                   "Fashion-MNIST")
+
+
 def test_verify_says_that_a_folder_without_val_cannot_train(tmp_path, capsys):
     small_folder(tmp_path)
     shutil.rmtree(tmp_path / "val")

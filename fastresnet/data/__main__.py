@@ -1,4 +1,7 @@
-"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M"""
+"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M
+
+verify exits 0 when the dataset in DIR has no problem, 1 when it lists problems, and 2 (one `error:`
+line) when DIR is no dataset: missing, or in none of the formats the back ends read."""
 
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ from .verify import summarise, verify_dataset
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check a dataset folder and list its problems (exit 1 on errors)")
-    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, or cifar-10-batches-py")
+    verify = commands.add_parser(
+        "verify", help="check a dataset folder and list its problems: exit 0 none, 1 problems listed, "
+        "2 no dataset there")
+    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, cifar-10-batches-py, "
+                        "or a folder of Fashion-MNIST's IDX files (gzipped or not)")
     verify.add_argument("--workers", type=int, default=8, help="decoding threads")
     fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs")
     fake.add_argument("root", help="output folder (train/ and val/ are created in it)")
