@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from fastresnet.data import DataConfig
@@ -152,8 +151,6 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")  # numpy's range
     need("/" not in cfg.run_name and "\\" not in cfg.run_name and cfg.run_name not in (".", ".."),
          f"--run_name {cfg.run_name!r}: a run name is one folder name inside --out_dir, not a path")
-    need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
-         f"--out_dir {cfg.out_dir}: that is a file, not a folder; give the folder the runs go in")
     if cfg.device != "auto":
         check_device(cfg.device)
     from fastresnet.ops import tuning

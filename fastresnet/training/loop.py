@@ -24,6 +24,7 @@ from fastresnet.data import BadImageError, build_loaders
 from fastresnet.data.loader import require_batches
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
+from fastresnet.outputs import writable_folder
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import (
@@ -55,6 +56,7 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     """Train (or continue, from a run directory) and return the final metrics and where outputs went."""
     validate(cfg)
+    writable_folder(resume or cfg.out_dir, "--resume" if resume else "--out_dir")  # before any data is read
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
