@@ -2,8 +2,9 @@
 
 tune --export, the tuning cache, profile --out, experiments --out, evaluate --output and train's
 --out_dir go through fastresnet.outputs: a path that cannot be written (a folder where a file goes, a
-file where a folder goes or on the way to it, /proc, a read-only file system) or a result already there is one
-`error:` line and exit 2, before the command's work, which these tests replace by a failure.
+file where a folder goes or on the way to it, /proc, a read-only file system) or a result already
+there is one `error:` line and exit 2, before the command's work, which these tests replace by a
+failure.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from test_user_errors import digest, one_line_error
 
 from fastresnet import profile, tune
 from fastresnet.errors import UserError
-from fastresnet.ops import tuning
 from fastresnet.experiments.__main__ import main as experiments_main
+from fastresnet.ops import tuning
 from fastresnet.outputs import new_file, writable_folder
 from fastresnet.train import main as train_main
 
@@ -212,7 +213,7 @@ def test_a_broken_link_on_the_way_is_named(tmp_path):
 def test_a_relative_path_is_checked_where_the_command_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert new_file("x.json", "--export") == Path("x.json")
-    shutil.copy(__file__, tmp_path / "x.json")
+    (tmp_path / "x.json").write_text("the user's")
     with pytest.raises(UserError, match="--export x.json: that file exists"):
         new_file("x.json", "--export")
     assert os.listdir(tmp_path) == ["x.json"]
