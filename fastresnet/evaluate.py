@@ -20,10 +20,11 @@ import torch
 from fastresnet.data import build_loaders
 from fastresnet.training import distributed
 from fastresnet.errors import command
+from fastresnet.outputs import new_file
 from fastresnet.training.checkpoint import load_checkpoint, load_weights
 from fastresnet.training.cli import _normalize_flags, build_parser
-from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
+from fastresnet.training.config import TrainConfig, saved_values, validate
+from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, unknown_name_error
 from fastresnet.training.loop import evaluate_model
 from fastresnet.training.model import amp_dtype, build_model
 
@@ -33,7 +34,7 @@ NEEDS = ("model", "config", "step")  # what evaluation reads of a checkpoint
 def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
     parser = build_parser(prog="python -m fastresnet.evaluate")
     parser.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
-    parser.add_argument("--output", default="", help="write the results as JSON here")
+    parser.add_argument("--output", default="", help="write the results as JSON here (a new file)")
     args, unknown = parser.parse_known_args(_normalize_flags(argv))
     if unknown:
         raise unknown_name_error(unknown[0].lstrip("-").partition("=")[0], flat_fields(TrainConfig))
@@ -41,13 +42,11 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
         raise ConfigError("evaluate takes --checkpoint, not --recipe or --resume")
     checkpoint = Path(args.checkpoint)
     state = load_checkpoint(checkpoint, needs=NEEDS)
-    cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"{checkpoint} (saved config)")
+    cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"{checkpoint} (saved config)")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "checkpoint", "output")}
     cfg = apply_flat(cfg, given, "command line")
     validate(cfg)
-    output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output {output}: that is a folder; give the path of the JSON file to write")
+    output = new_file(args.output, "--output") if args.output else None
     return checkpoint, cfg, output
 
 
@@ -84,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
           f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}")
     if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {output}")
     return 0

@@ -10,8 +10,10 @@ every BatchNorm stage. This command builds the run's model as the training progr
 flags (`python -m fastresnet.train --help`), and runs `--steps` training steps and one evaluation batch
 on random data of the run's shape, with a line of progress per timed candidate. The decisions land in the
 tuning cache (~/.cache/fastresnet, $FASTRESNET_CACHE_DIR), so the run itself times nothing; they are
-printed as a table. `--export FILE` writes this machine's decisions for its GPU and versions;
-`--import FILE` adds such a file's to the cache here, refusing one made on another GPU or versions.
+printed as a table. `--export FILE` writes this machine's decisions for its GPU and versions (a new
+file: one that exists is refused, as is a cache folder or an --export path that cannot be written, before
+anything is tuned); `--import FILE` adds such a file's to the cache here instead of tuning, refusing one
+made on another GPU or versions (with --export too, the cache is then exported).
 On a CPU nothing is timed (the fixed rules run), and the table is empty.
 Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
 """
@@ -19,6 +21,7 @@ Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import torch
 
 from fastresnet.errors import ArgumentParser, command
 from fastresnet.ops import tuning
+from fastresnet.outputs import new_file, writable_folder
 from fastresnet.training import distributed
 from fastresnet.training.cli import parse_command
 from fastresnet.training.config import TrainConfig, validate
@@ -38,9 +42,10 @@ def options_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
                             usage="%(prog)s [tune options] [training flags]")
     parser.add_argument("--steps", type=int, default=1, help="training steps to run (default: 1)")
-    parser.add_argument("--export", default="", metavar="FILE", help="write the decisions made here to FILE")
+    parser.add_argument("--export", default="", metavar="FILE",
+                        help="write the decisions known here to FILE, a new file")
     parser.add_argument("--import", dest="import_", default="", metavar="FILE",
-                        help="add FILE's decisions (made on a machine like this one) to the cache, and stop")
+                        help="add FILE's decisions (made on a machine like this one) to the cache instead of tuning")
     return parser
 
 
@@ -89,6 +94,14 @@ def decisions_table(decisions: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any tuning: the cache that the decisions go into, and --export's file, can be written."""
+    named = os.environ.get(tuning.CACHE_DIR_ENV)
+    writable_folder(tuning.cache_dir(), tuning.CACHE_DIR_ENV if named else f"the tuning cache ({tuning.CACHE_DIR_ENV})")
+    if args.export:
+        new_file(args.export, "--export")
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     from fastresnet.train import out_of_memory_exit
@@ -99,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse(argv)
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               cfg.device if cfg.device != "auto" else "cpu")
+        check_outputs(args)
         if args.import_:
             try:
                 count = tuning.import_decisions(Path(args.import_), device)
             except ValueError as err:  # not such a file, or one for another GPU or versions
                 raise ConfigError(str(err)) from err
             print(f"{count} decisions from {args.import_} added to {tuning.cache_dir()}")
-            return 0
-        decisions = tune_run(cfg, args.steps)
-        print(decisions_table(decisions))
+        else:
+            print(decisions_table(tune_run(cfg, args.steps)))
         if args.export:
             count = tuning.export_decisions(Path(args.export), device)
             print(f"{count} decisions for {tuning.environment_tag(device)['device']} written to {args.export}")

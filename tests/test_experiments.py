@@ -188,6 +188,7 @@ def test_a_config_field_added_at_its_default_keeps_the_run_names(tmp_path, monke
     (["depth-sweep", "--set", "lr"], "FIELD=VALUE"),
     (["depth-sweep", "--iterations", "100", "--milestones", "50,100"], "inside the run"),
     (["depth-sweep", "--set", "no_such_field=1"], "unknown config field"),
+    (["degradation", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys, tmp_path):
     assert experiments_main([*argv, "--out", str(tmp_path)]) == 2

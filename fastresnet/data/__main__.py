@@ -1,12 +1,16 @@
-"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M"""
+"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M
+
+verify exits 0 when the dataset in DIR has no problem, 1 when it lists problems, and 2 (one `error:`
+line) when DIR is no dataset: missing, or in none of the formats the back ends read.
+make-fake-imagenet writes only into a new or empty folder."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from fastresnet.errors import ArgumentParser, UserError, command
+from fastresnet.outputs import writable_folder
 
 from .fake_imagenet import make_fake_imagenet
 from .verify import summarise, verify_dataset
@@ -15,8 +19,11 @@ from .verify import summarise, verify_dataset
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check a dataset folder and list its problems (exit 1 on errors)")
-    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, or cifar-10-batches-py")
+    verify = commands.add_parser(
+        "verify", help="check a dataset folder and list its problems: exit 0 none, 1 problems listed, "
+        "2 no dataset there")
+    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, cifar-10-batches-py, "
+                        "or a folder of Fashion-MNIST's IDX files (gzipped or not)")
     verify.add_argument("--workers", type=int, default=8, help="decoding threads")
     fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs")
     fake.add_argument("root", help="output folder (train/ and val/ are created in it)")
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         problems, checked = verify_dataset(args.root, workers=args.workers)
         print(summarise(problems, checked))
         return 1 if any(problem.error for problem in problems) else 0
-    check_new_folder(Path(args.root))
+    writable_folder(args.root, "make-fake-imagenet", empty=True)
     if args.classes < 1 or args.images_per_class < 1 or (args.val_images_per_class or 1) < 1:
         raise UserError("make-fake-imagenet: --classes, --images-per-class and --val-images-per-class must be >= 1")
     root = make_fake_imagenet(
@@ -48,13 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {root}/train and {root}/val: {args.classes} classes")
     return 0
-
-
-def check_new_folder(root: Path) -> None:
-    """make-fake-imagenet writes only into a new or empty folder: nothing there is overwritten."""
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        kind = "a folder that is not empty" if root.is_dir() else "a file"
-        raise UserError(f"make-fake-imagenet {root}: that is {kind}; give a new folder (nothing is overwritten)")
 
 
 if __name__ == "__main__":

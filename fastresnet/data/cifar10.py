@@ -51,9 +51,13 @@ def read_split(root: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.
     parts = [read_batch(root / name) for name in files]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"{root}: labels must be in [0, {NUM_CLASSES}), got [{labels.min()}, {labels.max()}]")
+    check_labels(root, labels)
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def check_labels(where: Path, labels: np.ndarray) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{where}: labels must be in [0, {NUM_CLASSES}), got [{labels.min()}, {labels.max()}]")
 
 
 def load_cifar10(

@@ -243,9 +243,7 @@ class DaliLoader(Loader):
         self.skipped_files.update((bad.path, bad.reason or "") for bad in images.skipped)
         self.excluded: set[str] = set()  # files DALI failed to decode or libjpeg refuses, left out under "skip"
         self.sound: set[int] = set()  # files whose JPEG structure passed the check
-        self.num_samples = self.shard_size(len(images.files))
-        if self.drop_last:
-            self.num_samples -= self.num_samples % self.batch_size
+        self._count_samples(self.shard_size(len(images.files)), self.drop_last)
 
     def shard_size(self, n: int) -> int:
         """Files of this rank: train lists are cut to a multiple of world_size; DALI's shard i of n

@@ -30,7 +30,7 @@ class SyntheticLoader(Loader):
     ) -> None:
         super().__init__()
         self.steps, self.batch_size = steps, batch_size
-        self.num_samples = steps * batch_size
+        self._count_samples(steps * batch_size, drop_last=False)
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (batch_size, 3, image_size, image_size)
         images = torch.randn(shape, generator=generator, device=device).to(dtype)
@@ -52,7 +52,7 @@ def build_synthetic(cfg: DataConfig, *, device: torch.device, shard: Shard):
         return SyntheticLoader(
             steps=steps,
             batch_size=batch_size,
-            num_classes=cfg.num_classes,
+            num_classes=cfg.synthetic_classes,
             image_size=cfg.image_size,
             dtype=cfg.torch_dtype,
             device=device,
@@ -62,7 +62,7 @@ def build_synthetic(cfg: DataConfig, *, device: torch.device, shard: Shard):
     return DataLoaders(
         train=loader(cfg.synthetic_steps, cfg.batch_size, 0),
         val=loader(cfg.synthetic_val_steps, cfg.eval_batch_size, 1),
-        num_classes=cfg.num_classes,
+        num_classes=cfg.synthetic_classes,
         image_size=cfg.image_size,
         backend="synthetic",
     )

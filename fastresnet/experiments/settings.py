@@ -79,6 +79,8 @@ class Settings:
     stop_at_step: int = 0  # > 0: every run stops (checkpointed) at this step, as if preempted (tests)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 image per step, got {self.batch_size}")
         if not self.dataset:
             self.dataset = "digits" if self.data is None else inferred_dataset(self.data)
         if self.dataset not in DATASETS:

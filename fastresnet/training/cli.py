@@ -22,8 +22,8 @@ from pathlib import Path
 from fastresnet.data import DataConfig
 from fastresnet.errors import ArgumentParser
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastresnet.training.config import TrainConfig
-from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
+from fastresnet.training.config import TrainConfig, saved_values
+from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, unknown_name_error
 from fastresnet.training.recipes import list_recipes, read_recipe, recipe_values
 
 
@@ -123,7 +123,7 @@ def parse_invocation(argv: list[str] | None = None) -> Invocation:
         raise ConfigError("--recipe cannot be combined with --resume: the resumed run keeps its saved config")
     if resume is not None:
         saved, source = read_saved_config(resume)
-        cfg = apply_flat(cfg, flatten(saved), source)
+        cfg = apply_flat(cfg, saved_values(saved), source)
     elif args.recipe:
         recipe = read_recipe(args.recipe)
         # The recipe's per-model table follows the model that will be trained.

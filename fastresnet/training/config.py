@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from fastresnet.data import DataConfig
@@ -95,6 +94,20 @@ def replace_fields(cfg, **changes):
     return dataclasses.replace(cfg, **flat)
 
 
+def saved_values(saved: dict) -> dict:
+    """A run's saved config (config.json, or its checkpoint's copy) as flat values to apply.
+
+    Configs saved while `data.num_classes` was 1000 by default on every back end hold 1000 where it
+    meant "not given" (a back end with its own count ignored it): it is read as not given, which
+    every back end takes as it took 1000 then."""
+    from fastresnet.training.fields import flatten
+
+    values = flatten(saved)
+    if values.get("data.num_classes") == 1000:
+        del values["data.num_classes"]
+    return values
+
+
 def validate(cfg: TrainConfig) -> None:
     """Semantic checks across fields (types were checked when the values were parsed)."""
     from fastresnet.models import list_models
@@ -135,10 +148,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 epochs, got {cfg.eval_every}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 epochs, got {cfg.checkpoint_every}")
     need(cfg.stop_at_step >= 0, f"stop_at_step must be >= 0, got {cfg.stop_at_step}")
+    need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")  # numpy's range
     need("/" not in cfg.run_name and "\\" not in cfg.run_name and cfg.run_name not in (".", ".."),
          f"--run_name {cfg.run_name!r}: a run name is one folder name inside --out_dir, not a path")
-    need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
-         f"--out_dir {cfg.out_dir}: that is a file, not a folder; give the folder the runs go in")
     if cfg.device != "auto":
         check_device(cfg.device)
     from fastresnet.ops import tuning

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from fastresnet.data import BadImageError, build_loaders
+from fastresnet.data.loader import require_batches
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
+from fastresnet.outputs import writable_folder
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.checkpoint import (
@@ -54,6 +56,7 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     """Train (or continue, from a run directory) and return the final metrics and where outputs went."""
     validate(cfg)
+    writable_folder(resume or cfg.out_dir, "--resume" if resume else "--out_dir")  # before any data is read
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
@@ -100,12 +103,8 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
 
+        require_batches(self.data.train)
         self.steps_per_epoch = len(self.data.train)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set gives 0 batches per epoch on this rank ({self.data.train.num_samples} images, "
-                f"batch {cfg.data.batch_size}): lower --data.batch_size"
-            )
         self.global_batch = cfg.data.batch_size * info.world_size
         self.lr_scale = self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0
         self.peak_lr = cfg.lr * self.lr_scale
