@@ -39,7 +39,7 @@ def experiment(tmp_path_factory):
     interrupted = degradation.run(tiny(out, stop_at_step=1), DEPTHS, say=logs["interrupted"].append)
     plain20 = next((out / "runs").glob("plain20-*"))
     first_records = read_jsonl(plain20 / "metrics.jsonl")
-    runs_after_interruption = len(list((out / "runs").iterdir()))
+    runs_after_interruption = len(list((out / "runs").glob("[!.]*")))  # not the hidden .locks
     done_after_interruption = (plain20 / DONE_NAME).exists()
     resumed = degradation.run(tiny(out), DEPTHS, say=logs["resumed"].append)
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")}

@@ -43,7 +43,7 @@ def test_configs_train_every_net_of_a_seed_before_the_next_seed(tmp_path):
 
 def test_degradation_over_two_seeds_reports_best_mean_and_std(tmp_path):
     result = degradation.run(tiny(tmp_path, seeds=(0, 1)), (20, 32), say=lambda *_: None)
-    assert len(list((tmp_path / "runs").iterdir())) == 8  # four nets, two seeds
+    assert len(list((tmp_path / "runs").glob("[!.]*"))) == 8  # four nets, two seeds
     assert result["runs"]["resnet20"]["seeds"] == [0, 1]
     rows = parse_markdown_table((tmp_path / "degradation" / "table.md").read_text())
     header = "test error %, best (mean ± std) of 2 seeds"
@@ -76,7 +76,7 @@ def test_warmup_trains_the_first_steps_with_and_without(warmed):
     # both lrs scale with the batch (8 of the recipe's 128); the warm-up may end after its first window
     assert with_lr[0] == 0.01 * 8 / 128 and set(with_lr) <= {0.01 * 8 / 128, 0.1 * 8 / 128}
     assert without_lr == {0.1 * 8 / 128}
-    runs = sorted(p.name for p in (warmed["out"] / "runs").iterdir())
+    runs = sorted(p.name for p in (warmed["out"] / "runs").glob("[!.]*"))
     assert len(runs) == 2
     table = parse_markdown_table((warmed["out"] / "warmup" / "table.md").read_text())
     assert [row["run"] for row in table] == ["with warm-up", "without warm-up"]
@@ -101,3 +101,25 @@ def test_warmup_flags_are_checked(tmp_path, capsys):
     assert experiments_main(["warmup", "--steps", "500", "--out", str(tmp_path)]) == 2  # digits runs 400 steps
     err = capsys.readouterr().err
     assert "--depth 18" in err and "--steps 500" in err
+
+
+def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    from fastresnet.experiments.runs import LOCKS_NAME, train_or_resume
+    from fastresnet.experiments.settings import train_config
+
+    cfg = train_config(tiny(tmp_path), "resnet20")
+    run_dir = tmp_path / "runs" / cfg.run_name
+    (tmp_path / "runs" / LOCKS_NAME).mkdir(parents=True)
+    said, outcome = [], {}
+    with open(tmp_path / "runs" / LOCKS_NAME / f"{cfg.run_name}.lock", "a") as held:  # "another process"
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: outcome.update(result=train_or_resume(cfg, said.append)))
+        waiter.start()
+        time.sleep(1.0)
+        assert not run_dir.exists() and said == [f"    another process is training {cfg.run_name}; waiting for it"]
+    waiter.join(timeout=300)
+    assert outcome["result"].finished and outcome["result"].action == "trained"

@@ -18,6 +18,8 @@ so that no step is counted twice. A run folder with no checkpoint starts over.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -37,6 +39,7 @@ from fastresnet.training.metrics import read_jsonl
 from .tables import write_json
 
 DONE_NAME = "done.json"
+LOCKS_NAME = ".locks"  # beside the run folders: one lock file per run
 # Fields that change how a run is shown or stopped, not what it computes.
 PRESENTATION_FIELDS = ("out_dir", "run_name", "progress", "plot", "stop_at_step")
 # The final training error is the mean over this last fraction of the iterations
@@ -83,9 +86,31 @@ class RunOutcome:
         return self.status == "completed"
 
 
-def train_or_resume(cfg: TrainConfig) -> RunOutcome:
+@contextlib.contextmanager
+def run_lock(run_dir: Path, say=print):
+    """One process at a time trains a run: two experiment commands sharing an --out (one per core, say)
+    never train the same run twice or into each other; the second waits here, then finds it finished.
+    The lock is a file in a hidden folder beside the run's (a new run must not find its own folder existing)."""
+    locks = run_dir.parent / LOCKS_NAME
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{run_dir.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"    another process is training {run_dir.name}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
+def train_or_resume(cfg: TrainConfig, say=print) -> RunOutcome:
     """Train the run described by `cfg` (whose run_name and out_dir say where), or finish or skip it."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
+    with run_lock(run_dir, say):
+        return train_or_resume_locked(cfg, run_dir)
+
+
+def train_or_resume_locked(cfg: TrainConfig, run_dir: Path) -> RunOutcome:
+    """train_or_resume for a caller that holds the run's lock."""
     done = run_dir / DONE_NAME
     if done.is_file():
         return RunOutcome(cfg.run_name, cfg.model, run_dir, "completed", "finished earlier", summarize(run_dir))
@@ -164,7 +189,7 @@ def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], 
     for i, cfg in enumerate(configs, 1):
         say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''} seed {cfg.seed}: "
             f"{Path(cfg.out_dir) / cfg.run_name}")
-        outcome = train_or_resume(cfg)
+        outcome = train_or_resume(cfg, say)
         outcomes.append(outcome)
         if not outcome.finished:
             say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "

@@ -19,7 +19,7 @@ from fastresnet.training.config import replace_fields
 from fastresnet.training.metrics import read_jsonl
 
 from .figures import warmup_figure
-from .runs import DONE_NAME, named, train_or_resume
+from .runs import DONE_NAME, named, run_lock, train_or_resume_locked
 from .settings import ConfigError, Settings, provenance, train_config
 from .tables import markdown_table, publish, read_json_if_any, write_json
 
@@ -46,16 +46,17 @@ def first_steps(cfg: TrainConfig, steps: int, say=print) -> dict | None:
     """The training records of the run's first `steps` steps, training (or resuming) it that far if its
     metrics do not reach there yet: {"records": [...], "diverged": message or None}; None if interrupted."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    diverged = read_json_if_any(run_dir / DIVERGED_NAME)
-    if diverged is None and not (run_dir / DONE_NAME).is_file() and _logged_up_to(run_dir) < steps:
-        say(f"{cfg.model} ({'with' if cfg.warmup_until_train_error else 'without'} warm-up): first {steps} steps "
-            f"in {run_dir}")
-        try:
-            if train_or_resume(replace_fields(cfg, stop_at_step=steps)).status == "interrupted":
-                return None
-        except NonFiniteLoss as err:
-            diverged = {"message": str(err), "step": _logged_up_to(run_dir)}
-            write_json(run_dir / DIVERGED_NAME, diverged)
+    with run_lock(run_dir, say):  # what the run holds is read after any other process training it is done
+        diverged = read_json_if_any(run_dir / DIVERGED_NAME)
+        if diverged is None and not (run_dir / DONE_NAME).is_file() and _logged_up_to(run_dir) < steps:
+            say(f"{cfg.model} ({'with' if cfg.warmup_until_train_error else 'without'} warm-up): first {steps} "
+                f"steps in {run_dir}")
+            try:
+                if train_or_resume_locked(replace_fields(cfg, stop_at_step=steps), run_dir).status == "interrupted":
+                    return None
+            except NonFiniteLoss as err:
+                diverged = {"message": str(err), "step": _logged_up_to(run_dir)}
+                write_json(run_dir / DIVERGED_NAME, diverged)
     records = [r for r in _train_records(run_dir) if r["step"] <= steps]
     return {"run_dir": str(run_dir), "records": records, "diverged": diverged and diverged["message"]}
 
