@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastresnet.errors import ArgumentParser, command
+from fastresnet.errors import ArgumentParser, command, out_of_memory_exit
 from fastresnet.ops import tuning
 from fastresnet.training import distributed
 from fastresnet.training.cli import parse_command
@@ -91,8 +91,6 @@ def decisions_table(decisions: list[dict]) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import out_of_memory_exit
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
     try:

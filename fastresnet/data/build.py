@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import DataConfig
-from .loader import Loader, Shard
-
-
-@dataclass
-class DataLoaders:
-    train: Loader
-    val: Loader
-    num_classes: int
-    image_size: int  # pixels per side of the images the model gets
-    backend: str  # the back end actually used ("auto" resolved)
+from .loader import DataLoaders, Shard
 
 
 def dali_available() -> bool:
