@@ -12,7 +12,7 @@ on random data of the run's shape, with a line of progress per timed candidate. 
 tuning cache (~/.cache/fastresnet, $FASTRESNET_CACHE_DIR), so the run itself times nothing; they are
 printed as a table. `--export FILE` writes this machine's decisions for its GPU and versions;
 `--import FILE` adds such a file's to the cache here, refusing one made on another GPU or versions.
-On a CPU nothing is timed (the fixed rules run), and the table is empty.
+On a CPU nothing is timed (every op runs its default), and the table is empty.
 Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
 """
 
@@ -52,7 +52,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return invocation.config, args
 
 
-def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None = None) -> list[dict]:
+def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress | None = None) -> list[dict]:
     """Every choice a training run of `cfg` makes, made now: the model as prepare_model builds it, `steps`
     training steps and one evaluation batch on random images of the run's shape. Returns the decisions."""
     if distributed.launched_by_torchrun():
@@ -63,7 +63,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
 
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     seed_everything(cfg.seed)
-    tuning.show_progress(progress or tuning.Progress())
+    tuning.show_progress(progress or tuning.TuningProgress())
     try:
         prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
         amp = amp_dtype(cfg, device)
@@ -81,7 +81,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
 
 def decisions_table(decisions: list[dict]) -> str:
     if not decisions:
-        return "no decision was timed (on a CPU the fixed rules run; on a GPU all were in the cache)"
+        return "no decision was timed (on a CPU every op runs its default; on a GPU all were in the cache)"
     lines = ["| op | problem | choice | candidates timed (ms) | source |", "|---|---|---|---|---|"]
     for d in decisions:
         times = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(d["times_ms"].items(), key=lambda kv: kv[1]))
