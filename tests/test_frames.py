@@ -139,3 +139,24 @@ def test_every_path_of_a_converted_resnet50_block_is_at_most_four_frames_deep(la
     assert kernels >= expected and len(launches.seen) > 10, kernels
     deepest = launches.deepest()
     assert len(deepest) - 1 <= LIMIT, f"{len(deepest) - 1} project frames to a launch: " + " -> ".join(deepest)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_other_modules_are_at_most_four_frames_deep(launches, mode):
+    """BatchNormAct2d, and a converted stem (conv -> bn -> relu folded into one op in eval)."""
+    from fastresnet.nn import BatchNormAct2d
+
+    torch.manual_seed(0)
+    stem = fastresnet.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                            nn.ReLU(inplace=True)), mode="inference")
+    modules = [BatchNormAct2d(8), stem]
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    for module, inputs in zip(modules, (x, images)):
+        module.train(mode == "train")
+        with torch.no_grad():
+            module(inputs)  # the first call chooses
+            with launches:
+                module(inputs)
+    deepest = launches.deepest()
+    assert len(launches.seen) > 3 and len(deepest) - 1 <= LIMIT, " -> ".join(deepest)

@@ -228,7 +228,7 @@ class _FusedBlock(nn.Module):
     def _problem(self, x: Tensor) -> tuple:
         layout = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         pairs = self.statistics_pairs()
-        norms = tuple((type(bn).__name__, bn.training) for _, bn in pairs)
+        norms = tuple((f"{type(bn).__module__}.{type(bn).__qualname__}", bn.training) for _, bn in pairs)
         geometry = tuple((c.weight.shape, c.stride, c.padding) for c, _ in pairs)
         return (type(self).__name__, self.residual, geometry, norms, x.shape, x.dtype, compute_dtype(x),
                 "cl" if layout else "any")
@@ -237,7 +237,6 @@ class _FusedBlock(nn.Module):
         """One forward + backward through `path`, returning the output and the gradients, never
         accumulating into .grad; the buffers are put back after each step (timing steps must not count as
         training steps)."""
-
         saved = [b.detach().clone() for b in self.buffers()]
 
         def step():
