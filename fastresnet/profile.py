@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import build_loaders
-from fastresnet.errors import ArgumentParser, command
+from fastresnet.errors import ArgumentParser, command, out_of_memory_exit
 from fastresnet.flops import count_macs
 from fastresnet.outputs import writable_folder
 from fastresnet.profiling import categories as cat
@@ -135,8 +135,6 @@ def _versions(device: torch.device) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import out_of_memory_exit
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
     try:

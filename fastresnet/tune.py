@@ -14,7 +14,7 @@ printed as a table. `--export FILE` writes this machine's decisions for its GPU 
 file: one that exists is refused, as is a cache folder or an --export path that cannot be written, before
 anything is tuned); `--import FILE` adds such a file's to the cache here instead of tuning, refusing one
 made on another GPU or versions (with --export too, the cache is then exported).
-On a CPU nothing is timed (the fixed rules run), and the table is empty.
+On a CPU nothing is timed (every op runs its default), and the table is empty.
 Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastresnet.errors import ArgumentParser, command
+from fastresnet.errors import ArgumentParser, command, out_of_memory_exit
 from fastresnet.ops import tuning
 from fastresnet.outputs import new_file, writable_folder
 from fastresnet.training import distributed
@@ -57,7 +57,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return invocation.config, args
 
 
-def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None = None) -> list[dict]:
+def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress | None = None) -> list[dict]:
     """Every choice a training run of `cfg` makes, made now: the model as prepare_model builds it, `steps`
     training steps and one evaluation batch on random images of the run's shape. Returns the decisions."""
     if distributed.launched_by_torchrun():
@@ -68,7 +68,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
 
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     seed_everything(cfg.seed)
-    tuning.show_progress(progress or tuning.Progress())
+    tuning.show_progress(progress or tuning.TuningProgress())
     try:
         prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
         amp = amp_dtype(cfg, device)
@@ -86,7 +86,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
 
 def decisions_table(decisions: list[dict]) -> str:
     if not decisions:
-        return "no decision was timed (on a CPU the fixed rules run; on a GPU all were in the cache)"
+        return "no decision was timed (on a CPU every op runs its default; on a GPU all were in the cache)"
     lines = ["| op | problem | choice | candidates timed (ms) | source |", "|---|---|---|---|---|"]
     for d in decisions:
         times = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(d["times_ms"].items(), key=lambda kv: kv[1]))
@@ -104,8 +104,6 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import out_of_memory_exit
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
     try:

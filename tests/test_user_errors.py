@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import BAD_FILES, add_bad_file, idx_bytes, small_folder, write_fake_fashion_mnist
+from data_helpers import add_bad_file, idx_bytes, small_folder, write_fake_fashion_mnist
 
 from fastresnet.data import dali_available
 from fastresnet.data.__main__ import main as data_main

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,16 +10,7 @@ import torch
 from fastresnet.errors import UserError
 
 from .config import DataConfig
-from .loader import DatasetError, DatasetNotFoundError, Loader, Shard
-
-
-@dataclass
-class DataLoaders:
-    train: Loader
-    val: Loader
-    num_classes: int
-    image_size: int  # pixels per side of the images the model gets
-    backend: str  # the back end actually used ("auto" resolved)
+from .loader import DataLoaders, DatasetError, DatasetNotFoundError, Shard
 
 
 def dali_available() -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, tensor_loaders
+from .loader import DataLoaders, Shard, tensor_loaders
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -87,8 +87,6 @@ def make_transform(mean: torch.Tensor, dtype: torch.dtype, *, train: bool):
 
 
 def build_cifar10(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     (train_images, train_labels), (val_images, val_labels) = load_cifar10(cfg.root, cfg.cifar_split)
     train_images, val_images = train_images.to(device), val_images.to(device)
     # (32, 32, 3): the per-pixel mean, summed without a float copy of the whole set

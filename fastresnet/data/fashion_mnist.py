@@ -52,7 +52,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, tensor_loaders
+from .loader import DataLoaders, Shard, tensor_loaders
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts them
 TORCHVISION_SUBFOLDER = Path("FashionMNIST") / "raw"  # where torchvision.datasets.FashionMNIST downloads them
@@ -250,8 +250,6 @@ def make_transform(mean: float, std: float, dtype: torch.dtype, *, train: bool):
 
 
 def build_fashion_mnist(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders  # late: build imports every back end
-
     (train_images, train_labels), (val_images, val_labels) = load_fashion_mnist(cfg.root, cfg.fashion_mnist_split)
     train_images, val_images = train_images.to(device), val_images.to(device)
     mean, std = mean_and_std(train_images)

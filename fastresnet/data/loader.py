@@ -61,6 +61,17 @@ class Loader:
         raise NotImplementedError
 
 
+@dataclass
+class DataLoaders:
+    """What every back end builds: the training and validation loaders and what the model needs to know."""
+
+    train: Loader
+    val: Loader
+    num_classes: int
+    image_size: int  # pixels per side of the images the model gets
+    backend: str  # the back end actually used ("auto" resolved)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Which slice of a dataset one rank reads, and how it is shuffled."""

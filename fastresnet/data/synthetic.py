@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import DataConfig
-from .loader import Batch, Loader, Shard, epoch_seed
+from .loader import Batch, DataLoaders, Loader, Shard, epoch_seed
 
 
 class SyntheticLoader(Loader):
@@ -46,8 +46,6 @@ class SyntheticLoader(Loader):
 
 
 def build_synthetic(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     def loader(steps: int, batch_size: int, stream: int) -> SyntheticLoader:
         return SyntheticLoader(
             steps=steps,

@@ -32,7 +32,7 @@ from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
 from fastresnet.training.checkpoint import CHECKPOINT_NAME
-from fastresnet.training.config import replace_fields
+from fastresnet.training.fields import replace_fields
 from fastresnet.training.fields import to_dict
 from fastresnet.training.metrics import read_jsonl
 

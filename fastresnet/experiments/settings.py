@@ -35,8 +35,7 @@ from fastresnet.data import DataConfig
 from fastresnet.data.build import is_fashion_mnist_folder
 from fastresnet.data.fashion_mnist import resolve_root
 from fastresnet.training import TrainConfig
-from fastresnet.training.config import replace_fields
-from fastresnet.training.fields import ConfigError, apply_flat
+from fastresnet.training.fields import ConfigError, apply_flat, replace_fields
 from fastresnet.training.recipes import read_recipe, recipe_values
 from fastresnet.training.rundir import environment
 

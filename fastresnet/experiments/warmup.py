@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from fastresnet.training import NonFiniteLoss, TrainConfig
-from fastresnet.training.config import replace_fields
+from fastresnet.training.fields import replace_fields
 from fastresnet.training.metrics import read_jsonl
 
 from .figures import warmup_figure

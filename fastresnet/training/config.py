@@ -11,12 +11,11 @@ config of the run being resumed (`--resume DIR`), the command line.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastresnet.data import DataConfig
-
+from fastresnet.errors import ConfigError
 
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -79,21 +78,6 @@ class TrainConfig:
     stop_at_step: int = 0  # > 0: save and exit after this global step as if preempted (tests, fixed job slots)
 
 
-def replace_fields(cfg, **changes):
-    """`dataclasses.replace` that understands dotted names (`data.batch_size`)."""
-    nested: dict[str, dict] = {}
-    flat = {}
-    for name, value in changes.items():
-        head, _, rest = name.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[name] = value
-    for head, sub in nested.items():
-        flat[head] = replace_fields(flat.get(head, getattr(cfg, head)), **sub)
-    return dataclasses.replace(cfg, **flat)
-
-
 def saved_values(saved: dict) -> dict:
     """A run's saved config (config.json, or its checkpoint's copy) as flat values to apply.
 
@@ -111,8 +95,6 @@ def saved_values(saved: dict) -> dict:
 def validate(cfg: TrainConfig) -> None:
     """Semantic checks across fields (types were checked when the values were parsed)."""
     from fastresnet.models import list_models
-    from fastresnet.training.fields import ConfigError
-
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
@@ -164,8 +146,6 @@ def validate(cfg: TrainConfig) -> None:
 def check_device(name: str) -> None:
     """The device exists here: a CUDA device needs a visible GPU of that index."""
     import torch
-
-    from fastresnet.training.fields import ConfigError
 
     try:
         device = torch.device(name)

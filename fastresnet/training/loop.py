@@ -92,7 +92,7 @@ class Trainer:
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights (DDP also broadcasts them)
         configure_cuda(cfg, device)
         if device.type == "cuda" and info.rank == 0:  # a first call's measurements, said as they happen
-            tuning.show_progress(tuning.Progress())  # (python -m fastresnet.tune makes them ahead)
+            tuning.show_progress(tuning.TuningProgress())  # (python -m fastresnet.tune makes them ahead)
 
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
