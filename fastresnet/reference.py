@@ -25,32 +25,39 @@ def conv_bn_act_reference(
 ) -> torch.Tensor:
     """relu(conv2d(x, weight) * scale[c] + shift[c] + residual), in x's dtype.
 
-    The conv runs in x's dtype; the epilogue in fp32 (as the kernel's), cast
+    The conv runs in x's dtype; the epilogue in fp32 (as the kernel's; float64 in float64), cast
     once at the end. Inference BatchNorm is the affine map
     scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
     """
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).float()
-    y = y * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
+    dtype = _compute_dtype(x)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(dtype)
+    y = y * _per_channel(scale, dtype) + _per_channel(shift, dtype)
     if residual is not None:
-        y = y + residual.float()
+        y = y + residual.to(dtype)
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)
 
 
-def _per_channel(v: torch.Tensor) -> torch.Tensor:
-    return v.float().view(1, -1, 1, 1)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the references compute in: fp32, as the kernels do, or float64 for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return v.to(dtype).view(1, -1, 1, 1)
 
 
 def affine_act_reference(x, scale, shift, residual=None, relu=True, center=None):
-    """y = act((x - center[c]) * scale[c] + shift[c] + residual), computed in fp32,
+    """y = act((x - center[c]) * scale[c] + shift[c] + residual), computed in fp32 (float64 for float64),
     returned in x's dtype and memory format. Kernel: kernels/bn_act.py `_affine_act_fwd`."""
-    z = x.float()
+    dtype = _compute_dtype(x)
+    z = x.to(dtype)
     if center is not None:
-        z = z - _per_channel(center)
-    z = z * _per_channel(scale) + _per_channel(shift)
+        z = z - _per_channel(center, dtype)
+    z = z * _per_channel(scale, dtype) + _per_channel(shift, dtype)
     if residual is not None:
-        z = z + residual.float()
+        z = z + residual.to(dtype)
     if relu:
         z = torch.relu(z)
     return z.to(x.dtype)
@@ -60,12 +67,20 @@ def batch_norm_act_reference(
     x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, residual=None,
     relu=True
 ):
-    """act(F.batch_norm(x) + residual): BatchNorm in fp32 (running stats updated
-    in place by F.batch_norm, unbiased variance), then the residual add and ReLU.
+    """act(F.batch_norm(x) + residual): BatchNorm in fp32 (float64 for float64; running stats updated
+    in place, unbiased variance, whatever their dtype: a module cast by .half() keeps half ones), then the
+    residual add and ReLU.
     Kernels: kernels/bn_stats.py `_bn_stats_*` then kernels/bn_act.py `_affine_act_fwd`."""
-    z = F.batch_norm(x.float(), running_mean, running_var, weight, bias, training, momentum, eps)
+    dtype = _compute_dtype(x)
+    stats = [None if t is None else t.to(dtype) for t in (running_mean, running_var)]
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    z = F.batch_norm(x.to(dtype), *stats, weight, bias, training, momentum, eps)
+    if training:  # F.batch_norm updated `stats`: copies where the dtypes differ
+        for running, updated in zip((running_mean, running_var), stats):
+            if running is not None and running is not updated:
+                running.copy_(updated)
     if residual is not None:
-        z = z + residual.float()
+        z = z + residual.to(dtype)
     if relu:
         z = torch.relu(z)
     return z.to(x.dtype)
