@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from fastresnet.convert import ConversionReport, convert  # noqa: E402
+from fastresnet.convert import ConversionReport, convert, unfuse  # noqa: E402
 from fastresnet.fold import fold_bn  # noqa: E402
 
-__all__ = ["ConversionReport", "convert", "fold_bn", "__version__"]
+__all__ = ["ConversionReport", "convert", "fold_bn", "unfuse", "__version__"]

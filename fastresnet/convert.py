@@ -5,8 +5,9 @@ resnext*, wide_resnet*, and the backbones of its detection/segmentation models, 
 FrozenBatchNorm2d when pretrained), of timm's ResNet family, and of fastresnet's model zoo
 (torchvision's attribute names, plus an optional boolean `residual` and any parameter-free
 `downsample` module). A block is replaced only when every part of it is understood: plain nn.Conv2d
-convs, BatchNorms, ReLU activations, and no extra layers (squeeze-excite, anti-aliasing, drop-block,
-drop-path) that are not Identity. Anything else is left alone, with the reason in the report.
+convs, BatchNorms, ReLU activations, timm's attention module after the last BN (squeeze-excite, ECA: run
+as it is), and no other extra layers (anti-aliasing, drop-block, drop-path) that are not Identity.
+Anything else is left alone, with the reason in the report.
 
 Modes (fastresnet.nn.blocks has the table):
   "inference"  eval runs every conv + BN (+ residual) (+ ReLU) as one op; training the original blocks.
@@ -18,6 +19,9 @@ Modes (fastresnet.nn.blocks has the table):
 The fused blocks take over the original children, so the state_dict keys and values are unchanged and
 an original checkpoint still loads. Norms swapped in afterwards (torch.nn.SyncBatchNorm's
 convert_sync_batchnorm) are honoured, and so is converting a model that already has SyncBatchNorms.
+
+`unfuse(model)` undoes convert in place; converting a converted model first undoes the earlier
+conversion, so the last mode asked for is the one the model has.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections import Counter
 import torch.nn as nn
 
 from fastresnet.nn.blocks import MODES, FusedBasicBlock, FusedBottleneck
-from fastresnet.nn.folded_layers import fold_chain, is_folded_conv
+from fastresnet.nn.folded_layers import FOLDED, fold_chain, is_folded_conv, unfold_chains
 from fastresnet.nn.recognise import block_kind, conv_bn_chains, foldable_reason, unsupported_reason
 
 log = logging.getLogger("fastresnet.convert")
@@ -60,6 +64,8 @@ def _fold_chains(module: nn.Module, prefix: str, report: ConversionReport, uses:
         conv, bn = getattr(module, conv_name), getattr(module, bn_name)
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or foldable_reason(bn) is not None:
             continue
+        if type(bn) not in FOLDED:  # a BatchNorm subclass or timm's FrozenBatchNorm2d: left to run as it is
+            continue
         relu = getattr(module, relu_name) if relu_name else None
         if type(relu) is not nn.ReLU or uses[id(relu)] != 1:
             relu_name = None
@@ -67,8 +73,9 @@ def _fold_chains(module: nn.Module, prefix: str, report: ConversionReport, uses:
             continue  # a module used twice cannot change behaviour for one of its uses
         fold_chain(module, conv_name, bn_name, relu_name)
         path = f"{prefix}.{conv_name}" if prefix else conv_name
-        parts = "+".join(type(m).__name__ for m in (conv, bn, relu) if m is not None and (m is not relu or relu_name))
-        report.replaced.append((path, parts, "conv_bn_act (conv keeps its class; BN/ReLU pass through in eval)"))
+        trio = [conv, bn] + ([relu] if relu_name else [])
+        report.replaced.append((path, "+".join(type(m).__name__ for m in trio),
+                                "+".join(FOLDED[type(m)].__name__ for m in trio) + " (one conv_bn_act in eval)"))
 
 
 def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, uses: Counter, mode: str) -> None:
@@ -100,6 +107,7 @@ def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) ->
         raise ValueError(f"convert: mode={mode!r} is not supported; use one of {MODES}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    model = unfuse(model)
     report = ConversionReport()
     if block_kind(model) is not None and unsupported_reason(model) is None:
         fused = _fused_block(model, mode)
@@ -112,4 +120,20 @@ def convert(model: nn.Module, mode: str = "inference", verbose: bool = False) ->
     log.info("%s", report)
     if verbose:
         print(report)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo convert() in place: every fused block back to the block it replaced (an instance of its class
+    holding the same children), every folded chain back to its modules' own classes. Returns the model
+    (the original block when `model` is a fused block); a model without fused modules is returned as it is.
+    """
+    unfold_chains(model)
+    if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
+        model = model.unfused()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (FusedBasicBlock, FusedBottleneck)):
+                setattr(module, name, child.unfused())
+    model.__dict__.pop("fastresnet_report", None)
     return model

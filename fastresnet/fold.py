@@ -9,6 +9,10 @@ In eval mode BatchNorm is a per-channel affine map of its input,
 so bn(conv(x, W) + b) = conv(x, W * scale) + (b * scale + shift): one conv with a bias. The fused
 inference ops keep (scale, shift) in their epilogue (fastresnet.ops.conv_bn_act.bn_scale_shift, the one
 implementation of the formula); fold_bn writes them into the weights of a copy of the model.
+
+fold_bn is also how a converted model is deployed: its copy is a plain model (the conversion undone,
+then folded) of torch's modules, which torch.export, ONNX, AOTInductor and torch.jit.script take as
+they take any model, with one conv (with bias) where the original ran a conv and a BatchNorm.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from fastresnet.convert import unfuse
 from fastresnet.nn.recognise import conv_bn_chains, foldable_reason
 from fastresnet.ops.conv_bn_act import bn_scale_shift
 
@@ -54,8 +59,9 @@ def fold_bn(model: nn.Module) -> nn.Module:
     differs from the original's (use fastresnet.convert(mode="inference") to keep it). A conv-BN pair is
     recognised where fastresnet.nn.recognise.conv_bn_chains finds one: neighbours in sequential
     containers, and the conv{i}/bn{i} children of the ResNets and blocks of torchvision, timm and
-    fastresnet; other BatchNorms stay. The original model is not modified.
+    fastresnet; other BatchNorms stay. A converted model's copy is unconverted first (fastresnet.convert's
+    unfuse), so the result holds no fastresnet module. The original model is not modified.
     """
-    folded_model = copy.deepcopy(model).eval()
+    folded_model = unfuse(copy.deepcopy(model)).eval()
     folded_model.folded_bn_count = sum(_fold_children(m) for m in list(folded_model.modules()))
     return folded_model

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastresnet.nn.plain import capturing, fx_leaf_call, refuse_script
 from fastresnet.ops.bn_act import batch_norm_act, update_running_stats
 from fastresnet.ops.conv_bn_act import bn_scale_shift
+from fastresnet.ops.layout import FLOAT_DTYPES
 from fastresnet.reference import affine_act_reference
 
 Activation = Union[str, bool, None]
@@ -145,9 +147,16 @@ class _ActMixin:
         return fused.train(bn.training)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if reduces_across_processes(self):
+        if isinstance(input, torch.fx.Proxy):  # a leaf to FX: the graph calls this module
+            return fx_leaf_call(self, input, residual)
+        # Under torch.jit.trace and torch.export, and for float64 (the kernels take fp32, fp16 and bf16), the
+        # BatchNorm of torch's class, then the add and the ReLU: standard ops.
+        if reduces_across_processes(self) or capturing(input) or input.dtype not in FLOAT_DTYPES:
             return norm_act(self, input, residual, self.apply_relu)
         return batch_norm_act(input, *batch_norm_args(self, input), residual, self.apply_relu)
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={'relu' if self.apply_relu else None}"

@@ -2,8 +2,9 @@
 
 convert(model, mode) swaps the BasicBlocks and Bottlenecks of torchvision, timm and fastresnet models
 for these, in place. A fused block takes over the original block's children under their names (conv1,
-bn1, ..., downsample), so the state_dict is the original's, and owns the forward; `mode` says what it
-fuses:
+bn1, relu, ..., downsample, timm's squeeze-excite or ECA `se`) and its plain attributes, so the
+state_dict is the original's and `unfused()` gives the original block back; it owns the forward, and
+`mode` says what it fuses:
 
   mode         training                                   eval (no gradient wanted)
   "inference"  the original block's computation            every conv + BN (+ residual) (+ ReLU) one
@@ -28,6 +29,14 @@ torch.nn.SyncBatchNorm.convert_sync_batchnorm swapped in after conversion) leave
 norm that cannot be folded runs unfolded, and so does an eval call that may want gradients (grad mode on,
 and an input or a parameter that requires grad): the folded ops have no backward.
 
+An attention module (`se`) runs as it is, between the last BN and the shortcut's addition: the last
+stage is then conv + BN alone, and the addition and the ReLU follow the attention. float64 runs "eager"
+(the kernels take fp32, fp16 and bf16).
+
+The original block's own forward runs on the fused block's children (fastresnet.nn.plain) under a graph
+capture (FX, jit.trace, torch.export: their graphs are the plain model's) and while any module it calls
+has a hook (the hook sees what its module returns).
+
 Under torch.compile nothing is timed: a block uses the choice an earlier eager call made for that input
 (tune_dispatch makes them), else the default ("eager").
 """
@@ -38,16 +47,18 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastresnet import backend
 from fastresnet.nn.batchnorm import batch_norm_args, folded_affine, fusable, momentum_factor, norm_act
+from fastresnet.nn.plain import capturing, hooked, refuse_script
 from fastresnet.nn.recognise import foldable_reason
 from fastresnet.ops import tuning
 from fastresnet.ops.bn_act import batch_norm_act, bn_act_stats, update_running_stats
 from fastresnet.ops.conv_bn_act import compute_dtype, conv_bn_act
 from fastresnet.ops.conv_stats import conv_stats
-from fastresnet.ops.layout import fits_int32
+from fastresnet.ops.layout import FLOAT_DTYPES, fits_int32
 
 MODES = ("train", "inference", "bn_act")
 PATHS = ("triton", "mixed", "cudnn_bnact", "eager")
@@ -84,7 +95,8 @@ FUSED_BLOCK = tuning.Op("fused_block", {  # run 2
 
 
 class _FusedBlock(nn.Module):
-    """What FusedBasicBlock and FusedBottleneck share: (conv{i}, bn{i}) stages, a shortcut, the paths."""
+    """What FusedBasicBlock and FusedBottleneck share: (conv{i}, bn{i}) stages, a shortcut, an optional
+    attention module (timm's squeeze-excite or ECA `se`, run as it is), the paths."""
 
     num_convs: int = 0
 
@@ -92,17 +104,50 @@ class _FusedBlock(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"fused block mode={mode!r}: expected one of {MODES}")
-        for i in range(1, self.num_convs + 1):
-            self.add_module(f"conv{i}", getattr(block, f"conv{i}"))
-            self.add_module(f"bn{i}", getattr(block, f"bn{i}"))
-        self.downsample = getattr(block, "downsample", None)
-        self.residual = bool(getattr(block, "residual", True))
+        # Every child and plain attribute of the block, in its order: the state_dict is the original's, and
+        # the original forward can run on this module (_runs_as_replaced).
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training" and getattr(value, "__self__", None) is not block:
+                setattr(self, name, value)  # data (stride, residual, downsample=None), not methods bound to block
         self.mode = mode
-        self.replaced_class = f"{type(block).__module__}.{type(block).__qualname__}"
+        self.replaced_class = type(block)
         self.train(block.training)
 
+    def unfused(self) -> nn.Module:
+        """The block convert() replaced: an instance of its class holding these children and attributes."""
+        cls = self.replaced_class
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        for name, child in self.named_children():
+            block.add_module(name, child)
+        for name, value in vars(self).items():
+            if not name.startswith("_") and name not in ("training", "mode", "replaced_class"):
+                setattr(block, name, value)
+        return block.train(self.training)
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)
+
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, replaces={self.replaced_class}, residual={self.residual}"
+        replaced = f"{self.replaced_class.__module__}.{self.replaced_class.__qualname__}"
+        return f"mode={self.mode}, replaces={replaced}, residual={self._residual()}"
+
+    def _residual(self) -> bool:
+        """Whether the block adds its shortcut (the model zoo's plain nets set residual=False)."""
+        return bool(getattr(self, "residual", True))
+
+    def _attention(self) -> Optional[nn.Module]:
+        """timm's attention module between the last BN and the shortcut's addition, when it is not Identity."""
+        se = getattr(self, "se", None)
+        return None if se is None or isinstance(se, nn.Identity) else se
+
+    def _runs_as_replaced(self, x) -> bool:
+        """The original block's forward runs (fastresnet.nn.plain): under a graph capture, or while a module
+        it calls (a child, or a child of downsample) has a hook."""
+        return capturing(x) or hooked(m for child in self._modules.values() if child is not None
+                                      for m in (child, *child._modules.values()))
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs + 1)]
@@ -123,7 +168,7 @@ class _FusedBlock(nn.Module):
     def _shortcut_input(self, x: Tensor) -> tuple[Optional[Tensor], Optional[tuple[nn.Module, nn.Module]]]:
         """(what the projection conv reads, (conv, bn)) for a conv + BN projection, after its parameter-free
         modules (timm's avg_down pool); else (the shortcut itself, None); (None, None) without one."""
-        if not self.residual:
+        if not self._residual():
             return None, None
         projection = self._projection()
         if projection is None:
@@ -138,9 +183,13 @@ class _FusedBlock(nn.Module):
     def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
         """The block's output. `path` runs one training path by name (benchmarks, tests, timing) instead of
         the mode's choice. Every path is written out here, so that a kernel launch is three calls below
-        the module: the op, its custom op's body, the kernels' launcher."""
+        the module: the op, its custom op's body, the kernels' launcher. With an attention module the last
+        BN is applied alone, then the attention, the shortcut's addition and the ReLU (_attended)."""
+        if path is None and self._runs_as_replaced(x):
+            return self.replaced_class.forward(self, x)
         path = path or self._path_for(x)
-        pairs, last = self._pairs(), self.num_convs - 1
+        pairs, last, attention = self._pairs(), self.num_convs - 1, self._attention()
+        fuse_tail = attention is None  # the shortcut's addition and the ReLU fused into the last op
         if path == "folded":  # eval: each conv + BN (+ residual) (+ ReLU) one op, folded at this call
             shortcut, projection = self._shortcut_input(x)
             if projection is not None:
@@ -149,10 +198,11 @@ class _FusedBlock(nn.Module):
                                        conv.groups, scale=scale, shift=shift, relu=False)
             out = x
             for i, (conv, bn) in enumerate(pairs):
-                scale, shift = folded_affine(bn)
+                scale, shift, tail = *folded_affine(bn), i == last
                 out = conv_bn_act(out, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                  scale=scale, shift=shift, residual=shortcut if i == last else None)
-            return out
+                                  scale=scale, shift=shift, residual=shortcut if tail and fuse_tail else None,
+                                  relu=fuse_tail or not tail)
+            return out if fuse_tail else _attended(attention, out, shortcut)
         if path in ("eager", "cudnn_bnact"):  # cuDNN's convs, each norm as its module computes it or fused
             fused_bn, out = path == "cudnn_bnact", x
             shortcut, projection = self._shortcut_input(x)
@@ -162,10 +212,11 @@ class _FusedBlock(nn.Module):
                 shortcut = (batch_norm_act(y, *batch_norm_args(bn, y), None, False) if fused_bn and fusable(bn)
                             else norm_act(bn, y, None, False))
             for i, (conv, bn) in enumerate(pairs):
-                y, residual = conv(out), shortcut if i == last else None
-                out = (batch_norm_act(y, *batch_norm_args(bn, y), residual, True) if fused_bn and fusable(bn)
-                       else norm_act(bn, y, residual, True))
-            return out
+                y, tail = conv(out), i == last
+                residual, relu = shortcut if tail and fuse_tail else None, fuse_tail or not tail
+                out = (batch_norm_act(y, *batch_norm_args(bn, y), residual, relu) if fused_bn and fusable(bn)
+                       else norm_act(bn, y, residual, relu))
+            return out if fuse_tail else _attended(attention, out, shortcut)
         if path not in PATHS and path not in EXPERIMENTAL:
             raise ValueError(f"unknown path {path!r}; expected one of {PATHS + tuple(EXPERIMENTAL)}")
         # Each conv emits its output's statistics, which the next applies on load; the last BN, the
@@ -184,7 +235,9 @@ class _FusedBlock(nn.Module):
             out, *batch = stats_conv(out, conv.weight.to(x.dtype), None, conv.stride, conv.padding, eps=bn.eps,
                                      input_norm=norm, use_cudnn=path == "mixed" and tuple(conv.kernel_size) != (1, 1))
             norm = _batch_statistics(bn, *batch, x)
-        return bn_act_stats(out, *norm, residual=shortcut, relu=True)
+        if fuse_tail:
+            return bn_act_stats(out, *norm, residual=shortcut, relu=True)
+        return _attended(attention, bn_act_stats(out, *norm, relu=False), shortcut)
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         """The training forward through one named path."""
@@ -198,12 +251,14 @@ class _FusedBlock(nn.Module):
 
     def _foldable(self) -> bool:
         norms = [bn for _, bn in self._pairs()]
-        projection = self._projection() if self.residual else None
+        projection = self._projection() if self._residual() else None
         return all(foldable_reason(bn) is None for bn in norms + ([projection[2]] if projection else []))
 
     # -- choosing the path ---------------------------------------------------------
 
     def _path_for(self, x: Tensor) -> str:
+        if x.dtype not in FLOAT_DTYPES:  # float64: the block's own computation, in its dtype
+            return "eager"
         if not self.training:
             if self.mode == "bn_act":
                 return "cudnn_bnact"
@@ -222,7 +277,7 @@ class _FusedBlock(nn.Module):
 
     def statistics_pairs(self):
         """Every (conv, norm) of the block, the projection shortcut's included."""
-        projection = self._projection() if self.residual else None
+        projection = self._projection() if self._residual() else None
         return self._pairs() + ([projection[1:]] if projection is not None else [])
 
     def _problem(self, x: Tensor) -> tuple:
@@ -230,8 +285,9 @@ class _FusedBlock(nn.Module):
         pairs = self.statistics_pairs()
         norms = tuple((f"{type(bn).__module__}.{type(bn).__qualname__}", bn.training) for _, bn in pairs)
         geometry = tuple((c.weight.shape, c.stride, c.padding) for c, _ in pairs)
-        return (type(self).__name__, self.residual, geometry, norms, x.shape, x.dtype, compute_dtype(x),
-                "cl" if layout else "any")
+        attention = self._attention()
+        return (type(self).__name__, self._residual(), geometry, norms, x.shape, x.dtype, compute_dtype(x),
+                "cl" if layout else "any", None if attention is None else type(attention).__qualname__)
 
     def _timed_step(self, path: str, x: Tensor) -> Callable[[], tuple]:
         """One forward + backward through `path`, returning the output and the gradients, never
@@ -254,6 +310,12 @@ class _FusedBlock(nn.Module):
                         buffer.copy_(value)
 
         return step
+
+
+def _attended(attention: nn.Module, y: Tensor, shortcut: Optional[Tensor]) -> Tensor:
+    """relu(attention(y) + shortcut): the end of a block with an attention module after its last BN."""
+    y = attention(y)
+    return F.relu(y if shortcut is None else y + shortcut)
 
 
 def _batch_statistics(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, var_unbiased: Tensor, like: Tensor):

@@ -3,98 +3,173 @@
 Such a chain is spread over three sibling modules (conv1, bn1, relu) that the parent calls one after
 another, and the state_dict keys live on each. To fuse it without renaming anything, each module is
 replaced by an instance of a subclass of its own class that shares its parameters and buffers (the same
-tensors, the same keys, still an instance of the original class):
+tensors, the same keys, still an instance of the original class): FoldedConv2d, FoldedBatchNorm2d,
+FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d, FoldedReLU, importable like any module class.
 
-- the conv computes conv + BN (+ ReLU) as one conv_bn_act in eval mode, from the BatchNorm's tensors
-  as they are at that call;
-- the BatchNorm and the ReLU pass their input through in eval mode (the conv already applied them).
-
-That is right only while the parent still holds these three: each checks, at every eval call, that the
-parent's slots hold the trio it was folded with, and where one was replaced (a SyncBatchNorm put in by
-torch.nn.SyncBatchNorm.convert_sync_batchnorm, a module swapped by hand) all three compute as the
-modules they are. In training mode all three behave as their own classes do. In eval with gradients wanted (an
-input or the conv weight that requires grad, grad mode on) the conv computes the differentiable eager
-composition conv -> BN (-> ReLU) itself, so gradients still reach the conv and BN parameters.
+The three fold while their parent's forward runs (a forward pre-hook and an always-called forward hook
+on the parent count its calls), in eval: then the conv computes conv + BN (+ ReLU) as one conv_bn_act,
+from the BatchNorm's tensors as they are at that call, and the BatchNorm and the ReLU pass their input
+through. Everywhere else each computes as its own class does:
+- a call of one of them alone (`model.conv1(x)` is a convolution), and a graph that calls them (an FX
+  GraphModule of the model, which records them as leaf modules);
+- in training, and where any of the three is in training mode;
+- while any of them has a hook, or a global module hook is registered (fastresnet.nn.plain): each hook
+  sees what its module returns;
+- where the parent no longer holds the trio (a SyncBatchNorm put in by
+  torch.nn.SyncBatchNorm.convert_sync_batchnorm, a module swapped by hand);
+- under torch.jit.trace and torch.export, which record the plain modules.
+In eval with gradients wanted (an input or the conv weight that requires grad, grad mode on), and for
+dtypes the kernels do not take, the conv computes the eager composition conv -> BN (-> ReLU) itself, so
+gradients still reach the conv and BN parameters.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fastresnet.nn.batchnorm import folded_affine, reduces_across_processes, synced_on_cpu
+from fastresnet.nn.plain import capturing, fx_leaf_call, hooked, refuse_script
 from fastresnet.ops.conv_bn_act import conv_bn_act
+from fastresnet.ops.layout import FLOAT_DTYPES
 
 
 class _Chain:
-    """The parent and the child names of one folded chain."""
+    """One folded chain: the parent, the child names, and how many calls of the parent's forward are under
+    way (its hooks count them). Pickled and deep-copied with the model; a copy starts with none under way."""
 
     def __init__(self, parent: nn.Module, conv: str, bn: str, relu: Optional[str]):
-        self.parent, self.names = parent, (conv, bn, relu)
+        self.parent, self.names, self.calls = parent, (conv, bn, relu), 0
+        self.handles = (parent.register_forward_pre_hook(self.enter),
+                        parent.register_forward_hook(self.exit, always_call=True))
 
-    def module(self, i: int) -> nn.Module:
-        return self.parent._modules[self.names[i]]
+    def __getstate__(self):
+        return {**self.__dict__, "calls": 0}
+
+    def enter(self, parent, args) -> None:
+        self.calls += 1
+
+    def exit(self, parent, args, output) -> None:
+        self.calls -= 1
+
+    def module(self, i: int) -> Optional[nn.Module]:
+        name = self.names[i]
+        return None if name is None else self.parent._modules.get(name)
 
     def intact(self) -> bool:
         """The parent still holds the folded trio (an attribute lookup per slot)."""
-        modules = self.parent._modules
-        return all(name is None or getattr(modules.get(name), "__dict__", {}).get("fold_chain") is self
-                   for name in self.names)
+        return all(name is None or getattr(self.module(i), "__dict__", {}).get("fold_chain") is self
+                   for i, name in enumerate(self.names))
+
+    def folds(self, x) -> bool:
+        """Whether the trio computes as one op at this call; each of the three asks, with the same answer."""
+        if self.calls <= 0 or capturing(x) or not self.intact():
+            return False
+        trio = [self.module(i) for i in range(3)]
+        return not any(m is not None and m.training for m in trio) and not hooked(trio)
+
+    def unfold(self) -> None:
+        """Give the parent back the trio's own classes (sharing their state) and remove the hooks."""
+        for i, name in enumerate(self.names):
+            module = self.module(i)
+            if name is not None and isinstance(module, _FOLDED_CLASSES):
+                setattr(self.parent, name, _retyped(module, _PLAIN[type(module)]))
+        for handle in self.handles:
+            handle.remove()
 
 
-class _PassThroughInEval:
-    """Mixin for the BN and ReLU: in eval the conv before them applied them."""
+class _PassThroughWhileFolded:
+    """Mixin for the BN and ReLU: while the chain folds, the conv before them applied them."""
 
     def forward(self, x):
-        if not self.training and self.__dict__["fold_chain"].intact():
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf_call(self, x)
+        if self.__dict__["fold_chain"].folds(x):
             return x
-        if reduces_across_processes(self) and not x.is_cuda:  # torch's SyncBatchNorm runs on GPUs only
+        if self.training and reduces_across_processes(self) and not x.is_cuda:  # torch's runs on GPUs only
             return synced_on_cpu(self, x, None, False)
         return super().forward(x)
 
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
-class _ConvBNActInEval:
-    """Mixin for nn.Conv2d: in eval, conv + the BN (+ ReLU) as one op; with gradients wanted, the
-    differentiable eager composition."""
+
+class FoldedConv2d(nn.Conv2d):
+    """nn.Conv2d that computes conv + the BN (+ ReLU) of its chain as one op while the chain folds; with
+    gradients wanted, or a dtype the kernels do not take, the eager composition."""
 
     def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf_call(self, x)
         chain = self.__dict__["fold_chain"]
-        if self.training or not chain.intact():
+        if not chain.folds(x):
             return super().forward(x)
         bn, relu = chain.module(1), chain.names[2] is not None
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            y = super(_PassThroughInEval, bn).forward(super().forward(x))  # the BN's own class's forward
+        if x.dtype not in FLOAT_DTYPES or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            y = super(_PassThroughWhileFolded, bn).forward(super().forward(x))  # the BN's own class's forward
             return F.relu(y) if relu else y
         scale, shift = folded_affine(bn)
         return conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                            scale=scale, shift=shift, relu=relu)
 
-
-@functools.lru_cache(maxsize=None)
-def _subclass(mixin: type, cls: type) -> type:
-    return type(f"Folded{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
 
-def _retyped(module: nn.Module, mixin: type, chain: _Chain) -> nn.Module:
-    """A new instance of (mixin + module's class) sharing module's state: same tensors, same keys."""
-    new = _subclass(mixin, type(module)).__new__(_subclass(mixin, type(module)))
+class FoldedBatchNorm2d(_PassThroughWhileFolded, nn.BatchNorm2d):
+    pass
+
+
+class FoldedSyncBatchNorm(_PassThroughWhileFolded, nn.SyncBatchNorm):
+    pass
+
+
+class FoldedFrozenBatchNorm2d(_PassThroughWhileFolded, FrozenBatchNorm2d):
+    pass
+
+
+class FoldedReLU(_PassThroughWhileFolded, nn.ReLU):
+    pass
+
+
+# The classes a chain's modules may have (exactly), and their folded subclasses.
+FOLDED = {nn.Conv2d: FoldedConv2d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.SyncBatchNorm: FoldedSyncBatchNorm,
+          FrozenBatchNorm2d: FoldedFrozenBatchNorm2d, nn.ReLU: FoldedReLU}
+_FOLDED_CLASSES = tuple(FOLDED.values())
+_PLAIN = {folded: plain for plain, folded in FOLDED.items()}
+
+
+def _retyped(module: nn.Module, cls: type) -> nn.Module:
+    """A new instance of cls sharing module's state: same tensors, same keys."""
+    new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    new.__dict__["fold_chain"] = chain  # a plain attribute, not a submodule: nothing changes in the state_dict
+    new.__dict__.pop("fold_chain", None)
     return new
 
 
 def fold_chain(parent: nn.Module, conv_name: str, bn_name: str, relu_name: Optional[str]) -> None:
-    """Replace parent's children conv -> bn (-> relu), called in that order by parent, by the fused trio."""
+    """Replace parent's children conv -> bn (-> relu), called in that order by parent and of classes FOLDED
+    names, by the folded trio."""
     chain = _Chain(parent, conv_name, bn_name, relu_name)
-    setattr(parent, conv_name, _retyped(getattr(parent, conv_name), _ConvBNActInEval, chain))
-    setattr(parent, bn_name, _retyped(getattr(parent, bn_name), _PassThroughInEval, chain))
-    if relu_name is not None:
-        setattr(parent, relu_name, _retyped(getattr(parent, relu_name), _PassThroughInEval, chain))
+    for name in (conv_name, bn_name, relu_name):
+        if name is not None:
+            module = getattr(parent, name)
+            folded = _retyped(module, FOLDED[type(module)])
+            folded.__dict__["fold_chain"] = chain  # a plain attribute, not a submodule: the state_dict is unchanged
+            setattr(parent, name, folded)
+
+
+def unfold_chains(model: nn.Module) -> None:
+    """Undo every fold_chain in model: its modules back to their own classes, the parents' hooks removed."""
+    chains = {id(m.__dict__["fold_chain"]): m.__dict__["fold_chain"] for m in model.modules()
+              if isinstance(m, _FOLDED_CLASSES)}
+    for chain in chains.values():
+        chain.unfold()
 
 
 def is_folded_conv(module: nn.Module) -> bool:
-    return isinstance(module, _ConvBNActInEval)
+    return isinstance(module, FoldedConv2d)

@@ -15,7 +15,10 @@ _RESNET_MODULES = ("torchvision.models.resnet", "timm.models.resnet", "fastresne
 _BLOCK_NAMES = ("BasicBlock", "Bottleneck")
 _NET_NAMES = ("ResNet", "CifarResNet")  # their forward starts conv1 -> bn1 -> relu (or act1)
 _RELU_NAMES = ("relu", "act1", "act2", "act3")
-_OPTIONAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")  # timm's extras, fused only as Identity
+_OPTIONAL_IDENTITY_NAMES = ("drop_block", "aa", "drop_path")  # timm's extras, fused only as Identity
+# timm's attention module (squeeze-excite, ECA, ...) after the last BN of its blocks, which a fused block
+# runs as it is
+_ATTENTION_NAME = "se"
 
 
 def block_kind(module: nn.Module) -> Optional[str]:
@@ -52,7 +55,10 @@ def foldable_reason(bn: nn.Module) -> Optional[str]:
 
 def unsupported_reason(block: nn.Module) -> Optional[str]:
     """Why `block` (a recognised ResNet block) cannot be fused, or None: its convs must be zero-padded
-    nn.Conv2d, its norms BatchNorms, its activations ReLU, and anything else absent or Identity."""
+    nn.Conv2d, its norms BatchNorms, its activations ReLU, an attention module may follow the last BN in
+    timm's blocks (`se`), and anything else is absent or Identity."""
+    if any(True for _ in block.parameters(recurse=False)) or any(True for _ in block.buffers(recurse=False)):
+        return "the block has parameters or buffers of its own"
     num_convs = 3 if hasattr(block, "conv3") else 2
     expected = {f"{kind}{i}" for kind in ("conv", "bn") for i in range(1, num_convs + 1)} | {"downsample"}
     for i in range(1, num_convs + 1):
@@ -70,6 +76,8 @@ def unsupported_reason(block: nn.Module) -> Optional[str]:
         if name in _RELU_NAMES and type(child) is nn.ReLU:
             continue
         if name in _OPTIONAL_IDENTITY_NAMES and isinstance(child, nn.Identity):
+            continue
+        if name == _ATTENTION_NAME and type(block).__module__.startswith("timm."):  # timm's forwards apply it
             continue
         return f"child '{name}' ({type(child).__name__}) has no fused equivalent"
     return None
