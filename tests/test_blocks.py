@@ -358,6 +358,28 @@ def test_timm_blocks_convert_and_match(monkeypatch):
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("attention", ["se", "eca"])
+def test_timm_attention_blocks_fuse_around_the_attention(attention):
+    """timm's squeeze-excite and ECA bottlenecks (seresnet*, ecaresnet*): every conv + BN (+ ReLU) fused, the
+    attention module run as it is between the last BN and the shortcut's addition; through the Triton
+    path (mode "train") and the one-pass BatchNorm (mode "bn_act"), training and eval."""
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+
+    ref = _randomise_bns(TimmBottleneck(16, 4, 2, _projection(16, 16, 2), attn_layer=attention)).to(DEVICE)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    for mode in ("train", "bn_act"):
+        expected = copy.deepcopy(ref)
+        fused = convert(copy.deepcopy(ref), mode=mode)
+        assert type(fused) is blocks.FusedBottleneck and type(fused.se) is type(ref.se)
+        assert list(fused.state_dict()) == list(ref.state_dict())
+        _compare_step(fused, expected, x, torch.float32)
+        _compare_buffers(fused, expected)
+        fused.eval(), expected.eval()
+        with torch.no_grad():
+            assert_close(fused(x), expected(x), atol=1e-4, rtol=1e-4, name=f"{mode} eval output")
+    assert "triton" in blocks.FUSED_BLOCK.memo.values() or DEVICE == "cuda"
+
+
 def _saved_activation_bytes(model: nn.Module, x: torch.Tensor, path: str | None = None) -> int:
     """Bytes of the distinct tensors autograd saves for backward in one training forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -256,20 +256,37 @@ def test_convert_rejects_unknown_mode():
 
 
 def test_unsupported_blocks_are_left_and_named(reference_path):
-    model = timm.models.resnet.ResNet(
-        block=timm.models.resnet.BasicBlock, layers=[1, 1, 1, 1], block_args=dict(attn_layer="se")
-    )
+    model = timm.models.resnet.ResNet(block=timm.models.resnet.BasicBlock, layers=[1, 1, 1, 1], act_layer=nn.SiLU)
     randomize_bn(model)
     converted = converted_copy(model)
     replaced = [path for path, *_ in converted.fastresnet_report.replaced]
-    # No block; only the stem and the projection shortcuts' Sequential(conv, bn) inside the left blocks.
+    # No block; only the stem (conv + BN: its SiLU runs as it is) and the projection shortcuts'
+    # Sequential(conv, bn) inside the left blocks.
     assert replaced == ["conv1", "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
     reasons = {path: why for path, _, why in converted.fastresnet_report.left}
-    assert "child 'se'" in reasons["layer1.0"]
+    assert "child 'act1' (SiLU)" in reasons["layer1.0"]
     assert "layer1.0" in str(converted.fastresnet_report)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name,num_blocks", [("seresnet50", 16), ("ecaresnet26t", 8)])
+def test_squeeze_excite_and_eca_resnets(name, num_blocks, reference_path):
+    """timm's most used attention ResNets: every block fused around its attention module, in each mode,
+    the state_dict unchanged."""
+    model = randomize_bn(timm.create_model(name, pretrained=False))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    for mode in ("inference", "train", "bn_act"):
+        converted = fastresnet.convert(copy.deepcopy(model), mode)
+        fused = [m for m in converted.modules() if isinstance(m, FusedBottleneck)]
+        assert len(fused) == num_blocks and all(type(m.se).__name__ in ("SEModule", "EcaModule") for m in fused)
+        assert not [row for row in converted.fastresnet_report.left if row[1] == "Bottleneck"]
+        assert_same_state_dict(converted, model)
+        with torch.no_grad():
+            assert relative_error(converted(x), expected) < 1e-5, mode
 
 
 # ---------------------------------------------------------------------------
