@@ -6,6 +6,7 @@ and one ResNet-18 also run through the interpreted kernel.
 """
 
 import copy
+from unittest import mock
 
 import pytest
 import timm
@@ -248,6 +249,25 @@ def test_convert_fastresnet_zoo(name, reference_path):
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-5
         assert relative_error(folded(x), model(x)) < 1e-5
+
+
+def test_unfuse_leaves_a_module_shared_with_another_model_folded_there(reference_path):
+    """A folded stem module put into a second converted model: unfusing the second gives it its own class
+    there, and the first model, which still holds it, stays converted and still folds."""
+    from fastresnet.nn import folded_layers
+
+    stem = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+    first, second = fastresnet.convert(copy.deepcopy(stem)), fastresnet.convert(copy.deepcopy(stem))
+    second[1] = first[1]
+    fastresnet.unfuse(second)
+    assert [type(m) for m in second] == [type(m) for m in stem]
+    assert [type(m).__name__ for m in first] == ["FoldedConv2d", "FoldedBatchNorm2d", "FoldedReLU"]
+    x = torch.randn(1, 3, 6, 6)
+    calls = []
+    real = folded_layers.conv_bn_act
+    with torch.no_grad(), mock.patch.object(folded_layers, "conv_bn_act", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        assert relative_error(first(x), stem(x)) < 1e-5 and relative_error(second(x), stem(x)) < 1e-5
+    assert len(calls) == 1  # the first model's stem as one op; the second's as three modules
 
 
 def test_convert_rejects_unknown_mode():

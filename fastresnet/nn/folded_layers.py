@@ -72,12 +72,7 @@ class _Chain:
         trio = [self.module(i) for i in range(3)]
         return not any(m is not None and m.training for m in trio) and not hooked(trio)
 
-    def unfold(self) -> None:
-        """Give the parent back the trio's own classes (sharing their state) and remove the hooks."""
-        for i, name in enumerate(self.names):
-            module = self.module(i)
-            if name is not None and isinstance(module, _FOLDED_CLASSES):
-                setattr(self.parent, name, _retyped(module, _PLAIN[type(module)]))
+    def remove_hooks(self) -> None:
         for handle in self.handles:
             handle.remove()
 
@@ -164,11 +159,16 @@ def fold_chain(parent: nn.Module, conv_name: str, bn_name: str, relu_name: Optio
 
 
 def unfold_chains(model: nn.Module) -> None:
-    """Undo every fold_chain in model: its modules back to their own classes, the parents' hooks removed."""
-    chains = {id(m.__dict__["fold_chain"]): m.__dict__["fold_chain"] for m in model.modules()
-              if isinstance(m, _FOLDED_CLASSES)}
-    for chain in chains.values():
-        chain.unfold()
+    """Undo fold_chain in model: every folded module it holds back to its own class (sharing its state),
+    the hooks of the chains whose parent it holds removed. A module it shares with another model is
+    replaced here, not there: the other model's chains still fold."""
+    for parent in list(model.modules()):
+        for hook in list(parent._forward_pre_hooks.values()):
+            if isinstance(getattr(hook, "__self__", None), _Chain):
+                hook.__self__.remove_hooks()
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, _FOLDED_CLASSES):
+                setattr(parent, name, _retyped(child, _PLAIN[type(child)]))
 
 
 def is_folded_conv(module: nn.Module) -> bool:
