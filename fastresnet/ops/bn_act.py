@@ -85,14 +85,17 @@ def _default(x: Tensor, gpu_default: str) -> str:
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
                          var_unbiased: Tensor, momentum: float) -> None:
-    """running = (1 - momentum) * running + momentum * batch for both, in one launch (four with mul_/add_:
-    host time on short layers). Every path of the library that updates BatchNorm statistics itself goes
-    through here."""
+    """running = (1 - momentum) * running + momentum * batch for both, as torch's BatchNorm computes it, in
+    two launches (four with mul_/add_: host time on short layers). Not a lerp, running + momentum * (batch -
+    running): that turns an Inf on either side into NaN (Inf - Inf) where torch keeps the Inf. Every path
+    of the library that updates BatchNorm statistics itself goes through here."""
     if running_mean is None:
         return
     with torch.no_grad():
-        torch._foreach_lerp_([running_mean, running_var],
-                             [mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)], momentum)
+        running = [running_mean, running_var]
+        torch._foreach_mul_(running, 1.0 - momentum)
+        torch._foreach_add_(running, [mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)],
+                            alpha=momentum)
 
 
 def _fp32(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
