@@ -220,6 +220,10 @@ class _TileConfig:
         if found is None:
             raise ValueError(f"conv tile {name!r} is not of the form BMxBNxBKwWARPSsSTAGES, e.g. 128x128x64w8s4")
         bm, bn, bk, warps, stages = map(int, found.groups())
+        if not (all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk)) and warps in (1, 2, 4, 8, 16)
+                and stages >= 1):
+            raise ValueError(f"conv tile {name!r}: BM, BN and BK must be powers of two >= 16 (tl.dot's), "
+                             "WARPS 1, 2, 4, 8 or 16 and STAGES at least 1")
         return cls(bm, bn, bk, group_m, warps, stages)
 
     def shared_bytes(self, itemsize: int) -> int:

@@ -3,6 +3,7 @@ leaves the kernels' tiles at their defaults."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
@@ -26,6 +27,25 @@ def tiles_searched() -> bool:
         raise ValueError(f"{TILES_ENV}={value!r}: expected 'search' (time every tile) or 'default' (each "
                          "kernel's default tile)")
     return value == "search"
+
+
+def tile_parser(module: str, table: str) -> Callable[[str], object]:
+    """member(tail) of a "triton:<tile>" family (tuning.Op.add_experimental): the kernels' tile
+    (kernels/conv.py _TileConfig) that tail names, e.g. "128x128x64w8s4", else a ValueError naming it and
+    listing the family's tiles: those of `table` ({shape class: [(BM, BN, BK, WARPS, STAGES)]}) in
+    fastresnet.kernels.experimental.<module>, imported only then."""
+
+    def parse(name: str):
+        from fastresnet.ops.layout import kernels
+
+        try:
+            return kernels().conv._TileConfig.from_name(name)
+        except ValueError as err:
+            rows = getattr(importlib.import_module(f"fastresnet.kernels.experimental.{module}"), table).values()
+            listed = dict.fromkeys("{}x{}x{}w{}s{}".format(*tile) for tiles in rows for tile in tiles)
+            raise ValueError(f"{err}; the listed tiles are {', '.join(listed)}") from None
+
+    return parse
 
 
 def _problem(args) -> tuple:
