@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # (atol, rtol) per dtype for comparing a fused op with its eager reference.
@@ -26,7 +28,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rto
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if equal_nan:
-        actual, expected = _finite_where_expected(actual.detach(), expected.detach(), name)
+        mismatch = non_finite_mismatch(actual.detach(), expected.detach())
+        if mismatch is not None:
+            raise AssertionError(f"{name}: {mismatch}")
+        finite = expected.isfinite()
+        actual, expected = actual.detach()[finite], expected.detach()[finite]
     diff = (actual.detach().double() - expected.detach().double()).abs()
     if not torch.isfinite(actual).all() and torch.isfinite(expected).all():
         raise AssertionError(f"{name}: non-finite values where the reference is finite")
@@ -40,21 +46,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rto
         )
 
 
-def _finite_where_expected(actual: torch.Tensor, expected: torch.Tensor, name: str):
-    """(actual, expected) at expected's finite places, after checking that actual's NaN, +Inf and -Inf
-    are exactly expected's."""
+def non_finite_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
+    """None where actual holds NaN, +Inf and -Inf exactly where expected does, else what differs."""
     for what, found, wanted in (("NaN", actual.isnan(), expected.isnan()),
                                 ("+Inf", actual == float("inf"), expected == float("inf")),
                                 ("-Inf", actual == float("-inf"), expected == float("-inf"))):
         if not torch.equal(found, wanted):
             extra, missing = int((found & ~wanted).sum()), int((~found & wanted).sum())
             first = int(torch.nonzero((found != wanted).flatten())[0])
-            raise AssertionError(
-                f"{name}: {what} at {extra} places where expected has none and missing at {missing} of its "
-                f"{int(wanted.sum())}; first at flat index {first}: {actual.flatten()[first].item()!r} vs "
-                f"{expected.flatten()[first].item()!r}")
-    finite = expected.isfinite()
-    return actual[finite], expected[finite]
+            return (f"{what} at {extra} places where expected has none and missing at {missing} of its "
+                    f"{int(wanted.sum())}; first at flat index {first}: {actual.flatten()[first].item()!r} vs "
+                    f"{expected.flatten()[first].item()!r}")
+    return None
 
 
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:

@@ -7,10 +7,12 @@ import importlib
 import math
 import os
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from fastresnet.testing import non_finite_mismatch
 
 TILES_ENV = "FASTRESNET_TILES"
 # ||out - expected|| / ||expected|| of a candidate that computes the same thing is rounding (bf16: about
@@ -54,20 +56,6 @@ def _problem(args) -> tuple:
                  _problem(a) if isinstance(a, (list, tuple)) else a for a in args)
 
 
-def _non_finite_kind(t: Tensor) -> Tensor:
-    """0 where t is finite, 1 at NaN, 2 at +Inf, 3 at -Inf."""
-    return t.isnan() + 2 * (t == math.inf) + 3 * (t == -math.inf)
-
-
-def _finite_where_expected(got: Tensor, want: Tensor) -> tuple[Optional[Tensor], Tensor]:
-    """(got, want) at want's finite places where got holds NaN and +-Inf exactly where want does (an input
-    with NaN or Inf gives both the same: it is no mismatch), else (None, want)."""
-    if not torch.equal(_non_finite_kind(got), _non_finite_kind(want)):
-        return None, want
-    finite = want.isfinite()
-    return got[finite], want[finite]
-
-
 def checked(op: str, name: str, run: Callable, expected: Callable,
             outputs: Callable[[object], Iterable] = lambda out: (out,), rtol: float = CHECK_RTOL) -> Callable:
     """run, whose first call of each problem (its tensor arguments' shapes, strides, dtypes and devices)
@@ -84,8 +72,11 @@ def checked(op: str, name: str, run: Callable, expected: Callable,
             for got, want in zip(outputs(out), wanted):
                 if got is None or want is None or got.numel() == 0:
                     continue
-                got, want = _finite_where_expected(got.float(), want.float())
-                error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item() if got is not None else math.nan
+                # NaN and Inf where the main tree's path has them (an input holding some) are no mismatch
+                got, want = got.float(), want.float()
+                finite = want.isfinite()
+                error = math.nan if non_finite_mismatch(got, want) is not None else (
+                    (got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1e-30)).item()
                 if not error <= rtol:  # also catches NaN
                     message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
                     warnings.warn(message, RuntimeWarning, stacklevel=2)

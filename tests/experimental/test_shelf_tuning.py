@@ -71,6 +71,18 @@ def test_the_check_runs_once_per_problem():
     assert calls == [(2, 3), (4, 3)]
 
 
+def test_the_check_takes_nan_and_inf_where_the_main_tree_has_them():
+    """An input holding NaN or Inf gives both paths NaN and Inf at the same places: no mismatch. A candidate
+    that drops them, or puts them elsewhere, is off."""
+    nan, inf = float("nan"), float("inf")
+    expected = torch.tensor([1.0, nan, inf, -inf])
+    checked("op", "same", lambda t: t.clone(), lambda t: expected)(expected)
+    for wrong in ([1.0, 0.0, inf, -inf], [1.0, nan, nan, -inf], [nan, nan, inf, -inf], [2.0, nan, inf, -inf]):
+        run = checked("op", "wrong", lambda t, wrong=wrong: torch.tensor(wrong), lambda t: expected)
+        with pytest.warns(RuntimeWarning, match="candidate wrong is off the reference"), pytest.raises(RuntimeError):
+            run(expected)
+
+
 @pytest.mark.parametrize("spec,why", [
     ("conv_bn_act=triton:NOT_A_TILE", "is not of the form BMxBNxBKwWARPSsSTAGES.*; the listed tiles are 128x64x32w8s4, "),
     ("conv_bn_act=triton_gemm:100x64x64w4s4", "powers of two >= 16"),
