@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # (atol, rtol) per dtype for comparing a fused op with its eager reference.
@@ -12,16 +14,25 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rtol=None, name="tensor"):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rtol=None, name="tensor",
+                 equal_nan=False):
     """`torch.testing.assert_close` that reports the largest and mean difference.
 
-    Tolerances default to the entry of TOLERANCES for `expected`'s dtype.
+    Tolerances default to the entry of TOLERANCES for `expected`'s dtype. equal_nan: `expected` may hold
+    NaN and +-Inf, which `actual` must hold at the same places (Inf with the same sign); the finite
+    values are compared as usual.
     """
     default_atol, default_rtol = TOLERANCES.get(expected.dtype, (1e-5, 1e-5))
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if equal_nan:
+        mismatch = non_finite_mismatch(actual.detach(), expected.detach())
+        if mismatch is not None:
+            raise AssertionError(f"{name}: {mismatch}")
+        finite = expected.isfinite()
+        actual, expected = actual.detach()[finite], expected.detach()[finite]
     diff = (actual.detach().double() - expected.detach().double()).abs()
     if not torch.isfinite(actual).all() and torch.isfinite(expected).all():
         raise AssertionError(f"{name}: non-finite values where the reference is finite")
@@ -33,6 +44,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rto
             f"{int((diff > allowed).sum())}/{diff.numel()} elements outside atol={atol:g} rtol={rtol:g}; "
             f"worst at flat index {worst}: {actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r}"
         )
+
+
+def non_finite_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
+    """None where actual holds NaN, +Inf and -Inf exactly where expected does, else what differs."""
+    for what, found, wanted in (("NaN", actual.isnan(), expected.isnan()),
+                                ("+Inf", actual == float("inf"), expected == float("inf")),
+                                ("-Inf", actual == float("-inf"), expected == float("-inf"))):
+        if not torch.equal(found, wanted):
+            extra, missing = int((found & ~wanted).sum()), int((~found & wanted).sum())
+            first = int(torch.nonzero((found != wanted).flatten())[0])
+            return (f"{what} at {extra} places where expected has none and missing at {missing} of its "
+                    f"{int(wanted.sum())}; first at flat index {first}: {actual.flatten()[first].item()!r} vs "
+                    f"{expected.flatten()[first].item()!r}")
+    return None
 
 
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:

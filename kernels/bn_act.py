@@ -33,6 +33,22 @@ import triton.language as tl
 # ---------------------------------------------------------------------------
 
 
+# torch.relu keeps NaN (NaN in, NaN out) and the sign of a zero (relu(-0.0) is -0.0), and its backward
+# (threshold_backward of the output) lets the gradient through wherever the output is not <= 0, NaN
+# included. tl.maximum(z, 0) would turn NaN into 0 on a GPU (max.f32 returns the number) and hide a
+# diverging run, so every ReLU of the kernels goes through these two: a compare and a select each.
+@triton.jit
+def _relu(z):
+    """torch.relu(z): 0 where z < 0, z itself elsewhere (NaN and -0.0 kept)."""
+    return tl.where(z < 0.0, 0.0, z)
+
+
+@triton.jit
+def _relu_grad(g, z):
+    """The gradient g through relu at pre-activation z, as torch's: 0 where z <= 0, g elsewhere (NaN z too)."""
+    return tl.where(z <= 0.0, 0.0, g)
+
+
 @triton.jit
 def _row_offsets(rows, HW, stride_n, stride_hw):
     """Memory offset of each row (pixel) m = n*HW + hw."""
@@ -103,13 +119,13 @@ def _affine_act_fwd(
         rows, cols, mask, col_mask, HW, x_sn, x_shw, x_sc, r_sn, r_shw, r_sc,
     )
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = _relu(z)
     y_offs = _row_offsets(rows, HW, y_sn, y_shw)[:, None] + cols[None, :] * y_sc
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Backward reduction pass. With g = dy * [z > 0] (the ReLU mask recomputed
-# from the inputs) and xc = x - center, each program sums g and g * xc over a
+# Backward reduction pass. With g = dy through the ReLU (_relu_grad, the mask
+# recomputed from the inputs) and xc = x - center, each program sums g and g * xc over a
 # range of rows: sum(g) is dshift (the bias's gradient), sum(g * xc) is dscale
 # (and, times invstd, the weight's). The sums build up in [BLOCK_M, BLOCK_C] registers and are
 # reduced across threads once, at the end. Partials go to [P, C] buffers; the
@@ -190,7 +206,7 @@ def _masked_grad(
     dy_offs = _row_offsets(rows, HW, dy_sn, dy_shw)[:, None] + cols[None, :] * dy_sc
     g = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        g = tl.where(z > 0.0, g, 0.0)
+        g = _relu_grad(g, z)
     return g, xc
 
 

@@ -24,6 +24,31 @@ import triton.language as tl
 
 from fastresnet.kernels.bn_act import _cdiv, _next_power_of_2, _reduction_plan, _row_offsets, row_strides
 
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+# Non-finite values. The statistics must be torch's where the input holds NaN or Inf: a NaN makes its
+# channel's mean and variance NaN, an Inf its mean +-Inf and its variance NaN (torch's Inf - Inf), and a
+# finite value whose square overflows fp32 makes the variance +Inf (torch's fp32 reductions on a GPU;
+# its CPU's in double give +Inf too once cast to fp32), never NaN. Two places would lose that: a pivot
+# that is not finite (x - Inf is NaN even for the Inf itself), hence `_finite_pivot`; and M2 = S2 -
+# S1^2 / n, whose clamp at 0 (for rounding) must keep NaN and whose S1^2 / n may overflow beside an
+# overflowed S2 (Inf - Inf), hence `_m2`.
+@triton.jit
+def _finite_pivot(pivot):
+    """pivot where finite, else 0: a shift that is itself finite keeps Inf and NaN where they belong."""
+    return tl.where(tl.abs(pivot) <= _FLT_MAX, pivot, 0.0)
+
+
+@triton.jit
+def _m2(squares, sum_d, count):
+    """M2 = squares - sum_d^2 / count (sums of squared and of plain deviations from a finite pivot),
+    never below 0, NaN where a sum is NaN or sum_d is +-Inf, +Inf where the squares overflowed while
+    sum_d did not (the deviations are then beyond fp32's square root, and so is the spread)."""
+    m2 = squares - sum_d * sum_d / count
+    m2 = tl.where((squares > _FLT_MAX) & (tl.abs(sum_d) <= _FLT_MAX), squares, m2)
+    return tl.where(m2 < 0.0, 0.0, m2)
+
 
 # Per-channel mean and M2 = sum((x - mean)^2) of a contiguous range of n rows,
 # numerically safe for a large mean by shifting: every value is first reduced
@@ -59,7 +84,7 @@ def _bn_stats_partial(
     row_begin = pid * ROWS
     row_end = tl.minimum(row_begin + ROWS, M)
     pivot_offs = _row_offsets(row_begin, HW, x_sn, x_shw) + cols * x_sc
-    pivot = tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32)
+    pivot = _finite_pivot(tl.load(x_ptr + pivot_offs, mask=col_mask, other=0.0).to(tl.float32))
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=3):
@@ -72,9 +97,8 @@ def _bn_stats_partial(
         sum_d2 += d * d
     count = (row_end - row_begin).to(tl.float32)
     s1 = tl.sum(sum_d, axis=0)
-    range_m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / count, 0.0)
     tl.store(mean_part_ptr + pid * C + cols, pivot + s1 / count, mask=col_mask)
-    tl.store(m2_part_ptr + pid * C + cols, range_m2, mask=col_mask)
+    tl.store(m2_part_ptr + pid * C + cols, _m2(tl.sum(sum_d2, axis=0), s1, count), mask=col_mask)
 
 
 @triton.jit
@@ -95,16 +119,15 @@ def _bn_stats_merge(
     part_mask = parts < P
     mask = part_mask[:, None] & col_mask[None, :]
     offs = parts[:, None] * C + cols[None, :]
-    pivot = tl.load(mean_part_ptr + group * GROUP * C + cols, mask=col_mask, other=0.0)
+    pivot = _finite_pivot(tl.load(mean_part_ptr + group * GROUP * C + cols, mask=col_mask, other=0.0))
     counts = tl.where(part_mask, tl.minimum(M - parts * ROWS, ROWS), 0).to(tl.float32)
     d = tl.where(mask, tl.load(mean_part_ptr + offs, mask=mask, other=0.0) - pivot[None, :], 0.0)
     nd = counts[:, None] * d
     total = tl.sum(counts, axis=0)
     sum_nd = tl.sum(nd, axis=0)
-    m2 = tl.sum(tl.load(m2_part_ptr + offs, mask=mask, other=0.0), axis=0) + tl.sum(nd * d, axis=0)
-    m2 -= sum_nd * sum_nd / total
+    squares = tl.sum(tl.load(m2_part_ptr + offs, mask=mask, other=0.0), axis=0) + tl.sum(nd * d, axis=0)
     tl.store(mean_out_ptr + group * C + cols, pivot + sum_nd / total, mask=col_mask)
-    tl.store(m2_out_ptr + group * C + cols, tl.maximum(m2, 0.0), mask=col_mask)
+    tl.store(m2_out_ptr + group * C + cols, _m2(squares, sum_nd, total), mask=col_mask)
 
 
 # Merge the P partials of _bn_stats_partial into the batch statistics. With
@@ -128,7 +151,7 @@ def _bn_stats_finalize(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    pivot = tl.load(mean_part_ptr + cols, mask=col_mask, other=0.0)
+    pivot = _finite_pivot(tl.load(mean_part_ptr + cols, mask=col_mask, other=0.0))
     sum_nd = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_nd2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -144,7 +167,7 @@ def _bn_stats_finalize(
         sum_nd += tl.sum(nd, axis=0)
         sum_nd2 += tl.sum(nd * d, axis=0)
         sum_m2 += tl.sum(tl.load(m2_part_ptr + offs, mask=mask, other=0.0), axis=0)
-    m2 = tl.maximum(sum_m2 + sum_nd2 - sum_nd * sum_nd / M, 0.0)
+    m2 = _m2(sum_m2 + sum_nd2, sum_nd, M)
     tl.store(mean_ptr + cols, pivot + sum_nd / M, mask=col_mask)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / M + eps), mask=col_mask)
     tl.store(var_unbiased_ptr + cols, m2 / (M - 1), mask=col_mask)

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastresnet.kernels.bn_act import _relu
+
 
 @triton.jit
 def _dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, FP32_MODE: tl.constexpr):
@@ -187,7 +189,7 @@ def _conv_bn_act_fwd(
         r = tl.load(res_ptr + r_rows[:, None] + offs_n[None, :] * stride_rc, mask=out_ok, other=0.0)
         y += r.to(tl.float32)
     if APPLY_RELU:
-        y = tl.maximum(y, 0.0)
+        y = _relu(y)
     o_rows = batch * stride_on + out_h * stride_oh + out_w * stride_ow
     out_ptrs = out_ptr + o_rows[:, None] + offs_n[None, :] * stride_oc
     tl.store(out_ptrs, _to_stored(y, out_ptr.dtype.element_ty), mask=out_ok)
@@ -218,6 +220,10 @@ class _TileConfig:
         if found is None:
             raise ValueError(f"conv tile {name!r} is not of the form BMxBNxBKwWARPSsSTAGES, e.g. 128x128x64w8s4")
         bm, bn, bk, warps, stages = map(int, found.groups())
+        if not (all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk)) and warps in (1, 2, 4, 8, 16)
+                and stages >= 1):
+            raise ValueError(f"conv tile {name!r}: BM, BN and BK must be powers of two >= 16 (tl.dot's), "
+                             "WARPS 1, 2, 4, 8 or 16 and STAGES at least 1")
         return cls(bm, bn, bk, group_m, warps, stages)
 
     def shared_bytes(self, itemsize: int) -> int:

@@ -32,19 +32,20 @@ import triton.language as tl
 
 import torch
 
+from fastresnet.kernels.bn_act import _relu
 from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _tile_config, _tile_pixels
 
 
 @triton.jit
 def _normalise_on_load(a, ok, c, c_ok, mean_in_ptr, invstd_in_ptr, weight_in_ptr, bias_in_ptr, MASK: tl.constexpr):
     """relu(a * scale[c] + shift[c]) in fp32, with scale = weight * invstd and shift = bias - mean * scale
-    worked out per channel (BLOCK_K values) so that each element costs one FMA and a max: on Hopper
+    worked out per channel (BLOCK_K values) so that each element costs one FMA and a select: on Hopper
     this prologue runs on the CUDA cores beside the tensor-core MMA and must stay small.
     MASK: zero where not `ok` (padding taps of a 3x3). A 1x1 conv without padding skips it: its
     masked rows are never stored and its ragged channels meet zero weights."""
     scale = tl.load(invstd_in_ptr + c, mask=c_ok, other=0.0) * tl.load(weight_in_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(bias_in_ptr + c, mask=c_ok, other=0.0) - tl.load(mean_in_ptr + c, mask=c_ok, other=0.0) * scale
-    z = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    z = _relu(a.to(tl.float32) * scale[None, :] + shift[None, :])
     if MASK:
         z = tl.where(ok, z, 0.0)
     return z

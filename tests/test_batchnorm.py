@@ -15,6 +15,7 @@ from torchvision.models import resnet as tv_resnet
 
 from fastresnet import convert
 from fastresnet.nn import BatchNormAct2d, FusedBasicBlock, FusedBottleneck, SyncBatchNormAct2d
+from fastresnet.ops.bn_act import batch_norm_act
 from fastresnet.testing import assert_close, spawn_ranks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +103,70 @@ def test_batchnorm_act_state_dict_both_ways_and_errors():
     assert BatchNormAct2d(6, relu=False).apply_relu is False and BatchNormAct2d(6, act=None).apply_relu is False
     with pytest.raises(ValueError, match="act must be"):
         BatchNormAct2d(6, act="gelu")
+
+
+# (what BatchNorm2d and BatchNormAct2d are built and called with, in training or eval): each a mistake
+# torch's BatchNorm refuses.
+REFUSED = {
+    "eps 0 in training": ({"eps": 0.0}, (2, 3, 4, 4), True),
+    "negative eps in training": ({"eps": -1e-3}, (2, 3, 4, 4), True),
+    "negative eps in eval": ({"eps": -1e-3}, (2, 3, 4, 4), False),
+    "one value per channel": ({}, (1, 3, 1, 1), True),
+    "3-D input": ({}, (2, 3, 4), True),
+    "5-D input": ({}, (2, 3, 2, 2, 2), False),
+    "channels": ({}, (2, 4, 3, 3), True),
+    "channels in eval": ({}, (2, 4, 3, 3), False),
+    "channels without running statistics": ({"track_running_stats": False}, (2, 4, 3, 3), True),
+}
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_batchnorm_act_refuses_what_batchnorm2d_refuses_the_same_way(case, path, monkeypatch):
+    """The same exception type as torch's, its message included."""
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1" if path == "reference" else "0")
+    kwargs, shape, training = REFUSED[case]
+    x = torch.randn(shape, device=DEVICE)
+    with pytest.raises(Exception) as theirs:
+        nn.BatchNorm2d(3, **kwargs).to(DEVICE).train(training)(x)
+    for module in (BatchNormAct2d(3, **kwargs), SyncBatchNormAct2d(3, **kwargs)):
+        if isinstance(module, nn.SyncBatchNorm) and x.dim() != 4:
+            continue  # nn.SyncBatchNorm takes any dimension; ours is the 2-D one
+        with pytest.raises(type(theirs.value)) as ours:
+            module.to(DEVICE).train(training)(x)
+        assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_batch_norm_act_refuses_what_f_batch_norm_refuses_the_same_way(path, monkeypatch):
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1" if path == "reference" else "0")
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    stats = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    for args in [(None, stats[1], None, None, True), (stats[0], None, None, None, False), (None, None, None, None, False),
+                 (*stats, torch.ones(2, device=DEVICE), None, True), (*stats, None, torch.ones(4, device=DEVICE), False)]:
+        with pytest.raises(Exception) as theirs:
+            torch.nn.functional.batch_norm(x, *args)
+        with pytest.raises(type(theirs.value)) as ours:
+            batch_norm_act(x, *args)
+        assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_an_empty_batch_passes_as_through_batchnorm2d(path, monkeypatch):
+    """torch's BatchNorm takes an empty batch in training: an empty output, running statistics untouched
+    (the batch still counted)."""
+    monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1" if path == "reference" else "0")
+    torch_bn = randomize_bn(nn.BatchNorm2d(3, momentum=None).to(DEVICE))
+    fused = BatchNormAct2d(3, momentum=None).to(DEVICE)
+    fused.load_state_dict(torch_bn.state_dict())
+    x = torch.randn(0, 3, 2, 2, device=DEVICE, requires_grad=True)
+    y = fused(x)
+    assert y.shape == (0, 3, 2, 2)
+    torch_bn(x)
+    for (name, a), (_, e) in zip(fused.state_dict().items(), torch_bn.state_dict().items()):
+        assert torch.equal(a, e), name
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(fused.weight.grad, torch.zeros(3, device=DEVICE))
 
 
 def test_sync_batchnorm_act_is_batchnorm_act_without_a_group():

@@ -156,6 +156,19 @@ def test_one_value_per_channel_raises_like_pytorch():
         fused(torch.randn(1, 8, 1, 1, device=DEVICE))
 
 
+@pytest.mark.parametrize("eps,training", [(0.0, True), (-1e-3, False)], ids=["eps-0-training", "negative-eps-eval"])
+def test_an_eps_batchnorm_refuses_is_refused_like_pytorch(eps, training):
+    """Through conv_stats in training and the folded conv_bn_act in eval: torch's ValueError, its message."""
+    ref = _make_block(BasicBlock, 8, 8, 1, "identity")
+    ref.bn1.eps = ref.bn2.eps = eps
+    fused = convert(copy.deepcopy(ref), mode="train").train(training)
+    x = torch.randn(2, 8, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError) as theirs, torch.no_grad():
+        ref.train(training)(x)
+    with pytest.raises(ValueError, match=str(theirs.value)), torch.no_grad():
+        fused(x)
+
+
 def test_forced_path_and_tune_dispatch_leave_state_alone(monkeypatch):
     block = convert(_make_block(BasicBlock, 8, 8, 1, "identity"), mode="train")
     x = torch.randn(2, 8, 6, 6, device=DEVICE)

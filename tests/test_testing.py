@@ -23,3 +23,17 @@ def test_assert_as_accurate_as_compares_errors_against_the_truth():
     with pytest.raises(AssertionError):
         assert_as_accurate_as(torch.full_like(exact, float("nan")), baseline, exact)
     assert relative_error(2 * exact, exact) == pytest.approx(1.0)
+
+
+def test_assert_close_with_equal_nan_wants_the_same_non_finite_places():
+    nan, inf = float("nan"), float("inf")
+    expected = torch.tensor([1.0, nan, inf, -inf])
+    assert_close(torch.tensor([1.0 + 1e-6, nan, inf, -inf]), expected, equal_nan=True)
+    for actual, what in ((torch.tensor([1.0, 0.0, inf, -inf]), "NaN"), (torch.tensor([nan, nan, inf, -inf]), "NaN"),
+                         (torch.tensor([1.0, nan, -inf, -inf]), r"\+Inf"), (torch.tensor([1.0, nan, inf, 5.0]), "-Inf")):
+        with pytest.raises(AssertionError, match=what):
+            assert_close(actual, expected, equal_nan=True)
+    with pytest.raises(AssertionError, match="max abs diff"):
+        assert_close(torch.tensor([2.0, nan, inf, -inf]), expected, equal_nan=True)
+    with pytest.raises(AssertionError):  # without equal_nan a NaN never passes
+        assert_close(expected, expected)

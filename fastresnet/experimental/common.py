@@ -3,12 +3,16 @@ leaves the kernels' tiles at their defaults."""
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
 import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from fastresnet.testing import non_finite_mismatch
 
 TILES_ENV = "FASTRESNET_TILES"
 # ||out - expected|| / ||expected|| of a candidate that computes the same thing is rounding (bf16: about
@@ -25,6 +29,25 @@ def tiles_searched() -> bool:
         raise ValueError(f"{TILES_ENV}={value!r}: expected 'search' (time every tile) or 'default' (each "
                          "kernel's default tile)")
     return value == "search"
+
+
+def tile_parser(module: str, table: str) -> Callable[[str], object]:
+    """member(tail) of a "triton:<tile>" family (tuning.Op.add_experimental): the kernels' tile
+    (kernels/conv.py _TileConfig) that tail names, e.g. "128x128x64w8s4", else a ValueError naming it and
+    listing the family's tiles: those of `table` ({shape class: [(BM, BN, BK, WARPS, STAGES)]}) in
+    fastresnet.kernels.experimental.<module>, imported only then."""
+
+    def parse(name: str):
+        from fastresnet.ops.layout import kernels
+
+        try:
+            return kernels().conv._TileConfig.from_name(name)
+        except ValueError as err:
+            rows = getattr(importlib.import_module(f"fastresnet.kernels.experimental.{module}"), table).values()
+            listed = dict.fromkeys("{}x{}x{}w{}s{}".format(*tile) for tiles in rows for tile in tiles)
+            raise ValueError(f"{err}; the listed tiles are {', '.join(listed)}") from None
+
+    return parse
 
 
 def _problem(args) -> tuple:
@@ -49,8 +72,11 @@ def checked(op: str, name: str, run: Callable, expected: Callable,
             for got, want in zip(outputs(out), wanted):
                 if got is None or want is None or got.numel() == 0:
                     continue
-                want = want.float()
-                error = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+                # NaN and Inf where the main tree's path has them (an input holding some) are no mismatch
+                got, want = got.float(), want.float()
+                finite = want.isfinite()
+                error = math.nan if non_finite_mismatch(got, want) is not None else (
+                    (got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1e-30)).item()
                 if not error <= rtol:  # also catches NaN
                     message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
                     warnings.warn(message, RuntimeWarning, stacklevel=2)

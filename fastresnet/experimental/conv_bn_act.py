@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastresnet import backend
-from fastresnet.experimental.common import checked, tiles_searched
+from fastresnet.experimental.common import checked, tile_parser, tiles_searched
 from fastresnet.ops import conv_bn_act as ops
 from fastresnet.ops.layout import FLOAT_DTYPES, conv_output_shape, fits_int32, kernels, memory_format_of
 from fastresnet.reference import conv_bn_act_reference
@@ -195,5 +195,7 @@ def _on_a_gpu(names_of):
 
 ops.EXPERIMENTAL["cublaslt_fused"] = implementation("cublaslt_fused")
 ops.CONV_BN_ACT.add_experimental("cublaslt_fused", _cublaslt_applies)
-ops.CONV_BN_ACT.add_experimental(TRITON_TILE_PREFIX, _on_a_gpu(triton_tile_names))
-ops.CONV_BN_ACT.add_experimental(TRITON_GEMM_PREFIX, _on_a_gpu(triton_gemm_names))
+ops.CONV_BN_ACT.add_experimental(TRITON_TILE_PREFIX, _on_a_gpu(triton_tile_names),
+                                  member=tile_parser("tiles", "_HOPPER_TILES"))
+ops.CONV_BN_ACT.add_experimental(TRITON_GEMM_PREFIX, _on_a_gpu(triton_gemm_names),
+                                  member=tile_parser("conv_gemm", "_GEMM_TILES"))

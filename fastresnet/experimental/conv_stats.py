@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from fastresnet.experimental.common import checked, tiles_searched
+from fastresnet.experimental.common import checked, tile_parser, tiles_searched
 from fastresnet.ops import conv_stats as ops
 from fastresnet.ops import tuning
 from fastresnet.ops.layout import as_rows, conv_output_shape, empty_conv_output, fits_int32, kernels
@@ -188,6 +188,7 @@ for _path in BACKWARD_PATHS:
     ops.EXPERIMENTAL[_path] = checked("conv_stats.backward", _path, functools.partial(_backward, _path),
                                       functools.partial(_backward, "cudnn"), outputs=lambda grads: grads)
     ops.CONV_STATS_BACKWARD.add_experimental(_path, _backward_applies)
-ops.CONV_STATS_FORWARD.add_experimental(TRITON_TILE_PREFIX, forward_tile_names)
-for _op in (WGRAD_TILE, DGRAD_TILE):
-    _op.add_experimental(TRITON_TILE_PREFIX, lambda names: names())
+ops.CONV_STATS_FORWARD.add_experimental(TRITON_TILE_PREFIX, forward_tile_names,
+                                        member=tile_parser("tiles", "_STATS_TILES"))
+for _op, _table in ((WGRAD_TILE, "_WGRAD_TILES"), (DGRAD_TILE, "_DGRAD_TILES")):
+    _op.add_experimental(TRITON_TILE_PREFIX, lambda names: names(), member=tile_parser("conv_train_bwd", _table))

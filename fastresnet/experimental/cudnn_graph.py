@@ -415,7 +415,7 @@ def conv_stats_graph(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     Needs CUDA and nvidia-cudnn-frontend; where cuDNN has no engine for the graph, the op runs
     conv_stats' unfused cuDNN path instead (check with unsupported_reason() or report())."""
     stride, padding = list(pair(stride)), list(pair(padding))
-    validate(input, weight, bias, input_norm, stride, padding)
+    validate(input, weight, bias, input_norm, stride, padding, eps)
     # Under torch.compile the eager call that chose this path has checked (and the import probe
     # is not traceable); the op itself is opaque to the compiler.
     reason = None if torch.compiler.is_compiling() else unavailable_reason(input.device)

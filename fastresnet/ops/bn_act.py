@@ -85,14 +85,17 @@ def _default(x: Tensor, gpu_default: str) -> str:
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
                          var_unbiased: Tensor, momentum: float) -> None:
-    """running = (1 - momentum) * running + momentum * batch for both, in one launch (four with mul_/add_:
-    host time on short layers). Every path of the library that updates BatchNorm statistics itself goes
-    through here."""
+    """running = (1 - momentum) * running + momentum * batch for both, as torch's BatchNorm computes it, in
+    two launches (four with mul_/add_: host time on short layers). Not a lerp, running + momentum * (batch -
+    running): that turns an Inf on either side into NaN (Inf - Inf) where torch keeps the Inf. Every path
+    of the library that updates BatchNorm statistics itself goes through here."""
     if running_mean is None:
         return
     with torch.no_grad():
-        torch._foreach_lerp_([running_mean, running_var],
-                             [mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)], momentum)
+        running = [running_mean, running_var]
+        torch._foreach_mul_(running, 1.0 - momentum)
+        torch._foreach_add_(running, [mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)],
+                            alpha=momentum)
 
 
 def _fp32(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -415,17 +418,23 @@ def _eval_with_grad_run(x, running_mean, running_var, weight, bias, eps, residua
 # ---------------------------------------------------------------------------
 
 
-def _validate(x, running_mean, running_var, weight, bias, training, residual) -> None:
+def _validate(x, running_mean, running_var, weight, bias, training, eps, residual) -> None:
+    """F.batch_norm's checks, with its exception types and messages, then those of the residual."""
     check_activation(x)
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if not training and v is None:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         check_channel_vector(v, x, name)
     check_residual(residual, x.shape, x.device)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var must be given when training=False")
-    if training and x.numel() // x.shape[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -437,10 +446,12 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     the running statistics are updated in place (running_var with the unbiased variance); otherwise the
     running statistics normalise it. weight/bias None mean 1/0. `path` runs an eval path by name (timing).
     """
-    _validate(input, running_mean, running_var, weight, bias, training, residual)
+    _validate(input, running_mean, running_var, weight, bias, training, eps, residual)
     if not backend.use_triton(input):
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, relu)
+    if input.numel() == 0:  # nothing to normalise, and torch's BatchNorm leaves the running statistics alone
+        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
     x, residual = as_rows(input), as_rows(residual)
     wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias, residual))
     problem = _problem(x, residual, relu)

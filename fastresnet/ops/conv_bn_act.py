@@ -49,7 +49,9 @@ def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Optional[T
                    bias: Optional[Tensor] = None, eps: float = 1e-5,
                    conv_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(scale, shift) in fp32 with bn(y + conv_bias) = y * scale + shift in eval mode (weight/bias None mean
-    1/0), from the statistics as they are now."""
+    1/0), from the statistics as they are now. eps as F.batch_norm's in eval: >= 0."""
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     scale = torch.rsqrt(running_var.detach().float() + eps)
     if weight is not None:
         scale = scale.mul_(weight.detach())

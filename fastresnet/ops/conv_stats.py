@@ -150,8 +150,11 @@ def conv_stats_grads(ctx, grad_y, *_):
 torch.library.register_autograd("fastresnet::conv_stats", conv_stats_grads, setup_context=conv_stats_setup)
 
 
-def validate(x: Tensor, weight: Tensor, bias, input_norm: Norm, stride, padding) -> None:
-    """conv_stats' checks (and those of the ops that share its meaning: the shelf's cuDNN graph)."""
+def validate(x: Tensor, weight: Tensor, bias, input_norm: Norm, stride, padding, eps: float) -> None:
+    """conv_stats' checks (and those of the ops that share its meaning: the shelf's cuDNN graph); eps as
+    F.batch_norm's in training."""
+    if eps <= 0.0:
+        raise ValueError(f"conv_stats: batch_norm eps must be positive during training, but got {eps}")
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv_stats: x and weight must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype:
@@ -186,7 +189,7 @@ def conv_stats(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
     the Triton one, a block mixes the two.
     """
     stride, padding = list(pair(stride)), list(pair(padding))
-    validate(input, weight, bias, input_norm, stride, padding)
+    validate(input, weight, bias, input_norm, stride, padding, eps)
     if not backend.use_triton(input):
         return conv_stats_reference(input, weight, stride, padding, input_norm, eps)
     norm = (None,) * 4 if input_norm is None else tuple(v.float() for v in input_norm)

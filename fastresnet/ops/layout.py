@@ -102,12 +102,15 @@ def check_activation(x, name: str = "x") -> None:
 
 
 def check_channel_vector(v: Optional[Tensor], x: Tensor, name: str) -> None:
+    """v is None or holds one value per channel of x, on x's device: a RuntimeError otherwise, as
+    F.batch_norm's for its running statistics, weight and bias."""
     if v is None:
         return
     if v.shape != (x.shape[1],):
-        raise ValueError(f"{name} must have shape ({x.shape[1]},) for input {tuple(x.shape)}, got {tuple(v.shape)}")
+        found = f"not {v.numel()}" if v.dim() == 1 else f"in one dimension, got shape {tuple(v.shape)}"
+        raise RuntimeError(f"{name} should contain {x.shape[1]} elements {found} (input {tuple(x.shape)})")
     if v.device != x.device:
-        raise ValueError(f"{name} is on {v.device} but the input is on {x.device}")
+        raise RuntimeError(f"{name} is on {v.device} but the input is on {x.device}")
 
 
 def check_residual(residual: Optional[Tensor], shape: Sequence[int], device: torch.device) -> None:

@@ -153,6 +153,11 @@ def _parsed(spec: str, shelf: bool) -> tuple[bool, tuple[tuple[str, str], ...]]:
             valid = sorted({c for name in matching for c in OPS[name].offered(shelf)})
             raise ValueError(f"{DISPATCH_ENV}: {op!r} has no candidate {candidate!r}; it has {valid} or 'default'"
                              + ("" if shelf else f" ({EXPERIMENTAL_ENV}=1 offers the experimental ones)"))
+        try:  # a family's member: its tail must name one ("triton:<tile>": a tile)
+            for name in matching:
+                OPS[name].check_member(candidate)
+        except ValueError as err:
+            raise ValueError(f"{DISPATCH_ENV}: {op!r} candidate {candidate!r}: {err}") from None
         pins.append((op, candidate))
     return use_default, tuple(pins)
 
@@ -466,13 +471,25 @@ class Op:
         self.candidates = dict(candidates)
         self.shelf: dict[str, Optional[Callable[..., bool]]] = {}
         self.families: dict[str, Callable[..., list[str]]] = {}  # the shelf's "prefix:" -> names(*args)
+        self.members: dict[str, Callable[[str], object]] = {}  # "prefix:" -> parse(tail), raising ValueError
         self.memo: dict[tuple, str] = {}  # (device, problem) -> choice
         OPS[name] = self
 
-    def add_experimental(self, name: str, applies: Optional[Callable[..., bool]] = None) -> None:
+    def add_experimental(self, name: str, applies: Optional[Callable[..., bool]] = None,
+                         member: Optional[Callable[[str], object]] = None) -> None:
         """A candidate of the experimental shelf; a name ending in ":" is a family of them ("triton:" for
-        "triton:<tile>"), `applies` then giving the names that can run a problem."""
+        "triton:<tile>"), `applies` then giving the names that can run a problem and `member(tail)` raising
+        ValueError for a tail that names none (a pin's is checked when the switch is read)."""
         (self.families if name.endswith(":") else self.shelf)[name] = applies
+        if member is not None:
+            self.members[name] = member
+
+    def check_member(self, candidate: str) -> None:
+        """Raise ValueError where `candidate` is of a family whose members it does not name."""
+        family, sep, tail = candidate.partition(":")
+        member = self.members.get(family + sep) if sep else None
+        if member is not None:
+            member(tail)
 
     def offered(self, shelf: bool) -> list[str]:
         return list(self.candidates) + ([*self.shelf, *(f + "<tile>" for f in self.families)] if shelf else [])

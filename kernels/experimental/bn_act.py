@@ -12,9 +12,10 @@ import triton.language as tl
 import torch
 
 from fastresnet.kernels.bn_act import (
-    _add_residual, _bwd_reduce_tile, _cdiv, _elementwise_blocks, _next_power_of_2, _row_offsets, affine_act_bwd,
-    row_strides,
+    _add_residual, _bwd_reduce_tile, _cdiv, _elementwise_blocks, _next_power_of_2, _relu, _row_offsets,
+    affine_act_bwd, row_strides,
 )
+from fastresnet.kernels.bn_stats import _finite_pivot, _m2
 
 
 # Eval BatchNorm folded inside the kernel, for calls without gradients:
@@ -57,7 +58,7 @@ def _bn_eval_act_fwd(
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z = _add_residual(z, res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc)
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = _relu(z)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,7 +95,7 @@ def _bn_train_fwd_single(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    pivot = tl.load(x_ptr + cols * x_sc, mask=col_mask, other=0.0).to(tl.float32)
+    pivot = _finite_pivot(tl.load(x_ptr + cols * x_sc, mask=col_mask, other=0.0).to(tl.float32))
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in tl.range(0, M, BLOCK_M, num_stages=3):
@@ -106,7 +107,7 @@ def _bn_train_fwd_single(
         sum_d += d
         sum_d2 += d * d
     s1 = tl.sum(sum_d, axis=0)
-    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * s1 / M, 0.0)
+    m2 = _m2(tl.sum(sum_d2, axis=0), s1, M)
     mean = pivot + s1 / M
     invstd = 1.0 / tl.sqrt(m2 / M + eps)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
@@ -122,7 +123,7 @@ def _bn_train_fwd_single(
         z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
         z = _add_residual(z, res_ptr, rows, cols, mask, HW, r_sn, r_shw, r_sc)
         if RELU:
-            z = tl.maximum(z, 0.0)
+            z = _relu(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 

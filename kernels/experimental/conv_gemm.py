@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastresnet.kernels.bn_act import _relu
 from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _pow2_at_least, _TileConfig
 
 
@@ -118,7 +119,7 @@ def _conv1x1_gemm_bn_act(
         if HAS_RESIDUAL:
             y += res_desc.load([row0, col0]).to(tl.float32)
         if APPLY_RELU:
-            y = tl.maximum(y, 0.0)
+            y = _relu(y)
         out_desc.store([row0, col0], y.to(out_desc.dtype))  # rows past M, columns past OUT_C are clipped
 
 

@@ -29,7 +29,7 @@ the weight is packed [Cin, KH, KW, Cout] so each K step reads Cout-contiguous
 runs of grad_y and of the weight. The epilogue recomputes the ReLU mask from
 the raw x tile, z = (x - mean) * invstd * weight + bias, and gives
 
-    g = grad_a where z > 0 else 0,   stored (the dx pass reads it back),
+    g = 0 where z <= 0 else grad_a,  stored (the dx pass reads it back),
     partial sums over the row block of g and of g * (x - mean),
 
 which are the two per-channel sums the BatchNorm backward needs
@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from fastresnet.kernels import bn_act
+from fastresnet.kernels.bn_act import _relu_grad
 from fastresnet.kernels.conv import (
     _dot_acc,
     _fp32_mode,
@@ -193,7 +194,7 @@ def _conv_dgrad_bn(
         scale *= tl.load(weight_in_ptr + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(bias_in_ptr + offs_n, mask=n_ok, other=0.0) - mean * scale
         z = x * scale[None, :] + shift[None, :]  # as the forward's prologue computed it
-        g = tl.where(z > 0.0, acc, 0.0).to(g_ptr.dtype.element_ty)
+        g = _relu_grad(acc, z).to(g_ptr.dtype.element_ty)
     else:
         g = acc.to(g_ptr.dtype.element_ty)
     o_rows = batch * stride_on + in_h * stride_oh + in_w * stride_ow

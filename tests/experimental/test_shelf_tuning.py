@@ -69,3 +69,46 @@ def test_the_check_runs_once_per_problem():
     for shape in ((2, 3), (2, 3), (4, 3)):
         run(torch.ones(shape))
     assert calls == [(2, 3), (4, 3)]
+
+
+def test_the_check_takes_nan_and_inf_where_the_main_tree_has_them():
+    """An input holding NaN or Inf gives both paths NaN and Inf at the same places: no mismatch. A candidate
+    that drops them, or puts them elsewhere, is off."""
+    nan, inf = float("nan"), float("inf")
+    expected = torch.tensor([1.0, nan, inf, -inf])
+    checked("op", "same", lambda t: t.clone(), lambda t: expected)(expected)
+    for wrong in ([1.0, 0.0, inf, -inf], [1.0, nan, nan, -inf], [nan, nan, inf, -inf], [2.0, nan, inf, -inf]):
+        run = checked("op", "wrong", lambda t, wrong=wrong: torch.tensor(wrong), lambda t: expected)
+        with pytest.warns(RuntimeWarning, match="candidate wrong is off the reference"), pytest.raises(RuntimeError):
+            run(expected)
+
+
+@pytest.mark.parametrize("spec,why", [
+    ("conv_bn_act=triton:NOT_A_TILE", "is not of the form BMxBNxBKwWARPSsSTAGES.*; the listed tiles are 128x64x32w8s4, "),
+    ("conv_bn_act=triton_gemm:100x64x64w4s4", "powers of two >= 16"),
+    ("conv_stats=triton:128x64", "is not of the form"),
+    ("conv_wgrad.tile=triton:64x64x64w3s4", "WARPS 1, 2, 4, 8 or 16.*; the listed tiles are 128x128x128w8s3, "),
+    ("conv_dgrad.tile=triton:64x64x64w4s0", "STAGES at least 1"),
+])
+def test_a_pinned_tile_that_names_no_tile_is_refused(spec, why, monkeypatch):
+    """A family's candidate ("triton:<tile>") is checked when the switch is read, not at the first op that
+    would launch it: the op, the candidate, what is wrong with the tile and the family's listed tiles, in
+    one error."""
+    op, _, candidate = spec.partition("=")
+    for read in (tuning.override, lambda s: monkeypatch.setenv(tuning.DISPATCH_ENV, s) or tuning.settings()):
+        with pytest.raises(ValueError, match=f"FASTRESNET_DISPATCH: '{op}' candidate '{candidate}': .*{why}"):
+            read(spec)
+        monkeypatch.delenv(tuning.DISPATCH_ENV, raising=False)
+    pins = "conv_bn_act=triton:128x128x64w8s4, conv_stats.forward=triton:64x128x64w4s4, conv_wgrad.tile=triton:64x64x64w4s4"
+    tuning.override(pins)  # tiles that parse are taken
+    assert tuning.settings().pin_for("conv_bn_act") == "triton:128x128x64w8s4"
+
+
+def test_a_command_with_a_pinned_tile_that_names_no_tile_stops_with_one_line(monkeypatch, capsys):
+    from fastresnet import train
+
+    monkeypatch.setenv(tuning.DISPATCH_ENV, "conv_bn_act=triton:NOT_A_TILE")
+    assert train.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: FASTRESNET_DISPATCH: 'conv_bn_act' candidate 'triton:NOT_A_TILE': conv tile")
+    assert "the listed tiles are 128x64x32w8s4, " in err and "\n" not in err
