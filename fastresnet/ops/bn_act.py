@@ -9,9 +9,12 @@
       the training BatchNorm's output pass with input's batch statistics known (a conv_stats epilogue
       computed them); gradients as through the whole BatchNorm.
 
-Each runs the eager reference where the kernels cannot run (backend.use_triton), else asks its tuned
-choice once and calls its custom op with the chosen path: the same op eagerly and under torch.compile,
-which sees its fake implementation (fullgraph=True holds).
+Each asks its tuned choice once and calls its custom op with the chosen path where the kernels run
+(backend.use_triton): the same op eagerly and under torch.compile, which sees its fake implementation
+(fullgraph=True holds). On a CPU (backend.cpu_route) batch_norm_act is plain PyTorch's BatchNorm, add and
+ReLU (ATen's CPU kernels: no candidate of the main tree beats them there, bench/RESULTS.md, CPU section),
+and affine_act and bn_act_stats, which only the GPU paths call, run their eager reference, as everywhere
+else the kernels cannot run.
 
 batch_norm_act chooses per problem (shape, strides, dtype, residual, ReLU) and stage between the
 kernels ("triton") and ATen's BatchNorm ("eager": cuDNN's on a GPU), then the add and the ReLU:
@@ -46,11 +49,16 @@ from fastresnet.ops import tuning
 from fastresnet.ops.layout import as_rows, check_activation, check_channel_vector, check_residual, kernels
 from fastresnet.reference import affine_act_reference, batch_norm_act_reference
 
-BN_FORWARD = tuning.Op("batch_norm_act.forward", {"triton": None, "eager": None})  # run 1
-BN_BACKWARD = tuning.Op("batch_norm_act.backward", {"triton": None, "eager": None})  # run 1
-BN_STEP = tuning.Op("batch_norm_act.step", {"triton": None, "eager": None})  # run 2
-BN_EVAL = tuning.Op("batch_norm_act.eval", {"triton": None, "eager": None})  # run 2
-BN_EVAL_GRAD = tuning.Op("batch_norm_act.eval_grad", {"triton": None, "eager": None})  # run 2
+
+def _kernels_run(x: Tensor) -> bool:
+    return backend.use_triton(x)
+
+
+BN_FORWARD = tuning.Op("batch_norm_act.forward", {"triton": _kernels_run, "eager": None})  # run 1
+BN_BACKWARD = tuning.Op("batch_norm_act.backward", {"triton": _kernels_run, "eager": None})  # run 1
+BN_STEP = tuning.Op("batch_norm_act.step", {"triton": _kernels_run, "eager": None})  # run 2
+BN_EVAL = tuning.Op("batch_norm_act.eval", {"triton": _kernels_run, "eager": None})  # run 2
+BN_EVAL_GRAD = tuning.Op("batch_norm_act.eval_grad", {"triton": _kernels_run, "eager": None})  # run 2
 
 # The experimental shelf's paths by name (fastresnet.experimental.bn_act fills it): forwards and
 # backwards as the ops' bodies call them, eval paths as batch_norm_act's arguments.
@@ -438,6 +446,8 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     running statistics normalise it. weight/bias None mean 1/0. `path` runs an eval path by name (timing).
     """
     _validate(input, running_mean, running_var, weight, bias, training, residual)
+    if backend.cpu_route(input):
+        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
     if not backend.use_triton(input):
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, relu)
