@@ -71,7 +71,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress |
     tuning.show_progress(progress or tuning.TuningProgress())
     try:
         prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
-        amp = amp_dtype(cfg, device)
+        amp = amp_dtype(cfg, device, data.image_size)
         optimizer = build_optimizer(prepared.module, cfg, device, lr=0.0)
         step = make_train_step(prepared.runner, torch.nn.CrossEntropyLoss(), optimizer, amp, None)
         images = example_batch(cfg, device, data.image_size)

@@ -63,6 +63,8 @@ BN_EVAL_GRAD = tuning.Op("batch_norm_act.eval_grad", {"triton": _kernels_run, "e
 # The experimental shelf's paths by name (fastresnet.experimental.bn_act fills it): forwards and
 # backwards as the ops' bodies call them, eval paths as batch_norm_act's arguments.
 EXPERIMENTAL: dict[str, Callable] = {}
+# The shelf's CPU training paths (fastresnet.experimental.cpu_bn_act fills it), called as _eager is.
+EXPERIMENTAL_CPU: dict[str, Callable] = {}
 
 # Below these many rows (N*H*W) per channel the kernels' training forward lost to cuDNN's BatchNorm +
 # add + ReLU on an H200 (bf16, channels_last, batch 256; run 1: fused / eager time 0.60 / 0.74 / 0.94 /
@@ -423,6 +425,31 @@ def _eval_with_grad_run(x, running_mean, running_var, weight, bias, eps, residua
 # ---------------------------------------------------------------------------
 
 
+def _on_cpu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu) -> Tensor:
+    """A CPU's BatchNorm (+ add) (+ ReLU): plain PyTorch's, unless FASTRESNET_EXPERIMENTAL=1 offers a shelf
+    path for training and a timed step (forward, and backward where gradients are wanted) says it wins."""
+    args = (x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+    if not training or not EXPERIMENTAL_CPU:
+        return _eager(*args)
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    op, problem = (BN_STEP if any(wanted) else BN_FORWARD), _problem(x, residual, relu)
+    path = op.choose((*problem, _GRADS[wanted]) if any(wanted) else problem, x.device, "eager", args=(x,),
+                     timed=lambda name: lambda: _cpu_step(name, x, weight, bias, eps, residual, relu, any(wanted)))
+    return _eager(*args) if path == "eager" else EXPERIMENTAL_CPU[path](*args)
+
+
+def _cpu_step(path, x, weight, bias, eps, residual, relu, backward: bool):
+    """A CPU path's training forward, and its backward where gradients are wanted, on detached copies
+    without running statistics (timing moves none, accumulates no .grad)."""
+    leaves = [None if t is None else t.detach().requires_grad_(backward and t.requires_grad)
+              for t in (x, weight, bias, residual)]
+    run = _eager if path == "eager" else EXPERIMENTAL_CPU[path]
+    with torch.set_grad_enabled(backward):
+        y = run(leaves[0], None, None, leaves[1], leaves[2], True, 0.0, eps, leaves[3], relu)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        return torch.autograd.grad(y, wrt, torch.ones_like(y)) if wrt else y
+
+
 def _validate(x, running_mean, running_var, weight, bias, training, residual) -> None:
     check_activation(x)
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
@@ -447,7 +474,7 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     """
     _validate(input, running_mean, running_var, weight, bias, training, residual)
     if backend.cpu_route(input):
-        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+        return _on_cpu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
     if not backend.use_triton(input):
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, relu)

@@ -95,11 +95,9 @@ CONV_BN_ACT = tuning.Op("conv_bn_act", {
 
 def default_path(args: tuple, relu: bool) -> str:
     """Where nothing is timed: on a GPU cuDNN's conv with the folded bias alone, or with the one-pass
-    epilogue; on a CPU the unconverted model's computation; on the CPU under Triton's interpreter (the
-    tests) the kernel where it applies."""
+    epilogue; on the CPU under Triton's interpreter (the tests) the kernel where it applies. (A CPU on its
+    own route runs "eager".)"""
     x, residual = args[0], args[2]
-    if backend.cpu_route(x):
-        return "eager"
     if not x.is_cuda:
         return "triton" if _triton_applies(*args) else "cudnn_affine"
     return "cudnn_fused" if residual is None and not relu else "cudnn_affine"
@@ -112,7 +110,8 @@ def _folded(weight: Tensor, scale: Tensor, x: Tensor) -> Tensor:
 
 
 def _cpu_path(path, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu) -> Tensor:
-    """A CPU candidate: ATen's conv with the affine map after it or folded in, or oneDNN's fused conv."""
+    """A CPU candidate: ATen's conv with the affine map after it or folded in, or oneDNN's fused conv; the
+    output in x's memory format."""
     if path == "onednn":
         return onednn.conv_bias_act(x, _folded(weight, scale, x), shift.to(x.dtype), stride, padding, dilation,
                                     groups, residual, relu)
@@ -135,9 +134,7 @@ def _conv_bn_act(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residu
                           dtype=x.dtype, memory_format=memory_format_of(x))
         packed = weight.permute(0, 2, 3, 1).contiguous()  # [Cout, KH, KW, Cin]: a view of a channels_last weight
         return kernels().conv.conv_bn_act_fwd(x, packed, scale, shift, residual, out, stride, padding, dilation, relu)
-    if path in ("eager", "eager_folded", "onednn"):
-        y = _cpu_path(path, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
-    elif path == "cudnn_affine":
+    if path == "cudnn_affine":
         y = F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), None, stride, padding, dilation, groups)
         y = kernels().bn_act.affine_act_fwd(y, scale, shift, residual=residual, relu=relu)
     elif path == "cudnn_fused":
@@ -213,9 +210,13 @@ def conv_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, st
     scale, shift = scale.float(), shift.float()
     if bias is not None:  # conv(x) + bias, then the affine map: the bias folds into the shift
         shift = torch.addcmul(shift, bias.detach().float(), scale)
-    if not backend.use_triton(x) and not backend.cpu_route(x):
-        return conv_bn_act_reference(x, weight, scale, shift, stride, padding, residual, relu, dilation, groups)
     args = (x, weight, residual, stride, padding, dilation, groups)
+    if backend.cpu_route(x):  # PyTorch's own ops, called as they are: a custom op would only add host time
+        path = CONV_BN_ACT.choose(problem(*args, relu), x.device, "eager", args=args, timed=lambda name: lambda: (
+            _cpu_path(name, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)))
+        return _cpu_path(path, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    if not backend.use_triton(x):
+        return conv_bn_act_reference(x, weight, scale, shift, stride, padding, residual, relu, dilation, groups)
     path = CONV_BN_ACT.choose(
         problem(*args, relu), x.device, default_path(args, relu), args=args,
         timed=lambda name: lambda: torch.ops.fastresnet.conv_bn_act(x, weight, scale, shift, residual, list(stride),
