@@ -255,3 +255,12 @@ def test_a_cpu_cache_is_named_by_the_cpu(monkeypatch):
     assert tag["device"] == onednn.describe_cpu() and tag["torch"] == torch.__version__
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN limited: other timings, another file
     assert tuning.cache_path(tuning.environment_tag(CPU)) != tuning.cache_path(tag)
+
+
+def test_on_a_cpu_the_default_keeps_its_place_unless_beaten_by_a_margin():
+    """A shared CPU's timings jitter by several percent: plain PyTorch's computation (the default) is
+    displaced only by a candidate faster by more than tuning.MARGIN; a GPU's times decide as they are."""
+    near, far = {"eager": 1.0, "fused": 0.97}, {"eager": 1.0, "fused": 0.8}
+    assert tuning.fastest(near, "eager", CPU) == "eager" and tuning.fastest(far, "eager", CPU) == "fused"
+    assert tuning.fastest(near, "eager", torch.device("cuda")) == "fused"
+    assert tuning.fastest(near, None, CPU) == "fused"  # no default among them: the fastest

@@ -290,9 +290,10 @@ def _remember_on_disk(device: torch.device, key: str, entry: dict) -> None:
         warnings.warn(f"fastresnet: could not write dispatch cache {path}: {err}", RuntimeWarning, stacklevel=3)
 
 
-def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Optional[str]:
-    """The fastest of `allowed` by a decision already made for `key` (memory, else disk), when that
-    decision timed every one of them (or saw it fail); else None (a candidate allowed since must be timed)."""
+def remembered(key: str, allowed: Sequence[str], device: torch.device, default: Optional[str] = None) -> Optional[str]:
+    """The fastest of `allowed` (fastest()) by a decision already made for `key` (memory, else disk), when
+    that decision timed every one of them (or saw it fail); else None (a candidate allowed since must be
+    timed)."""
     entry, source = _decisions.get(key), None
     if entry is None:
         entry, source = _disk_entries(device)[2].get(key), "disk cache"
@@ -301,7 +302,7 @@ def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Option
     timed = [name for name in allowed if name in entry["times_ms"]]
     if not timed:
         return None
-    choice = min(timed, key=entry["times_ms"].get)
+    choice = fastest({name: entry["times_ms"][name] for name in timed}, default, device)
     if source is not None:
         _decisions[key] = {**entry, "choice": choice, "source": source}
     return choice
@@ -366,6 +367,21 @@ def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
     began = time.perf_counter()
     fn()
     return (time.perf_counter() - began) * 1e3
+
+
+# How much faster than the default another candidate must be timed to replace it. A GPU's times repeat
+# closely; a shared CPU's jitter by several percent, and there the default is plain PyTorch's computation,
+# which a candidate should displace only by a real gain.
+MARGIN = {"cuda": 0.0, "cpu": 0.05}
+
+
+def fastest(times: dict[str, float], default: Optional[str], device: torch.device) -> str:
+    """The candidate to keep from `times`: the fastest, unless it beats the default by less than the
+    device's MARGIN."""
+    choice = min(times, key=times.get)
+    if default in times and times[choice] > times[default] * (1 - MARGIN.get(device.type, 0.0)):
+        return default
+    return choice
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
@@ -575,14 +591,14 @@ class Op:
         if len(allowed) == 1:
             return allowed[0], True
         key = self.key(problem)
-        choice = remembered(key, allowed, device)
+        choice = remembered(key, allowed, device, default)
         if choice is not None:
             return choice, True
         if capturing(device):  # no timing inside a capture: the default, not kept
             return default, False
-        return self._measure(key, allowed, device, timed), True
+        return self._measure(key, allowed, device, default, timed), True
 
-    def _measure(self, key: str, allowed: list[str], device: torch.device,
+    def _measure(self, key: str, allowed: list[str], device: torch.device, default: str,
                  timed: Callable[[str], Callable[[], object]]) -> str:
         candidates = {name: timed(name) for name in allowed}
         if _progress is not None:
@@ -593,7 +609,7 @@ class Op:
             if _progress is not None:
                 _progress.failed()
             raise RuntimeError(f"fastresnet {self.name}: every candidate failed for {key}: {allowed}")
-        choice = min(times, key=times.get)
+        choice = fastest(times, default, device)
         entry = {"op": self.name, "choice": choice, "times_ms": {k: round(v, 5) for k, v in times.items()}}
         failed = [name for name in allowed if name not in times]
         if failed:  # remembered too: a later process need not try them again
