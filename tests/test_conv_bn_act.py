@@ -458,3 +458,21 @@ def test_a_converted_model_on_the_cpu_route_matches_and_compiles(cpu_route):
     assert len(graphs) == 1 and _op_calls(graphs[0]) == 0
     with torch.no_grad():
         assert_close(out, model(x), atol=1e-4, rtol=1e-4, name="compiled converted model")
+
+
+@pytest.mark.parametrize("onednn_ms,expected", [(0.96, "eager"), (0.5, "onednn")], ids=["no_winner", "onednn_wins"])
+def test_never_slower_where_no_cpu_candidate_wins_the_unconverted_computation_runs(cpu_route, monkeypatch, onednn_ms,
+                                                                                   expected):
+    """A candidate within tuning.MARGIN of plain PyTorch's conv + affine map (a shared CPU's jitter) does not
+    replace it; one clearly faster does."""
+    from fastresnet.ops import onednn
+
+    times = {"eager": 1.0, "eager_folded": 0.97, "onednn": onednn_ms}
+    monkeypatch.setattr(tuning, "measure", lambda candidates, device: {name: times[name] for name in candidates})
+    if expected == "eager":
+        monkeypatch.setattr(onednn, "conv_bias_act", lambda *a: pytest.fail("oneDNN's conv ran"))
+    x, weight, scale, shift, res = _problem(8, 16, 3, 1, 1, 1, 6, 6, torch.float32, residual=True)
+    out = conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift, residual=res)
+    assert_close(out, _expected(x, weight, scale, shift, 1, 1, res, True, 1), atol=1e-4, rtol=1e-4)
+    (decision,) = tuning.decisions()
+    assert decision["choice"] == expected and list(CONV_BN_ACT.memo.values()) == [expected]

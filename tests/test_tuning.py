@@ -255,6 +255,21 @@ def test_a_cpu_cache_is_named_by_the_cpu(monkeypatch):
     assert tag["device"] == onednn.describe_cpu() and tag["torch"] == torch.__version__
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN limited: other timings, another file
     assert tuning.cache_path(tuning.environment_tag(CPU)) != tuning.cache_path(tag)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(onednn, "cpu_model", lambda: "Another CPU")  # another model: another file
+    assert "Another CPU" in tuning.environment_tag(CPU)["device"]
+    assert tuning.cache_path(tuning.environment_tag(CPU)) != tuning.cache_path(tag)
+
+
+def test_a_cpu_cache_is_named_by_the_thread_count():
+    threads = torch.get_num_threads()
+    path = tuning.cache_path(tuning.environment_tag(CPU))
+    torch.set_num_threads(threads + 1)
+    try:
+        tag = tuning.environment_tag(CPU)
+        assert f"{threads + 1} threads" in tag["device"] and tuning.cache_path(tag) != path
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_on_a_cpu_the_default_keeps_its_place_unless_beaten_by_a_margin():
@@ -264,3 +279,20 @@ def test_on_a_cpu_the_default_keeps_its_place_unless_beaten_by_a_margin():
     assert tuning.fastest(near, "eager", CPU) == "eager" and tuning.fastest(far, "eager", CPU) == "fused"
     assert tuning.fastest(near, "eager", torch.device("cuda")) == "fused"
     assert tuning.fastest(near, None, CPU) == "fused"  # no default among them: the fastest
+
+
+
+@pytest.mark.parametrize("fast_ms,expected", [(2.9, "slow"), (2.0, "fast")], ids=["within_margin", "beaten"])
+def test_never_slower_a_default_within_the_margin_is_kept_and_cached(cache_dir, fake_timer, monkeypatch, fast_ms,
+                                                                    expected):
+    """Where no candidate beats the default (on a CPU: plain PyTorch's computation) by more than
+    tuning.MARGIN, the default runs, the decision says so, and a later process reads it from disk without
+    timing again; a candidate faster by more than the margin replaces it."""
+    times = {"slow": 3.0, "fast": fast_ms}
+    monkeypatch.setattr(tuning, "elapsed_ms", lambda fn, device: fake_timer.append(fn()) or times[fake_timer[-1]])
+    op = Generic(monkeypatch)
+    assert op.pick(names=("slow", "fast")) == expected  # "slow" is the default
+    assert tuning.decision("generic_op:k1")["choice"] == expected
+    tuning.clear()
+    monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("timed again"))
+    assert op.pick(names=("slow", "fast")) == expected and tuning.decision("generic_op:k1")["source"] == "disk cache"
