@@ -400,7 +400,7 @@ def _training_paths(problem, wanted, x, weight, bias, residual, eps, relu) -> tu
                                                                                   residual, eps, relu)
     backward_problem = _backward_problem(problem, forward, wanted)
     if torch.compiler.is_compiling():  # nothing is timed: a choice made eagerly, a pin or the default
-        backward = BN_BACKWARD.choose(backward_problem, device, _default(x, DEFAULT_BACKWARD), timed=None)
+        backward = BN_BACKWARD.choose(backward_problem, device, _default(x, DEFAULT_BACKWARD), timed=None, args=(x,))
         return forward, not (forward.startswith("triton") and backward.startswith("triton"))
     return forward, forward == "eager" and BN_BACKWARD.known(backward_problem, device) == "eager"
 
