@@ -14,20 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastresnet.models import get_model
 from fastresnet.training import distributed
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fused_choice import FusedChoice, choose_fused_or_plain, decision_key, shared_copy
+from fastresnet.training.network import build_model  # noqa: F401 (the training program's parts import it here)
 from fastresnet.training.precision import choose_amp
-
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    options = {"num_classes": num_classes}
-    if cfg.shortcut:
-        options["shortcut"] = cfg.shortcut
-    if cfg.zero_init_residual:
-        options["zero_init_residual"] = True
-    return get_model(cfg.model, **options)
 
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastresnet.ops import onednn, tuning
+from fastresnet.training.fused_choice import training_step
+from fastresnet.training.network import build_model
 
 PRECISION = tuning.Op("train_precision", {"fp32": None, "bf16": lambda: onednn.bf16_units()})
 # Images per timed step: enough to fill a CPU's cores, few enough that ResNet-50 at 224 times in seconds.
@@ -78,9 +80,6 @@ def _timed_steps(cfg, device: torch.device, problem: tuple):
 
     def setup():
         if not built:
-            from fastresnet.training.fused_choice import training_step
-            from fastresnet.training.model import build_model
-
             with torch.random.fork_rng(devices=[]):  # the run's initial weights stay what its seed makes
                 torch.manual_seed(0)
                 model = build_model(cfg, num_classes=10).to(device).train()
