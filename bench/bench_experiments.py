@@ -66,7 +66,7 @@ class Program:
         self.macs = count_macs(model, (3, 32, 32))
         self.prepared = prepare_model(model, cfg, self.device, 32)
         self.optimizer = build_optimizer(self.prepared.module, cfg, self.device, cfg.lr)
-        self.amp = amp_dtype(cfg, self.device)
+        self.amp = amp_dtype(cfg, self.device, 32)
         self.channels_last = cfg.channels_last
         self.epoch = 0
 

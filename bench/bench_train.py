@@ -71,7 +71,7 @@ def test_train_images_per_second(benchmark, provider):
     cfg = TrainConfig(model=name, data=DataConfig(backend="synthetic", batch_size=batch),
                       compile="auto", amp="auto", channels_last=True, fused_blocks=fused)
     criterion = torch.nn.CrossEntropyLoss()
-    amp = amp_dtype(cfg, dev)
+    amp = amp_dtype(cfg, dev, side)
     if provider == "fastresnet":
         prepared = prepare_model(get_model(name, num_classes=classes), cfg, dev, side)
         optimizer = build_optimizer(prepared.module, cfg, dev, lr=0.1)

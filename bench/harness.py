@@ -10,6 +10,7 @@ minutes. FASTRESNET_BENCH_SHORT=1 cuts the rounds (used by gpu_check.sh).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,4 +76,34 @@ def run(benchmark, fn, *, dev: torch.device, group: str, provider: str, baseline
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return "cpu"
+    from fastresnet.ops.onednn import describe_cpu
+
+    return describe_cpu()
+
+
+def interleaved(benchmark, providers: dict, *, dev: torch.device, group: str, baseline: str, rounds: int,
+                warmup_rounds: int = 1, **extra) -> dict[str, float]:
+    """Time every provider in turn, round after round (A, B, C, then B, C, A, ...: the start rotates), the
+    way a shared CPU must be measured (../shared/MEASURING.md): a change of load falls on every provider
+    alike. pytest-benchmark times the rounds; each provider's median seconds go into
+    extra_info["interleaved"], which bench/report.py turns into one row per provider. Returns the medians."""
+    names = list(providers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    turn = [0]
+
+    def one_round():
+        start = turn[0] % len(names)
+        turn[0] += 1
+        for name in names[start:] + names[:start]:
+            began = time.perf_counter()
+            providers[name]()
+            synchronize(dev)
+            samples[name].append(time.perf_counter() - began)
+
+    benchmark.group = group
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    medians = {name: sorted(times[warmup_rounds:])[len(times[warmup_rounds:]) // 2] for name, times in samples.items()}
+    benchmark.extra_info.update(
+        provider="interleaved rounds", device=device_name(dev), torch=torch.__version__, rounds=rounds,
+        interleaved={name: {"median_s": medians[name], "baseline": name == baseline} for name in names}, **extra)
+    return medians

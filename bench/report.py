@@ -48,9 +48,25 @@ def _throughput(extra: dict, seconds: float, ceilings: dict) -> str:
     return ", ".join(parts)
 
 
+def expand_interleaved(benchmarks: list[dict]) -> list[dict]:
+    """A benchmark that timed several providers in interleaved rounds (harness.interleaved) as one row per
+    provider, with its median; others as they are."""
+    rows = []
+    for bench in benchmarks:
+        providers = bench.get("extra_info", {}).get("interleaved")
+        if not providers:
+            rows.append(bench)
+            continue
+        extra = {k: v for k, v in bench["extra_info"].items() if k != "interleaved"}
+        for name, timed in providers.items():
+            rows.append({"name": name, "group": bench.get("group"), "stats": {"median": timed["median_s"]},
+                         "extra_info": {**extra, "provider": name, "baseline": timed["baseline"]}})
+    return rows
+
+
 def render(benchmarks: list[dict], ceilings: dict) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
-    for bench in benchmarks:
+    for bench in expand_interleaved(benchmarks):
         groups[bench.get("group") or bench["name"]].append(bench)
     lines = [
         "| group | provider | median ms | vs baseline | throughput |",

@@ -1,9 +1,14 @@
-"""Which implementation runs an op: the Triton kernel or the eager reference.
+"""Which implementations an op chooses between: the Triton kernels', the CPU's, or the eager reference.
 
-Every fused op asks `use_triton(tensor)` in Python, before the op is called,
-so that `torch.compile` traces one path only: on CUDA it traces the Triton
-op, on the CPU it traces the reference (Triton has no CPU backend; its
-interpreter cannot run under fake tensors).
+Every fused op asks in Python, before the op is called, so that `torch.compile`
+traces one route only:
+  use_triton(tensor)   the kernels' route: on CUDA, and on the CPU under
+                       Triton's interpreter, which makes the CPU stand in for a
+                       GPU (the tests);
+  cpu_route(tensor)    the CPU's own candidates (PyTorch's oneDNN and ATen paths,
+                       timed by fastresnet.ops.tuning): a CPU tensor otherwise;
+  neither              the eager reference (FASTRESNET_FORCE_REFERENCE=1, or a
+                       device with neither route).
 
 Switches (read at call time, so tests can flip them):
   FASTRESNET_FORCE_REFERENCE=1  always run the eager reference.
@@ -58,3 +63,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         return True
     return tensor.device.type == "cpu" and triton_interpreter()
+
+
+def cpu_route(tensor: torch.Tensor) -> bool:
+    """True when the CPU's own candidates should run on `tensor` (a CPU tensor without the interpreter)."""
+    return tensor.device.type == "cpu" and not force_reference() and not use_triton(tensor)

@@ -62,7 +62,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    result = evaluate_model(model, data.val, device, amp_dtype(cfg, device), cfg.channels_last)
+    result = evaluate_model(model, data.val, device, amp_dtype(cfg, device, data.image_size), cfg.channels_last)
     result.update(crops=data.val.crops, model=cfg.model, backend=data.backend, checkpoint=str(checkpoint),
                   step=state["step"], skipped_files=data.val.skipped)
     return result

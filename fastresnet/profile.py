@@ -106,7 +106,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
         command=command, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         mode=options.mode, batch_size=cfg.data.batch_size, steps=options.steps, warmup=options.warmup,
         step_flops=passes * 2.0 * macs * cfg.data.batch_size,
-        ceilings=ceilings.measure(device, amp_dtype(cfg, device)) if options.ceilings else None,
+        ceilings=ceilings.measure(device, amp_dtype(cfg, device, data.image_size)) if options.ceilings else None,
         environment=_versions(device))
     for provider in options.providers:
         seed_everything(cfg.seed)

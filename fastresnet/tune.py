@@ -4,7 +4,7 @@
     python -m fastresnet.tune [training flags] --export decisions.json   # then, on each identical machine:
     python -m fastresnet.tune --import decisions.json
 
-The first call of each problem on a GPU times its candidates (fastresnet.ops.tuning): the fused-or-plain
+The first call of each problem times its candidates (fastresnet.ops.tuning): on a GPU the fused-or-plain
 choice under torch.compile, every fused block's path, every conv's implementation, tile and backward,
 every BatchNorm stage. This command builds the run's model as the training program does, from the same
 flags (`python -m fastresnet.train --help`), and runs `--steps` training steps and one evaluation batch
@@ -14,7 +14,9 @@ printed as a table. `--export FILE` writes this machine's decisions for its GPU 
 file: one that exists is refused, as is a cache folder or an --export path that cannot be written, before
 anything is tuned); `--import FILE` adds such a file's to the cache here instead of tuning, refusing one
 made on another GPU or versions (with --export too, the cache is then exported).
-On a CPU nothing is timed (every op runs its default), and the table is empty.
+On a CPU the same tuner times the CPU's candidates: the training precision of --amp auto (where the CPU
+has bf16 units), each conv's implementation in evaluation (with fused blocks); a plain fp32 model on a
+CPU without bf16 units has nothing to choose, and the table is empty.
 Exit status: 0 done, 2 a bad configuration or file, 3 out of memory.
 """
 
@@ -71,7 +73,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress |
     tuning.show_progress(progress or tuning.TuningProgress())
     try:
         prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
-        amp = amp_dtype(cfg, device)
+        amp = amp_dtype(cfg, device, data.image_size)
         optimizer = build_optimizer(prepared.module, cfg, device, lr=0.0)
         step = make_train_step(prepared.runner, torch.nn.CrossEntropyLoss(), optimizer, amp, None)
         images = example_batch(cfg, device, data.image_size)
@@ -86,7 +88,8 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress |
 
 def decisions_table(decisions: list[dict]) -> str:
     if not decisions:
-        return "no decision was timed (on a CPU every op runs its default; on a GPU all were in the cache)"
+        return ("no decision was timed (all were in the cache, or nothing here has more than one candidate: "
+                "a plain fp32 model on a CPU without bf16 units)")
     lines = ["| op | problem | choice | candidates timed (ms) | source |", "|---|---|---|---|---|"]
     for d in decisions:
         times = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(d["times_ms"].items(), key=lambda kv: kv[1]))

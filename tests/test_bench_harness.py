@@ -2,9 +2,13 @@
 own options still work, and the report turns medians into ratios."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -12,11 +16,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
 
 
-def _pytest_bench(*args):
+def _pytest_bench(*args, smoke="1"):
+    """A GPU benchmark file; on a CPU tiny, through Triton's interpreter (FASTRESNET_BENCH_SMOKE=1)."""
     return subprocess.run(
         [sys.executable, "-m", "pytest", "bench/bench_models.py", "-q", "-p", "no:cacheprovider",
          "-k", "resnet20 and forward", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "FASTRESNET_BENCH_SMOKE": smoke},
     )
 
 
@@ -33,6 +38,13 @@ def test_benchmark_flag_runs_them_and_pytest_benchmark_options_still_work(tmp_pa
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert [b["extra_info"]["provider"] for b in benchmarks] == ["fastresnet"]
     assert benchmarks[0]["extra_info"]["images"] > 0 and benchmarks[0]["stats"]["median"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's benchmark run")
+def test_on_a_cpu_the_gpu_benchmarks_wait_for_the_smoke_switch():
+    result = _pytest_bench("--benchmark", "-rs", smoke="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" not in result.stdout and "on a CPU bench_cpu.py measures" in result.stdout
 
 
 def _bench(group, provider, median, baseline=False, **extra):
@@ -84,3 +96,14 @@ def test_report_lists_each_conv_decision_of_a_fused_block():
     table = report.render_dispatch([_bench("block", "fused_triton", 1.0, conv_dispatch=conv_dispatch)])
     assert "| block: conv_stats_tile:64x64k3x3 | triton:128x64x64w8s4 | triton:128x64x64w4s4 (1.25x slower) |" in table
     assert "conv_wgrad_tile" not in table  # no times recorded for it
+
+
+def test_interleaved_providers_become_one_row_each():
+    """harness.interleaved stores every provider's median in one benchmark; the report gives each a row,
+    with its ratio to the baseline measured in the same rounds."""
+    bench = _bench("cpu g", "interleaved rounds", 9.0, images=10,
+                   interleaved={"eager": {"median_s": 2.0, "baseline": True}, "fast": {"median_s": 1.0,
+                                                                                        "baseline": False}})
+    table = report.render([bench], {})
+    assert "| cpu g | eager (baseline) | 2000.000 | 1.00x | 5 img/s |" in table
+    assert "| cpu g | fast | 1000.000 | 2.00x | 10 img/s |" in table and "interleaved rounds" not in table

@@ -17,7 +17,7 @@ from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastresnet
 from fastresnet.ops import tuning
-from fastresnet.ops.conv_bn_act import CONV_BN_ACT, conv_bn_act
+from fastresnet.ops.conv_bn_act import CONV_BN_ACT, _cpu_path, conv_bn_act
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
 
@@ -355,3 +355,124 @@ def test_gpu_compiled_converted_resnet_matches_eager(mode):
         for call in range(3):  # CUDA graphs: warm-up, record, replay
             got = compiled(x).float()
             assert_close(got, expected, atol=5e-2, rtol=5e-2, name=f"compiled ({mode}) converted resnet18, call {call}")
+
+
+# ---------------------------------------------------------------------------
+# The CPU's own candidates (without Triton's interpreter): timed by the same tuner
+# ---------------------------------------------------------------------------
+
+CPU_CANDIDATES = {"eager", "eager_folded", "onednn"}
+
+
+@pytest.fixture
+def cpu_route(tmp_path, monkeypatch):
+    """A CPU as users have it: no interpreter standing in for a GPU, a fresh disk cache."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
+    tuning.clear()
+    yield tmp_path
+    tuning.clear()
+
+
+def test_the_cpu_times_its_candidates_once_and_caches_the_choice(cpu_route, monkeypatch):
+    x, weight, scale, shift, res = _problem(8, 16, 3, 1, 1, 1, 6, 6, torch.float32, residual=True)
+    out = conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift, residual=res)
+    assert_close(out, _expected(x, weight, scale, shift, 1, 1, res, True, 1), atol=1e-4, rtol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    (decision,) = tuning.decisions()
+    assert decision["op"] == "conv_bn_act" and decision["source"] == "measured"
+    assert set(decision["times_ms"]) == CPU_CANDIDATES and decision["choice"] in CPU_CANDIDATES
+    (cache,) = cpu_route.glob("dispatch-*.json")
+    assert torch.backends.cpu.get_cpu_capability() in cache.name
+
+    tuning.clear()  # a new process: the choice comes from disk, nothing is timed
+    monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("timed again"))
+    conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift, residual=res)
+    assert tuning.decisions()[0]["source"] == "disk cache"
+
+
+@pytest.mark.parametrize("name", sorted(CPU_CANDIDATES))
+@pytest.mark.parametrize("residual,relu", EPILOGUES, ids=["plain", "relu", "res", "res_relu"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_each_cpu_candidate_matches_the_reference(cpu_route, name, residual, relu, channels_last):
+    """Pinned, each candidate computes the op in either layout, the output in the input's."""
+    tuning.override(f"conv_bn_act={name}")
+    x, weight, scale, shift, res = _problem(12, 16, 3, 2, 1, 1, 9, 7, torch.float32, residual=residual,
+                                            channels_last=channels_last)
+    bias = torch.randn(16)
+    out = conv_bn_act(x, weight, bias, 2, 1, scale=scale, shift=shift, residual=res, relu=relu)
+    expected = conv_bn_act_reference(x, weight, scale, shift + bias * scale, 2, 1, res, relu)  # the bias folded
+    assert_close(out, expected, atol=1e-4, rtol=1e-4, name=name)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert list(CONV_BN_ACT.memo.values()) == [name]
+
+
+@pytest.mark.parametrize("name", sorted(CPU_CANDIDATES))
+def test_each_cpu_candidate_computes_the_op(cpu_route, name):
+    for kind in CONV_KINDS:
+        _, cin, cout, k, stride, pad, dil, h, w = kind
+        x, weight, scale, shift, res = _problem(cin, cout, k, stride, pad, dil, h, w, torch.float32, residual=True)
+        out = _cpu_path(name, x, weight, scale, shift, res, (stride,) * 2, (pad,) * 2, (dil,) * 2, 1, True)
+        assert_close(out, _expected(x, weight, scale, shift, stride, pad, res, True, dil), atol=1e-4, rtol=1e-4,
+                     name=f"{name} {kind[0]}")
+
+
+def test_bf16_on_the_cpu_route(cpu_route):
+    x, weight, scale, shift, res = _problem(16, 16, 1, 1, 0, 1, 4, 4, torch.float32, residual=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bn_act(x, weight, scale=scale, shift=shift, residual=res)
+    assert out.dtype == torch.bfloat16
+    expected = _expected(x.bfloat16(), weight.bfloat16(), scale, shift, 1, 0, res.bfloat16(), True, 1)
+    assert_close(out, expected, atol=6e-2, rtol=3e-2)
+    (decision,) = tuning.decisions()
+    # oneDNN's bf16 convolution needs AVX512BW/VL/DQ or AVX-NE-CONVERT; elsewhere it is not offered
+    assert ("onednn" in decision["times_ms"]) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_without_the_private_oneDNN_ops_the_eager_paths_run(cpu_route, monkeypatch):
+    from fastresnet.ops import onednn
+
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    x, weight, scale, shift, _ = _problem(8, 16, 3, 1, 1, 1, 6, 6, torch.float32)
+    out = conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift)
+    assert_close(out, _expected(x, weight, scale, shift, 1, 1, None, True, 1), atol=1e-4, rtol=1e-4)
+    (decision,) = tuning.decisions()
+    assert set(decision["times_ms"]) == {"eager", "eager_folded"}
+
+
+def test_without_a_measurement_the_cpu_runs_the_unconverted_computation(cpu_route, monkeypatch):
+    monkeypatch.setenv("FASTRESNET_DISPATCH", "default")
+    x, weight, scale, shift, _ = _problem(8, 16, 3, 1, 1, 1, 6, 6, torch.float32)
+    conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift)
+    assert not tuning.decisions() and list(CONV_BN_ACT.memo.values()) == ["eager"]
+
+
+def test_a_converted_model_on_the_cpu_route_matches_and_compiles(cpu_route):
+    model = _bottleneck_net()
+    converted = fastresnet.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4, name="eager converted model")
+    assert {d["op"] for d in tuning.decisions()} == {"conv_bn_act"} and len(tuning.decisions()) == 5
+    out, graphs = _graphs_of(converted, x)  # the measured choices, traced as PyTorch's ops in one graph
+    assert len(graphs) == 1 and _op_calls(graphs[0]) == 0
+    with torch.no_grad():
+        assert_close(out, model(x), atol=1e-4, rtol=1e-4, name="compiled converted model")
+
+
+@pytest.mark.parametrize("onednn_ms,expected", [(0.96, "eager"), (0.5, "onednn")], ids=["no_winner", "onednn_wins"])
+def test_never_slower_where_no_cpu_candidate_wins_the_unconverted_computation_runs(cpu_route, monkeypatch, onednn_ms,
+                                                                                   expected):
+    """A candidate within tuning.MARGIN of plain PyTorch's conv + affine map (a shared CPU's jitter) does not
+    replace it; one clearly faster does."""
+    from fastresnet.ops import onednn
+
+    times = {"eager": 1.0, "eager_folded": 0.97, "onednn": onednn_ms}
+    monkeypatch.setattr(tuning, "measure", lambda candidates, device: {name: times[name] for name in candidates})
+    if expected == "eager":
+        monkeypatch.setattr(onednn, "conv_bias_act", lambda *a: pytest.fail("oneDNN's conv ran"))
+    x, weight, scale, shift, res = _problem(8, 16, 3, 1, 1, 1, 6, 6, torch.float32, residual=True)
+    out = conv_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift, residual=res)
+    assert_close(out, _expected(x, weight, scale, shift, 1, 1, res, True, 1), atol=1e-4, rtol=1e-4)
+    (decision,) = tuning.decisions()
+    assert decision["choice"] == expected and list(CONV_BN_ACT.memo.values()) == [expected]

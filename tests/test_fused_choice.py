@@ -55,14 +55,15 @@ def fake_gpu(tmp_path, monkeypatch):
         record["compiled"].append("fused" if fused_count(module) else "plain")
         return RecordingCompile(module, record["runs"], mode)
 
-    def fake_time_ms(fn, device, warmup=3, reps=10):
+    def fake_elapsed_ms(fn, device):
         fn()  # the candidate's real training step (forward + backward), once
         ran = record["runs"][-1]
         record["timed"].append(ran)
         return record["times"][ran]
 
     monkeypatch.setattr(tuning, "can_measure", lambda device: True)
-    monkeypatch.setattr(tuning, "time_ms", fake_time_ms)
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (0, 1))  # one timed call per candidate, no warm-up
+    monkeypatch.setattr(tuning, "elapsed_ms", fake_elapsed_ms)
     monkeypatch.setattr(model_prep, "compile_module", fake_compile)
     real_plan = model_prep.fused_blocks_plan  # the plan a GPU would get
     monkeypatch.setattr(model_prep, "fused_blocks_plan", lambda cfg, device, mode: real_plan(cfg, GPU, mode))
@@ -180,12 +181,13 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
     times = {"fused": 1.0, "plain": 2.0} if rank == 0 else {"fused": 2.0, "plain": 1.0}
     runs: list[str] = []
 
-    def fake_time_ms(fn, device, warmup=3, reps=10):
+    def fake_elapsed_ms(fn, device):
         fn()
         return times[runs[-1]]
 
     tuning.can_measure = lambda device: True
-    tuning.time_ms = fake_time_ms
+    tuning.ROUNDS["cpu"] = (0, 1)
+    tuning.elapsed_ms = fake_elapsed_ms
     model_prep.compile_module = lambda module, mode: RecordingCompile(module, runs, mode)
     distributed.setup("cpu", "gloo")
     try:

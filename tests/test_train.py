@@ -58,6 +58,8 @@ def test_default_run_completes_and_says_where_outputs_went(tmp_path):
     assert env["torch"] == torch.__version__ and env["git_revision"]
     assert env["speed"]["fused_blocks"] == "off" and env["speed"]["compile"] == "off"  # auto on a CPU
     assert "fused blocks off" in out
+    choice = env["speed"]["amp_choice"]  # what --amp auto resolved to, and why, in env.json and the first lines
+    assert env["speed"]["amp"] == choice["amp"] and f"speed: amp {choice['amp']} ({choice['source']}" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "eval"} <= {r["kind"] for r in records}
 

@@ -28,13 +28,14 @@ def fake_timer(monkeypatch):
     calls = []
     times = {"fast": 1.0, "slow": 3.0}
 
-    def fake_time_ms(fn, device, warmup=3, reps=10):
+    def fake_elapsed_ms(fn, device):
         name = fn()
         calls.append(name)
         return times[name]
 
     monkeypatch.setattr(tuning, "can_measure", lambda device: True)
-    monkeypatch.setattr(tuning, "time_ms", fake_time_ms)
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (0, 1))  # one timed call per candidate, no warm-up
+    monkeypatch.setattr(tuning, "elapsed_ms", fake_elapsed_ms)
     return calls
 
 
@@ -203,7 +204,8 @@ def test_off_a_gpu_the_fixed_rule_runs_and_nothing_is_written(cache_dir, monkeyp
 def test_every_op_pins_to_its_own_candidates():
     for name, op in tuning.OPS.items():
         tuning.parse_dispatch(f"{name}={next(iter(op.candidates))}")
-    assert list(tuning.OPS["conv_bn_act"].candidates) == ["cudnn_fused", "cudnn_affine", "triton"]
+    assert list(tuning.OPS["conv_bn_act"].candidates) == ["cudnn_fused", "cudnn_affine", "triton",  # a GPU's
+                                                          "eager", "eager_folded", "onednn"]  # a CPU's
 
 
 def test_keys_write_every_field_of_a_problem():
@@ -212,3 +214,85 @@ def test_keys_write_every_field_of_a_problem():
                True, (True, False), "after-triton")
     assert op.key(problem) == ("batch_norm_act.forward:2x8x4x4:128x1x32x8:bfloat16:-:(128x1x32x8,float32):1:10"
                                ":after-triton")
+
+
+def test_candidates_are_timed_in_interleaved_rounds_and_keep_their_median(monkeypatch):
+    """Warm-up calls of each first, then A, B, C, A, B, C, ...: a change of load on a shared CPU falls on
+    every candidate alike; a candidate that raises in any round is left out."""
+    calls, scripted = [], {"a": [5.0, 1.0, 9.0], "b": [2.0, 2.0, 100.0], "c": [1.0]}
+
+    def candidate(name):
+        def run():
+            calls.append(name)
+            if name == "c" and len([c for c in calls if c == "c"]) > 2:
+                raise RuntimeError("fails in its second round")
+        return run
+
+    def scripted_elapsed_ms(fn, device):
+        fn()
+        return scripted[calls[-1]].pop(0)
+
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (1, 3))
+    monkeypatch.setattr(tuning, "elapsed_ms", scripted_elapsed_ms)
+    times = tuning.measure({name: candidate(name) for name in "abc"}, CPU)
+    assert times == {"a": 5.0, "b": 2.0}
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
+
+
+def test_the_cpu_is_measured_except_under_the_interpreter(monkeypatch):
+    from fastresnet import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tuning.can_measure(CPU) == (not backend.triton_available())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert tuning.can_measure(CPU)
+
+
+def test_a_cpu_cache_is_named_by_the_cpu(monkeypatch):
+    from fastresnet.ops import onednn
+
+    tag = tuning.environment_tag(CPU)
+    assert tag["device"] == onednn.describe_cpu() and tag["torch"] == torch.__version__
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN limited: other timings, another file
+    assert tuning.cache_path(tuning.environment_tag(CPU)) != tuning.cache_path(tag)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(onednn, "cpu_model", lambda: "Another CPU")  # another model: another file
+    assert "Another CPU" in tuning.environment_tag(CPU)["device"]
+    assert tuning.cache_path(tuning.environment_tag(CPU)) != tuning.cache_path(tag)
+
+
+def test_a_cpu_cache_is_named_by_the_thread_count():
+    threads = torch.get_num_threads()
+    path = tuning.cache_path(tuning.environment_tag(CPU))
+    torch.set_num_threads(threads + 1)
+    try:
+        tag = tuning.environment_tag(CPU)
+        assert f"{threads + 1} threads" in tag["device"] and tuning.cache_path(tag) != path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_on_a_cpu_the_default_keeps_its_place_unless_beaten_by_a_margin():
+    """A shared CPU's timings jitter by several percent: plain PyTorch's computation (the default) is
+    displaced only by a candidate faster by more than tuning.MARGIN; a GPU's times decide as they are."""
+    near, far = {"eager": 1.0, "fused": 0.97}, {"eager": 1.0, "fused": 0.8}
+    assert tuning.fastest(near, "eager", CPU) == "eager" and tuning.fastest(far, "eager", CPU) == "fused"
+    assert tuning.fastest(near, "eager", torch.device("cuda")) == "fused"
+    assert tuning.fastest(near, None, CPU) == "fused"  # no default among them: the fastest
+
+
+
+@pytest.mark.parametrize("fast_ms,expected", [(2.9, "slow"), (2.0, "fast")], ids=["within_margin", "beaten"])
+def test_never_slower_a_default_within_the_margin_is_kept_and_cached(cache_dir, fake_timer, monkeypatch, fast_ms,
+                                                                    expected):
+    """Where no candidate beats the default (on a CPU: plain PyTorch's computation) by more than
+    tuning.MARGIN, the default runs, the decision says so, and a later process reads it from disk without
+    timing again; a candidate faster by more than the margin replaces it."""
+    times = {"slow": 3.0, "fast": fast_ms}
+    monkeypatch.setattr(tuning, "elapsed_ms", lambda fn, device: fake_timer.append(fn()) or times[fake_timer[-1]])
+    op = Generic(monkeypatch)
+    assert op.pick(names=("slow", "fast")) == expected  # "slow" is the default
+    assert tuning.decision("generic_op:k1")["choice"] == expected
+    tuning.clear()
+    monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("timed again"))
+    assert op.pick(names=("slow", "fast")) == expected and tuning.decision("generic_op:k1")["source"] == "disk cache"

@@ -1,10 +1,12 @@
-"""The experimental shelf: candidates that have not run on a GPU, kept apart from the proven core.
+"""The experimental shelf: candidates that have not run on a GPU (or won on a CPU), kept apart from the proven
+core.
 
 fastresnet.ops.tuning loads this package when FASTRESNET_EXPERIMENTAL=1 (bench/gpu_check.sh sets it), and
 only then are its candidates offered; each is checked on its first call of a problem against a path of
 the main tree (common.checked): one that computes wrong warns and raises, which leaves it out of the
 measurement however fast it is. An illegal memory access cannot be caught that way, hence the switch.
-A candidate moves into the main tree in the commit that records the GPU run proving it (bench/RESULTS.md).
+A candidate moves into the main tree in the commit that records the run proving it (bench/RESULTS.md): a
+GPU's, or a CPU's for a CPU candidate.
 
   bn_act.py        batch_norm_act: "triton_single" forward, "triton_pipelined" backward, "triton_one_launch"
                    and "triton_wide" eval (kernels/experimental/bn_act.py)
@@ -12,8 +14,10 @@ A candidate moves into the main tree in the commit that records the GPU run prov
   conv_stats.py    conv_stats.forward "triton:<tile>"; conv_stats.backward "triton_wgrad", "triton_dgrad",
                    "triton_bwd" (kernels/experimental/conv_train_bwd.py), their tiles conv_wgrad.tile and
                    conv_dgrad.tile
+  cpu_bn_act.py    batch_norm_act on a CPU: "inductor", the training BatchNorm + add + ReLU compiled per problem
   cudnn_graph.py   fused_block "cudnn_graph": cuDNN's own conv + statistics fusion (nvidia-cudnn-frontend)
   common.py        the first-call check, and FASTRESNET_TILES
 """
 
-from fastresnet.experimental import bn_act, conv_bn_act, conv_stats, cudnn_graph  # noqa: F401 (each registers)
+# each registers its candidates
+from fastresnet.experimental import bn_act, conv_bn_act, conv_stats, cpu_bn_act, cudnn_graph  # noqa: F401

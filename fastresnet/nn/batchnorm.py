@@ -70,9 +70,9 @@ def norm_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: 
     if reduces_across_processes(bn) and not x.is_cuda:
         return synced_on_cpu(bn, x, residual, relu)
     y = batch_norm(bn, x)
-    if residual is not None:
-        y = y + residual
-    return F.relu(y) if relu else y
+    if residual is not None:  # in place, as torchvision's blocks add and ReLU after their norm
+        y += residual
+    return F.relu(y, inplace=True) if relu else y
 
 
 def folded_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:

@@ -9,9 +9,12 @@
       the training BatchNorm's output pass with input's batch statistics known (a conv_stats epilogue
       computed them); gradients as through the whole BatchNorm.
 
-Each runs the eager reference where the kernels cannot run (backend.use_triton), else asks its tuned
-choice once and calls its custom op with the chosen path: the same op eagerly and under torch.compile,
-which sees its fake implementation (fullgraph=True holds).
+Each asks its tuned choice once and calls its custom op with the chosen path where the kernels run
+(backend.use_triton): the same op eagerly and under torch.compile, which sees its fake implementation
+(fullgraph=True holds). On a CPU (backend.cpu_route) batch_norm_act is plain PyTorch's BatchNorm, add and
+ReLU (ATen's CPU kernels: no candidate of the main tree beats them there, bench/RESULTS.md, CPU section),
+and affine_act and bn_act_stats, which only the GPU paths call, run their eager reference, as everywhere
+else the kernels cannot run.
 
 batch_norm_act chooses per problem (shape, strides, dtype, residual, ReLU) and stage between the
 kernels ("triton") and ATen's BatchNorm ("eager": cuDNN's on a GPU), then the add and the ReLU:
@@ -46,15 +49,22 @@ from fastresnet.ops import tuning
 from fastresnet.ops.layout import as_rows, check_activation, check_channel_vector, check_residual, kernels
 from fastresnet.reference import affine_act_reference, batch_norm_act_reference
 
-BN_FORWARD = tuning.Op("batch_norm_act.forward", {"triton": None, "eager": None})  # run 1
-BN_BACKWARD = tuning.Op("batch_norm_act.backward", {"triton": None, "eager": None})  # run 1
-BN_STEP = tuning.Op("batch_norm_act.step", {"triton": None, "eager": None})  # run 2
-BN_EVAL = tuning.Op("batch_norm_act.eval", {"triton": None, "eager": None})  # run 2
-BN_EVAL_GRAD = tuning.Op("batch_norm_act.eval_grad", {"triton": None, "eager": None})  # run 2
+
+def _kernels_run(x: Tensor) -> bool:
+    return backend.use_triton(x)
+
+
+BN_FORWARD = tuning.Op("batch_norm_act.forward", {"triton": _kernels_run, "eager": None})  # run 1
+BN_BACKWARD = tuning.Op("batch_norm_act.backward", {"triton": _kernels_run, "eager": None})  # run 1
+BN_STEP = tuning.Op("batch_norm_act.step", {"triton": _kernels_run, "eager": None})  # run 2
+BN_EVAL = tuning.Op("batch_norm_act.eval", {"triton": _kernels_run, "eager": None})  # run 2
+BN_EVAL_GRAD = tuning.Op("batch_norm_act.eval_grad", {"triton": _kernels_run, "eager": None})  # run 2
 
 # The experimental shelf's paths by name (fastresnet.experimental.bn_act fills it): forwards and
 # backwards as the ops' bodies call them, eval paths as batch_norm_act's arguments.
 EXPERIMENTAL: dict[str, Callable] = {}
+# The shelf's CPU training paths (fastresnet.experimental.cpu_bn_act fills it), called as _eager is.
+EXPERIMENTAL_CPU: dict[str, Callable] = {}
 
 # Below these many rows (N*H*W) per channel the kernels' training forward lost to cuDNN's BatchNorm +
 # add + ReLU on an H200 (bf16, channels_last, batch 256; run 1: fused / eager time 0.60 / 0.74 / 0.94 /
@@ -393,7 +403,7 @@ def _training_paths(problem, wanted, x, weight, bias, residual, eps, relu) -> tu
                                                                                   residual, eps, relu)
     backward_problem = _backward_problem(problem, forward, wanted)
     if torch.compiler.is_compiling():  # nothing is timed: a choice made eagerly, a pin or the default
-        backward = BN_BACKWARD.choose(backward_problem, device, _default(x, DEFAULT_BACKWARD), timed=None)
+        backward = BN_BACKWARD.choose(backward_problem, device, _default(x, DEFAULT_BACKWARD), timed=None, args=(x,))
         return forward, not (forward.startswith("triton") and backward.startswith("triton"))
     return forward, forward == "eager" and BN_BACKWARD.known(backward_problem, device) == "eager"
 
@@ -416,6 +426,31 @@ def _eval_with_grad_run(x, running_mean, running_var, weight, bias, eps, residua
 # ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
+
+
+def _on_cpu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu) -> Tensor:
+    """A CPU's BatchNorm (+ add) (+ ReLU): plain PyTorch's, unless FASTRESNET_EXPERIMENTAL=1 offers a shelf
+    path for training and a timed step (forward, and backward where gradients are wanted) says it wins."""
+    args = (x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+    if not training or not EXPERIMENTAL_CPU:
+        return _eager(*args)
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    op, problem = (BN_STEP if any(wanted) else BN_FORWARD), _problem(x, residual, relu)
+    path = op.choose((*problem, _GRADS[wanted]) if any(wanted) else problem, x.device, "eager", args=(x,),
+                     timed=lambda name: lambda: _cpu_step(name, x, weight, bias, eps, residual, relu, any(wanted)))
+    return _eager(*args) if path == "eager" else EXPERIMENTAL_CPU[path](*args)
+
+
+def _cpu_step(path, x, weight, bias, eps, residual, relu, backward: bool):
+    """A CPU path's training forward, and its backward where gradients are wanted, on detached copies
+    without running statistics (timing moves none, accumulates no .grad)."""
+    leaves = [None if t is None else t.detach().requires_grad_(backward and t.requires_grad)
+              for t in (x, weight, bias, residual)]
+    run = _eager if path == "eager" else EXPERIMENTAL_CPU[path]
+    with torch.set_grad_enabled(backward):
+        y = run(leaves[0], None, None, leaves[1], leaves[2], True, 0.0, eps, leaves[3], relu)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        return torch.autograd.grad(y, wrt, torch.ones_like(y)) if wrt else y
 
 
 def _validate(x, running_mean, running_var, weight, bias, training, eps, residual) -> None:
@@ -447,6 +482,8 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     running statistics normalise it. weight/bias None mean 1/0. `path` runs an eval path by name (timing).
     """
     _validate(input, running_mean, running_var, weight, bias, training, eps, residual)
+    if backend.cpu_route(input):
+        return _on_cpu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
     if not backend.use_triton(input):
         return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, relu)

@@ -20,8 +20,17 @@ fastresnet.ops.tuning):
   "cudnn_affine"  F.conv2d (channels_last), then the one-pass scale/shift/add/ReLU kernel of kernels/bn_act.py.
 Without a measurement: cuDNN's conv with the folded bias where there is nothing more to add, else with the
 one-pass epilogue, never slower than eager conv + BN + ReLU (cuDNN's fused conv-bias-ReLU is not trusted
-blindly: it refuses some dtype/layout combinations). On the CPU the op runs the eager reference, or the
-Triton kernel through the interpreter when TRITON_INTERPRET=1 (tests).
+blindly: it refuses some dtype/layout combinations).
+
+On a CPU (fastresnet.backend.cpu_route) the same op chooses, timed the same way, between PyTorch's own paths:
+  "eager"         what the unconverted model runs: the conv, then one in-place pass of the BatchNorm's
+                  affine map, the add and the ReLU in place (the default: never slower than plain PyTorch).
+  "eager_folded"  BN folded into the weight and a bias: F.conv2d with the bias, the add and ReLU in place.
+  "onednn"        the same folded weight through oneDNN's convolution with the add and the ReLU as post-ops,
+                  one pass (fastresnet.ops.onednn).
+Folding reads the whole weight at every call: it wins where the activations are large (ResNet-50's 56x56
+stage) and may lose where the weight is (its 7x7 stage at a small batch), hence the measurement. Under
+TRITON_INTERPRET=1 the CPU stands in for a GPU instead: the Triton kernel through the interpreter (tests).
 
 Inference only: there is no backward, and a call that would need one raises. Under autocast the op
 computes in autocast's dtype, like F.conv2d.
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastresnet import backend
-from fastresnet.ops import tuning
+from fastresnet.ops import onednn, tuning
 from fastresnet.ops.layout import FLOAT_DTYPES, conv_output_shape, fits_int32, kernels, memory_format_of, pair
 from fastresnet.reference import conv_bn_act_reference
 
@@ -64,20 +73,57 @@ def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Optional[T
 
 def _triton_applies(x, weight, residual, stride, padding, dilation, groups) -> bool:
     """The kernel indexes in int32 and takes no groups; float64 goes to cuDNN (or the reference)."""
-    return (backend.triton_available() and x.dtype in FLOAT_DTYPES and groups == 1
+    return (backend.use_triton(x) and x.dtype in FLOAT_DTYPES and groups == 1
             and fits_int32(x.shape, conv_output_shape(x.shape, weight.shape, stride, padding, dilation)))
 
 
-CONV_BN_ACT = tuning.Op("conv_bn_act", {"cudnn_fused": None, "cudnn_affine": None, "triton": _triton_applies})  # run 1
+def _kernel_route(x, *_) -> bool:
+    return not backend.cpu_route(x)
+
+
+def _cpu(x, *_) -> bool:
+    return backend.cpu_route(x)
+
+
+def _onednn_applies(x, weight, residual, *_) -> bool:
+    return backend.cpu_route(x) and onednn.supports(x, weight, residual)
+
+
+CONV_BN_ACT = tuning.Op("conv_bn_act", {
+    "cudnn_fused": _kernel_route, "cudnn_affine": _kernel_route, "triton": _triton_applies,  # run 1
+    "eager": _cpu, "eager_folded": _cpu, "onednn": _onednn_applies,  # CPU: bench/RESULTS.md, CPU section
+})
 
 
 def default_path(args: tuple, relu: bool) -> str:
     """Where nothing is timed: on a GPU cuDNN's conv with the folded bias alone, or with the one-pass
-    epilogue; on the CPU (Triton's interpreter: the tests) the kernel where it applies."""
+    epilogue; on the CPU under Triton's interpreter (the tests) the kernel where it applies. (A CPU on its
+    own route runs "eager".)"""
     x, residual = args[0], args[2]
     if not x.is_cuda:
         return "triton" if _triton_applies(*args) else "cudnn_affine"
     return "cudnn_fused" if residual is None and not relu else "cudnn_affine"
+
+
+def _folded(weight: Tensor, scale: Tensor, x: Tensor) -> Tensor:
+    """weight * scale[c] in x's dtype and memory format (channels_last for cuDNN's fused convs)."""
+    fmt = torch.channels_last if x.is_cuda else memory_format_of(x)
+    return (weight.float() * scale.view(-1, 1, 1, 1)).to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _cpu_path(path, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu) -> Tensor:
+    """A CPU candidate: ATen's conv with the affine map after it or folded in, or oneDNN's fused conv; the
+    output in x's memory format."""
+    if path == "onednn":
+        return onednn.conv_bias_act(x, _folded(weight, scale, x), shift.to(x.dtype), stride, padding, dilation,
+                                    groups, residual, relu)
+    if path == "eager_folded":
+        y = F.conv2d(x, _folded(weight, scale, x), shift.to(x.dtype), stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y, scale.to(y.dtype).view(1, -1, 1, 1), out=y)
+    y = y if residual is None else y.add_(residual)
+    return y.relu_() if relu else y
 
 
 @torch.library.custom_op("fastresnet::conv_bn_act", mutates_args=())
@@ -94,7 +140,7 @@ def _conv_bn_act(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residu
         y = F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), None, stride, padding, dilation, groups)
         y = kernels().bn_act.affine_act_fwd(y, scale, shift, residual=residual, relu=relu)
     elif path == "cudnn_fused":
-        folded = (weight.float() * scale.view(-1, 1, 1, 1)).to(x.dtype).contiguous(memory_format=torch.channels_last)
+        folded = _folded(weight, scale, x)
         bias, args = shift.to(x.dtype), (stride, padding, dilation, groups)
         if relu and residual is None:
             y = torch.cudnn_convolution_relu(x, folded, bias, *args)
@@ -166,9 +212,13 @@ def conv_bn_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, st
     scale, shift = scale.float(), shift.float()
     if bias is not None:  # conv(x) + bias, then the affine map: the bias folds into the shift
         shift = torch.addcmul(shift, bias.detach().float(), scale)
+    args = (x, weight, residual, stride, padding, dilation, groups)
+    if backend.cpu_route(x):  # PyTorch's own ops, called as they are: a custom op would only add host time
+        path = CONV_BN_ACT.choose(problem(*args, relu), x.device, "eager", args=args, timed=lambda name: lambda: (
+            _cpu_path(name, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)))
+        return _cpu_path(path, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
     if not backend.use_triton(x):
         return conv_bn_act_reference(x, weight, scale, shift, stride, padding, residual, relu, dilation, groups)
-    args = (x, weight, residual, stride, padding, dilation, groups)
     path = CONV_BN_ACT.choose(
         problem(*args, relu), x.device, default_path(args, relu), args=args,
         timed=lambda name: lambda: torch.ops.fastresnet.conv_bn_act(x, weight, scale, shift, residual, list(stride),

@@ -8,12 +8,16 @@ plain PyTorch. So an op asks its `Op` once per call which path to run, then runs
 
 `problem` is a tuple of what the choice depends on (shapes, strides, dtypes, flags). As it is, it keys
 the memory of this process (the hot path is one dict lookup); written out (`key()`), the disk cache.
-The first call of a problem on a device where candidates can be timed (a GPU) runs each candidate that
-applies (`applies(*args)`) on the real inputs (timed(name) gives the call to time), keeps the fastest and
-remembers it:
-in memory, and in one JSON file per (device, torch, triton) under ~/.cache/fastresnet/
-($FASTRESNET_CACHE_DIR), written atomically. A file or an entry that does not parse, or was written for
-other versions, is ignored with a warning. Timing and the cache live here alone: an op asks before it
+The first call of a problem on a device where candidates can be timed (a GPU, and a CPU on its own
+route: fastresnet.backend) runs each candidate that applies (`applies(*args)`) on the real inputs
+(timed(name) gives the call to time), keeps the fastest and remembers it: in memory, and in one JSON
+file per (device, torch, triton) under ~/.cache/fastresnet/ ($FASTRESNET_CACHE_DIR), written atomically.
+A CPU is named by its model, the ISA PyTorch dispatches to, its bf16 units, a limit on oneDNN's ISA and
+the thread count (fastresnet.ops.onednn.describe_cpu). A file or an entry that does not parse, or was
+written for other versions, is ignored with a warning. Candidates are timed in turn, round after round
+(A, B, C, A, B, C, ...), and each keeps the median of its rounds, so that a change of load while a
+problem is measured (a shared 2-core CPU) falls on every candidate alike; a CPU takes fewer rounds, its
+calls being long. Timing and the cache live here alone: an op asks before it
 calls its custom op, which runs the path it is given.
 
 The candidates of the main tree have run on a GPU (bench/RESULTS.md names the run per op). Those that
@@ -32,8 +36,8 @@ a process):
                                 is an error that lists the valid ones.
   FASTRESNET_EXPERIMENTAL=1     offer the experimental shelf's candidates too.
 
-Where nothing can be timed the default runs: on a device that is not timed (the CPU: there the Triton
-kernels run in Triton's interpreter, for the tests), under torch.compile (a choice made eagerly before
+Where nothing can be timed the default runs: on a device that is not timed (a CPU under Triton's
+interpreter, where the kernels run for the tests), under torch.compile (a choice made eagerly before
 is kept), and inside a CUDA-graph capture (a choice made before, in memory or on disk, else the default,
 not remembered). `decisions()` lists every choice of this process with its times; each new one is also
 logged on the "fastresnet.tuning" logger (INFO).
@@ -58,6 +62,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fastresnet import backend
+
 log = logging.getLogger("fastresnet.tuning")
 
 CACHE_DIR_ENV = "FASTRESNET_CACHE_DIR"
@@ -67,8 +73,9 @@ DEFAULT = "default"
 # "fixed" is what the README first called the default: kept as a synonym.
 _SYNONYMS = {"fixed": DEFAULT}
 # Bumped when a cached entry changes meaning; older files then count as stale. 4: keys are the problem
-# tuples written out, the experimental candidates left the main tree.
-CACHE_SCHEMA = 4
+# tuples written out, the experimental candidates left the main tree. 5: the CPU is timed, its candidates
+# interleaved.
+CACHE_SCHEMA = 5
 
 OPS: dict[str, "Op"] = {}
 
@@ -204,7 +211,14 @@ def environment_tag(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        from fastresnet.ops.onednn import describe_cpu
+
+        name = describe_cpu()
+    else:
+        name = device.type
     return {"schema": CACHE_SCHEMA, "device": name, "torch": torch.__version__, "triton": triton_version}
 
 
@@ -281,9 +295,10 @@ def _remember_on_disk(device: torch.device, key: str, entry: dict) -> None:
         warnings.warn(f"fastresnet: could not write dispatch cache {path}: {err}", RuntimeWarning, stacklevel=3)
 
 
-def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Optional[str]:
-    """The fastest of `allowed` by a decision already made for `key` (memory, else disk), when that
-    decision timed every one of them (or saw it fail); else None (a candidate allowed since must be timed)."""
+def remembered(key: str, allowed: Sequence[str], device: torch.device, default: Optional[str] = None) -> Optional[str]:
+    """The fastest of `allowed` (fastest()) by a decision already made for `key` (memory, else disk), when
+    that decision timed every one of them (or saw it fail); else None (a candidate allowed since must be
+    timed)."""
     entry, source = _decisions.get(key), None
     if entry is None:
         entry, source = _disk_entries(device)[2].get(key), "disk cache"
@@ -292,7 +307,7 @@ def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Option
     timed = [name for name in allowed if name in entry["times_ms"]]
     if not timed:
         return None
-    choice = min(timed, key=entry["times_ms"].get)
+    choice = fastest({name: entry["times_ms"][name] for name in timed}, default, device)
     if source is not None:
         _decisions[key] = {**entry, "choice": choice, "source": source}
     return choice
@@ -339,36 +354,70 @@ def import_decisions(path: Path, device: torch.device) -> int:
 # ---------------------------------------------------------------------------
 
 
+# (warm-up calls, timed rounds) per candidate: a GPU call takes micro- to milliseconds, a CPU call often
+# tens to hundreds, and a CPU's first call of a problem must stay cheap.
+ROUNDS = {"cuda": (3, 10), "cpu": (1, 5)}
+
+
+def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """The time of one call of fn() in milliseconds: CUDA events on a GPU, the host clock elsewhere (where
+    a call returns when its work is done)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    fn()
+    return (time.perf_counter() - began) * 1e3
+
+
+# How much faster than the default another candidate must be timed to replace it. A GPU's times repeat
+# closely; a shared CPU's jitter by several percent, and there the default is plain PyTorch's computation,
+# which a candidate should displace only by a real gain.
+MARGIN = {"cuda": 0.0, "cpu": 0.05}
+
+
+def fastest(times: dict[str, float], default: Optional[str], device: torch.device) -> str:
+    """The candidate to keep from `times`: the fastest, unless it beats the default by less than the
+    device's MARGIN."""
+    choice = min(times, key=times.get)
+    if default in times and times[choice] > times[default] * (1 - MARGIN.get(device.type, 0.0)):
+        return default
+    return choice
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
-    """Median time of fn() in milliseconds after `warmup` untimed calls: CUDA events on a GPU, the host
-    clock elsewhere (where a call returns when its work is done)."""
+    """The median time of fn() in milliseconds after `warmup` untimed calls (one function alone)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return sorted(times)[len(times) // 2]
+    times = sorted(elapsed_ms(fn, device) for _ in range(reps))
+    return times[len(times) // 2]
 
 
 def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
-    """Time each candidate; one that raises is left out (logged), never fatal."""
-    times = {}
-    for name, fn in candidates.items():
+    """The median time (ms) of each candidate over interleaved rounds, after its warm-up calls; one that
+    raises is left out (logged), never fatal."""
+    warmup, rounds = ROUNDS.get(device.type, ROUNDS["cpu"])
+    samples: dict[str, list[float]] = {}
+    for name, fn in candidates.items():  # a first call compiles and autotunes: outside the rounds
         try:
-            times[name] = time_ms(fn, device)
+            for _ in range(warmup):
+                fn()
         except Exception as err:  # an unsupported cuDNN configuration, a Triton compile error, a failed check
             log.info("tuning: candidate %s failed and is left out: %s", name, err)
-    return times
+            continue
+        samples[name] = []
+    for _ in range(rounds):
+        for name in list(samples):
+            try:
+                samples[name].append(elapsed_ms(candidates[name], device))
+            except Exception as err:
+                log.info("tuning: candidate %s failed and is left out: %s", name, err)
+                del samples[name]
+    return {name: sorted(times)[len(times) // 2] for name, times in samples.items()}
 
 
 class TuningProgress:
@@ -431,7 +480,10 @@ def show_progress(progress: Optional[TuningProgress]) -> None:
 
 
 def can_measure(device: torch.device) -> bool:
-    """Whether candidates are timed on `device`: a GPU (tests make the CPU pretend)."""
+    """Whether candidates are timed on `device`: a GPU, and a CPU, except under Triton's interpreter, where
+    the CPU stands in for a GPU to run the kernels (the tests; they make it pretend to measure)."""
+    if device.type == "cpu":
+        return not (backend.triton_available() and backend.triton_interpreter())
     return device.type == "cuda"
 
 
@@ -556,14 +608,14 @@ class Op:
         if len(allowed) == 1:
             return allowed[0], True
         key = self.key(problem)
-        choice = remembered(key, allowed, device)
+        choice = remembered(key, allowed, device, default)
         if choice is not None:
             return choice, True
         if capturing(device):  # no timing inside a capture: the default, not kept
             return default, False
-        return self._measure(key, allowed, device, timed), True
+        return self._measure(key, allowed, device, default, timed), True
 
-    def _measure(self, key: str, allowed: list[str], device: torch.device,
+    def _measure(self, key: str, allowed: list[str], device: torch.device, default: str,
                  timed: Callable[[str], Callable[[], object]]) -> str:
         candidates = {name: timed(name) for name in allowed}
         if _progress is not None:
@@ -574,7 +626,7 @@ class Op:
             if _progress is not None:
                 _progress.failed()
             raise RuntimeError(f"fastresnet {self.name}: every candidate failed for {key}: {allowed}")
-        choice = min(times, key=times.get)
+        choice = fastest(times, default, device)
         entry = {"op": self.name, "choice": choice, "times_ms": {k: round(v, 5) for k, v in times.items()}}
         failed = [name for name in allowed if name not in times]
         if failed:  # remembered too: a later process need not try them again

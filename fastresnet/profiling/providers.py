@@ -67,7 +67,7 @@ def build_subject(provider: str, mode: str, cfg: TrainConfig, device: torch.devi
             description += f", torch.compile mode {chosen}"
         else:
             description += ", eager"
-    amp = amp_dtype(cfg, device)
+    amp = amp_dtype(cfg, device, image_size)
     description += f" | amp {_amp_name(amp)}, channels_last {cfg.channels_last}"
     if mode == "inference":
         module.eval()

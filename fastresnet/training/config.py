@@ -59,7 +59,7 @@ class TrainConfig:
 
     # --- speed
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"; under torchrun each process takes cuda:LOCAL_RANK
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype; fp16 adds a GradScaler; auto: bf16 on CUDA
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype; fp16 adds a GradScaler; auto: bf16 on CUDA, on a CPU bf16 where a timed step wins (AMX/AVX512-BF16), else off
     channels_last: bool = True  # NHWC memory format (tensor cores, fused kernels)
     compile: CompileMode = "auto"  # torch.compile mode; CUDA graphs come only with reduce-overhead or max-autotune; auto: default on CUDA, off on CPU
     fused_blocks: Literal["auto", "on", "off"] = "auto"  # fused conv-BN-ReLU blocks; auto: off on CPU, on with CUDA, and under compile only if a timed step (cached) says they win

@@ -36,8 +36,9 @@ from fastresnet.training.fields import ConfigError, to_dict
 from fastresnet.training.metrics import (
     EvalAccumulator, JsonLines, Throughput, TrainAccumulator, memory_gib, peak_tflops, train_flops_per_image,
 )
-from fastresnet.training.model import amp_dtype, build_model, build_optimizer, prepare_model
+from fastresnet.training.model import build_model, build_optimizer, prepare_model
 from fastresnet.training.plot import plot_curves
+from fastresnet.training.precision import choose_amp
 from fastresnet.training.progress import Progress
 from fastresnet.training.rundir import open_run_dir, write_run_files
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
@@ -97,9 +98,11 @@ class Trainer:
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
         self.macs = count_macs(model, (3, self.data.image_size, self.data.image_size))
+        # A timed step where it matters; under torchrun every rank runs rank 0's choice.
+        self.precision = distributed.rank0_choice(choose_amp(cfg, device, self.data.image_size))
+        self.amp = self.precision.dtype
         self.prepared = prepare_model(model, cfg, device, self.data.image_size)
         self.model = self.prepared.module
-        self.amp = amp_dtype(cfg, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
 
@@ -407,7 +410,6 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, p = self.cfg, self.prepared
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
         what = "resuming" if self.step else "training"
         self.progress.note(
             f"{what} {cfg.model} ({self.macs / 1e6:.1f} M multiply-adds/image) on {self.data.backend} "
@@ -417,7 +419,7 @@ class Trainer:
             + (f" from step {self.step}" if self.step else "")
         )
         self.progress.note(
-            f"speed: amp {amp}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
+            f"speed: amp {self.precision.summary()}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
             f"fused blocks {p.fused_blocks}, SGD {self.optimizer_impl}"
         )
         if self.restarted:
@@ -429,7 +431,8 @@ class Trainer:
     def _speed_settings(self) -> dict:
         p = self.prepared
         return {
-            "amp": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp],
+            "amp": self.precision.amp,
+            "amp_choice": self.precision.as_dict(),
             "compile": p.compile_mode,
             "fused_blocks": p.fused_blocks,
             "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,

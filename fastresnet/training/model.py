@@ -14,19 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastresnet.models import get_model
 from fastresnet.training import distributed
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fused_choice import FusedChoice, choose_fused_or_plain, decision_key, shared_copy
-
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    options = {"num_classes": num_classes}
-    if cfg.shortcut:
-        options["shortcut"] = cfg.shortcut
-    if cfg.zero_init_residual:
-        options["zero_init_residual"] = True
-    return get_model(cfg.model, **options)
+from fastresnet.training.network import build_model  # noqa: F401 (the training program's parts import it here)
+from fastresnet.training.precision import choose_amp
 
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
@@ -36,12 +28,10 @@ def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.compile
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32; auto is bf16 on CUDA and fp32 on a CPU."""
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+def amp_dtype(cfg: TrainConfig, device: torch.device, image_size: int) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32; auto is bf16 on CUDA, and on a CPU bf16 where a timed training
+    step of this model at this image size says it is faster (fastresnet.training.precision), else fp32."""
+    return choose_amp(cfg, device, image_size).dtype
 
 
 def fused_blocks_plan(cfg: TrainConfig, device: torch.device, mode: str) -> str:
@@ -101,7 +91,7 @@ def measure_fused_or_plain(model: nn.Module, cfg: TrainConfig, device: torch.dev
                            mode: str) -> tuple[nn.Module, nn.Module | None, FusedChoice]:
     """fused_blocks="auto" under compile: time both training steps once (cached on disk), keep the faster.
     Under torchrun every rank measures and rank 0's choice is taken, so all ranks run the same model."""
-    dtype = amp_dtype(cfg, device)
+    dtype = amp_dtype(cfg, device, image_size)
     images = example_batch(cfg, device, image_size)
     key = decision_key(cfg.model, model, cfg.data.batch_size, image_size, dtype, cfg.channels_last, mode)
     winner, compiled, choice = choose_fused_or_plain(
@@ -136,7 +126,7 @@ def use_fused_blocks(model: nn.Module, cfg: TrainConfig, device: torch.device, i
 
     model = convert(model, mode="train")
     if device.type == "cuda":
-        dtype = amp_dtype(cfg, device)
+        dtype = amp_dtype(cfg, device, image_size)
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             tune_dispatch(model, example_batch(cfg, device, image_size))
     return model

@@ -230,7 +230,8 @@ def test_dispatch_leaves_out_a_gemm_candidate_that_computes_wrong(captured, monk
     _choose(x, weight, scale, shift, res)
     name = next(n for n in captured if n.startswith("triton_gemm:"))
     cpu = torch.device("cpu")
-    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (1, 1))
+    monkeypatch.setattr(tuning, "elapsed_ms", lambda fn, device: [fn()] and 1.0)
     assert list(REAL_MEASURE({name: captured[name]}, cpu)) == [name]  # the kernel matches the reference
     _wrong_reference(monkeypatch, _expected(x, weight, scale, shift, res, True) * 1.1)
     tuning.clear()
@@ -271,7 +272,8 @@ def test_every_unverified_candidate_is_checked_against_the_reference(captured, m
     captured.clear()
     tuning.clear()
     _choose(x, weight, scale, shift, None)
-    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (1, 1))
+    monkeypatch.setattr(tuning, "elapsed_ms", lambda fn, device: [fn()] and 1.0)
     with pytest.warns(RuntimeWarning, match="candidate cublaslt_fused is off the reference"):
         assert REAL_MEASURE({"cublaslt_fused": captured["cublaslt_fused"]}, torch.device("cpu")) == {}
 

@@ -57,7 +57,8 @@ def test_a_never_run_candidate_that_computes_wrong_is_left_out(cache_dir, monkey
     runs = {"slow": lambda: values["slow"], "fast": checked("shelved_op", "fast", lambda: values["fast"],
                                                              lambda: values["slow"])}
     monkeypatch.setattr(tuning, "can_measure", lambda device: True)
-    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: [fn() for _ in range(2)] and 1.0)
+    monkeypatch.setitem(tuning.ROUNDS, "cpu", (1, 1))
+    monkeypatch.setattr(tuning, "elapsed_ms", lambda fn, device: [fn()] and 1.0)
     with pytest.warns(RuntimeWarning, match="candidate fast is off the reference"):
         choice = op.choose(("k5",), CPU, "slow", timed=lambda name: runs[name])
     assert choice == "slow" and set(tuning.decision("shelved_op:k5")["times_ms"]) == {"slow"}
