@@ -1,13 +1,15 @@
 """`python -m fastresnet.train`: train any model of the zoo on any data back end.
 
-    python -m fastresnet.train                                   # ResNet-20 on digits, ~1 min on a CPU
+    python -m fastresnet.train                                   # ResNet-20 on digits (below)
     python -m fastresnet.train --recipe paper-cifar --model resnet110 --data.root ~/data/cifar-10-batches-py
     torchrun --nproc_per_node=8 -m fastresnet.train --recipe fast-imagenet --data.root /data/imagenet
     python -m fastresnet.train --resume runs/resnet20-digits-20260101-120000
     python -m fastresnet.train --profile 5 --model resnet50 --data.backend synthetic   # where the step's time goes
 
-`--help` lists every field. Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT, checkpoint saved),
-2 a mistake in the input, told in one line (a flag or value, a bad dataset file, an unreadable
+With no flags: ResNet-20 on scikit-learn's bundled digits, 165 steps to about 99% test accuracy (49 s
+on an idle 2-core CPU; 15 minutes on one shared with other work). Every TrainConfig field is a flag,
+listed below with its units. Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT, checkpoint
+saved), 2 a mistake in the input, told in one line (a flag or value, a bad dataset file, an unreadable
 checkpoint, a run directory that exists, a full disk), 3 out of memory, 4 non-finite loss.
 """
 
@@ -19,11 +21,23 @@ import torch
 
 from fastresnet.errors import command
 from fastresnet.training import distributed
-from fastresnet.training.cli import parse_invocation
+from fastresnet.training.cli import Command, parse_invocation
 from fastresnet.training.config import TrainConfig, validate
+from fastresnet.training.fields import flat_fields
 from fastresnet.training.loop import NonFiniteLoss, train
 
 EXIT_OOM, EXIT_NONFINITE = 3, 4  # 2: a user error (fastresnet.errors): a flag, a file, the disk
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="profile N training steps instead of training: profile.md, profile.png and traces in the "
+                        "run directory's profile/ (python -m fastresnet.profile has more options)")
+
+
+COMMAND = Command(
+    prog="python -m fastresnet.train", doc=__doc__, fields=tuple(flat_fields(TrainConfig)), add_options=add_options,
+    usage="%(prog)s [--recipe NAME|FILE | --resume RUN_DIR] [--profile N] [--FIELD VALUE ...]")
 
 
 def out_of_memory_advice(cfg: TrainConfig, err: BaseException) -> str:

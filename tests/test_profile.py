@@ -240,7 +240,7 @@ def test_conv_and_matmul_estimates():
 
 # --- the command on a CPU
 
-TINY = ["--model", "resnet20", "--data.batch_size", "2", "--steps", "2", "--warmup", "1"]
+TINY = ["--model", "resnet20", "--data.batch_size", "2", "--steps", "2", "--warmup_steps", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -283,7 +283,7 @@ def test_profile_of_resnet20_training_on_the_cpu(tmp_path, capsys):
 
 def test_profile_of_a_tiny_torchvision_model_beside_fastresnet(tmp_path):
     args = ["--model", "resnet18", "--data.backend", "synthetic", "--data.image_size", "32", "--data.batch_size", "2",
-            "--data.num_classes", "10", "--providers", "torchvision,fastresnet", "--steps", "1", "--warmup", "1",
+            "--data.num_classes", "10", "--providers", "torchvision,fastresnet", "--steps", "1", "--warmup_steps", "1",
             "--no_ceilings", "--out", str(tmp_path)]
     assert profile.main(args) == 0
     result = _check_outputs(tmp_path, ["torchvision", "fastresnet"])
