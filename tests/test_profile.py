@@ -331,6 +331,25 @@ def test_the_gpu_scripts_profile_command_parses():
     assert options.steps <= 5 and resume is None
 
 
+def test_a_cpu_profile_prints_no_error_line_from_the_profiler(tmp_path):
+    """A successful run says nothing that reads like a failure: Kineto's start and stop marks and its
+    "gpuGetDeviceCount failed" (a CUDA build without a GPU) are silenced on a CPU. A process of its own:
+    Kineto reads its log level once, when a profiler first starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-m", "fastresnet.profile", *TINY, "--steps", "1", "--warmup_steps", "0",
+                           "--no_ceilings", "--out", str(tmp_path)], env=env, text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ms/step" in done.stdout
+    noise = [line for line in done.stderr.splitlines() if "ERROR" in line or "USDT" in line]
+    assert not noise, "\n".join(noise)
+
+
 def test_train_profile_needs_a_positive_count(capsys):
     assert train.main(["--profile", "0"]) == EXIT_USER_ERROR
     assert "--profile 0" in capsys.readouterr().err
