@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import build_loaders
-from fastresnet.training import distributed
+from fastresnet.training import distributed, smoke
 from fastresnet.errors import command
 from fastresnet.training.checkpoint import load_checkpoint, load_weights
 from fastresnet.training.cli import DATA_FIELDS, TRAIN_ONLY_DATA_FIELDS, Command
@@ -55,6 +55,7 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
     cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"{checkpoint} (saved config)")
     cfg = apply_flat(cfg, given, "command line")
     validate(cfg)
+    cfg = smoke.shrink(cfg)
     output = Path(args.output) if args.output else None
     if output is not None and output.is_dir():
         raise ConfigError(f"--output {output}: that is a folder; give the path of the JSON file to write")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from fastresnet.profiling.providers import MODES, PROVIDERS, build_subject, endl
 from fastresnet.profiling.work import Work
 from fastresnet.training import distributed
 from fastresnet.training.cli import STEP_FIELDS, Command
+from fastresnet.training import smoke
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import configure_cuda, seed_everything
@@ -93,6 +94,12 @@ def output_dir(cfg: TrainConfig, options: ProfileOptions, resume: Path | None) -
 def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, command: str = "") -> dict[str, Path]:
     """Profile each provider's step; write the outputs; return what was written (name -> path)."""
     validate(cfg)
+    if smoke.on():
+        cfg = smoke.shrink(cfg)
+        options = replace(options, steps=min(options.steps, smoke.STEPS),
+                          warmup_steps=min(options.warmup_steps, smoke.STEPS))
+        print(smoke.note(f"profile of {options.steps} step(s) after {options.warmup_steps}, batch "
+                         f"{cfg.data.batch_size}"), flush=True)
     if distributed.launched_by_torchrun():
         raise ConfigError("the profile runs in one process: start it with python, not torchrun")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)

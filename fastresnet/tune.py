@@ -27,7 +27,7 @@ import torch
 
 from fastresnet.errors import command
 from fastresnet.ops import tuning
-from fastresnet.training import distributed
+from fastresnet.training import distributed, smoke
 from fastresnet.training.cli import STEP_FIELDS, Command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
@@ -64,6 +64,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.Progress | None 
         raise ConfigError("tune in one process (start it with python, not torchrun): the decisions are per GPU")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
     configure_cuda(cfg, device)
+    cfg = smoke.shrink(cfg)
     from fastresnet.data import build_loaders
 
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)

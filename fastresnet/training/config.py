@@ -145,6 +145,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.device != "auto":
         check_device(cfg.device)
     check_data_settings_apply(cfg)
+    from fastresnet.training import smoke
+
+    smoke.on()  # a bad FASTRESNET_SMOKE value is the user's mistake too
     from fastresnet.ops import tuning
 
     try:  # the tuning switches (FASTRESNET_DISPATCH and kin): a mistake there is the user's too

@@ -24,7 +24,7 @@ from fastresnet.data import BadImageError, build_loaders
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
 from fastresnet.ops import tuning
-from fastresnet.training import distributed
+from fastresnet.training import distributed, smoke
 from fastresnet.training.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, capture_rng, check_resumable, load_checkpoint, load_weights, restore_rng,
     save_atomic,
@@ -54,6 +54,7 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     """Train (or continue, from a run directory) and return the final metrics and where outputs went."""
     validate(cfg)
+    cfg = smoke.shrink(cfg)
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
@@ -109,6 +110,9 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * info.world_size
         self.peak_lr = cfg.lr * (self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0)
         self.total_steps = self._to_steps(cfg.length)
+        self.smoke = smoke.on()
+        if self.smoke:
+            self.total_steps = min(self.total_steps, smoke.STEPS)
         self.schedule = LRSchedule(self._schedule_spec())
         self.optimizer = build_optimizer(self.model, cfg, device, self.schedule.lr_at(0))
         self.optimizer_impl = "fused" if self.optimizer.defaults.get("fused") else (
@@ -436,6 +440,9 @@ class Trainer:
             f"speed: amp {amp}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
             f"fused blocks {p.fused_blocks}, SGD {self.optimizer_impl}"
         )
+        if self.smoke:
+            self.progress.note(smoke.note(f"run of {self.total_steps} step(s) and one batch per evaluation, "
+                                          f"batches of {smoke.BATCH} images at most"))
         if self.restarted:
             self.progress.note("restarted by torchelastic: continuing this launch's run "
                                + (f"from its checkpoint at step {self.step}" if self.step else "from the start"))
@@ -460,6 +467,7 @@ class Trainer:
             "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,
             "optimizer": self.optimizer_impl,
             "dispatch": tuning.decisions(),
+            "smoke": self.smoke,  # a smoke run (FASTRESNET_SMOKE=1), not a result
         }
 
     def _plot(self) -> None:
@@ -521,7 +529,7 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, amp: torch.dt
     acc = EvalAccumulator(device)
     crops = getattr(loader, "crops", 1)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    for images, labels in loader:
+    for images, labels in smoke.batches(loader):
         with autocast:
             logits = model(images)
         logits = logits.float()
