@@ -127,7 +127,7 @@ OPTION_VALUES = {
     "--output": "{tmp}/eval.json", "--steps": "1", "--export": "{tmp}/decisions.json",
     "--import": "{tmp}/decisions.json", "--providers": "fastresnet", "--mode": "inference", "--warmup_steps": "0",
     "--out": "{tmp}/out", "--workers": "2", "--classes": "2", "--images-per-class": "3",
-    "--val-images-per-class": "1", "--seed": "1", "--depths": "20,32", "--depth": "20", "--margin": "1",
+    "--val-images-per-class": "1", "--seed": "1", "--seeds": "0,1", "--depths": "20,32", "--depth": "20", "--margin": "1",
     "--threshold": "1", "--dataset": "digits", "--data": "{tmp}/cifar-10-batches-py", "--iterations": "10",
     "--milestones": "5", "--eval-every": "1", "--batch-size": "32", "--set": "compile=off", "--progress": "off",
 }
@@ -249,3 +249,10 @@ def test_a_setting_that_applies_is_taken():
     folder = apply_flat(TrainConfig(), {"data.backend": "torchvision", "data.root": "x", "data.ten_crop": "true",
                                         "data.recipe": "paper-scale", "data.lighting_std": "0.2"}, "test")
     validate(folder)
+
+
+def test_make_fake_imagenet_says_how_many_images_per_class_it_wrote(tmp_path, capsys):
+    assert data_main(["make-fake-imagenet", str(tmp_path / "fake"), "--classes", "2", "--images-per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, 3 train and 1 val images per class" in out, out
+    assert len(list((tmp_path / "fake" / "val").glob("*/*.JPEG"))) == 2
