@@ -115,7 +115,7 @@ def check_against_reference(module: nn.Module, x: torch.Tensor, residual: torch.
     bn = bn if isinstance(bn, BatchNormAct2d) else bn.bn
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     with torch.no_grad():
-        expected = batch_norm_act_reference(x, None, None, mean, var, training, 0.1, 1e-5, residual, True)
+        expected = batch_norm_act_reference(x, mean, var, None, None, training, 0.1, 1e-5, residual, True)
         assert_close(module(x, residual), expected, name="bench output")
 
 
@@ -173,7 +173,7 @@ MODE_STAGES = {"forward": TRAIN_STAGES[:1], "backward": TRAIN_STAGES, "full": TR
 def dispatch_entries(mode: str, shape) -> list[dict]:
     """The decisions behind this benchmark (key, choice, measured times), so that the report shows which
     path ran in each stage and why."""
-    tag = f":x{shape_id(shape)}:"
+    tag = f":{shape_id(shape)}:"
     return [entry for entry in tuning.decisions() if entry["op"] in MODE_STAGES[mode] and tag in entry["key"]]
 
 

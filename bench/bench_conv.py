@@ -8,14 +8,15 @@ Providers:
                  what torchvision runs in eval mode (the baseline);
   cudnn_conv     F.conv2d alone: the floor for any cuDNN-based path;
   triton         the fused implicit-GEMM kernel alone (kernels/conv.py), with
-                 the fixed rule's tile;
-  triton_gemm    1x1 stride-1 convs only (skipped elsewhere, and before sm_90):
-                 the persistent TMA GEMM with the fused epilogue
-                 (kernels/conv_gemm.py) with its shape class's first tile (on
-                 the CPU: the interpreter's tile);
+                 its default tile;
+  triton_gemm    with FASTRESNET_EXPERIMENTAL=1, 1x1 stride-1 convs only
+                 (skipped elsewhere, and before sm_90): the experimental shelf's
+                 persistent TMA GEMM with the fused epilogue
+                 (kernels/experimental/conv_gemm.py) with its shape class's first
+                 tile (on the CPU: the interpreter's tile);
   fastresnet     conv_bn_act as the library runs it: the tuned choice among
                  cuDNN's fused conv, cuDNN + the epilogue kernel, the Triton
-                 kernel with its rule's tile and, with FASTRESNET_EXPERIMENTAL=1,
+                 kernel with its default tile and, with FASTRESNET_EXPERIMENTAL=1,
                  every other tile of the shape class ("triton:<tile>"), for 1x1
                  stride-1 convs every tile of the TMA GEMM ("triton_gemm:<tile>",
                  sm_90+, fp16/bf16) and, without a residual, the cuBLASLt GEMM.
@@ -35,16 +36,7 @@ import torch.nn.functional as F
 
 import harness
 from fastresnet.ops import tuning
-from fastresnet.ops.conv_bn_act import (
-    IMPLEMENTATIONS,
-    ConvBN,
-    _gemm_supports,
-    _run_triton_gemm,
-    implementation,
-    problem_key,
-    run,
-    triton_gemm_names,
-)
+from fastresnet.ops.conv_bn_act import CONV_BN_ACT, conv_bn_act, problem
 from fastresnet.reference import conv_bn_act_reference
 from fastresnet.testing import assert_close
 
@@ -98,17 +90,26 @@ def _problem(conv: dict, dev):
     )
     scale = bn["weight"] * torch.rsqrt(bn["running_var"] + 1e-5)
     shift = bn["bias"] - bn["running_mean"] * scale
-    prepared = ConvBN(weight, scale, shift, conv["stride"], conv["k"] // 2, dtype=dtype)
+    conv_args = dict(weight=weight.to(dtype).contiguous(memory_format=cl), scale=scale, shift=shift,
+                     stride=(conv["stride"],) * 2, padding=(conv["k"] // 2,) * 2)
     out_size = conv["size"] // conv["stride"]
     res = None
     if conv["res"]:
         res = torch.randn(batch, conv["cout"], out_size, out_size, device=dev, dtype=dtype).contiguous(memory_format=cl)
-    return x, prepared, bn, res
+    return x, conv_args, bn, res
 
 
-def _provider_fn(provider, x, p: ConvBN, bn, res, relu):
+def _gemm_applies(x, c, res) -> bool:
+    if not tuning.settings().experimental:
+        return False
+    from fastresnet.experimental.conv_bn_act import _gemm_applies as applies
+
+    return applies(x, c["weight"], res, c["stride"], c["padding"], (1, 1), 1)
+
+
+def _provider_fn(provider, x, c: dict, bn, res, relu):
     def cudnn_conv():
-        return F.conv2d(x, p.weight, None, p.stride, p.padding)
+        return F.conv2d(x, c["weight"], None, c["stride"], c["padding"])
 
     def cudnn_bn_act():
         y = F.batch_norm(cudnn_conv(), bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, 1e-5)
@@ -116,16 +117,22 @@ def _provider_fn(provider, x, p: ConvBN, bn, res, relu):
             y = y + res
         return torch.relu_(y) if relu else y
 
+    body_args = (x, c["weight"], c["scale"], c["shift"], res, list(c["stride"]), list(c["padding"]), [1, 1], 1, relu)
+
     def triton():
-        return IMPLEMENTATIONS["triton"](x, p, res, relu)
+        return torch.ops.fastresnet.conv_bn_act(*body_args, "triton")
 
     def triton_gemm():
+        from fastresnet.experimental.conv_bn_act import _triton_gemm, implementation, triton_gemm_names
+
         if x.is_cuda:
-            return implementation(triton_gemm_names(x, p, res)[0])(x, p, res, relu)
-        return _run_triton_gemm(x, p, res, relu)
+            return implementation(triton_gemm_names(x, c["weight"], res, c["stride"], c["padding"], (1, 1), 1)[0])(
+                *body_args)
+        return _triton_gemm(None, *body_args)
 
     def fastresnet():
-        return run(x, p, res, relu)
+        return conv_bn_act(x, c["weight"], None, c["stride"], c["padding"], scale=c["scale"], shift=c["shift"],
+                           residual=res, relu=relu)
 
     providers = dict(cudnn_conv=cudnn_conv, cudnn_bn_act=cudnn_bn_act, triton=triton, triton_gemm=triton_gemm,
                      fastresnet=fastresnet)
@@ -136,14 +143,15 @@ def _provider_fn(provider, x, p: ConvBN, bn, res, relu):
 @pytest.mark.parametrize("conv", CONVS, ids=[c["name"] for c in CONVS])
 def test_conv_bn_act(benchmark, conv, provider):
     dev = harness.device()
-    x, p, bn, res = _problem(conv, dev)
-    if provider == "triton_gemm" and not _gemm_supports(x, p, res):
-        pytest.skip("triton_gemm: only 1x1 stride-1 convs, C and Cout multiples of 16, fp16/bf16 on sm_90+")
-    fn = _provider_fn(provider, x, p, bn, res, conv["relu"])
+    x, c, bn, res = _problem(conv, dev)
+    if provider == "triton_gemm" and not _gemm_applies(x, c, res):
+        pytest.skip("triton_gemm: FASTRESNET_EXPERIMENTAL=1, 1x1 stride-1 convs, C and Cout multiples of 16, "
+                    "fp16/bf16 on sm_90+")
+    fn = _provider_fn(provider, x, c, bn, res, conv["relu"])
     with torch.inference_mode():
         if provider != "cudnn_conv":  # correctness first, on these inputs
-            expected = conv_bn_act_reference(x.float(), p.raw_weight.float(), p.scale, p.shift, p.stride, p.padding,
-                                             None if res is None else res.float(), conv["relu"])
+            expected = conv_bn_act_reference(x.float(), c["weight"].float(), c["scale"], c["shift"], c["stride"],
+                                             c["padding"], None if res is None else res.float(), conv["relu"])
             tol = (5e-2, 5e-2) if dev.type == "cuda" else (1e-3, 1e-3)
             assert_close(fn().float(), expected, atol=tol[0], rtol=tol[1], name=f"{conv['name']} {provider}")
         out_size = conv["size"] // conv["stride"]
@@ -156,11 +164,12 @@ def test_conv_bn_act(benchmark, conv, provider):
             epilogue=("+res" if conv["res"] else "") + ("+relu" if conv["relu"] else ""),
         )
         if provider == "fastresnet":
-            benchmark.extra_info["dispatch"] = dispatch_decision(problem_key(x, p, res, conv["relu"]), dev)
+            benchmark.extra_info["dispatch"] = dispatch_decision(x, c, res, conv["relu"], dev)
 
 
-def dispatch_decision(key: str, dev) -> dict:
-    """The tuned decision for one problem key: choice, each candidate's ms, and where it came from."""
+def dispatch_decision(x, c: dict, res, relu: bool, dev) -> dict:
+    """The tuned decision for this conv's problem: choice, each candidate's ms, and where it came from."""
+    key = CONV_BN_ACT.key(problem(x, c["weight"], res, c["stride"], c["padding"], (1, 1), 1, relu))
     found = [d for d in tuning.decisions() if d["key"] == key]
     if found:
         return found[-1]

@@ -3,16 +3,17 @@
 Answers the question "does a Triton wgrad/dgrad with fused BatchNorm backward win on any
 shape?". One group per ResNet-50 conv (batch 256, 224x224, bf16, channels_last on a GPU;
 batch 2 at 64x64, channels / 8, fp32, through the interpreter on the CPU). Each provider computes
-the same gradients (x through its BatchNorm + ReLU with batch statistics, weight, gamma, beta)
+the same gradients (x through its BatchNorm + ReLU with batch statistics, weight, the norm's weight and bias)
 for conv(relu(bn(x))) (conv2, conv3 of a bottleneck) or conv(x) (conv1, the downsample):
 
-  cudnn         conv_stats' backward by its fixed rule: recompute relu(bn(x)) into memory, cuDNN's
+  cudnn         conv_stats' backward by its default: recompute relu(bn(x)) into memory, cuDNN's
                 dgrad + wgrad, the BatchNorm backward's reduction and elementwise passes
                 (the baseline);
-  triton_wgrad  Triton wgrad normalising on load (nothing written), cuDNN dgrad, both passes;
-  triton_dgrad  cuDNN wgrad on the recomputed input, Triton stride-1 dgrad with the ReLU mask
-                and the BatchNorm sums in its epilogue (only the elementwise pass left);
-  triton_bwd    both Triton kernels;
+  triton_wgrad  (the experimental shelf's, FASTRESNET_EXPERIMENTAL=1) Triton wgrad normalising on
+                load (nothing written), cuDNN dgrad, both passes;
+  triton_dgrad  (the shelf's) cuDNN wgrad on the recomputed input, Triton stride-1 dgrad with the
+                ReLU mask and the BatchNorm sums in its epilogue (only the elementwise pass left);
+  triton_bwd    (the shelf's) both Triton kernels;
   fastresnet    what conv_stats runs by default: the tuned choice (extra_info `path`; the
                 Triton paths compete with FASTRESNET_EXPERIMENTAL=1);
   eager         autograd through F.conv2d(relu(F.batch_norm(x))) with the normalised input
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 import harness
 from fastresnet.ops import tuning
-from fastresnet.ops.conv_stats import conv_stats  # noqa: F401  (registers the fastresnet ops)
+from fastresnet.ops.conv_stats import CONV_STATS_BACKWARD, choose_backward
 from fastresnet.testing import assert_close
 
 EPS = 1e-5
@@ -91,11 +92,15 @@ def _problem(conv: dict, dev: torch.device):
 
 
 def _fused_backward(conv, x, weight, norm, grad_y, path):
-    mean, invstd, gamma, beta = norm if norm is not None else (None,) * 4
+    """The backward op through `path`; "auto": the tuned choice, made at the first call."""
+    norm = norm if norm is not None else (None,) * 4
     stride, padding = [conv["stride"]] * 2, [conv["k"] // 2] * 2
-    return lambda: torch.ops.fastresnet.conv_stats_backward(
-        grad_y, x, weight, mean, invstd, gamma, beta, stride, padding, True, path
-    )
+
+    def step():
+        chosen = choose_backward(grad_y, x, weight, norm, stride, padding, True) if path == "auto" else path
+        return torch.ops.fastresnet.conv_stats_backward(grad_y, x, weight, *norm, stride, padding, True, chosen)
+
+    return step
 
 
 def _eager_backward(conv, x, weight, norm, grad_y):
@@ -119,7 +124,7 @@ def _eager_backward(conv, x, weight, norm, grad_y):
 def _check(actual, expected, name):
     """Every gradient against the eager one, relative to its size (bf16 on a GPU)."""
     tol = 6e-2 if expected[0].is_cuda else 2e-3
-    for label, a, b in zip(("x", "weight", "gamma", "beta"), actual, expected):
+    for label, a, b in zip(("x", "weight", "norm weight", "norm bias"), actual, expected):
         if b is None:
             continue
         scale = b.float().abs().max().item() + 1e-6
@@ -132,15 +137,17 @@ def test_conv_backward(benchmark, conv, provider):
     dev = harness.device()
     if provider in ("triton_dgrad", "triton_bwd") and conv["stride"] != 1:
         pytest.skip("stride-2 dgrad is cuDNN's in every path")
+    if provider.startswith("triton") and provider not in CONV_STATS_BACKWARD.offered(tuning.settings().experimental):
+        pytest.skip(f"{provider}: the experimental shelf's (FASTRESNET_EXPERIMENTAL=1)")
     x, weight, norm, grad_y = _problem(conv, dev)
     eager = _eager_backward(conv, x, weight, norm, grad_y)
     if provider == "eager":
         step = eager
     else:
         step = _fused_backward(conv, x, weight, norm, grad_y, "auto" if provider == "fastresnet" else provider)
-        grad_x, grad_w, grad_gamma, grad_beta = step()  # the first call measures the choice (fastresnet)
+        grad_x, grad_w, grad_norm_weight, grad_norm_bias = step()  # the first call measures the choice (fastresnet)
         expected = eager()
-        _check((grad_x, grad_w, grad_gamma if norm else None, grad_beta if norm else None), expected,
+        _check((grad_x, grad_w, grad_norm_weight if norm else None, grad_norm_bias if norm else None), expected,
                f"{conv['name']} {provider}")
     m = x.shape[0] * grad_y.shape[2] * grad_y.shape[3]
     flops = 2 * 2 * m * conv["cout"] * conv["cin"] * conv["k"] ** 2
@@ -152,5 +159,5 @@ def test_conv_backward(benchmark, conv, provider):
 
 
 def _decisions_for(conv: dict) -> list[dict]:
-    tag = f"{conv['cout']}x{conv['cin']}k{conv['k']}x{conv['k']}s{conv['stride']}"
-    return [d for d in tuning.decisions() if d["key"].startswith(f"conv_stats.backward:{tag}")]
+    weight = f":{conv['cout']}x{conv['cin']}x{conv['k']}x{conv['k']}:"
+    return [d for d in tuning.decisions() if d["op"] == "conv_stats.backward" and weight in d["key"]]

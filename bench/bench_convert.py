@@ -12,7 +12,7 @@ torch.inference_mode. Providers:
                   overrides. The mode used is in extra_info["compile_mode"];
   fastresnet_compile  torch.compile (same mode) of the converted model: one
                   graph in which each fused conv is the opaque custom op
-                  fastresnet::conv_bn_act_inference (its dispatch inside);
+                  fastresnet::conv_bn_act (the fold and the choice traced before it);
                   under max-autotune CUDA graphs also remove the per-op host
                   time of the eager converted model.
 

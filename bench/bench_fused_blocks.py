@@ -7,10 +7,11 @@ Providers, same run, same device (GPU: batch 256, bf16 autocast, channels_last):
   fused_triton  the converted block forced onto the Triton path (statistics in the conv epilogue,
                 normalise-on-load): what the kernels alone achieve
   fused_mixed   forced onto the mixed path (Triton 1x1 convs, cuDNN 3x3 convs, the same ops)
-  cudnn_graph   forced onto the cudnn_graph path: cuDNN's own fusion of the same thing (one cuDNN
-                graph per conv: BN + ReLU on load, sum / sum of squares in the epilogue), the
-                baseline the Triton kernels must beat; needs nvidia-cudnn-frontend (pip install
-                'fastresnet[cudnn]') and a GPU, else skipped with the reason. extra_info
+  cudnn_graph   (the experimental shelf's, FASTRESNET_EXPERIMENTAL=1) forced onto the cudnn_graph
+                path: cuDNN's own fusion of the same thing (one cuDNN graph per conv: BN + ReLU on
+                load, sum / sum of squares in the epilogue), the baseline the Triton kernels must
+                beat; needs nvidia-cudnn-frontend (pip install 'fastresnet[cudnn]') and a GPU, else
+                skipped with the reason. extra_info
                 `cudnn_graphs` says how many of the block's convs cuDNN served (the rest ran unfused).
 Every stage shape of ResNet-50 (Bottleneck) and ResNet-18 (BasicBlock); with
 FASTRESNET_BENCH_SHORT=1 one strided and one identity block of each kind (compile time).
@@ -21,7 +22,7 @@ twice that), so GB/s compares against the copy bandwidth; `peak_memory_bytes`, t
 allocation of one step above what was allocated before it (activations saved for backward
 plus transients), `path`, what the fused block chose, and `conv_dispatch`, every per-conv
 decision of the step (fastresnet.ops.tuning.decisions(): conv_stats' tile, its backward's
-path and the Triton wgrad/dgrad tiles, with each candidate's measured ms), and `conv_choices`,
+path and, on the shelf, the Triton wgrad/dgrad tiles, with each candidate's measured ms), and `conv_choices`,
 the same in one line, so a GPU run shows which tiles won.
 """
 
@@ -37,7 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import harness
 from fastresnet import convert
 from fastresnet.nn import blocks
-from fastresnet.ops import cudnn_graph, tuning
+from fastresnet.ops import tuning
 from fastresnet.testing import assert_close
 
 # (name, block class, inplanes, planes, stride, input side at batch 256 / 224 px)
@@ -127,7 +128,7 @@ def _peak_memory(step, dev) -> int | None:
     return torch.cuda.max_memory_allocated(dev) - before
 
 
-CONV_DECISIONS = ("conv_stats.tile", "conv_stats.backward", "conv_wgrad.tile", "conv_dgrad.tile")
+CONV_DECISIONS = ("conv_stats.forward", "conv_stats.backward", "conv_wgrad.tile", "conv_dgrad.tile")
 
 
 def _forget_conv_choices():
@@ -141,7 +142,7 @@ def _conv_decisions() -> list[dict]:
 
 
 def _conv_choices_line(decisions: list[dict]) -> str:
-    """'conv_stats.tile:64x64k3x3s1x1p1x1:x256x64x56x56:bfloat16:norm1:cl -> tile:128x64x64w8s4; ...'"""
+    """'conv_stats.forward:256x64x56x56:...:bfloat16:64x64x3x3:1x1:1x1:1 -> triton:128x64x64w8s4; ...'"""
     return "; ".join(f"{d['key']} -> {d['choice']}" for d in decisions)
 
 
@@ -155,15 +156,19 @@ def _build(provider, reference, x):
         return torch.compile(reference), None
     fused = convert(copy.deepcopy(reference), mode="train")
     if provider == "cudnn_graph":
+        if not tuning.settings().experimental:
+            pytest.skip("cudnn_graph: the experimental shelf's (FASTRESNET_EXPERIMENTAL=1)")
+        from fastresnet.experimental import cudnn_graph
+
         reason = cudnn_graph.unavailable_reason(dev)
         if reason is not None:
             pytest.skip(reason)
-        if not fused._triton_supported(x):  # its statistics and backward run the Triton kernels
+        if not blocks.statistics_applies(fused, x):  # its statistics and backward run the Triton kernels
             pytest.skip("the block is outside the Triton kernels' range (int32 indexing)")
         cudnn_graph.clear_cache()  # so that report() lists this block's graphs only
         return fused, "cudnn_graph"
     if provider in ("fused_triton", "fused_mixed"):
-        if dev.type != "cuda" or not fused._triton_supported(x):
+        if dev.type != "cuda" or not blocks.statistics_applies(fused, x):
             pytest.skip("the Triton path needs a GPU (the interpreter's is correct but meaningless to time)")
         return fused, provider.removeprefix("fused_")
     return fused, None
@@ -193,6 +198,8 @@ def test_block_train_step(benchmark, shape, provider, monkeypatch):
     chosen = ",".join(blocks.chosen_paths()) if provider == "fused" else provider
     extra = {"conv_dispatch": conv_dispatch, "conv_choices": _conv_choices_line(conv_dispatch)} if conv_dispatch else {}
     if provider == "cudnn_graph":  # the graphs of this block's shapes: built or unsupported
+        from fastresnet.experimental import cudnn_graph
+
         statuses = [r["status"] for r in cudnn_graph.report()]
         extra["cudnn_graphs"] = f"{sum(s.startswith('built') for s in statuses)} of {len(statuses)} built"
     harness.run(

@@ -69,9 +69,10 @@ cd "$(dirname "$0")/.."
 # machine reuses them); the tests get their own (contended timings must not reach the benchmarks).
 bench_cache=${FASTRESNET_CACHE_DIR:-$HOME/.cache/fastresnet}
 export PYTHONUNBUFFERED=1 FASTRESNET_BENCH_SHORT=1 FASTRESNET_CACHE_DIR="$bench_cache"
-# Every candidate competes, the never-run ones too (a default run reaches only GPU-proven ones): a GPU
-# run is where they are measured. Their first calls are checked against a known-good path; grep the
-# logs for "is off the reference". The CUDA tests set the switch per test themselves.
+# Every candidate competes, the experimental shelf's too (fastresnet.experimental: a default run reaches
+# only the main tree's, which have run on a GPU): a GPU run is where they are measured. Their first calls
+# are checked against a main-tree path; grep the logs for "is off the reference". The tests set the switch
+# themselves (tests/experimental runs with it).
 export FASTRESNET_EXPERIMENTAL="${FASTRESNET_EXPERIMENTAL:-1}"
 # inductor's FX-graph and AOT-autograd caches (default on in torch 2.11): a graph compiled by
 # one stage (torchvision's ResNet-50 step in bench_train) is loaded, not recompiled, by the next.

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastresnet import backend
 from fastresnet.kernels import bn_act as kernels
+from fastresnet.kernels import bn_stats
 from fastresnet.nn import BatchNormAct2d
 from fastresnet.ops import tuning
 
@@ -48,9 +49,10 @@ class _NoLaunch:
 
 def stub_kernels() -> None:
     """Every kernel launch a no-op, the GPU's path taken on this device."""
-    for name in dir(kernels):
-        if hasattr(getattr(kernels, name), "run"):  # a JITFunction
-            setattr(kernels, name, _NoLaunch())
+    for module in (kernels, bn_stats):
+        for name in dir(module):
+            if hasattr(getattr(module, name), "run"):  # a JITFunction
+                setattr(module, name, _NoLaunch())
     kernels._multiprocessors = lambda index: 132  # an H100/H200
     backend.use_triton = lambda tensor: True
     tuning.can_measure = lambda device: True

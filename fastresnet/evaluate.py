@@ -21,11 +21,12 @@ import torch
 
 from fastresnet.data import build_loaders
 from fastresnet.training import distributed, smoke
-from fastresnet.errors import command
+from fastresnet.errors import ConfigError, command
+from fastresnet.outputs import new_file
 from fastresnet.training.checkpoint import load_checkpoint, load_weights
 from fastresnet.training.cli import DATA_FIELDS, TRAIN_ONLY_DATA_FIELDS, Command
-from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError, apply_flat, flatten
+from fastresnet.training.config import TrainConfig, saved_values, validate
+from fastresnet.training.fields import apply_flat
 from fastresnet.training.loop import evaluate_model
 from fastresnet.training.model import amp_dtype, build_model
 
@@ -35,7 +36,7 @@ NEEDS = ("model", "config", "step")  # what evaluation reads of a checkpoint
 def add_options(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
                         help="a run directory or its checkpoint.pt")
-    parser.add_argument("--output", default="", metavar="FILE", help="write the results as JSON here")
+    parser.add_argument("--output", default="", metavar="FILE", help="write the results as JSON here (a new file)")
 
 
 COMMAND = Command(
@@ -52,13 +53,11 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
     args, given = COMMAND.parse(argv)
     checkpoint = Path(args.checkpoint)
     state = load_checkpoint(checkpoint, needs=NEEDS)
-    cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"{checkpoint} (saved config)")
+    cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"{checkpoint} (saved config)")
     cfg = apply_flat(cfg, given, "command line")
     validate(cfg)
     cfg = smoke.shrink(cfg)
-    output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output {output}: that is a folder; give the path of the JSON file to write")
+    output = new_file(args.output, "--output") if args.output else None
     return checkpoint, cfg, output
 
 
@@ -95,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
           f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}")
     if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {output}")
     return 0

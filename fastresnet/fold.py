@@ -2,9 +2,9 @@
 
 In eval mode BatchNorm is a per-channel affine map of its input,
 
-    bn(y) = (y - running_mean) / sqrt(running_var + eps) * gamma + beta
-          = y * scale + shift,   scale = gamma / sqrt(running_var + eps),
-                                 shift = beta - running_mean * scale,
+    bn(y) = (y - running_mean) / sqrt(running_var + eps) * weight + bias
+          = y * scale + shift,   scale = weight / sqrt(running_var + eps),
+                                 shift = bias - running_mean * scale,
 
 so bn(conv(x, W) + b) = conv(x, W * scale) + (b * scale + shift): one conv with a bias. The fused
 inference ops keep (scale, shift) in their epilogue (fastresnet.ops.conv_bn_act.bn_scale_shift, the one

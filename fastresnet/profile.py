@@ -8,10 +8,12 @@
 The step is built as the training program builds it, from the training flags that shape a step
 (below: model, data, optimizer, amp, channels_last, compile, fused blocks; or a run's --recipe or
 --resume), once per provider (fastresnet.profiling.providers). After `--warmup_steps` unprofiled
-steps, `--steps` steps run under torch.profiler. Written to `--out` (default: a run directory under
---out_dir): profile.md (a table per provider: time, share, FLOPs, bytes and the distance from the
-floor the measured ceilings set), profile.png (a stacked bar per provider), profile.json, and per
-provider <provider>/trace.json (open it in ui.perfetto.dev or chrome://tracing) and <provider>/kernels.tsv.
+steps, `--steps` steps run under torch.profiler. Written to `--out`, a new or empty folder (default: a
+new run directory under --out_dir; a folder that holds files is refused before anything runs, so that
+no profile is overwritten): profile.md (a table per provider: time, share, FLOPs, bytes and the
+distance from the floor the measured ceilings set), profile.png (a stacked bar per provider),
+profile.json, and per provider <provider>/trace.json (open it in ui.perfetto.dev or
+chrome://tracing) and <provider>/kernels.tsv.
 Exit status as `fastresnet.train`: 2 bad configuration, 3 out of memory.
 """
 
@@ -25,8 +27,9 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import build_loaders
-from fastresnet.errors import command
+from fastresnet.errors import command, out_of_memory_exit
 from fastresnet.flops import count_macs
+from fastresnet.outputs import writable_folder
 from fastresnet.profiling import categories as cat
 from fastresnet.profiling import ceilings, report
 from fastresnet.profiling.capture import capture
@@ -60,7 +63,7 @@ def add_options(parser) -> None:
     parser.add_argument("--warmup_steps", type=int, default=3, metavar="N",
                         help="unprofiled steps first: compilation, autotuning, first-call measurements (default: 3)")
     parser.add_argument("--out", default="", metavar="DIR",
-                        help="output folder (default: profile/ in a new run directory under --out_dir)")
+                        help="output folder, new or empty (default: profile/ in a new run directory under --out_dir)")
     parser.add_argument("--no_ceilings", action="store_true", help="do not measure copy bandwidth and matrix rate")
 
 
@@ -86,9 +89,14 @@ def parse(argv: list[str]) -> tuple[TrainConfig, ProfileOptions, Path | None]:
 
 
 def output_dir(cfg: TrainConfig, options: ProfileOptions, resume: Path | None) -> Path:
+    """Where the profile goes, checked before anything runs: --out, or the profile/ folder of the resumed
+    run or of a new run directory. A folder that holds files is refused, as train refuses a run directory
+    that exists: a profile never overwrites another."""
     if options.out:
-        return Path(options.out)
-    return (resume if resume is not None else create_run_dir(cfg)) / "profile"
+        return writable_folder(options.out, "--out", empty=True)
+    if resume is not None:
+        return writable_folder(resume / "profile", f"--resume {resume}: its profile folder", empty=True)
+    return create_run_dir(cfg) / "profile"
 
 
 def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, command: str = "") -> dict[str, Path]:
@@ -104,10 +112,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
         raise ConfigError("the profile runs in one process: start it with python, not torchrun")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
     configure_cuda(cfg, device)
-    try:
-        data = build_loaders(cfg.data, device=device, seed=cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"cannot start: {err}") from err
+    data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     batches = endless_batches(data.train)
     macs = count_macs(build_model(cfg, data.num_classes), (3, data.image_size, data.image_size))
     passes = 3 if options.mode == "train" else 1
@@ -145,8 +150,6 @@ def _versions(device: torch.device) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from fastresnet.train import out_of_memory_exit
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
     try:

@@ -27,7 +27,7 @@ def conv_bn_act_reference(
 
     The conv runs in x's dtype; the epilogue in fp32 (as the kernel's), cast
     once at the end. Inference BatchNorm is the affine map
-    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale.
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
     """
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups).float()
     y = y * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
@@ -57,11 +57,12 @@ def affine_act_reference(x, scale, shift, residual=None, relu=True, center=None)
 
 
 def batch_norm_act_reference(
-    x, weight, bias, running_mean, running_var, training, momentum, eps, residual=None, relu=True
+    x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, residual=None,
+    relu=True
 ):
     """act(F.batch_norm(x) + residual): BatchNorm in fp32 (running stats updated
     in place by F.batch_norm, unbiased variance), then the residual add and ReLU.
-    Kernels: kernels/bn_act.py `_bn_stats_*` then `_affine_act_fwd`."""
+    Kernels: kernels/bn_stats.py `_bn_stats_*` then kernels/bn_act.py `_affine_act_fwd`."""
     z = F.batch_norm(x.float(), running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         z = z + residual.float()
@@ -75,16 +76,16 @@ def batch_norm_act_reference(
 # ---------------------------------------------------------------------------
 
 
-def normalise_act_reference(x, mean, invstd, gamma, beta, relu=True):
-    """relu((x - mean) * invstd * gamma + beta) in fp32, returned in x's dtype: the
+def normalise_act_reference(x, mean, invstd, weight, bias, relu=True):
+    """relu((x - mean) * invstd * weight + bias) in fp32, returned in x's dtype: the
     BatchNorm + ReLU that kernels/conv_train.py applies to its input on load."""
-    z = (x.float() - _per_channel(mean)) * _per_channel(invstd * gamma) + _per_channel(beta)
+    z = (x.float() - _per_channel(mean)) * _per_channel(invstd * weight) + _per_channel(bias)
     return (torch.relu(z) if relu else z).to(x.dtype)
 
 
 def conv_stats_reference(x, weight, stride=1, padding=0, norm_input=None, eps=1e-5):
     """(y, mean, invstd, unbiased var) with y = conv2d(a, weight) in x's dtype, where a is x, or
-    normalise_act_reference(x, *norm_input) when norm_input = (mean, invstd, gamma, beta) is given;
+    normalise_act_reference(x, *norm_input) when norm_input = (mean, invstd, weight, bias) is given;
     mean and invstd = 1/sqrt(biased var + eps) are y's per-channel batch statistics in fp32 (of y as
     stored), ordinary differentiable tensors, so autograd through them is the full BatchNorm backward
     of whatever normalises y with them; the unbiased variance (for running_var) is detached.

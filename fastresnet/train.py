@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from fastresnet.errors import command
+from fastresnet.errors import ConfigError, command, out_of_memory_exit
 from fastresnet.training import distributed
-from fastresnet.training.cli import Command, parse_invocation
+from fastresnet.training.cli import Command, Invocation
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import flat_fields
 from fastresnet.training.loop import NonFiniteLoss, train
 
-EXIT_OOM, EXIT_NONFINITE = 3, 4  # 2: a user error (fastresnet.errors): a flag, a file, the disk
+EXIT_NONFINITE = 4  # 2: a user error, 3: out of memory (fastresnet.errors)
 
 
 def add_options(parser) -> None:
@@ -40,39 +38,14 @@ COMMAND = Command(
     usage="%(prog)s [--recipe NAME|FILE | --resume RUN_DIR] [--profile N] [--FIELD VALUE ...]")
 
 
-def out_of_memory_advice(cfg: TrainConfig, err: BaseException) -> str:
-    device = "GPU" if torch.cuda.is_available() and cfg.device != "cpu" else "host"
-    batch = cfg.data.batch_size
-    lines = [
-        f"out of {device} memory training {cfg.model} at {batch} images per process "
-        f"(amp {cfg.amp}, compile {cfg.compile}, image size {cfg.data.image_size}).",
-        "To fit, change one of:",
-        f"  --data.batch_size {max(1, batch // 2)}   (set --base_batch_size to the recipe's batch so the lr scales with it)",
-        "  --amp bf16                 (half the activation memory of fp32)",
-        "  a smaller --model or --data.image_size, or more GPUs with torchrun (the batch is per GPU)",
-    ]
-    if device == "GPU":
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        lines.insert(1, f"The GPU has {total:.1f} GiB; torch had allocated up to {peak:.1f} GiB.")
-    lines.append(f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-    return "\n".join(lines)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def out_of_memory_exit(cfg: TrainConfig | None, err: RuntimeError | MemoryError) -> int:
-    """EXIT_OOM, with what to change printed, for running out of memory while running `cfg`; any
-    other error (or one before there was a config) is raised again."""
-    if cfg is None or not (is_out_of_memory(err) or isinstance(err, MemoryError)):
-        raise err
-    print(f"error: {out_of_memory_advice(cfg, err)}", file=sys.stderr)
-    return EXIT_OOM
+def parse(argv: list[str] | None = None) -> Invocation:
+    """The command line, resolved (defaults < recipe < resumed run < flags); a ConfigError on any problem."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, invocation = COMMAND.invocation(argv)
+    if args.profile is not None and args.profile < 1:
+        raise ConfigError(f"--profile {args.profile}: the number of steps to profile must be >= 1")
+    invocation.profile = args.profile or 0
+    return invocation
 
 
 def profile_instead(invocation, argv: list[str] | None) -> int:
@@ -90,7 +63,7 @@ def profile_instead(invocation, argv: list[str] | None) -> int:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    invocation = parse_invocation(argv)
+    invocation = parse(argv)
     validate(invocation.config)
     cfg = invocation.config
     try:

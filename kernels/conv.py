@@ -95,8 +95,8 @@ def _tile_pixels(pid_m, M, H, W, BLOCK_M: tl.constexpr):
     """The BLOCK_M pixels of row block pid_m of an [N, H, W] grid (M = N*H*W) as (image, row, column,
     in range): the rows of an implicit GEMM."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Column, row, image in this order: computing the image first made triton 3.6's ptxas spill 8 B
-    # in the 128x256 tile (tests/test_hopper_compile.py).
+    # Column, row, image in this order: the image first makes triton 3.6's ptxas spill 8 B in the
+    # 128x256 tile (tests/test_hopper_compile.py).
     col = offs_m % W
     row = (offs_m // W) % H
     image = offs_m // (W * H)
@@ -107,8 +107,8 @@ def _tile_pixels(pid_m, M, H, W, BLOCK_M: tl.constexpr):
 def _conv_bn_act_fwd(
     x_ptr,  # input [N, IN_H, IN_W, IN_C] addressed through the four strides below (any layout)
     w_ptr,  # packed weight [OUT_C, KH, KW, IN_C], contiguous: filter co starts at co * KH*KW*IN_C
-    scale_ptr,  # [OUT_C] fp32, multiplies the conv output (folded BN: gamma / sqrt(var + eps))
-    shift_ptr,  # [OUT_C] fp32, added after the scale (folded BN: beta - mean * scale, or a bias)
+    scale_ptr,  # [OUT_C] fp32, multiplies the conv output (folded BN: weight / sqrt(var + eps))
+    shift_ptr,  # [OUT_C] fp32, added after the scale (folded BN: bias - mean * scale, or a conv bias)
     res_ptr,  # residual with the output's shape, through its own strides; unused unless HAS_RESIDUAL
     out_ptr,  # output [N, OUT_H, OUT_W, OUT_C] through its strides; its dtype is the stored dtype
     BATCH,
@@ -230,7 +230,7 @@ def _pow2_at_least(n: int, low: int, high: int) -> int:
 
 
 def _tile_config(m: int, out_c: int, in_c: int, flat_k: bool, itemsize: int, interpreted: bool, device) -> _TileConfig:
-    """The one tile per shape class used without measurement (the fixed rule, conv_train, the interpreter).
+    """The default tile of a shape class: what runs without measurement (conv_train's too, and the interpreter's).
 
     On the GPU (tuned for sm_90, sane on sm_80 and older): 128x128 tiles with a
     64-deep K step for bf16/fp16 (32 for fp32, same bytes) keep the tensor cores
@@ -253,81 +253,9 @@ def _tile_config(m: int, out_c: int, in_c: int, flat_k: bool, itemsize: int, int
     return _TileConfig(block_m, block_n, block_k, 8, num_warps, num_stages)
 
 
-# The tiles the measured dispatch times per shape class on a GPU (each is one
-# dispatch candidate, "triton:<name>"), written for sm_90 with 2-byte operands:
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). They follow the Hopper configs of
-# Triton's matmul tutorial and inductor's mm/conv templates (one or two warp
-# groups on 64x128 to 128x256 accumulators, 3-4 stages), minus those that
-# ptxas (sm_90a) made spill registers: every tile here compiles without a
-# spill and within the H100's 227 KB of shared memory per block
-# (tests/compile_conv_for_hopper.py checks it). Dropped for spilling:
-# 128x128x64w4 (the accumulator alone is 128 registers a thread), 256x128x64w8
-# (72 B), 128x256x64w8 with a residual (768 B; without one it fits, 244
-# registers), and for the stem 256x64x32w8 and 128x64x64w4. The stem's fixed
-# tile (_tile_config: 128x64x32w4s4) spills 168 B but stays a candidate: it is
-# the Triton tile that beat cuDNN's stem conv on an H200 (1.61 vs 1.78 ms).
-_HOPPER_TILES = {
-    # the 7x7 stem, C = 3: K = 147 in steps of 32 (or 64, 192 with padding); the
-    # per-element (kh, kw, c) decode costs registers, so 8 warps on 128 rows
-    "flat_k": [(128, 64, 32, 8, 4), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
-    # 64 output channels (layer1): N fits one 64-wide tile, so only M and the warps vary
-    "narrow": [(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (64, 64, 64, 4, 4)],
-    # 128 channels and more, no residual
-    "wide": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4)],
-    # 128 channels and more with a residual: its tile is live with the accumulator in the epilogue
-    "wide_residual": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (128, 128, 64, 8, 3)],
-}
-
-
 def _uses_flat_k(in_c: int) -> bool:
     """The flat K loop for fewer than 16 input channels (the stem's 3): see the module docstring."""
     return in_c < 16
-
-
-def _shape_class(out_c: int, flat_k: bool, residual: bool) -> str:
-    if flat_k:
-        return "flat_k"
-    if out_c <= 64:
-        return "narrow"
-    return "wide_residual" if residual else "wide"
-
-
-def _tile_candidates(
-    m: int, out_c: int, in_c: int, flat_k: bool, residual: bool, itemsize: int, device
-) -> list[_TileConfig]:
-    """The tiles worth timing for one GPU problem (at most 5), the fixed rule's tile first.
-
-    K steps shrink with 4-byte operands (same bytes per stage) and to the
-    channel count where it is smaller; a 256-wide N tile is left out below 256
-    output channels (half of it would be masked). Before sm_90 the pipelines
-    are shallower and a tile that does not fit the device's shared memory is
-    left out.
-    """
-    rule = _tile_config(m, out_c, in_c, flat_k, itemsize, False, device)
-    return _fitted_tiles(rule, _HOPPER_TILES[_shape_class(out_c, flat_k, residual)], out_c, in_c, flat_k,
-                         itemsize, device, limit=5)
-
-
-def _fitted_tiles(rule: _TileConfig, listed, out_c: int, in_c: int, flat_k: bool, itemsize: int, device,
-                  limit: int) -> list[_TileConfig]:
-    """`rule` (the tile that runs without measurement), then each listed (BM, BN, BK, warps, stages)
-    fitted to the problem and the device, without repeats, at most `limit` in all: the rules of
-    _tile_candidates, shared with the training conv's tile list (kernels/conv_train.py)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    shared_limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 48 * 1024
-    tiles = [rule]
-    for bm, bn, bk, warps, stages in listed:
-        if bn > _pow2_at_least(out_c, 64, 256):
-            continue
-        bk = bk if itemsize <= 2 else bk // 2
-        if not flat_k:
-            bk = min(bk, _pow2_at_least(in_c, 16, bk))
-        if major < 9:
-            stages = min(stages, 3 if major >= 8 else 2)
-        tile = _TileConfig(bm, bn, bk, 8, warps, stages)
-        if tile not in tiles and tile.shared_bytes(itemsize) <= shared_limit:
-            tiles.append(tile)
-    return tiles[:limit]
 
 
 def _fp32_mode(dtype: torch.dtype, interpreted: bool) -> int:
@@ -338,20 +266,19 @@ def _fp32_mode(dtype: torch.dtype, interpreted: bool) -> int:
     return 1 if torch.backends.cudnn.allow_tf32 else 2
 
 
-def _launch_conv_bn_act(
-    x, packed_weight, scale, shift, residual, out, stride, padding, dilation, relu, interpreted, tile=None
-):
+def conv_bn_act_fwd(x, packed_weight, scale, shift, residual, out, stride, padding, dilation, relu, tile=None):
     """Run the fused conv on NCHW-shaped tensors of any layout (channels_last is the fast one).
 
     x [N, C, H, W]; packed_weight [Cout, KH, KW, C] contiguous; scale, shift [Cout]
     fp32; residual None or out-shaped; out [N, Cout, OH, OW] preallocated.
-    tile: a _TileConfig (one of _tile_candidates), or None for _tile_config's.
+    tile: a _TileConfig (the experimental shelf times others), or None for _tile_config's.
     """
     batch, in_c, in_h, in_w = x.shape
     out_c, kh, kw, _ = packed_weight.shape
     _, _, out_h, out_w = out.shape
     m = batch * out_h * out_w
     flat_k = _uses_flat_k(in_c)
+    interpreted = not x.is_cuda
     cfg = tile or _tile_config(m, out_c, in_c, flat_k, x.element_size(), interpreted, x.device)
     res = residual if residual is not None else out  # never read: HAS_RESIDUAL is False
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_c, cfg.block_n),)

@@ -5,14 +5,14 @@ pixels (n, oh, ow), columns = output channels, K ordered (kh, kw, cin)). Two
 additions make a BatchNorm training chain cheap:
 
 Prologue (NORM_INPUT). The input x is the *raw* output of the previous conv;
-its BatchNorm (batch statistics mean_in, invstd_in, affine gamma_in, beta_in)
+its BatchNorm (batch statistics mean_in, invstd_in, affine weight_in, bias_in)
 and ReLU are applied to each A tile as it is loaded:
 
-    a[m, k] = relu((x[m, k] - mean_in[c]) * invstd_in[c] * gamma_in[c] + beta_in[c])
+    a[m, k] = relu((x[m, k] - mean_in[c]) * invstd_in[c] * weight_in[c] + bias_in[c])
 
 so the normalised activation never exists in memory. Taps that fall in the
 zero padding must contribute 0 to the conv of the *normalised* input, so they
-are masked to 0 after the prologue (relu(beta) of a padded zero would be
+are masked to 0 after the prologue (relu(bias) of a padded zero would be
 wrong); channels past IN_C meet zero weights.
 
 Epilogue (statistics). The raw output tile is stored in the output dtype, and
@@ -32,26 +32,18 @@ import triton.language as tl
 
 import torch
 
-from fastresnet.kernels.conv import (
-    _dot_acc,
-    _fitted_tiles,
-    _fp32_mode,
-    _grouped_tile,
-    _tile_pixels,
-    _tile_config,
-    _TileConfig,
-)
+from fastresnet.kernels.conv import _dot_acc, _fp32_mode, _grouped_tile, _tile_config, _tile_pixels
 
 
 @triton.jit
-def _normalise_on_load(a, ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr, MASK: tl.constexpr):
-    """relu(a * scale[c] + shift[c]) in fp32, with scale = gamma * invstd and shift = beta - mean * scale
+def _normalise_on_load(a, ok, c, c_ok, mean_in_ptr, invstd_in_ptr, weight_in_ptr, bias_in_ptr, MASK: tl.constexpr):
+    """relu(a * scale[c] + shift[c]) in fp32, with scale = weight * invstd and shift = bias - mean * scale
     worked out per channel (BLOCK_K values) so that each element costs one FMA and a max: on Hopper
     this prologue runs on the CUDA cores beside the tensor-core MMA and must stay small.
     MASK: zero where not `ok` (padding taps of a 3x3). A 1x1 conv without padding skips it: its
     masked rows are never stored and its ragged channels meet zero weights."""
-    scale = tl.load(invstd_in_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_in_ptr + c, mask=c_ok, other=0.0)
-    shift = tl.load(beta_in_ptr + c, mask=c_ok, other=0.0) - tl.load(mean_in_ptr + c, mask=c_ok, other=0.0) * scale
+    scale = tl.load(invstd_in_ptr + c, mask=c_ok, other=0.0) * tl.load(weight_in_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(bias_in_ptr + c, mask=c_ok, other=0.0) - tl.load(mean_in_ptr + c, mask=c_ok, other=0.0) * scale
     z = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
     if MASK:
         z = tl.where(ok, z, 0.0)
@@ -64,8 +56,8 @@ def _conv_stats_fwd(
     w_ptr,  # packed weight [OUT_C, KH, KW, IN_C], contiguous
     mean_in_ptr,  # [IN_C] fp32 batch mean of x (NORM_INPUT only)
     invstd_in_ptr,  # [IN_C] fp32 1/sqrt(var + eps) of x (NORM_INPUT only)
-    gamma_in_ptr,  # [IN_C] fp32 BatchNorm weight applied to x (NORM_INPUT only)
-    beta_in_ptr,  # [IN_C] fp32 BatchNorm bias applied to x (NORM_INPUT only)
+    weight_in_ptr,  # [IN_C] fp32 BatchNorm weight applied to x (NORM_INPUT only)
+    bias_in_ptr,  # [IN_C] fp32 BatchNorm bias applied to x (NORM_INPUT only)
     out_ptr,  # raw conv output [N, OUT_H, OUT_W, OUT_C] through its strides, in the output dtype
     mean_part_ptr,  # [P, OUT_C] fp32 out: mean of each row block's outputs (P = cdiv(M, BLOCK_M))
     m2_part_ptr,  # [P, OUT_C] fp32 out: M2 of each row block's outputs
@@ -109,7 +101,7 @@ def _conv_stats_fwd(
         a = tl.load(a_rows[:, None] + c[None, :] * stride_xc, mask=a_ok, other=0.0)
         if NORM_INPUT:
             a = _normalise_on_load(
-                a, a_ok, c, c_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr, HAS_PADDING
+                a, a_ok, c, c_ok, mean_in_ptr, invstd_in_ptr, weight_in_ptr, bias_in_ptr, HAS_PADDING
             ).to(w_ptr.dtype.element_ty)
         b = tl.load(w_cols[None, :] + (tap * IN_C + c)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot_acc(a, b, acc, DOT_IN_FP32, FP32_MODE)
@@ -130,58 +122,17 @@ def _conv_stats_fwd(
 
 
 # ---------------------------------------------------------------------------
-# Tiles and the launch helper
+# The launch helper
 # ---------------------------------------------------------------------------
 
-# The tiles the measured dispatch times for _conv_stats_fwd per shape class on
-# a GPU (fastresnet.ops.conv_stats), written for sm_90 with 2-byte operands:
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The inference conv's list
-# (kernels/conv.py _HOPPER_TILES) does not carry over: the prologue (a scale and
-# a shift per K column, a mask for the padding taps) and the statistics
-# epilogue (the stored tile again in fp32, its mean, the deviations) are live
-# beside the accumulator. Every tile here but one compiles for sm_90a without a
-# register spill under triton 3.6 and 3.8, for 1x1 and 3x3, stride 1 and 2,
-# with and without the prologue, bf16 and fp32 (tests/compile_conv_train_for_hopper.py).
-# Left out for spilling with the prologue on a 3x3: 256x64x64w8s3 (8 B),
-# 128x64x64w4s3 (16 B) and, for fp32 operands, 128x256x64w8s3 (8 B under 3.6,
-# 32 B under 3.8; 255 registers at bf16). The fixed rule's own narrow tile,
-# 128x64x64w4s4, spills 16 B there too (255 registers, both Tritons): it stays
-# a candidate, since it is what runs without measurement and a measurement is
-# the judge, and 128x64x64w8s4 (150-163 registers) is its spill-free twin.
-_STATS_TILES = {
-    # 64 output channels (ResNet layer1): N is one 64-wide tile, so M, K and the warps vary
-    "narrow": [(128, 64, 64, 4, 4), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4)],
-    # 128 channels and more (the 256-wide tile from 256 channels)
-    "wide": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (128, 128, 64, 8, 3)],
-}
-MAX_STATS_TILES = 4
-
-
-def _stats_shape_class(out_c: int) -> str:
-    return "narrow" if out_c <= 64 else "wide"
-
-
-def _stats_tile_candidates(m: int, out_c: int, in_c: int, itemsize: int, device) -> list[_TileConfig]:
-    """The tiles worth timing for one GPU problem (at most MAX_STATS_TILES), the fixed rule's first.
-
-    Fitted as kernels/conv.py _tile_candidates fits (_fitted_tiles): K steps halve for 4-byte operands (the
-    same bytes per stage) and shrink to the channel count where it is smaller; a
-    256-wide N tile is left out below 256 output channels; before sm_90 the
-    pipelines are shallower, and a tile beyond the device's shared memory is left out.
-    """
-    rule = _tile_config(m, out_c, in_c, False, itemsize, False, device)
-    return _fitted_tiles(rule, _STATS_TILES[_stats_shape_class(out_c)], out_c, in_c, False, itemsize, device,
-                         limit=MAX_STATS_TILES)
-
-
-def conv_stats_fwd(x, packed_weight, out, stride, padding, norm_input=None, interpreted=False, tile=None):
+def conv_stats_fwd(x, packed_weight, out, stride, padding, norm_input=None, tile=None):
     """Raw conv output into `out` and its per-row-block statistics partials.
 
     x [N, C, H, W] (channels_last is the fast layout), packed_weight
     [Cout, KH, KW, C] contiguous in the compute dtype, out [N, Cout, OH, OW]
-    preallocated. norm_input: None, or (mean, invstd, gamma, beta) fp32 [C],
-    the BatchNorm + ReLU applied to x on load. tile: a _TileConfig (one of
-    _stats_tile_candidates, or any for tests), or None for _tile_config's.
+    preallocated. norm_input: None, or (mean, invstd, weight, bias) fp32 [C],
+    the BatchNorm + ReLU applied to x on load. tile: a _TileConfig (the
+    experimental shelf times others), or None for _tile_config's.
     Returns (mean_part, m2_part, rows_per_part): [P, Cout] fp32 partials over
     row blocks of rows_per_part = the tile's BLOCK_M rows (what the merge needs).
     """
@@ -189,14 +140,15 @@ def conv_stats_fwd(x, packed_weight, out, stride, padding, norm_input=None, inte
     out_c, kh, kw, _ = packed_weight.shape
     _, _, out_h, out_w = out.shape
     m = batch * out_h * out_w
+    interpreted = not x.is_cuda
     cfg = tile or _tile_config(m, out_c, in_c, False, x.element_size(), interpreted, x.device)
     parts = triton.cdiv(m, cfg.block_m)
     mean_part = torch.empty((parts, out_c), device=x.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    mean_in, invstd_in, gamma_in, beta_in = norm_input if norm_input is not None else (None,) * 4
+    mean_in, invstd_in, weight_in, bias_in = norm_input if norm_input is not None else (None,) * 4
     grid = (parts * triton.cdiv(out_c, cfg.block_n),)
     _conv_stats_fwd[grid](
-        x, packed_weight, mean_in, invstd_in, gamma_in, beta_in, out, mean_part, m2_part,
+        x, packed_weight, mean_in, invstd_in, weight_in, bias_in, out, mean_part, m2_part,
         batch, in_h, in_w, in_c, out_h, out_w, out_c,
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         out.stride(0), out.stride(2), out.stride(3), out.stride(1),

@@ -2,7 +2,7 @@
 
 Triton's compiler and ptxas run on any machine; the interpreter never runs
 them, so this is what catches a tile that only the GPU would reject. For each
-shape class the script compiles every tile of kernels.conv._HOPPER_TILES with
+shape class the script compiles every tile of kernels.experimental.tiles._HOPPER_TILES with
 bf16 operands and the specialisations of a real launch on channels_last
 tensors (channel strides 1, pointers and the other strides divisible by 16),
 runs ptxas -v for sm_90a on the PTX, and fails when a tile spills registers
@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
-from fastresnet.kernels.conv import _HOPPER_TILES, _conv_bn_act_fwd  # noqa: E402
+from fastresnet.kernels.conv import _conv_bn_act_fwd  # noqa: E402
+from fastresnet.kernels.experimental.tiles import _HOPPER_TILES  # noqa: E402
 from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -88,7 +89,7 @@ def main():
         print("\n".join(line for line, _ in checks))
     problems = [problem for _, problem in checks if problem]
     if problems:
-        sys.exit("tiles that must leave kernels/conv.py's _HOPPER_TILES:\n" + "\n".join(problems))
+        sys.exit("tiles that must leave kernels/experimental/tiles.py's _HOPPER_TILES:\n" + "\n".join(problems))
     print(f"compiled {len(checks)} conv tiles for sm_90a: no spills, shared memory within 227 KB")
 
 

@@ -1,6 +1,6 @@
-"""Compile every dispatch tile of the 1x1 TMA GEMM conv (kernels/conv_gemm.py) for sm_90 without a GPU.
+"""Compile every dispatch tile of the 1x1 TMA GEMM conv (kernels/experimental/conv_gemm.py) for sm_90 without a GPU.
 
-For each tile of kernels.conv_gemm._GEMM_TILES, with bf16 operands and the
+For each tile of kernels.experimental.conv_gemm._GEMM_TILES, with bf16 operands and the
 heaviest epilogue its shape class meets (see EPILOGUES), the script compiles the kernel for sm_90 with the tensor
 descriptor arguments a real launch passes, and fails when
 
@@ -9,7 +9,7 @@ descriptor arguments a real launch passes, and fails when
   - the SASS (Triton's cubin through nvdisasm) lacks the tensor-core op `HGMMA`;
   - ptxas (sm_90a) spills registers, or the kernel needs more shared memory than
     an H100 gives one block (227 KB), or more than the launch helper's estimate
-    (kernels.conv_gemm._gemm_shared_bytes, by which the launch helper drops tiles on smaller GPUs).
+    (kernels.experimental.conv_gemm._gemm_shared_bytes, by which the launch helper drops tiles on smaller GPUs).
 
     python tests/compile_conv_gemm_for_hopper.py [--report]   # --report: a line per tile
 """
@@ -26,7 +26,9 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 from compile_conv_for_hopper import H100_SHARED_PER_BLOCK  # noqa: E402  (this folder)
 from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 from fastresnet.kernels.conv import _TileConfig  # noqa: E402
-from fastresnet.kernels.conv_gemm import _GEMM_TILES, GROUP_M, _conv1x1_gemm_bn_act, _gemm_shared_bytes  # noqa: E402
+from fastresnet.kernels.experimental.conv_gemm import (  # noqa: E402
+    _GEMM_TILES, GROUP_M, _conv1x1_gemm_bn_act, _gemm_shared_bytes,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # (residual, relu) per shape class: "wide" serves the convs without a residual (conv1: ReLU; a stride-1
@@ -100,7 +102,7 @@ def main():
         print("\n".join(line for line, _ in checks))
     problems = [problem for _, problem in checks if problem]
     if problems:
-        sys.exit("tiles that must leave kernels/conv_gemm.py's _GEMM_TILES:\n" + "\n".join(problems))
+        sys.exit("tiles that must leave kernels/experimental/conv_gemm.py's _GEMM_TILES:\n" + "\n".join(problems))
     print(f"compiled {len(checks)} 1x1 GEMM conv tiles for sm_90a: TMA + wgmma, no spills, shared memory within 227 KB")
 
 

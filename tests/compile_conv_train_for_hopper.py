@@ -1,4 +1,5 @@
-"""Compile the Triton kernels of kernels/conv_train.py, conv_train_bwd.py and bn_stats.py for sm_90 without a GPU.
+"""Compile the Triton kernels of kernels/conv_train.py, experimental/conv_train_bwd.py and bn_stats.py for sm_90
+without a GPU.
 
 Triton's compiler and ptxas run on any machine; the interpreter never runs
 them, so this is what catches a kernel that only the GPU compiler rejects.
@@ -22,13 +23,16 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 from fastresnet.kernels.bn_stats import _bn_stats_merge  # noqa: E402
 from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 from fastresnet.kernels.conv import _TileConfig  # noqa: E402
-from fastresnet.kernels.conv_train import _STATS_TILES, _conv_stats_fwd  # noqa: E402
-from fastresnet.kernels.conv_train_bwd import _DGRAD_TILES, _WGRAD_TILES, _conv_dgrad_bn, _conv_wgrad  # noqa: E402
+from fastresnet.kernels.conv_train import _conv_stats_fwd  # noqa: E402
+from fastresnet.kernels.experimental.conv_train_bwd import (  # noqa: E402
+    _DGRAD_TILES, _WGRAD_TILES, _conv_dgrad_bn, _conv_wgrad,
+)
+from fastresnet.kernels.experimental.tiles import _STATS_TILES  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DIVISIBLE = ("x_ptr", "w_ptr", "out_ptr", "IN_C", "OUT_C", "stride_xn", "stride_xh", "stride_xw",
              "stride_on", "stride_oh", "stride_ow")
-NORM_POINTERS = ("mean_in_ptr", "invstd_in_ptr", "gamma_in_ptr", "beta_in_ptr")
+NORM_POINTERS = ("mean_in_ptr", "invstd_in_ptr", "weight_in_ptr", "bias_in_ptr")
 
 
 def compile_for_hopper(fn, pointers, constexprs, divisible=(), num_warps=4, num_stages=3):
@@ -64,8 +68,8 @@ def conv_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_k=
     return compiled
 
 
-# The one offered tile known to spill, and the most it may: the fixed rule's own narrow tile
-# (kernels/conv_train.py _STATS_TILES says why it stays a candidate). Anything more fails.
+# The one offered tile known to spill, and the most it may: the default's own narrow tile
+# (kernels/experimental/tiles.py _STATS_TILES says why it stays a candidate). Anything more fails.
 KNOWN_STATS_SPILLS = {"128x64x64w4s4": 16}
 H100_SHARED = 227 * 1024
 
@@ -88,7 +92,7 @@ def stats_tile_variant(tile_name, kernel, stride, dtype):
 
 
 def stats_tile_variants():
-    """Every tile that conv_stats' dispatch may time (kernels/conv_train.py _STATS_TILES) at the
+    """Every tile that conv_stats' dispatch may time (kernels/experimental/tiles.py _STATS_TILES) at the
     variants that need the most registers: a 3x3 with the prologue (its padding mask and per-column
     scale and shift), bf16, and fp32 operands as tf32 (half the K step). Stride 2 and 1x1 convs
     needed no more registers than this at any tile tried (both Tritons), so they are left out of
@@ -121,7 +125,8 @@ def check_backward_kernel(fn, label, pointers, constexprs, divisible, num_warps,
 
 def wgrad_variant(kernel, stride, norm_input, dtype="bf16", fp32_mode=0, block_m=64, block_co=128, block_ci=128,
                   num_warps=None, num_stages=4):
-    """_conv_wgrad as conv_wgrad launches it on a GPU (kernels/conv_train_bwd.py _wgrad_tile, or a measured tile)."""
+    """_conv_wgrad as conv_wgrad launches it on a GPU (kernels/experimental/conv_train_bwd.py _wgrad_tile, or a
+    measured tile)."""
     pointers = {"grad_y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "part_ptr": "*fp32"}
     constexprs = dict(
         STRIDE_H=stride, STRIDE_W=stride, PAD_H=kernel // 2, PAD_W=kernel // 2, KH=kernel, KW=kernel,
@@ -165,7 +170,7 @@ def dgrad_variant(kernel, norm_input, dtype="bf16", fp32_mode=0, block_k=64, blo
 
 def backward_tile_variants():
     """Every wgrad and dgrad tile that the backward's measured dispatch may time
-    (kernels/conv_train_bwd.py _WGRAD_TILES, _DGRAD_TILES) on a 3x3 with the BatchNorm prologue
+    (kernels/experimental/conv_train_bwd.py _WGRAD_TILES, _DGRAD_TILES) on a 3x3 with the BatchNorm prologue
     or epilogue where the table's tiles get one, bf16 and fp32 (half the K step)."""
     jobs = []
     wgrad_tiles = sorted({t for tiles in _WGRAD_TILES.values() for t in tiles})

@@ -21,6 +21,8 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastresnet.kernels import bn_act as kernels  # noqa: E402
+from fastresnet.kernels import bn_stats  # noqa: E402
+from fastresnet.kernels.experimental import bn_act as shelf  # noqa: E402
 from hopper_ptxas import ptxas_usage  # noqa: E402  (this folder)
 
 ACT, F32 = "*bf16", "*fp32"
@@ -82,51 +84,52 @@ def main():
         (fwd, {"x_ptr": ACT, "y_ptr": ACT, **channels}, {"RELU": False, **elementwise_tiles, **strides(fwd), **absent}),
         # inference: the running statistics folded in the kernel (fp32 parameters and buffers)
         (
-            kernels._bn_eval_act_fwd,
+            shelf._bn_eval_act_fwd,
             {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
              "var_ptr": F32},
-            {"RELU": True, **elementwise_tiles, **strides(kernels._bn_eval_act_fwd)},
+            {"RELU": True, **elementwise_tiles, **strides(shelf._bn_eval_act_fwd)},
         ),
         (
-            kernels._bn_stats_partial,
+            bn_stats._bn_stats_partial,
             {"x_ptr": ACT, "mean_part_ptr": F32, "m2_part_ptr": F32},
             {"x_sc": 1, **stats_tiles},
         ),
         # the same over whole-row tiles of 256 channels (the triton_wide candidate)
         (
-            kernels._bn_eval_act_fwd,
+            shelf._bn_eval_act_fwd,
             {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
              "var_ptr": F32},
-            {"RELU": True, "BLOCK_M": 16, "BLOCK_C": 256, **strides(kernels._bn_eval_act_fwd)},
+            {"RELU": True, "BLOCK_M": 16, "BLOCK_C": 256, **strides(shelf._bn_eval_act_fwd)},
         ),
         # the one-launch training forward candidate (triton_single): 256x16 tile, 8 warps
         (
-            kernels._bn_train_fwd_single,
+            shelf._bn_train_fwd_single,
             {"x_ptr": ACT, "y_ptr": ACT, "res_ptr": ACT, "weight_ptr": F32, "bias_ptr": F32, "mean_ptr": F32,
              "invstd_ptr": F32, "var_unbiased_ptr": F32},
-            {"RELU": True, "BLOCK_M": 256, "BLOCK_C": 16, **strides(kernels._bn_train_fwd_single)},
+            {"RELU": True, "BLOCK_M": 256, "BLOCK_C": 16, **strides(shelf._bn_train_fwd_single)},
             8,
         ),
         (
-            kernels._bn_stats_finalize,
+            bn_stats._bn_stats_finalize,
             {"mean_part_ptr": F32, "m2_part_ptr": F32, "mean_ptr": F32, "invstd_ptr": F32, "var_unbiased_ptr": F32},
             {"BLOCK_P": 64, "BLOCK_C": 64},
         ),
     ]
     bwd = {"dy_ptr": ACT, "x_ptr": ACT, "res_ptr": ACT, **channels}
     reduce, dx = kernels._affine_act_bwd_reduce, kernels._affine_act_bwd_dx
+    pipelined = shelf._affine_act_bwd_reduce_pipelined
     partials = {"sum_g_part_ptr": F32, "sum_gx_part_ptr": F32}
     variants += [
         # with a residual: the reduction also stores g (the residual's gradient)
         (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
-         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "g_sc": 1}),
+         {"RELU": True, **tiles, **strides(reduce), "g_sc": 1}),
         (reduce, {**bwd, **partials},
-         {"RELU": True, "PIPELINE": False, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
-        # the software-pipelined candidate ("triton_pipelined"), with and without a residual
-        (reduce, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
-         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "g_sc": 1}),
-        (reduce, {**bwd, **partials},
-         {"RELU": True, "PIPELINE": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+         {"RELU": True, **tiles, **strides(reduce), "res_ptr": None, "g_ptr": None}),
+        # the experimental shelf's software-pipelined reduction ("triton_pipelined"), with and without a residual
+        (pipelined, {**bwd, **partials, "g_ptr": ACT, "g_sc": 1},
+         {"RELU": True, **tiles, **strides(pipelined), "g_sc": 1}),
+        (pipelined, {**bwd, **partials},
+         {"RELU": True, **tiles, **strides(pipelined), "res_ptr": None, "g_ptr": None}),
         # training dx from g (residual case): no residual, no mask
         (
             dx,
@@ -155,8 +158,7 @@ def main():
         if report:
             tile = f"{constexprs.get('BLOCK_M', constexprs.get('BLOCK_P'))}x{constexprs.get('BLOCK_C')}"
             absent_names = ",".join(k.removesuffix("_ptr") for k, v in constexprs.items() if v is None) or "-"
-            pipelined = " pipelined" if constexprs.get("PIPELINE") else ""
-            print(f"{fn.__name__ + pipelined:34s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
+            print(f"{fn.__name__:34s} tile {tile:6s} absent {absent_names:30s} regs {ptxas_registers(ptx):>4s} "
                   f"widest load {_widest(ptx, 'ld')}, store {_widest(ptx, 'st')}")
     print(f"compiled {len(variants)} kernel variants for sm_90")
 

@@ -68,16 +68,16 @@ class FakeTiming:
 @pytest.fixture
 def fake_gpu_timing(tmp_path, monkeypatch):
     """Let the CPU choose as a GPU does, with made-up times: each candidate runs once (so every one
-    really executes, and one that is not GPU-proven is checked on that call, as on a GPU), the winner
-    of its op takes 1 ms, the others 2 ms. The kernels' tiles stay their rules' (FASTRESNET_TILES=fixed:
+    really executes, and one of the experimental shelf is checked on that call, as on a GPU), the winner
+    of its op takes 1 ms, the others 2 ms. The kernels' tiles stay their defaults (FASTRESNET_TILES=default:
     tile lists are a GPU's); the disk cache lives in tmp_path."""
     fake = FakeTiming()
-    real_measure = tuning.Tuned._measure
+    real_measure = tuning.Op._measure
 
-    def recording_measure(self, problem, *args):
-        fake.ops.append((self.name, problem))
+    def recording_measure(self, key, *args):
+        fake.ops.append((self.name, key))
         try:
-            return real_measure(self, problem, *args)
+            return real_measure(self, key, *args)
         finally:
             fake.ops.pop()
 
@@ -96,9 +96,9 @@ def fake_gpu_timing(tmp_path, monkeypatch):
         return times
 
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FASTRESNET_TILES", "fixed")  # the kernels' tiles are a GPU's: each kernel runs its rule
+    monkeypatch.setenv("FASTRESNET_TILES", "default")  # the kernels' tiles are a GPU's: each kernel runs its default
     monkeypatch.setattr(tuning, "can_measure", lambda device: True)
-    monkeypatch.setattr(tuning.Tuned, "_measure", recording_measure)
+    monkeypatch.setattr(tuning.Op, "_measure", recording_measure)
     monkeypatch.setattr(tuning, "measure", fake_measure)
     tuning.clear()
     yield fake

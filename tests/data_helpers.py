@@ -145,14 +145,16 @@ def write_idx(path: Path, data: bytes, gz: bool) -> Path:
     return path
 
 
-def write_fake_fashion_mnist(root: Path, gz: bool = True) -> Path:
-    """Fashion-MNIST's four IDX files; image `id` is one flat grey 10 + 8 * id, its label id % 10."""
+def write_fake_fashion_mnist(root: Path, gz: bool = True, sizes=(FASHION_TRAIN, FASHION_TEST)) -> Path:
+    """Fashion-MNIST's four IDX files of (train, test) `sizes` images; image `id` is one flat grey
+    10 + 8 * id (mod 256), its label id % 10."""
     from fastresnet.data.fashion_mnist import FILES
 
     root.mkdir(parents=True, exist_ok=True)
-    ids = {"train": torch.arange(FASHION_TRAIN), "test": torch.arange(FASHION_TRAIN, FASHION_TRAIN + FASHION_TEST)}
+    train, test = sizes
+    ids = {"train": torch.arange(train), "test": torch.arange(train, train + test)}
     for split, split_ids in ids.items():
-        images = (10 + 8 * split_ids).view(-1, 1, 1).expand(-1, 28, 28)
+        images = ((10 + 8 * split_ids) % 256).view(-1, 1, 1).expand(-1, 28, 28)
         write_idx(root / FILES[split, "images"], idx_bytes(images, 0x803), gz)
         write_idx(root / FILES[split, "labels"], idx_bytes(split_ids % 10, 0x801), gz)
     return root

@@ -117,7 +117,7 @@ def test_block_training_and_eval_match_torchvision(spec, dtype):
     x = torch.randn(2, spec[1], 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     _compare_step(fused, ref, x, dtype)
     _compare_buffers(fused, ref)
-    assert "triton" in blocks.TUNED.memo.values() or DEVICE == "cuda"
+    assert "triton" in blocks.FUSED_BLOCK.memo.values() or DEVICE == "cuda"
     fused.eval(), ref.eval()
     with torch.no_grad():
         assert_close(fused(x), ref(x), atol=1e-3, rtol=1e-3, name="eval output")
@@ -161,7 +161,7 @@ def test_forced_path_and_tune_dispatch_leave_state_alone(monkeypatch):
     x = torch.randn(2, 8, 6, 6, device=DEVICE)
     tuning.override("fused_block=eager")
     block(x)
-    assert list(blocks.TUNED.memo.values()) == ["eager"]
+    assert list(blocks.FUSED_BLOCK.memo.values()) == ["eager"]
     tuning.override(None)
     before = {k: v.clone() for k, v in block.state_dict().items()}
     tune_dispatch(block, torch.randn(2, 8, 5, 5, device=DEVICE))
@@ -235,7 +235,7 @@ def test_small_zoo_net_trains_alike_through_the_triton_path():
     losses = _sgd_losses(fused, images, labels)
     assert_close(torch.tensor(losses), torch.tensor(_sgd_losses(ref, images, labels)), atol=2e-3, rtol=2e-3,
                  name="losses")
-    assert set(blocks.TUNED.memo.values()) == {"triton"}
+    assert set(blocks.FUSED_BLOCK.memo.values()) == {"triton"}
 
 
 def test_compile_fullgraph_on_the_reference_path(monkeypatch):
@@ -312,7 +312,7 @@ def test_gpu_compile_fullgraph_of_the_triton_path():
         compiled = torch.compile(fused, fullgraph=True)
         out_c = compiled(x)
         out_r = ref(x)
-    assert set(blocks.TUNED.memo.values()) == {"triton"}
+    assert set(blocks.FUSED_BLOCK.memo.values()) == {"triton"}
     assert_close(out_c.float(), out_r.float(), atol=6e-2, rtol=6e-2, name="compiled output")
     out_c.float().sum().backward()
     assert fused.conv2.weight.grad is not None
@@ -327,10 +327,10 @@ def test_gpu_measured_dispatch_records_a_choice(tmp_path, monkeypatch):
     x = torch.randn(16, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused(x)
-    (chosen,) = blocks.TUNED.memo.values()
+    (chosen,) = blocks.FUSED_BLOCK.memo.values()
     assert chosen in blocks.PATHS
     (decision,) = [d for d in tuning.decisions() if d["op"] == "fused_block"]
-    assert set(decision["times_ms"]) <= set(tuning.OPS["fused_block"].proven)  # a default run: proven paths only
+    assert set(decision["times_ms"]) <= set(tuning.OPS["fused_block"].candidates)  # a default run: proven paths only
     # the timing steps do not count: only the real step moved the running statistics
     assert int(fused.bn1.num_batches_tracked) == int(state["bn1.num_batches_tracked"]) + 1
 
@@ -405,7 +405,7 @@ def test_ddp_single_process_trains_like_the_plain_block(tmp_path):
     for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
         scale = q.grad.abs().max().item() + 1e-6
         assert_close(p.grad / scale, q.grad / scale, atol=2e-3, rtol=2e-3, name=name)
-    assert "triton" in blocks.TUNED.memo.values()
+    assert "triton" in blocks.FUSED_BLOCK.memo.values()
 
 
 # ---------------------------------------------------------------------------

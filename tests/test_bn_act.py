@@ -5,10 +5,9 @@ Without a GPU the Triton kernels run through the interpreter (tests/conftest.py)
 so shapes are ResNet stage shapes scaled down, plus odd ones.
 """
 
-import warnings
-
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastresnet.ops import tuning
 from fastresnet.ops.bn_act import affine_act, batch_norm_act
@@ -139,22 +138,22 @@ def test_affine_act_rejects_bad_inputs():
 
 
 def bn_state(c, *, affine=True):
-    """(weight, bias, running_mean, running_var) with non-trivial values."""
+    """(running_mean, running_var, weight, bias) with non-trivial values."""
     weight = channel_vector(c, low=0.5, high=2.0) if affine else None
     bias = channel_vector(c) if affine else None
     running_mean = torch.randn(c, device=DEVICE)
     running_var = torch.rand(c, device=DEVICE) + 0.5
-    return weight, bias, running_mean, running_var
+    return running_mean, running_var, weight, bias
 
 
-def check_batch_norm_act(x, weight, bias, running_mean, running_var, training, residual, relu, *,
+def check_batch_norm_act(x, running_mean, running_var, weight, bias, training, residual, relu, *,
                          momentum=0.1, eps=1e-5, grad_tol=None, out_tol=None):
     """Run op and reference on copies of the running stats; compare outputs,
     running stats and the gradients of every input that requires one."""
     stats = (running_mean, running_var)
     ref_stats = tuple(s.clone() if s is not None else None for s in stats)
-    y = batch_norm_act(x, weight, bias, *stats, training, momentum, eps, residual, relu)
-    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, training, momentum, eps, residual, relu)
+    y = batch_norm_act(x, *stats, weight, bias, training, momentum, eps, residual, relu)
+    expected = batch_norm_act_reference(x, *ref_stats, weight, bias, training, momentum, eps, residual, relu)
     atol, rtol = out_tol or (None, None)
     assert y.dtype == x.dtype
     assert_close(y, expected, atol=atol, rtol=rtol, name="y")
@@ -196,16 +195,16 @@ def test_batch_norm_act_train_then_eval(dtype):
     """Several training steps move the running stats exactly like F.batch_norm;
     eval then normalises with them (batch of one included)."""
     c = 24
-    weight, bias, running_mean, running_var = bn_state(c)
+    running_mean, running_var, weight, bias = bn_state(c)
     ref_mean, ref_var = running_mean.clone(), running_var.clone()
     for step in range(3):
         x = make_input((2, c, 3, 3), dtype, channels_last=True, mean=float(step), requires_grad=False)
-        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.3, 1e-5)
-        batch_norm_act_reference(x, weight, bias, ref_mean, ref_var, True, 0.3, 1e-5)
+        batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.3, 1e-5)
+        batch_norm_act_reference(x, ref_mean, ref_var, weight, bias, True, 0.3, 1e-5)
     assert_close(running_mean, ref_mean, atol=1e-5, rtol=1e-5, name="running_mean")
     assert_close(running_var, ref_var, atol=1e-5, rtol=1e-5, name="running_var")
     x = make_input((1, c, 2, 3), dtype, channels_last=True)
-    check_batch_norm_act(x, weight, bias, running_mean, running_var, False, None, True)
+    check_batch_norm_act(x, running_mean, running_var, weight, bias, False, None, True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -214,45 +213,16 @@ def test_batch_norm_act_train_then_eval(dtype):
     (True, True, True, True), (False, False, True, True), (True, True, False, False),
 ])
 def test_inference_kernel_matches_reference(shape, dtype, residual, relu, affine, channels_last):
-    """Eval without gradients runs _bn_eval_act_fwd, which folds the running
-    statistics itself: output like F.batch_norm's, in x's dtype and layout; the
-    same with whole-row tiles (the triton_wide candidate)."""
-    from fastresnet.ops.bn_act import EVAL_PATHS
-
+    """Eval without gradients folds the running statistics and runs the one-pass kernel: output like
+    F.batch_norm's, in x's dtype and layout."""
     x = make_input(shape, dtype, channels_last=channels_last, mean=0.5, std=2.0, requires_grad=False)
     res = make_input(shape, dtype, channels_last=True, requires_grad=False) if residual else None
-    weight, bias, running_mean, running_var = bn_state(shape[1], affine=affine)
+    running_mean, running_var, weight, bias = bn_state(shape[1], affine=affine)
     with torch.no_grad():
-        y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
-        y_wide = EVAL_PATHS["triton_wide"](x, weight, bias, running_mean, running_var, 1e-5, res, relu)
-    expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, res, relu)
+        y = batch_norm_act(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, res, relu)
+    expected = batch_norm_act_reference(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, res, relu)
     assert y.dtype == dtype and y.stride() == x.stride()
     assert_close(y, expected, name="y")
-    assert_close(y_wide, expected, name="y (whole-row tiles)")
-
-
-@pytest.mark.parametrize("shape", SHAPES[:4] + [(8, 16, 8, 8)])
-@pytest.mark.parametrize("dtype,mean", [(torch.float32, 1e3), (torch.float16, 0.5), (torch.bfloat16, 0.5)])
-def test_single_pass_forward_matches_reference(shape, dtype, mean):
-    """The one-launch training forward (dispatch candidate triton_single): output,
-    running statistics and the saved mean/invstd, the large-mean case included."""
-    from fastresnet.ops.bn_act import forward_triton_single
-
-    x = make_input(shape, dtype, channels_last=True, mean=mean, requires_grad=False)
-    res = make_input(shape, dtype, channels_last=True, requires_grad=False)
-    weight, bias, running_mean, running_var = bn_state(shape[1])
-    ref_stats = (running_mean.clone(), running_var.clone())
-    y, batch_mean, invstd, _, _ = forward_triton_single(x, weight, bias, res, (running_mean, running_var), 0.1, 1e-5,
-                                                         True)
-    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, True, 0.1, 1e-5, res, True)
-    tol = (1e-3, 1e-3) if mean > 1 else (None, None)
-    assert_close(y, expected, atol=tol[0], rtol=tol[1], name="y")
-    x64 = x.double()
-    assert_close(batch_mean.double(), x64.mean((0, 2, 3)), atol=1e-3, rtol=1e-6, name="mean")
-    exact_invstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
-    assert_close(invstd.double(), exact_invstd, atol=1e-4, rtol=1e-3, name="invstd")
-    assert_close(running_mean, ref_stats[0], atol=1e-3, rtol=1e-5, name="running_mean")
-    assert_close(running_var, ref_stats[1], atol=1e-4, rtol=1e-3, name="running_var")
 
 
 def test_batch_norm_act_no_affine_no_running_stats():
@@ -264,9 +234,9 @@ def test_batch_norm_act_large_mean_is_accurate():
     """Mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance."""
     shape = (8, 16, 8, 8)
     x = make_input(shape, torch.float32, channels_last=True, mean=1e3, std=1.0, requires_grad=False)
-    weight, bias, running_mean, running_var = bn_state(16, affine=True)
+    running_mean, running_var, weight, bias = bn_state(16, affine=True)
     exact_mean, exact_var = running_mean.double(), running_var.double()
-    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    y = batch_norm_act(x, running_mean, running_var, weight, bias, True, 1.0, 1e-5, None, False)
     exact = torch.nn.functional.batch_norm(
         x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
     )
@@ -277,13 +247,13 @@ def test_batch_norm_act_large_mean_is_accurate():
 
 def test_batch_norm_act_errors_like_pytorch():
     x = make_input((1, 4, 1, 1), torch.float32, channels_last=True)
-    weight, bias, running_mean, running_var = bn_state(4)
+    running_mean, running_var, weight, bias = bn_state(4)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
+        batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="must be given when training=False"):
-        batch_norm_act(x, weight, bias, None, None, False, 0.1, 1e-5)
+        batch_norm_act(x, None, None, weight, bias, False, 0.1, 1e-5)
     with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
-        batch_norm_act(x, weight, bias, running_mean, running_var[:3], False, 0.1, 1e-5)
+        batch_norm_act(x, running_mean, running_var[:3], weight, bias, False, 0.1, 1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -308,8 +278,11 @@ def test_custom_ops_pass_opcheck():
         (ops.affine_act.default, (x, weight, bias, None, None, False)),
         (ops.affine_act_backward.default, (grad_y, xd, wd, bd, center, rd, True, True)),
         (ops.affine_act_backward.default, (grad_y, xd, wd, bd, None, None, True, False)),
-        (ops.batch_norm_act_train.default, (x, weight, bias, res, 1e-5, True)),
-        (ops.batch_norm_act_backward.default, (grad_y, xd, wd, bd, mean, invstd, rd, True)),
+        (ops.batch_norm_act_train.default, (x, weight, bias, res, 1e-5, True, "triton")),
+        (ops.batch_norm_act_backward.default, (grad_y, xd, wd, bd, rd, mean, invstd, None,
+                                               torch.empty(0, dtype=torch.uint8), 0, 1e-5, True,
+                                               [True, True, True, True], "triton")),
+        (ops.bn_act_stats.default, (x, mean, invstd, weight, bias, res, True)),
     ]:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -317,23 +290,22 @@ def test_custom_ops_pass_opcheck():
 
 def test_ops_compile_fullgraph_on_the_kernel_path():
     """torch.compile(fullgraph=True) over the custom ops themselves: same outputs,
-    gradients and running statistics as eager (which runs the autograd.Function
-    over the same kernels). On the CPU the kernels run in the interpreter under
+    gradients and running statistics as eager (which runs the same ops). On the CPU the kernels run in the interpreter under
     the aot_eager backend (Inductor's build would take ~30 s here)."""
 
-    def train_then_eval(x, weight, bias, running_mean, running_var, residual):
-        y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, residual, True)
-        return batch_norm_act(y, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, False)
+    def train_then_eval(x, running_mean, running_var, weight, bias, residual):
+        y = batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5, residual, True)
+        return batch_norm_act(y, running_mean, running_var, weight, bias, False, 0.1, 1e-5, None, False)
 
     shape = (2, 8, 4, 4)
     x = make_input(shape, torch.float32, channels_last=True)
     res = make_input(shape, torch.float32, channels_last=True)
-    weight, bias, running_mean, running_var = bn_state(8)
+    running_mean, running_var, weight, bias = bn_state(8)
     eager_stats = (running_mean.clone(), running_var.clone())
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"
     compiled = torch.compile(train_then_eval, fullgraph=True, backend=backend)
-    y = compiled(x, weight, bias, running_mean, running_var, res)
-    expected = train_then_eval(x, weight, bias, *eager_stats, res)
+    y = compiled(x, running_mean, running_var, weight, bias, res)
+    expected = train_then_eval(x, *eager_stats, weight, bias, res)
     assert_close(y, expected, name="y")
     assert_close(running_mean, eager_stats[0], name="running_mean")
     assert_close(running_var, eager_stats[1], name="running_var")
@@ -392,10 +364,10 @@ def test_gpu_resnet50_shapes(shape, dtype):
         state = bn_state(shape[1])
         y = batch_norm_act(x, *state, False, 0.1, 1e-5, res, True)
         assert_relative_error(y, batch_norm_act_reference(x, *state, False, 0.1, 1e-5, res, True), 1e-2, "eval y")
-    weight, bias, running_mean, running_var = bn_state(shape[1])
-    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+    running_mean, running_var, weight, bias = bn_state(shape[1])
+    y = batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5, res, True)
     expected = batch_norm_act_reference(
-        x, weight, bias, running_mean.clone(), running_var.clone(), True, 0.1, 1e-5, res, True
+        x, running_mean.clone(), running_var.clone(), weight, bias, True, 0.1, 1e-5, res, True
     )
     assert_relative_error(y, expected, 1e-2, "y")
     grad_y = torch.randn_like(y)
@@ -408,9 +380,9 @@ def test_gpu_resnet50_shapes(shape, dtype):
 def test_gpu_large_mean_many_rows():
     """Mean 1e3 over 256*56*56 rows: the partial/merge scheme at full size."""
     x = make_input((256, 64, 56, 56), torch.float32, channels_last=True, mean=1e3, requires_grad=False)
-    weight, bias, running_mean, running_var = bn_state(64)
+    running_mean, running_var, weight, bias = bn_state(64)
     exact_mean, exact_var = running_mean.double(), running_var.double()
-    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 1.0, 1e-5, None, False)
+    y = batch_norm_act(x, running_mean, running_var, weight, bias, True, 1.0, 1e-5, None, False)
     exact = torch.nn.functional.batch_norm(
         x.double(), exact_mean, exact_var, weight.double(), bias.double(), True, 1.0, 1e-5
     )
@@ -466,6 +438,7 @@ def test_many_programs_and_partials(monkeypatch):
     by _bn_stats_finalize, loops over several tiles, tiles straddling images,
     channel blocks with a ragged end."""
     from fastresnet.kernels import bn_act as kernels
+    from fastresnet.kernels import bn_stats
 
     block_m, block_c, rows_per_program = 16, 8, 32
 
@@ -474,6 +447,7 @@ def test_many_programs_and_partials(monkeypatch):
         return -(-rows_total // rows_per_program), rows_per_program, block_m, block_c, 4
 
     monkeypatch.setattr(kernels, "_reduction_plan", small_plan)
+    monkeypatch.setattr(bn_stats, "_reduction_plan", small_plan)
     monkeypatch.setattr(kernels, "_elementwise_blocks", lambda x: (block_m, block_c, 4))
     shape = (3, 11, 5, 5)  # 75 rows in 3 ranges of 2 tiles: ranges and tiles end mid-image
     x = make_input(shape, torch.float32, channels_last=True, mean=1e3)
@@ -507,52 +481,76 @@ def timed_ops(fake):
     return [op.removeprefix("batch_norm_act.") for op, _ in fake.timed]
 
 
-def check_inference(x, weight, bias, running_mean, running_var):
+def check_inference(x, running_mean, running_var, weight, bias):
     """Eval without gradients (the inference path) against the reference."""
     with torch.no_grad():
-        y = batch_norm_act(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, True)
-        expected = batch_norm_act_reference(x, weight, bias, running_mean, running_var, False, 0.1, 1e-5, None, True)
+        y = batch_norm_act(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, None, True)
+        expected = batch_norm_act_reference(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, None, True)
     assert_close(y, expected, name="inference y")
 
 
-def test_dispatch_fixed_rules_follow_h200_numbers():
+class PathsRun(TorchDispatchMode):
+    """The fastresnet custom ops called, each with the path it was given ("-" for the one-path ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastresnet":
+            path = args[-1] if isinstance(args[-1], str) else "-"
+            self.calls.append(f"{func._schema.name.removeprefix('fastresnet::')}:{path}")
+        return func(*args, **(kwargs or {}))
+
+
+def forward_paths(x) -> list[str]:
+    """The training forwards that can run x, experimental ones included where the switch is on."""
+    from fastresnet.ops import bn_act as ops
+
+    return ops.BN_FORWARD._applying((x,), tuning.settings().experimental)
+
+
+def test_dispatch_defaults_follow_h200_numbers():
     from fastresnet.ops import bn_act as ops
 
     for (n, c, h, w), expected in [((256, 256, 56, 56), "triton"), ((256, 1024, 14, 14), "triton"),
                                    ((256, 2048, 7, 7), "eager"), ((4, 64, 8, 8), "eager")]:
-        assert ops.fixed_forward(torch.empty(n, c, h, w, device="meta"), True) == expected, (n, c, h, w)
-    # eval: the pass that has run on a GPU (the one-launch kernel has not: a candidate behind the switch)
-    assert ops.fixed_forward(torch.empty(256, 2048, 7, 7, device="meta"), False) == "triton_affine"
-    assert ops.FIXED_BACKWARD == "eager"  # the kernels' backward lost at every stage (run 2)
+        assert ops.default_forward(torch.empty(n, c, h, w, device="meta"), True) == expected, (n, c, h, w)
+    # eval: the pass that has run on a GPU (the one-launch kernel has not: it waits on the experimental shelf)
+    assert ops.default_forward(torch.empty(256, 2048, 7, 7, device="meta"), False) == "triton"
+    assert ops.DEFAULT_BACKWARD == "eager"  # the kernels' backward lost at every stage (run 2)
 
 
-@pytest.mark.parametrize("forward,backward", [("triton", "triton"), ("triton", "eager"), ("eager", "triton"),
-                                              ("eager", "eager"), ("eager", "triton_pipelined"),
-                                              ("triton_single", "triton"), ("triton_single", "eager")])
-@pytest.mark.parametrize("affine,residual,relu", [(True, True, True), (False, False, False)])
-def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backward, affine, residual, relu):
+def check_chosen_separately(fake, forward, backward, affine, residual, relu):
     """Every pairing of forward and backward path gives the reference's output,
     running statistics and gradients: both forwards leave the same mean/invstd.
     The forward is timed alone at the first call, the backward alone at the
-    first backward (after this forward, then after the other one), then each
+    first backward (after this forward, then after each other one), then each
     forward with its best backward as one step; later calls time nothing."""
-    fake = measured_on_cpu
     fake.winners.update({"batch_norm_act.forward": forward, "batch_norm_act.backward": backward,
                          "batch_norm_act.step": forward})
     shape = (2, 12, 3, 3)
     x = make_input(shape, torch.float32, channels_last=True, mean=0.5, std=2.0)
     res = make_input(shape, torch.float32, channels_last=True) if residual else None
+    forwards = forward_paths(x)
     for _ in range(2):
         check_batch_norm_act(x, *bn_state(12, affine=affine), True, res, relu)
     grads = "1" + ("11" if affine else "00") + ("1" if residual else "0")
-    others = [name for name in ("triton", "triton_single", "eager") if name != forward]
+    others = [name for name in forwards if name != forward]
     keys = [key for _, key in fake.timed]
-    assert timed_ops(fake) == ["forward"] + ["backward"] * 3 + ["step"]
-    assert [k.split(":")[-2] for k in keys[1:4]] == [f"after-{name}" for name in [forward, *others]]
+    assert timed_ops(fake) == ["forward"] + ["backward"] * len(forwards) + ["step"]
+    assert [k.split(":")[-2] for k in keys[1:-1]] == [f"after-{name}" for name in [forward, *others]]
     assert all(k.endswith(f":grads{grads}") for k in keys[1:])
     assert {entry["key"]: entry["choice"] for entry in tuning.decisions()} == dict(
-        zip(keys, [forward, backward, backward, backward, forward])
+        zip(keys, [forward] + [backward] * len(forwards) + [forward])
     )
+
+
+@pytest.mark.parametrize("forward,backward", [("triton", "triton"), ("triton", "eager"), ("eager", "triton"),
+                                              ("eager", "eager")])
+@pytest.mark.parametrize("affine,residual,relu", [(True, True, True), (False, False, False)])
+def test_forward_and_backward_chosen_separately(measured_on_cpu, forward, backward, affine, residual, relu):
+    check_chosen_separately(measured_on_cpu, forward, backward, affine, residual, relu)
 
 
 def test_training_step_overrules_the_forward_alone(measured_on_cpu, monkeypatch):
@@ -565,8 +563,14 @@ def test_training_step_overrules_the_forward_alone(measured_on_cpu, monkeypatch)
     fake.winners.update({"batch_norm_act.forward": "triton", "batch_norm_act.backward": "eager",
                          "batch_norm_act.step": "eager"})
     used = []
-    for name, path in list(ops.FORWARD_PATHS.items()):
-        monkeypatch.setitem(ops.FORWARD_PATHS, name, lambda *a, _f=path, _n=name: used.append(_n) or _f(*a))
+    chosen = ops._training_paths
+
+    def recording(*args):
+        forward, plain = chosen(*args)
+        used.append(forward)
+        return forward, plain
+
+    monkeypatch.setattr(ops, "_training_paths", recording)
     shape = (2, 6, 3, 3)
     x = make_input(shape, torch.float32, channels_last=True)
     state = bn_state(6)
@@ -584,31 +588,35 @@ def test_failing_step_timing_keeps_the_forward(measured_on_cpu, monkeypatch):
     cuDNN configuration) is logged and skipped: the call still trains right."""
     from fastresnet.ops import bn_act as ops
 
-    def broken(*args):
-        raise RuntimeError("unsupported configuration")
+    run = ops._training_run
+
+    def broken_eager(x, weight, bias, residual, eps, relu, forward):
+        if forward == "eager":
+            raise RuntimeError("unsupported configuration")
+        return run(x, weight, bias, residual, eps, relu, forward)
 
     measured_on_cpu.winners.update({"batch_norm_act.forward": "triton", "batch_norm_act.backward": "triton"})
     x = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
-    monkeypatch.setitem(ops.FORWARD_PATHS, "eager", broken)
+    monkeypatch.setattr(ops, "_training_run", broken_eager)
     check_batch_norm_act(x, *bn_state(6), True, None, True)
-    assert list(ops.STEP.memo.values()) == ["triton"]
+    assert list(ops.BN_STEP.memo.values()) == ["triton"]
 
 
 def test_dispatch_switch_forces_a_path(measured_on_cpu, monkeypatch):
-    """FASTRESNET_DISPATCH=batch_norm_act=triton (or =eager) runs that path in every stage, untimed."""
-    from fastresnet.ops import bn_act as ops
-
-    used = []
-    for table, stage in ((ops.FORWARD_PATHS, "fwd"), (ops.BACKWARD_PATHS, "bwd"), (ops.EVAL_PATHS, "eval")):
-        for name, path in list(table.items()):
-            monkeypatch.setitem(table, name, lambda *a, _f=path, _n=f"{stage}-{name}": used.append(_n) or _f(*a))
+    """FASTRESNET_DISPATCH=batch_norm_act=triton (or =eager) runs that path in every stage, untimed:
+    the kernels (the eval pass through affine_act), or ATen's BatchNorm (no fastresnet op in eval)."""
     x = make_input((2, 5, 2, 2), torch.float32, channels_last=True)
+    used = {}
     for mode in ("triton", "eager"):
         monkeypatch.setenv("FASTRESNET_DISPATCH", f"batch_norm_act={mode}")
         tuning.clear()  # the switch is read when a problem is first met
-        check_batch_norm_act(x, *bn_state(5), True, None, True)
-        check_inference(x, *bn_state(5))
-    assert used == ["fwd-triton", "bwd-triton", "eval-triton", "fwd-eager", "bwd-eager", "eval-eager"]
+        with PathsRun() as training:
+            check_batch_norm_act(x, *bn_state(5), True, None, True)
+        with PathsRun() as inference:
+            check_inference(x, *bn_state(5))
+        used[mode] = training.calls + inference.calls
+    assert used == {"triton": ["batch_norm_act_train:triton", "batch_norm_act_backward:triton", "affine_act:-"],
+                    "eager": ["batch_norm_act_train:eager", "batch_norm_act_backward:eager"]}
     assert not tuning.decisions()  # nothing timed
 
 
@@ -621,7 +629,7 @@ def test_a_pin_for_one_stage_leaves_the_others_measured(measured_on_cpu):
     assert timed_ops(measured_on_cpu) == ["forward", "step"]
     from fastresnet.ops import bn_act as ops
 
-    assert set(ops.BACKWARD.memo.values()) == {"triton"}
+    assert set(ops.BN_BACKWARD.memo.values()) == {"triton"}
 
 
 def test_eval_is_dispatched_per_shape(measured_on_cpu):
@@ -638,52 +646,14 @@ def test_eval_is_dispatched_per_shape(measured_on_cpu):
     assert [entry["choice"] for entry in tuning.decisions()] == ["eager", "eager", "triton"]
 
 
-def test_a_new_variant_that_computes_wrong_never_wins(measured_on_cpu, monkeypatch):
-    """triton_single, triton_pipelined, triton_wide and the one-launch eval kernel have not run on a GPU:
-    each one's first timed call is compared with a known-good path's output, and one that is off warns
-    and is left out, however fast (here it is made 'fastest' and wrong); the call still computes right."""
-    from fastresnet.ops import bn_act as ops
-
-    def off(path, index):
-        def run(*args, **kwargs):
-            out = list(path(*args, **kwargs))
-            out[index] = out[index] * 1.5
-            return tuple(out)
-        return run
-
-    measured_on_cpu.winners.update({"batch_norm_act.forward": "triton_single",
-                                    "batch_norm_act.backward": "triton_pipelined",
-                                    "batch_norm_act.step": "triton_single", "batch_norm_act.eval": "triton_wide"})
-    monkeypatch.setitem(ops.FORWARD_PATHS, "triton_single", off(ops.FORWARD_PATHS["triton_single"], 0))
-    monkeypatch.setitem(ops.BACKWARD_PATHS, "triton_pipelined", off(ops.BACKWARD_PATHS["triton_pipelined"], 1))
-    wide = ops.EVAL_PATHS["triton_wide"]
-    monkeypatch.setitem(ops.EVAL_PATHS, "triton_wide", lambda *args: wide(*args) * 1.5)
-    x = make_input((2, 96, 3, 3), torch.float32, channels_last=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_batch_norm_act(x, *bn_state(96), True, None, True)
-        check_inference(x, *bn_state(96))
-    messages = " ".join(str(w.message) for w in caught)
-    assert all(f"candidate {name} is off" in messages for name in ("triton_single", "triton_pipelined", "triton_wide"))
-    chosen = {v for tuned in (ops.FORWARD, ops.BACKWARD, ops.STEP, ops.EVAL) for v in tuned.memo.values()}
-    assert not chosen & {"triton_single", "triton_pipelined", "triton_wide"}
-
-
-def test_a_default_gpu_run_reaches_only_gpu_proven_paths(measured_on_cpu, monkeypatch):
-    """On a GPU without FASTRESNET_EXPERIMENTAL the never-run variants are not even timed; with it they
-    compete (and are checked on their first call)."""
-    monkeypatch.setattr(tuning, "needs_proof", lambda device: True)  # this CPU judged as a GPU
+def test_a_default_run_times_only_the_main_trees_paths(measured_on_cpu):
+    """Without FASTRESNET_EXPERIMENTAL the shelf's variants are not even timed (tests/experimental has them
+    compete with the switch on)."""
     x = make_input((2, 96, 3, 3), torch.float32, channels_last=True)
     check_batch_norm_act(x, *bn_state(96), True, None, True)
     check_inference(x, *bn_state(96))
     timed = {name for entry in tuning.decisions() for name in entry["times_ms"]}
-    assert timed == {"triton", "eager", "triton_affine"}
-    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")
-    tuning.clear()
-    check_batch_norm_act(x, *bn_state(96), True, None, True)
-    check_inference(x, *bn_state(96))
-    timed = {name for entry in tuning.decisions() for name in entry["times_ms"]}
-    assert timed == {"triton", "triton_single", "triton_pipelined", "triton_wide", "triton_affine", "eager"}
+    assert timed == {"triton", "eager"}
 
 
 def test_timing_leaves_the_random_stream_alone(measured_on_cpu):
@@ -698,47 +668,45 @@ def test_timing_leaves_the_random_stream_alone(measured_on_cpu):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_eval_fast_path_issues_one_aten_op(monkeypatch):
-    """Host time decides the small stages: once the dispatch has decided, an
-    inference call of BatchNormAct2d on the kernel path allocates its output
-    and launches one kernel, nothing else (no folded-scale ops: the kernel
-    folds the running statistics itself). A training forward stays at eight
-    ops (its buffers and the running-statistics update)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class CountOps(TorchDispatchMode):
+    """The ATen (and fastresnet) ops a call issues, each custom op counted as one."""
 
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class Launcher:
+    """A kernel that records its launch instead of running."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+def test_training_fast_path_issues_few_ops(monkeypatch):
+    """Host time decides the small stages: once the dispatch has decided, a training forward of
+    BatchNormAct2d on the kernel path launches the statistics pass, its finalize and the one
+    normalisation pass, and issues at most eight ops (its buffers and the running-statistics update)."""
     from fastresnet.kernels import bn_act as kernels
+    from fastresnet.kernels import bn_stats
     from fastresnet.nn import BatchNormAct2d
 
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     launches = []
-
-    class Launcher:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(self.name)
-
-    for name in ("_bn_eval_act_fwd", "_bn_stats_partial", "_bn_stats_finalize", "_affine_act_fwd"):
-        monkeypatch.setattr(kernels, name, Launcher(name))
+    for module, name in ((bn_stats, "_bn_stats_partial"), (bn_stats, "_bn_stats_finalize"),
+                         (kernels, "_affine_act_fwd")):
+        monkeypatch.setattr(module, name, Launcher(name, launches))
     bn = BatchNormAct2d(8).to(DEVICE)
     x = make_input((2, 8, 3, 3), torch.float32, channels_last=True, requires_grad=False)
     res = make_input((2, 8, 3, 3), torch.float32, channels_last=True, requires_grad=False)
     with torch.no_grad():
-        bn.eval()(x, res)  # the first call decides the path
-        launches.clear()
-        with CountOps() as counted:
-            bn(x, res)
-        assert counted.ops == ["aten.empty_like.default"] and launches == ["_bn_eval_act_fwd"]
-        bn.train()(x, res)
+        bn(x, res)  # the first call decides the path
         launches.clear()
         with CountOps() as counted:
             bn(x, res)
@@ -749,70 +717,82 @@ def test_eval_fast_path_issues_one_aten_op(monkeypatch):
 def test_dispatch_is_traceable_and_never_times_under_compile(measured_on_cpu):
     """fullgraph=True: a problem seen eagerly keeps its choice; an unseen one
     takes the compile rule (Inductor's code, the eager path traced); nothing is timed."""
-    weight, bias, running_mean, running_var = bn_state(6)
+    running_mean, running_var, weight, bias = bn_state(6)
 
     def step(x, res):
-        return batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
+        return batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5, res, True)
 
     seen = make_input((2, 6, 3, 3), torch.float32, channels_last=True)
     grads_of(step(seen, None), [seen, weight], torch.randn_like(seen))
     timed = len(measured_on_cpu.timed)
-    assert timed == 5  # forward; backward after each of the three forwards; the step
+    assert timed == 1 + len(forward_paths(seen)) + 1  # forward; backward after each forward; the step
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     unseen = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
     res = make_input((3, 6, 2, 2), torch.float32, channels_last=True)
     for x, r in ((seen, None), (unseen, res)):
         y = compiled(x, r)
-        expected = batch_norm_act_reference(x, weight, bias, None, None, True, 0.1, 1e-5, r, True)
+        expected = batch_norm_act_reference(x, None, None, weight, bias, True, 0.1, 1e-5, r, True)
         assert_close(y, expected, name="compiled y")
         grads_of(y, [x, weight], torch.randn_like(y))
     assert len(measured_on_cpu.timed) == timed
 
 
-def test_compiled_path_needs_the_kernels_chosen_for_every_stage(measured_on_cpu):
-    """Inside torch.compile the kernels (custom ops) are traced only where eager
-    calls chose them for the forward and for the backward that follows it."""
+def compiled_path(x, wanted, monkeypatch) -> str:
+    """What batch_norm_act traces for a training call of x under torch.compile: "triton" (the custom ops) or
+    "eager" (ATen's code)."""
     from fastresnet.ops import bn_act as ops
 
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        forward, plain = ops._training_paths(ops._problem(x, None, True), wanted, x, None, None, None, 1e-5, True)
+    return "eager" if plain else forward
+
+
+def test_compiled_path_needs_the_kernels_chosen_for_every_stage(measured_on_cpu, monkeypatch):
+    """Inside torch.compile the kernels (custom ops) are traced only where eager
+    calls chose them for the forward and for the backward that follows it."""
     fake = measured_on_cpu
     x = make_input((2, 4, 2, 2), torch.float32, channels_last=True)
-    weight, bias, running_mean, running_var = bn_state(4)
+    running_mean, running_var, weight, bias = bn_state(4)
     needs = (True, True, True, False)
-    assert ops.compiled_path(x, None, True, True, needs) == "eager"  # nothing measured yet
+    assert compiled_path(x, needs, monkeypatch) == "eager"  # nothing measured yet
     fake.winners.update({"batch_norm_act.forward": "triton", "batch_norm_act.backward": "eager"})
-    grads_of(batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5), [x, weight, bias],
+    grads_of(batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5), [x, weight, bias],
              torch.randn_like(x))
-    assert ops.compiled_path(x, None, True, True, needs) == "eager"  # the backward chose eager
-    assert ops.compiled_path(x, None, True, True, (False,) * 4) == "triton"  # forward only
+    assert compiled_path(x, needs, monkeypatch) == "eager"  # the backward chose eager
+    assert compiled_path(x, (False,) * 4, monkeypatch) == "triton"  # forward only
     fake.winners.update({"batch_norm_act.backward": "triton", "batch_norm_act.step": "triton"})
     other = make_input((3, 4, 2, 2), torch.float32, channels_last=True)  # a new problem
-    grads_of(batch_norm_act(other, weight, bias, running_mean, running_var, True, 0.1, 1e-5), [other, weight, bias],
+    grads_of(batch_norm_act(other, running_mean, running_var, weight, bias, True, 0.1, 1e-5), [other, weight, bias],
              torch.randn_like(other))
-    assert ops.compiled_path(other, None, True, True, needs) == "triton"
+    assert compiled_path(other, needs, monkeypatch) == "triton"
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("training", [True, False])
 def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, training):
-    """On the GPU, every candidate let in (FASTRESNET_EXPERIMENTAL=1): every stage is timed at a real
-    ResNet-50 shape (bf16), the choices are logged with their times, and the result is right whichever
-    won."""
+    """On the GPU every candidate of the main tree is timed at a real ResNet-50 shape (bf16), the choices
+    are logged with their times, and the result is right whichever won (tests/experimental: the same with
+    the shelf's candidates)."""
+    check_gpu_dispatch(tmp_path, monkeypatch, training)
+
+
+def check_gpu_dispatch(tmp_path, monkeypatch, training):
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")
     monkeypatch.delenv("FASTRESNET_DISPATCH", raising=False)
     tuning.clear()
     shape = (32, 1024, 14, 14)
     x = make_input(shape, torch.bfloat16, channels_last=True)
     res = make_input(shape, torch.bfloat16, channels_last=True)
-    weight, bias, running_mean, running_var = bn_state(shape[1])
+    running_mean, running_var, weight, bias = bn_state(shape[1])
     ref_stats = (running_mean.clone(), running_var.clone())
-    y = batch_norm_act(x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, res, True)
+    y = batch_norm_act(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5, res, True)
     # Judged against the fp32 truth, beside the bf16 reference's own error (two bf16
     # computations differ from each other by more than either differs from the truth).
     stats_exact = (ref_stats[0].clone(), ref_stats[1].clone())
-    expected = batch_norm_act_reference(x, weight, bias, *ref_stats, training, 0.1, 1e-5, res, True)
+    expected = batch_norm_act_reference(x, *ref_stats, weight, bias, training, 0.1, 1e-5, res, True)
     x32, res32 = (t.detach().float().requires_grad_() for t in (x, res))
-    exact = batch_norm_act_reference(x32, weight, bias, *stats_exact, training, 0.1, 1e-5, res32, True)
+    exact = batch_norm_act_reference(x32, *stats_exact, weight, bias, training, 0.1, 1e-5, res32, True)
     assert_as_accurate_as(y, expected, exact, name="y")
     assert_close(running_mean, ref_stats[0], atol=1e-3, rtol=1e-3, name="running_mean")
     grad_y = torch.randn_like(y)
@@ -824,37 +804,32 @@ def test_gpu_dispatch_measures_and_runs_the_faster_path(tmp_path, monkeypatch, t
         assert_as_accurate_as(a, e, t, name=f"grad {name}")
     entries = tuning.decisions()
     print("dispatch decisions:", entries)
-    from fastresnet.ops.bn_act import BACKWARD_PATHS, forward_paths_for
+    from fastresnet.ops import bn_act as ops
 
-    forwards = set(forward_paths_for(x))  # all three at this size
-    ops = [entry["op"].removeprefix("batch_norm_act.") for entry in entries]
-    assert ops == (["forward"] + ["backward"] * len(forwards) + ["step"] if training else ["eval_grad"])
-    candidates = {"forward": forwards, "backward": set(BACKWARD_PATHS), "step": forwards,
+    shelf = tuning.settings().experimental
+    forwards = set(forward_paths(x))
+    ops_timed = [entry["op"].removeprefix("batch_norm_act.") for entry in entries]
+    assert ops_timed == (["forward"] + ["backward"] * len(forwards) + ["step"] if training else ["eval_grad"])
+    candidates = {"forward": forwards, "backward": set(ops.BN_BACKWARD.offered(shelf)), "step": forwards,
                   "eval_grad": {"triton", "eager"}}
-    for op, entry in zip(ops, entries):
+    for op, entry in zip(ops_timed, entries):
         assert set(entry["times_ms"]) == candidates[op] and entry["source"] == "measured", entry
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("forward,backward", [("triton", "eager"), ("eager", "triton"), ("triton", "triton_pipelined"),
-                                              ("triton_single", "eager")])
-def test_gpu_mixed_paths_bf16(measured_on_cpu, monkeypatch, forward, backward):
-    """cuDNN's forward followed by the kernels' backward, the kernels' forward
-    followed by ATen's native backward, and the new candidates (the pipelined
-    backward, the one-launch forward), at a ResNet-50 shape in bf16: as accurate as PyTorch's own bf16
-    against the fp32 truth (the mean/invstd handoff and, after cuDNN, its
-    backend index and reserve space)."""
-    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")  # the variants that have not run on a GPU yet
-    measured_on_cpu.winners.update({"batch_norm_act.forward": forward, "batch_norm_act.backward": backward})
+def check_mixed_paths_bf16(fake, forward, backward):
+    """One forward followed by another's backward, at a ResNet-50 shape in bf16: as accurate as PyTorch's
+    own bf16 against the fp32 truth (the mean/invstd handoff and, after cuDNN, its backend index and reserve
+    space)."""
+    fake.winners.update({"batch_norm_act.forward": forward, "batch_norm_act.backward": backward})
     shape = (16, 512, 28, 28)
     x = make_input(shape, torch.bfloat16, channels_last=True)
     res = make_input(shape, torch.bfloat16, channels_last=True)
-    weight, bias, running_mean, running_var = bn_state(shape[1])
+    running_mean, running_var, weight, bias = bn_state(shape[1])
     stats = [(running_mean.clone(), running_var.clone()) for _ in range(2)]
-    y = batch_norm_act(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, res, True)
-    expected = batch_norm_act_reference(x, weight, bias, *stats[0], True, 0.1, 1e-5, res, True)
+    y = batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5, res, True)
+    expected = batch_norm_act_reference(x, *stats[0], weight, bias, True, 0.1, 1e-5, res, True)
     x32, res32 = (t.detach().float().requires_grad_() for t in (x, res))
-    exact = batch_norm_act_reference(x32, weight, bias, *stats[1], True, 0.1, 1e-5, res32, True)
+    exact = batch_norm_act_reference(x32, *stats[1], weight, bias, True, 0.1, 1e-5, res32, True)
     assert_as_accurate_as(y, expected, exact, name="y")
     assert_close(running_var, stats[1][1], atol=1e-3, rtol=1e-3, name="running_var")
     grad_y = torch.randn_like(y)
@@ -865,3 +840,11 @@ def test_gpu_mixed_paths_bf16(measured_on_cpu, monkeypatch, forward, backward):
         grads_of(exact, [x32, weight, bias, res32], grad_y.float()),
     ):
         assert_as_accurate_as(a, e, t, name=f"grad {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forward,backward", [("triton", "eager"), ("eager", "triton")])
+def test_gpu_mixed_paths_bf16(measured_on_cpu, forward, backward):
+    """cuDNN's forward followed by the kernels' backward, and the kernels' forward followed by ATen's
+    native backward (tests/experimental: the shelf's pipelined backward and one-launch forward)."""
+    check_mixed_paths_bf16(measured_on_cpu, forward, backward)

@@ -142,7 +142,7 @@ REQUIRED = {  # arguments a command cannot parse without
 def parse_only(name: str, argv: list[str]) -> None:
     """Parse the command's flags as it does before it runs; a user error raises."""
     if name == "train":
-        validate(cli.parse_invocation(argv).config)
+        validate(train.parse(argv).config)
     elif name == "evaluate":
         evaluate.parse(argv)
     elif name in ("tune", "profile"):
@@ -243,7 +243,7 @@ def test_the_library_refuses_a_data_setting_its_back_end_does_not_read():
 
 
 def test_a_setting_that_applies_is_taken():
-    cfg = cli.parse_invocation([*SYNTHETIC, "--schedule", "plateau", "--plateau_patience", "2", "--lr_decay", "5"])
+    cfg = train.parse([*SYNTHETIC, "--schedule", "plateau", "--plateau_patience", "2", "--lr_decay", "5"])
     validate(cfg.config)
     assert (cfg.config.plateau_patience, cfg.config.lr_decay, cfg.config.data.image_size) == (2, 5.0, 8)
     folder = apply_flat(TrainConfig(), {"data.backend": "torchvision", "data.root": "x", "data.ten_crop": "true",

@@ -181,7 +181,8 @@ def test_verify_lists_every_problem_and_exits_1(tmp_path, capsys):
 def test_verify_passes_a_clean_dataset_and_fails_a_missing_one(tmp_path, capsys):
     assert data_cli(["verify", str(small_folder(tmp_path / "ok"))]) == 0
     assert "0 error(s)" in capsys.readouterr().out
-    assert data_cli(["verify", str(tmp_path / "missing")]) == 1
+    assert data_cli(["verify", str(tmp_path / "missing")]) == 2  # no dataset to list problems of: the user's mistake
+    assert capsys.readouterr().err.startswith(f"error: verify {tmp_path / 'missing'}: no such folder")
 
 
 def test_make_fake_imagenet_writes_real_jpegs_at_imagenet_sizes(tmp_path, capsys):

@@ -18,6 +18,7 @@ from fastresnet.data import fashion_mnist
 from fastresnet.data.augment import pad_crop_flip
 from fastresnet.data.build import is_fashion_mnist_folder
 from fastresnet.data.fashion_mnist import FILES, load_fashion_mnist, mean_and_std
+from fastresnet.data.loader import DatasetError
 
 CPU = torch.device("cpu")
 INSTALL = "apt-get install dataset-fashion-mnist"
@@ -167,6 +168,8 @@ def damage(root, problem):
         labels = root / (FILES["train", "labels"] + ".gz")
         labels.write_bytes(gzip.compress(idx_bytes(torch.zeros(TRAIN - 1), 0x801)))
         return labels
+    elif problem == "no_images":  # a whole IDX file, header and all, of 0 images
+        images.write_bytes(gzip.compress(idx_bytes(torch.zeros(0, 28, 28), 0x803)))
     elif problem == "label_out_of_range":
         labels = root / (FILES["train", "labels"] + ".gz")
         labels.write_bytes(gzip.compress(idx_bytes(torch.full((TRAIN,), 10), 0x801)))
@@ -183,6 +186,7 @@ def damage(root, problem):
     ("short_header", "is truncated: 3 bytes, shorter than an IDX images header"),
     ("wrong_magic", "magic number 0x00000801, expected 0x00000803"),
     ("count_mismatch", "holds 24 images but .* 23 labels"),
+    ("no_images", "holds no images: its IDX header counts 0"),
     ("label_out_of_range", "labels must be in \\[0, 10\\)"),
 ])
 def test_bad_files_name_the_file_and_how_to_get_good_ones(tmp_path, problem, message):
@@ -205,6 +209,68 @@ def test_no_root_and_no_install_says_how_to_install(tmp_path, monkeypatch):
         build_loaders(DataConfig(backend="fashion-mnist"), device=CPU)
     write_fake_fashion_mnist(tmp_path / "not-installed")
     assert build_loaders(DataConfig(backend="fashion-mnist", batch_size=4), device=CPU).train.num_samples == TRAIN
+
+
+@pytest.fixture(scope="module")
+def full_size_root(tmp_path_factory):
+    """Fake files of the real set's sizes, 60,000 training and 10,000 test images (0.5 MB gzipped)."""
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fm-full") / "fashion-mnist",
+                                    sizes=(fashion_mnist.TRAIN_SIZE, fashion_mnist.TEST_SIZE))
+
+
+def swapped_links(root, folder):
+    """A folder of links to `root`'s files, each training file under the test file's name and back."""
+    folder.mkdir()
+    for (split, kind), name in FILES.items():
+        other = FILES["test" if split == "train" else "train", kind]
+        (folder / f"{other}.gz").symlink_to(root / f"{name}.gz")
+    return folder
+
+
+@pytest.mark.parametrize("split", ["full", "55k5k"])
+def test_swapped_training_and_test_files_are_refused_naming_both(full_size_root, tmp_path, split):
+    """The real set's sizes the wrong way round would train on 10,000 images and test on 60,000."""
+    links = swapped_links(full_size_root, tmp_path / "swapped")
+    with pytest.raises(DatasetError, match="10,000 images and .* 60,000: .* are swapped") as error:
+        data_loaders(links, fashion_mnist_split=split)
+    train, test = FILES["train", "images"], FILES["test", "images"]
+    for name, target in ((train, test), (test, train)):
+        assert f"{links / name}.gz (a link to {full_size_root / target}.gz)" in str(error.value)
+    assert len(data_loaders(full_size_root, batch_size=1000).train) == 60  # the right way round: taken
+
+
+def test_a_test_file_copied_over_the_training_file_is_refused(tmp_path):
+    root = write_fake_fashion_mnist(tmp_path / "fm", sizes=(TEST, TEST))
+    for kind in ("images", "labels"):
+        (root / f"{FILES['train', kind]}.gz").write_bytes((root / f"{FILES['test', kind]}.gz").read_bytes())
+    with pytest.raises(DatasetError, match="hold the same images: one is a copy of the other"):
+        data_loaders(root)
+
+
+def test_a_subset_of_other_sizes_is_taken(tmp_path):
+    """A training split smaller than the test split, neither of the real sizes: a subset, not a swap."""
+    root = write_fake_fashion_mnist(tmp_path / "fm", sizes=(6, 24))
+    data = data_loaders(root, batch_size=2)
+    assert (data.train.num_samples, data.val.num_samples) == (6, 24)
+
+
+def test_verify_checks_every_file_and_the_splits_together(fm_root, full_size_root, tmp_path, capsys):
+    from fastresnet.data.__main__ import main as data_cli
+
+    assert data_cli(["verify", str(fm_root)]) == 0
+    assert capsys.readouterr().out.strip() == f"checked {TRAIN + TEST} images: 0 error(s), 0 note(s)"
+    assert data_cli(["verify", str(swapped_links(full_size_root, tmp_path / "swapped"))]) == 1
+    assert "are swapped" in capsys.readouterr().out
+    broken = write_fake_fashion_mnist(tmp_path / "broken", gz=False)
+    damage_raw = broken / FILES["train", "images"]
+    damage_raw.write_bytes(damage_raw.read_bytes()[:-100])
+    (broken / FILES["test", "labels"]).unlink()
+    assert data_cli(["verify", str(broken)]) == 1
+    lines = capsys.readouterr().out.splitlines()  # sorted by path: t10k-... before train-...
+    assert lines[0].startswith(f"error  {broken / FILES['test', 'labels']}: missing (nor ")
+    assert lines[1] == f"error  {damage_raw} is truncated: 18732 bytes, its header promises 18832 " + \
+        f"(24 x 28 x 28 bytes of images); {fashion_mnist.INSTALL_HINT}"
+    assert lines[2] == f"checked {TEST} images: 2 error(s), 0 note(s)"
 
 
 REAL = fashion_mnist.DEFAULT_ROOT

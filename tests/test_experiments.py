@@ -39,7 +39,7 @@ def experiment(tmp_path_factory):
     interrupted = degradation.run(tiny(out, stop_at_step=1), DEPTHS, say=logs["interrupted"].append)
     plain20 = next((out / "runs").glob("plain20-*"))
     first_records = read_jsonl(plain20 / "metrics.jsonl")
-    runs_after_interruption = len(list((out / "runs").iterdir()))
+    runs_after_interruption = len(list((out / "runs").glob("[!.]*")))  # not the hidden .locks
     done_after_interruption = (plain20 / DONE_NAME).exists()
     resumed = degradation.run(tiny(out), DEPTHS, say=logs["resumed"].append)
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")}
@@ -188,6 +188,7 @@ def test_a_config_field_added_at_its_default_keeps_the_run_names(tmp_path, monke
     (["depth-sweep", "--set", "lr"], "FIELD=VALUE"),
     (["depth-sweep", "--iterations", "100", "--milestones", "50,100"], "inside the run"),
     (["depth-sweep", "--set", "no_such_field=1"], "unknown config field"),
+    (["degradation", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys, tmp_path):
     assert experiments_main([*argv, "--out", str(tmp_path)]) == 2

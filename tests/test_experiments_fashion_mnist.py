@@ -1,6 +1,7 @@
 """`python -m fastresnet.experiments ... --dataset fashion-mnist`: its budgets, its folder, a tiny run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,16 @@ def test_depth_sweep_leaves_resnet110_out_of_the_cpu_preset_only(fm_root, monkey
     assert depths(["--iterations", "64000"]) == (20, 32, 44, 56)  # the preset is the dataset's, not its length
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert depths([]) == (20, 32, 44, 56, 110)
+
+
+def test_the_cpu_presets_run_names_are_pinned(monkeypatch):
+    """Fashion-MNIST runs on a CPU take hours and are resumed by name across sessions: a change that
+    renames them (a new default, a changed recipe) must be deliberate, so these names are pinned."""
+    from fastresnet.experiments import settings as settings_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(settings_module, "resolve_root", lambda root: fashion_mnist.DEFAULT_ROOT)
+    settings = Settings(dataset="fashion-mnist", out=Path("/runs-go-here"))
+    names = {model: train_config(settings, model).run_name for model in ("plain20", "resnet20", "resnet110")}
+    assert names == {"plain20": "plain20-475147c3", "resnet20": "resnet20-2a154305",
+                     "resnet110": "resnet110-62f7bfcb"}

@@ -190,11 +190,11 @@ def check_extras(args: list[str]) -> None:
 def check_module(module: str, args: list[str]) -> None:
     from fastresnet import evaluate, profile, tune
     from fastresnet.experiments.__main__ import build_parser as experiments_parser
-    from fastresnet.training.cli import parse_invocation
+    from fastresnet.train import parse as parse_train
     from fastresnet.training.config import validate
 
     parsers = {
-        "fastresnet.train": lambda argv: validate(parse_invocation(argv).config),
+        "fastresnet.train": lambda argv: validate(parse_train(argv).config),
         "fastresnet.experiments": experiments_parser().parse_args,
         "fastresnet.tune": tune.parse,
         "fastresnet.profile": profile.parse,
@@ -250,11 +250,31 @@ def test_the_map_of_the_code_names_every_package_and_module_once_and_nothing_els
         for name in re.findall(r"\b(\w+\.py)\b", description):
             assert (folder / name).is_file(), f"the map's entry {path} names {name}, which is not in {folder}"
     package = REPO / "fastresnet"
-    expected = {f"fastresnet/{p.name}/" if p.is_dir() else f"fastresnet/{p.name}" for p in package.iterdir()
-                if not p.is_symlink() and p.name not in ("__init__.py", "__pycache__") and not p.name.startswith(".")}
+    expected = {f"fastresnet/{p.name}/" if p.is_dir() else f"fastresnet/{p.name}" for p in top_level(package)}
     expected |= {"kernels/", "bench/", "tests/", "docs/"}
     missing = sorted(expected - set(paths))
     assert not missing, f"the map of the code lacks {missing}"
+    descriptions = dict(entries)
+    for folder in ("kernels/", "bench/"):  # one line each, which names every module and package in it
+        unnamed = [p.name for p in top_level(REPO / folder) if not names(descriptions[folder], p)]
+        assert not unnamed, f"the map's entry {folder} does not name {unnamed}"
+
+
+def top_level(folder: Path) -> list[Path]:
+    """The modules and folders (packages, recipes) in `folder`; its own __init__.py, caches and links left out."""
+    return [p for p in sorted(folder.iterdir()) if not p.is_symlink() and not p.name.startswith((".", "__"))
+            and (p.suffix == ".py" or p.is_dir())]
+
+
+def names(description: str, path: Path) -> bool:
+    """Whether a map entry's description names `path`: a package as `name/`, a module by its file name or
+    stem, or by a pattern such as `bench_<thing>.py`."""
+    if path.is_dir():
+        return f"{path.name}/" in description
+    patterns = [re.escape(p).replace(re.escape("<thing>"), r"\w+")
+                for p in re.findall(r"\w*<thing>\w*\.py", description)]
+    return (re.search(rf"(?<![\w/<]){re.escape(path.stem)}(\.py)?(?![\w<])", description) is not None
+            or any(re.fullmatch(p, path.name) for p in patterns))
 
 
 def test_the_zoo_options_the_readme_lists_are_get_models():

@@ -234,16 +234,20 @@ def test_the_first_logged_speed_is_a_measured_figure(short_run):
 
 
 def test_config_json_holds_the_settings_the_back_end_reads_and_loads_back(short_run):
-    from fastresnet.training.cli import parse_invocation
-    from fastresnet.training.fields import apply_flat, flatten
+    from fastresnet.train import parse
+    from fastresnet.training.config import saved_values
+    from fastresnet.training.fields import apply_flat
 
     run, _ = short_run
     config = json.loads((run / "config.json").read_text())
-    assert sorted(config["data"]) == ["backend", "batch_size", "drop_last", "dtype", "val_batch_size"], config["data"]
-    ran = parse_invocation([*SHORT_RUN, "--out_dir", str(run.parent), "--run_name", "run"]).config
-    assert apply_flat(TrainConfig(), flatten(config), "config.json") == ran
+    # num_classes: unset, the data's count (a number given is checked against it on every back end)
+    assert sorted(config["data"]) == ["backend", "batch_size", "drop_last", "dtype", "num_classes",
+                                      "val_batch_size"], config["data"]
+    assert config["data"]["num_classes"] is None
+    ran = parse([*SHORT_RUN, "--out_dir", str(run.parent), "--run_name", "run"]).config
+    assert apply_flat(TrainConfig(), saved_values(config), "config.json") == ran
     saved = load_checkpoint(run)["config"]  # the checkpoint's copy, which resume falls back on: the same record
-    assert saved["data"] == config["data"] and apply_flat(TrainConfig(), flatten(saved), "checkpoint") == ran
+    assert saved["data"] == config["data"] and apply_flat(TrainConfig(), saved_values(saved), "checkpoint") == ran
 
 
 def test_curves_have_a_legend_on_both_panels_and_name_the_data_set(short_run):

@@ -9,7 +9,7 @@ import torch
 
 from fastresnet.training import ConfigError, TrainConfig, evaluate_model, validate
 from fastresnet.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_atomic
-from fastresnet.training.cli import parse_invocation
+from fastresnet.train import parse as parse_invocation
 from fastresnet.training.metrics import EvalAccumulator, TrainAccumulator
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
 

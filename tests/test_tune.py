@@ -22,7 +22,7 @@ TINY = ["--model", "resnet20", "--data.batch_size", "4", "--compile", "off", "--
 
 
 def test_the_command_runs_resnet20_and_exports_what_it_knows(tmp_path, monkeypatch, capsys):
-    """On a CPU nothing is timed (the fixed rules run): the table says so and the export is an empty,
+    """On a CPU nothing is timed (the defaults run): the table says so and the export is an empty,
     loadable decisions file of this machine."""
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
@@ -47,7 +47,7 @@ def test_a_tiny_torchvision_model_is_tuned_with_progress_and_its_decisions_move(
     """tune_dispatch's measurements show as they happen; the exported decisions load back on a machine
     like this one, which then times nothing."""
     stream = io.StringIO()
-    tuning.show_progress(tuning.Progress(stream))
+    tuning.show_progress(tuning.TuningProgress(stream))
     try:
         model = convert(_tiny_torchvision_net(), mode="train")
         x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ Each kind of case is one parametrized test: flags and values, damaged checkpoint
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import os
 import pickle
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import BAD_FILES, add_bad_file, small_folder
+from data_helpers import add_bad_file, idx_bytes, small_folder, write_fake_fashion_mnist
 
 from fastresnet.data import dali_available
 from fastresnet.data.__main__ import main as data_main
@@ -84,6 +85,9 @@ BAD_FLAGS = [
     (["--resume", "{tmp}/nowhere"], "no run directory there"),
     (["--lr"], "argument --lr: expected one argument"),
     (["--lr_milestones", "0.5"], "the cosine schedule does not use them"),
+    (["--data.num_classes", "3"], "--data.num_classes 3: the digits back end has 10 classes"),
+    (["--data.image_size", "32", "--data.val_resize", "8"], "val_resize (8 pixels) must be >= image_size (32)"),
+    (["--seed", "-1"], "seed must be in [0, 2**32)"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "no CUDA GPU is visible"))
@@ -98,6 +102,59 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_anything_starts(tmp_path, caps
     assert train_main([*short, *argv, *out_dir]) == 2
     one_line_error(capsys, message)
     assert not (tmp_path / "runs").exists(), "nothing may start on a bad flag"
+
+
+def test_ten_crops_of_an_image_smaller_than_the_crop_are_refused(tmp_path, capsys):
+    """val_resize under the crop leaves nothing to cut ten crops from: each would be the whole image."""
+    small_folder(tmp_path / "data")
+    argv = [*FOLDER, "--data.backend", "torchvision", "--data.root", str(tmp_path / "data"), "--data.val_resize", "8",
+            "--data.ten_crop", "true", "--out_dir", str(tmp_path / "runs")]
+    assert train_main(argv) == 2
+    one_line_error(capsys, "val_resize (8 pixels) must be >= image_size (32)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_class_count_that_the_data_fixes_is_refused_and_one_that_fits_is_taken(tmp_path, capsys):
+    small_folder(tmp_path / "data")  # two classes
+    argv = [*FOLDER, "--data.backend", "torchvision", "--data.root", str(tmp_path / "data"),
+            "--out_dir", str(tmp_path / "runs"), "--unit", "step"]
+    assert train_main([*argv, "--data.num_classes", "5"]) == 2
+    one_line_error(capsys, "--data.num_classes 5: the torchvision back end has 2 classes")
+    assert train_main([*argv, "--data.num_classes", "2"]) == 0
+
+
+def test_a_config_saved_when_num_classes_defaulted_to_1000_still_serves():
+    """Runs saved before num_classes became optional hold 1000 on every back end; read as not given, a digits
+    run's config builds its 10 classes as it did then."""
+    from fastresnet.data import build_loaders
+    from fastresnet.training.config import TrainConfig, saved_values
+    from fastresnet.training.fields import apply_flat, to_dict
+
+    saved = to_dict(TrainConfig())
+    saved["data"]["num_classes"] = 1000
+    cfg = apply_flat(TrainConfig(), saved_values(saved), "an old config.json")
+    assert cfg.data.num_classes is None
+    assert build_loaders(cfg.data, device=torch.device("cpu")).num_classes == 10
+
+
+def test_a_training_set_smaller_than_a_batch_says_what_to_change(tmp_path, capsys):
+    root = write_fake_fashion_mnist(tmp_path / "fm")  # 24 training images
+    argv = ["--data.backend", "fashion-mnist", "--data.root", str(root), "--data.batch_size", "32",
+            "--out_dir", str(tmp_path / "runs"), "--progress", "off", "--unit", "step", "--length", "1"]
+    assert train_main(argv) == 2
+    one_line_error(capsys, "24 images per epoch for this process, against --data.batch_size 32",
+                   "lower --data.batch_size to 24 or less, or give --data.drop_last false")
+    assert train_main([*argv, "--data.drop_last", "false"]) == 0
+
+
+def test_tune_on_a_dataset_whose_counts_disagree_is_one_line(tmp_path, capsys):
+    from fastresnet import tune
+
+    root = write_fake_fashion_mnist(tmp_path / "fm")
+    labels = root / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(idx_bytes(torch.zeros(20), 0x801)))
+    assert tune.main(["--data.backend", "fashion-mnist", "--data.root", str(root), "--data.batch_size", "4"]) == 2
+    one_line_error(capsys, "holds 24 images but", f"{labels} 20 labels")
 
 
 # --- damaged checkpoints, through train --resume and evaluate --checkpoint
@@ -293,6 +350,16 @@ def test_verify_lists_a_broken_symlink_with_every_other_problem(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"error  {link}: a broken symbolic link" in out and f"error  {bad}" in out
     assert "2 error(s)" in out
+
+
+@pytest.mark.parametrize("target, message", [("missing", "no such folder"), ("a-file", "that is a file"),
+                                             ("empty", "not a dataset folder that verify knows")])
+def test_verify_of_no_dataset_is_one_line_naming_the_formats(tmp_path, capsys, target, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    assert data_main(["verify", str(tmp_path / target)]) == 2
+    one_line_error(capsys, f"verify {tmp_path / target}: {message}", "ImageFolder", "cifar-10-batches-py",
+                   "Fashion-MNIST")
 
 
 def test_verify_says_that_a_folder_without_val_cannot_train(tmp_path, capsys):

@@ -11,11 +11,11 @@
 DALI is optional: this package imports, and every other back end works, without it.
 """
 
-from .build import DataLoaders, build_loaders, dali_available, resolve_backend
+from .build import build_loaders, dali_available, resolve_backend
 from .config import BACKENDS, RECIPES, DataConfig
 from .fake_imagenet import make_fake_imagenet
 from .folder import BadImageError
-from .loader import Loader
+from .loader import DataLoaders, Loader
 from .verify import verify_dataset
 
 __all__ = [

@@ -2,6 +2,10 @@
 
     python -m fastresnet.data verify DIR                    # list every problem of a dataset folder
     python -m fastresnet.data make-fake-imagenet DIR --classes K --images-per-class M   # real JPEGs
+
+verify exits 0 when the dataset in DIR has no problem, 1 when it lists problems, and 2 (one `error:`
+line) when DIR is no dataset: missing, or in none of the formats the back ends read.
+make-fake-imagenet writes only into a new or empty folder.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fastresnet.errors import ArgumentParser, UserError, command
+from fastresnet.outputs import writable_folder
 
 from .fake_imagenet import make_fake_imagenet
 from .verify import summarise, verify_dataset
@@ -20,9 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check a dataset folder and list its problems (exit 1 on errors)",
-                                 description="Check a dataset folder and list every problem it has.")
-    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, or cifar-10-batches-py")
+    verify = commands.add_parser(
+        "verify", help="check a dataset folder and list its problems: exit 0 none, 1 problems listed, "
+        "2 no dataset there", description="Check a dataset folder and list every problem it has.")
+    verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, cifar-10-batches-py, "
+                        "or a folder of Fashion-MNIST's IDX files (gzipped or not)")
     verify.add_argument("--workers", type=int, default=8, help="decoding threads")
     fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs",
                                description="Write an ImageFolder (train/ and val/) of realistic JPEGs.")
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         problems, checked = verify_dataset(args.root, workers=args.workers)
         print(summarise(problems, checked))
         return 1 if any(problem.error for problem in problems) else 0
-    check_new_folder(Path(args.root))
+    writable_folder(args.root, "make-fake-imagenet", empty=True)
     if args.classes < 1 or args.images_per_class < 1 or (args.val_images_per_class or 1) < 1:
         raise UserError("make-fake-imagenet: --classes, --images-per-class and --val-images-per-class must be >= 1")
     root = make_fake_imagenet(
@@ -57,13 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {root}/train and {root}/val: {args.classes} classes, {args.images_per_class} train and {val} "
           "val images per class")
     return 0
-
-
-def check_new_folder(root: Path) -> None:
-    """make-fake-imagenet writes only into a new or empty folder: nothing there is overwritten."""
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        kind = "a folder that is not empty" if root.is_dir() else "a file"
-        raise UserError(f"make-fake-imagenet {root}: that is {kind}; give a new folder (nothing is overwritten)")
 
 
 if __name__ == "__main__":

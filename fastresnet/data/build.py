@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastresnet.errors import UserError
+
 from .config import DataConfig, check_settings_apply
-from .loader import Loader, Shard
-
-
-@dataclass
-class DataLoaders:
-    train: Loader
-    val: Loader
-    num_classes: int
-    image_size: int  # pixels per side of the images the model gets
-    backend: str  # the back end actually used ("auto" resolved)
+from .loader import DataLoaders, DatasetError, DatasetNotFoundError, Shard
 
 
 def dali_available() -> bool:
@@ -64,9 +56,26 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
 def build_loaders(
     cfg: DataConfig, *, device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> DataLoaders:
-    """Train and val loaders for this rank; `set_epoch(e)` on them before each epoch."""
-    device = torch.device(device)
-    shard = Shard(rank=rank, world_size=world_size, seed=seed)
+    """Train and val loaders for this rank; `set_epoch(e)` on them before each epoch.
+
+    A dataset the back end cannot read as asked (a missing folder or file, a damaged file, counts that
+    disagree) or a setting it cannot apply is a DatasetError (a UserError) that names it."""
+    try:
+        data = _build(cfg, torch.device(device), Shard(rank=rank, world_size=world_size, seed=seed))
+    except UserError:
+        raise
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(str(err)) from err
+    except (ValueError, OSError) as err:  # the back ends' word for a file or a setting they cannot use
+        raise DatasetError(str(err)) from err
+    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
+        raise DatasetError(f"--data.num_classes {cfg.num_classes}: the {data.backend} back end has "
+                           f"{data.num_classes} classes (its data's); the flag sets the synthetic back end's count, "
+                           "drop it")
+    return data
+
+
+def _build(cfg: DataConfig, device: torch.device, shard: Shard) -> DataLoaders:
     backend = resolve_backend(cfg, device)
     if backend not in ("digits", "synthetic", "fashion-mnist") and cfg.root is None:
         raise ValueError(f"the {backend} back end reads a dataset folder: set DataConfig.root")

@@ -19,7 +19,7 @@ import torch
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, tensor_loaders
+from .loader import DataLoaders, Shard, tensor_loaders
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -51,9 +51,13 @@ def read_split(root: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.
     parts = [read_batch(root / name) for name in files]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"{root}: labels must be in [0, {NUM_CLASSES}), got [{labels.min()}, {labels.max()}]")
+    check_labels(root, labels)
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def check_labels(where: Path, labels: np.ndarray) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{where}: labels must be in [0, {NUM_CLASSES}), got [{labels.min()}, {labels.max()}]")
 
 
 def load_cifar10(
@@ -83,8 +87,6 @@ def make_transform(mean: torch.Tensor, dtype: torch.dtype, *, train: bool):
 
 
 def build_cifar10(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     (train_images, train_labels), (val_images, val_labels) = load_cifar10(cfg.root, cfg.cifar_split)
     train_images, val_images = train_images.to(device), val_images.to(device)
     # (32, 32, 3): the per-pixel mean, summed without a float copy of the whole set

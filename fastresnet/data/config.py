@@ -14,9 +14,10 @@ FASHION_MNIST_SPLITS = ("full", "55k5k")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 FOLDER_BACKENDS = ("dali", "nvjpeg", "torchvision")  # an ImageFolder of JPEGs, decoded and augmented per epoch
-# The back ends that read each field; the fields not named here (backend, batch_size, val_batch_size,
-# dtype) every back end reads. A setting away from its default that the back end does not read is
-# refused (check_settings_apply), so a run never silently ignores one.
+# The back ends that read each field; the fields not named here every back end reads (backend,
+# batch_size, val_batch_size, dtype, and num_classes: the synthetic back end's count, every other's
+# check of its data's). A setting away from its default that the back end does not read is refused
+# (check_settings_apply), so a run never silently ignores one.
 READERS = {
     "root": ("cifar10", "fashion-mnist", *FOLDER_BACKENDS),
     "workers": FOLDER_BACKENDS,
@@ -32,7 +33,6 @@ READERS = {
     "rrc_scale": FOLDER_BACKENDS,
     "scale_range": FOLDER_BACKENDS,
     "lighting_std": FOLDER_BACKENDS,
-    "num_classes": ("synthetic",),
     "synthetic_steps": ("synthetic",),
     "synthetic_val_steps": ("synthetic",),
     "pin_memory": ("nvjpeg", "torchvision"),
@@ -60,7 +60,7 @@ class DataConfig:
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # rrc: range of the crop's area, as a fraction of the image's
     scale_range: tuple[int, int] = (256, 480)  # paper-scale: range of the shorter side in pixels before the crop
     lighting_std: float = 0.1  # paper-scale: std of the PCA colour lighting noise (AlexNet's value)
-    num_classes: int = 1000  # synthetic: number of classes of the random labels
+    num_classes: int | None = None  # synthetic: number of classes of the random labels (None: 1000); the other back ends count the data's, which a number given must equal
     synthetic_steps: int = 100  # synthetic: batches per epoch
     synthetic_val_steps: int = 10  # synthetic: val batches per epoch
     pin_memory: bool = True  # torchvision: page-locked host batches for asynchronous copies to the GPU
@@ -72,16 +72,20 @@ class DataConfig:
         _check_choice("cifar_split", self.cifar_split, CIFAR_SPLITS)
         _check_choice("fashion_mnist_split", self.fashion_mnist_split, FASHION_MNIST_SPLITS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        for name in ("batch_size", "image_size", "num_classes", "synthetic_steps", "synthetic_val_steps"):
+        for name in ("batch_size", "image_size", "synthetic_steps", "synthetic_val_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"DataConfig.workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"DataConfig.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        for name in ("val_batch_size", "val_resize"):  # None means the default; 0 is not that
+        for name in ("val_batch_size", "val_resize", "num_classes"):  # None means the default; 0 is not that
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.val_resize is not None and self.val_resize < self.image_size:  # the crop would be the whole image
+            raise ValueError(f"DataConfig.val_resize ({self.val_resize} pixels) must be >= image_size "
+                             f"({self.image_size}): the val crops of image_size pixels are cut from the image "
+                             "resized to val_resize; raise it, or unset it")
         _check_range("rrc_scale", self.rrc_scale, low=0.0, high=1.0, what="a fraction of the image's area")
         _check_range("scale_range", self.scale_range, low=0, high=None, what="pixels of the shorter side")
         if self.lighting_std < 0:
@@ -94,6 +98,10 @@ class DataConfig:
     @property
     def eval_batch_size(self) -> int:
         return self.val_batch_size or self.batch_size
+
+    @property
+    def synthetic_classes(self) -> int:
+        return self.num_classes or 1000
 
     @property
     def resize_before_crop(self) -> int:

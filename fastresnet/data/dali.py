@@ -52,7 +52,7 @@ from .config import DataConfig
 from .crops import RRC_RATIO
 from .folder import BadImageError, ImageList, open_rgb, read_bytes, report_skipped, scan_image_folder
 from .jpeg import is_jpeg, structure_problem
-from .loader import Batch, Loader, Shard, batches_per_epoch, epoch_seed
+from .loader import Batch, DataLoaders, Loader, Shard, batches_per_epoch, epoch_seed
 
 READER = "Reader"
 CHECK_CHUNK = 64  # files per task of the structure checks
@@ -243,9 +243,7 @@ class DaliLoader(Loader):
         self.skipped_files.update((bad.path, bad.reason or "") for bad in images.skipped)
         self.excluded: set[str] = set()  # files DALI failed to decode or libjpeg refuses, left out under "skip"
         self.sound: set[int] = set()  # files whose JPEG structure passed the check
-        self.num_samples = self.shard_size(len(images.files))
-        if self.drop_last:
-            self.num_samples -= self.num_samples % self.batch_size
+        self._count_samples(self.shard_size(len(images.files)), self.drop_last)
 
     def shard_size(self, n: int) -> int:
         """Files of this rank: train lists are cut to a multiple of world_size; DALI's shard i of n
@@ -384,8 +382,6 @@ class DaliLoader(Loader):
 
 
 def build_dali(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     train_list, val_list = scan_image_folder(cfg.root, bad_files=cfg.bad_files)
     return DataLoaders(
         train=DaliLoader(train_list, cfg, device=device, shard=shard, train=True),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
-from .loader import Shard, tensor_loaders
+from .loader import DataLoaders, Shard, tensor_loaders
 
 IMAGE_SIZE = 32  # pixels per side after upscaling
 NUM_CLASSES = 10
@@ -42,8 +42,6 @@ def digits_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 
 def build_digits(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders  # late: build imports every back end
-
     (train_images, train_labels), (test_images, test_labels) = digits_split()
     mean, std = train_images.mean(), train_images.std()
     dtype = cfg.torch_dtype

@@ -29,6 +29,13 @@ its three filters.
 
 "55k5k" holds out the last 5,000 training images as the validation set, as
 cifar10's "45k5k" does (the test files are left alone).
+
+Files that read but are the wrong ones are refused, naming them: a training
+file of 10,000 images beside a test file of 60,000 (the real set's files
+swapped, as a misplaced link or rename leaves them: training would take the
+small split and testing the large one without a word), and training and test
+files that hold the same images. Other counts are taken: a subset of the set,
+or the tests' small files.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .augment import nhwc_to_model_layout, pad_crop_flip
 from .config import DataConfig
-from .loader import Shard, tensor_loaders
+from .loader import DataLoaders, Shard, tensor_loaders
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts them
 TORCHVISION_SUBFOLDER = Path("FashionMNIST") / "raw"  # where torchvision.datasets.FashionMNIST downloads them
@@ -62,6 +69,7 @@ FILES = {  # (split, kind) -> file name without ".gz"
 }
 # IDX magic numbers: 0x08 (unsigned byte) as the type, then the number of dimensions.
 MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # images in the real set's training and test files
 SOURCE_SIZE = 28  # pixels per side in the files
 IMAGE_SIZE = 32  # pixels per side of what the model gets: the CIFAR nets' input
 NUM_CLASSES = 10
@@ -107,6 +115,8 @@ def check_header(path: Path, data: bytes, kind: str) -> tuple[int, ...]:
                          f"{MAGIC[kind]:#010x} (unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); "
                          f"{INSTALL_HINT}")
     shape = tuple(int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1))
+    if shape[0] == 0:
+        raise ValueError(f"{path} holds no {kind}: its IDX header counts 0; {INSTALL_HINT}")
     expected = header_size + torch.Size(shape).numel()
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
@@ -135,14 +145,57 @@ def read_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 32, 32, 1) images, padded with background, and int64 labels of one split."""
     images_path, labels_path = find_file(root, FILES[split, "images"]), find_file(root, FILES[split, "labels"])
     images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
-    if len(images) != len(labels):
-        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{labels_path}: labels must be in [0, {NUM_CLASSES}), "
-                         f"got [{labels.min()}, {labels.max()}]")
+    check_split(images_path, images, labels_path, labels)
     border = (IMAGE_SIZE - SOURCE_SIZE) // 2
     padded = F.pad(images, (border, border, border, border))  # 0 is Fashion-MNIST's background
     return padded.unsqueeze(-1), labels
+
+
+def check_split(images_path: Path, images: torch.Tensor, labels_path: Path, labels: torch.Tensor) -> None:
+    """One label per image, each a class of the set."""
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{labels_path}: labels must be in [0, {NUM_CLASSES}), "
+                         f"got [{labels.min()}, {labels.max()}]")
+
+
+def check_not_swapped(root: Path) -> None:
+    """The real set's files read the wrong way round (see the module's docstring), told from their headers
+    before 30 MB are unpacked. Without test files (enough for 55k5k) there is nothing to compare."""
+    train = find_file(root, FILES["train", "images"])
+    try:
+        test = find_file(root, FILES["test", "images"])
+    except FileNotFoundError:
+        return
+    if (header_count(train), header_count(test)) == (TEST_SIZE, TRAIN_SIZE):
+        raise ValueError(f"{_shown(train)} holds {TEST_SIZE:,} images and {_shown(test)} {TRAIN_SIZE:,}: "
+                         f"Fashion-MNIST's training file holds {TRAIN_SIZE:,} and its test file {TEST_SIZE:,}, so "
+                         f"the training and test files in {root} are swapped: give each its own name (or link), "
+                         "or install them again (`apt-get install dataset-fashion-mnist`)")
+
+
+def check_distinct(train_path: Path, train_images: torch.Tensor, test_path: Path, test_images: torch.Tensor) -> None:
+    """Training and test files that hold the same images: one was copied over the other."""
+    if train_images.shape == test_images.shape and torch.equal(train_images, test_images):
+        raise ValueError(f"{train_path} and {test_path} hold the same images: one is a copy of the other, and a "
+                         f"test on the training images says nothing; {INSTALL_HINT}")
+
+
+def header_count(path: Path) -> int | None:
+    """The number of items an IDX file's header gives, from its first 8 bytes (None where those do not
+    read: the whole file's check names the problem)."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as file:
+            head = file.read(8)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return int.from_bytes(head[4:8], "big") if len(head) == 8 else None
+
+
+def _shown(path: Path) -> str:
+    """The path, and where a link leads."""
+    return f"{path} (a link to {path.resolve()})" if path.is_symlink() else str(path)
 
 
 def resolve_root(root: str | Path | None) -> Path:
@@ -162,11 +215,15 @@ def load_fashion_mnist(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train images, labels), (val images, labels) as uint8 (N, 32, 32, 1) on the CPU."""
     root = resolve_root(root)
+    check_not_swapped(root)
     train_images, train_labels = read_split(root, "train")
     if split == "55k5k":
         cut = len(train_images) - len(train_images) // VAL_FRACTION_55K5K
         return (train_images[:cut], train_labels[:cut]), (train_images[cut:], train_labels[cut:])
-    return (train_images, train_labels), read_split(root, "test")
+    test_images, test_labels = read_split(root, "test")
+    check_distinct(find_file(root, FILES["train", "images"]), train_images,
+                   find_file(root, FILES["test", "images"]), test_images)
+    return (train_images, train_labels), (test_images, test_labels)
 
 
 def mean_and_std(images: torch.Tensor) -> tuple[float, float]:
@@ -193,8 +250,6 @@ def make_transform(mean: float, std: float, dtype: torch.dtype, *, train: bool):
 
 
 def build_fashion_mnist(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders  # late: build imports every back end
-
     (train_images, train_labels), (val_images, val_labels) = load_fashion_mnist(cfg.root, cfg.fashion_mnist_split)
     train_images, val_images = train_images.to(device), val_images.to(device)
     mean, std = mean_and_std(train_images)

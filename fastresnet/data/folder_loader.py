@@ -46,9 +46,7 @@ class FolderLoader(Loader):
         self.crops = 10 if cfg.ten_crop and not train else 1
         self.skipped = len(dataset.images.skipped)  # files the scan already left out
         self.skipped_files.update((error.path, error.reason or "") for error in dataset.images.skipped)
-        self.num_samples = shard.count(len(dataset), even=train)
-        if self.drop_last:
-            self.num_samples -= self.num_samples % self.batch_size
+        self._count_samples(shard.count(len(dataset), even=train), self.drop_last)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastresnet.errors import UserError
+
 if TYPE_CHECKING:
     from .config import DataConfig
 
@@ -22,10 +24,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Transform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
+class DatasetError(UserError, ValueError):
+    """A dataset or data setting that cannot give what was asked: a missing or damaged file, counts that
+    disagree, a setting the back end cannot apply. The message names the file or the flag."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset folder or file that is not there (still a FileNotFoundError to code that catches that)."""
+
+
 class Loader:
     """Base of all back ends' loaders: iteration, length, epoch and counters."""
 
-    num_samples: int  # images this rank sees per epoch (after sharding and dropping)
+    shard_samples: int  # images of this rank's shard per epoch
+    num_samples: int  # images this rank sees per epoch: shard_samples less a dropped last partial batch
     batch_size: int  # images per step
     crops: int = 1  # views per image in a batch: 10 for a ten-crop val loader
     skipped: int = 0  # bad files skipped so far under bad_files="skip" (a file bad in two epochs counts twice)
@@ -38,11 +50,26 @@ class Loader:
         """Reseed the shuffle: epoch e always gives the same order for a given seed."""
         self.epoch = epoch
 
+    def _count_samples(self, shard_samples: int, drop_last: bool) -> None:
+        self.shard_samples = shard_samples
+        self.num_samples = shard_samples - (shard_samples % self.batch_size if drop_last else 0)
+
     def __len__(self) -> int:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
+
+
+@dataclass
+class DataLoaders:
+    """What every back end builds: the training and validation loaders and what the model needs to know."""
+
+    train: Loader
+    val: Loader
+    num_classes: int
+    image_size: int  # pixels per side of the images the model gets
+    backend: str  # the back end actually used ("auto" resolved)
 
 
 @dataclass(frozen=True)
@@ -120,9 +147,7 @@ class TensorLoader(Loader):
         self.batch_size, self.shard, self.train = batch_size, shard, train
         self.drop_last = drop_last and train
         self.transform = transform
-        self.num_samples = shard.count(len(images), even=train)
-        if self.drop_last:
-            self.num_samples -= self.num_samples % batch_size
+        self._count_samples(shard.count(len(images), even=train), self.drop_last)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
@@ -144,6 +169,19 @@ class TensorLoader(Loader):
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(epoch_seed(self.shard.seed, self.epoch) + 7 * self.shard.rank + 1)
         return generator
+
+
+def require_batches(loader: Loader) -> None:
+    """A DatasetError, saying what to change, when a training loader gives no batch in an epoch."""
+    if len(loader) > 0:
+        return
+    held = loader.shard_samples
+    if held == 0:
+        raise DatasetError("the training set gives this process no images: it is empty, or holds fewer images "
+                           "than there are processes")
+    raise DatasetError(f"the training set gives no whole batch: {held} images per epoch for this process, against "
+                       f"--data.batch_size {loader.batch_size} (a last partial batch is dropped); lower "
+                       f"--data.batch_size to {held} or less, or give --data.drop_last false")
 
 
 def tensor_loaders(

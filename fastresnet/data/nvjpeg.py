@@ -32,7 +32,7 @@ from .crops import Box, centre_box, five_boxes, rrc_box, sample_rng, scale_box
 from .folder import BadImageError, ImageList, open_rgb, read_bytes, scan_image_folder
 from .folder_loader import EpochDataset, FolderLoader, split_skipped
 from .jpeg import components, is_jpeg, structure_problem
-from .loader import Shard
+from .loader import DataLoaders, Shard
 
 
 def decode_to_rgb(data, device: torch.device):
@@ -156,8 +156,6 @@ class NvjpegLoader(FolderLoader):
 
 
 def build_nvjpeg(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     train_list, val_list = scan_image_folder(cfg.root, bad_files=cfg.bad_files)
     return DataLoaders(
         train=NvjpegLoader(BytesDataset(train_list, cfg), cfg, device=device, shard=shard, train=True),

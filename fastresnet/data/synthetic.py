@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import DataConfig
-from .loader import Batch, Loader, Shard, epoch_seed
+from .loader import Batch, DataLoaders, Loader, Shard, epoch_seed
 
 
 class SyntheticLoader(Loader):
@@ -30,7 +30,7 @@ class SyntheticLoader(Loader):
     ) -> None:
         super().__init__()
         self.steps, self.batch_size = steps, batch_size
-        self.num_samples = steps * batch_size
+        self._count_samples(steps * batch_size, drop_last=False)
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (batch_size, 3, image_size, image_size)
         images = torch.randn(shape, generator=generator, device=device).to(dtype)
@@ -46,13 +46,11 @@ class SyntheticLoader(Loader):
 
 
 def build_synthetic(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     def loader(steps: int, batch_size: int, stream: int) -> SyntheticLoader:
         return SyntheticLoader(
             steps=steps,
             batch_size=batch_size,
-            num_classes=cfg.num_classes,
+            num_classes=cfg.synthetic_classes,
             image_size=cfg.image_size,
             dtype=cfg.torch_dtype,
             device=device,
@@ -62,7 +60,7 @@ def build_synthetic(cfg: DataConfig, *, device: torch.device, shard: Shard):
     return DataLoaders(
         train=loader(cfg.synthetic_steps, cfg.batch_size, 0),
         val=loader(cfg.synthetic_val_steps, cfg.eval_batch_size, 1),
-        num_classes=cfg.num_classes,
+        num_classes=cfg.synthetic_classes,
         image_size=cfg.image_size,
         backend="synthetic",
     )

@@ -18,7 +18,7 @@ from .config import DataConfig
 from .crops import Box, centre_box, five_boxes, rrc_box, sample_rng, scale_box
 from .folder import BadImageError, ImageList, open_rgb, scan_image_folder
 from .folder_loader import EpochDataset, FolderLoader, split_skipped
-from .loader import Shard
+from .loader import DataLoaders, Shard
 
 
 def crop_resize(image: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
@@ -82,8 +82,6 @@ class TorchvisionLoader(FolderLoader):
 
 
 def build_torchvision(cfg: DataConfig, *, device: torch.device, shard: Shard):
-    from .build import DataLoaders
-
     train_list, val_list = scan_image_folder(cfg.root, bad_files=cfg.bad_files)
     return DataLoaders(
         train=TorchvisionLoader(

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from fastresnet.errors import ArgumentParser, command
+from fastresnet.outputs import writable_folder
 from fastresnet.training import NonFiniteLoss
 
 from . import EXPERIMENTS
@@ -35,8 +36,10 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = EXPERIMENTS[args.experiment]
+    settings = settings_from_args(args)
+    writable_folder(settings.out, "--out")  # re-running into the same folder resumes: it may hold files
     try:
-        result = module.main(args, settings_from_args(args))
+        result = module.main(args, settings)
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED

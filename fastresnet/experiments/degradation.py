@@ -1,12 +1,14 @@
 """`degradation`: plain-20/56 against ResNet-20/56, the paper's Figure 6.
 
-The nets train with the same recipe and seed. The finding the paper rests
+The nets train with the same recipe and seeds. The finding the paper rests
 on is seen in the *training* error: deeper plain nets train worse, deeper
 residual nets train better. This run shows it when, comparing the final
 training errors (mean over the last 10% of iterations) of consecutive depths,
 
     every deeper plain net is worse by more than `margin` percentage points, and
-    every deeper residual net is better (lower by any amount).
+    every deeper residual net is better (lower by any amount),
+
+with each net's training error the mean over its seeds (`--seeds`).
 
 The verdict, the numbers and the criterion are printed and written.
 """
@@ -18,9 +20,9 @@ from pathlib import Path
 
 from . import paper
 from .figures import figure6
-from .runs import FINAL_WINDOW, train_all
-from .settings import ConfigError, Settings, parse_depths, provenance, train_config
-from .tables import markdown_table, publish
+from .runs import FINAL_WINDOW, by_net, train_all
+from .settings import ConfigError, Settings, configs_over_seeds, parse_depths, provenance
+from .tables import markdown_table, over_seeds_cell, publish, test_error_header
 
 NAME = "degradation"
 DEPTHS = (20, 32, 44, 56, 110)  # the depths with both a plain and a residual CIFAR net in the zoo
@@ -56,10 +58,10 @@ def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MAR
     if len(depths) < 2:
         raise ConfigError(f"--depths {depths}: degradation compares depths, give at least two")
     models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
-    outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+    outcomes, finished = train_all(configs_over_seeds(settings, [(m, "") for m in models]), say=say)
     if not finished:
         return None
-    summaries = {o.model: o.summary for o in outcomes}
+    summaries = by_net(outcomes)
     plain = [summaries[f"plain{d}"] for d in depths]
     residual = [summaries[f"resnet{d}"] for d in depths]
     result = {
@@ -79,11 +81,11 @@ def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> d
     for kind, summaries in (("plain", plain), ("ResNet", residual)):
         for depth, s in zip(depths, summaries):
             paper_error = paper.TABLE6_TEST_ERROR.get(s["model"]) if kind == "ResNet" else None
-            rows.append([f"{kind}-{depth}", s["params"], s["final_train_error"], s["final_test_error"], paper_error])
+            rows.append([f"{kind}-{depth}", s["params"], s["final_train_error"], over_seeds_cell(s), paper_error])
     v = result["verdict"]
     text = (
         f"# Degradation ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", "train error %", "test error %", "paper test error %"], rows)
+        + markdown_table(["net", "params", "train error %", test_error_header(plain[0]), "paper test error %"], rows)
         + f"\nDegradation shown: **{'yes' if v['shown'] else 'no'}** "
         f"(plain rises: {v['plain_rises']}, ResNet falls: {v['residual_falls']}).\n\n"
         f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from . import paper
 from .figures import curves_and_finals
-from .runs import train_all
-from .settings import FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET, Settings, parse_depths, provenance, train_config
-from .tables import markdown_table, publish
+from .runs import by_net, train_all
+from .settings import (FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET, Settings, configs_over_seeds,
+                       parse_depths, provenance)
+from .tables import markdown_table, over_seeds_cell, publish, test_error_header
 
 NAME = "depth-sweep"
 DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -21,10 +22,10 @@ CPU_PRESET_DEPTHS = "20,32,44,56"
 
 def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
     models = [f"resnet{d}" for d in depths]
-    outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+    outcomes, finished = train_all(configs_over_seeds(settings, [(m, "") for m in models]), say=say)
     if not finished:
         return None
-    runs = {o.model: o.summary for o in outcomes}
+    runs = by_net(outcomes)
     result = {"experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
               **provenance(settings),
               "depths": list(depths), "runs": runs,
@@ -39,11 +40,11 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
     figure = curves_and_finals(folder / "depth_sweep.png", [runs[m] for m in models], models,
                                "ResNets by depth", result["paper_test_error"], "paper (Table 6, CIFAR-10)")
     rows = [[m, f"{runs[m]['params'] / 1e6:.2f}M", f"{result['paper_params'][m] / 1e6:.2f}M",
-             runs[m]["final_train_error"], runs[m]["final_test_error"], result["paper_test_error"][m]]
+             runs[m]["final_train_error"], over_seeds_cell(runs[m]), result["paper_test_error"][m]]
             for m in models]
     text = (
         f"# Depth sweep ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", "paper params", "train error %", "test error %",
+        + markdown_table(["net", "params", "paper params", "train error %", test_error_header(runs[models[0]]),
                           "paper test error % (Table 6, CIFAR-10)"], rows)
     )
     return publish(folder, result, text, figure, say)

@@ -91,3 +91,25 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def warmup_figure(path: Path, runs: dict[str, list[dict]], threshold: float, title: str) -> Path:
+    """Training error (left) and learning rate (right) of each run's logged steps."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for colour, (label, records) in zip(COLOURS, runs.items()):
+        steps = [r["step"] for r in records]
+        left.plot(steps, [r["error"] for r in records], color=colour, lw=1.5, label=label)
+        right.plot(steps, [r["lr"] for r in records], color=colour, lw=1.5, label=label)
+    left.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"{threshold:g}%")
+    left.set_title(title)
+    left.set_ylabel("training error (%)")
+    right.set_title("learning rate")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("iterations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -33,7 +33,7 @@ from fastresnet.training.fields import apply_flat, flatten
 from . import paper
 from .figures import figure7
 from .runs import train_all
-from .settings import Settings, parse_depths, provenance, train_config
+from .settings import Settings, configs_over_seeds, parse_depths, provenance
 from .tables import markdown_table, publish
 
 NAME = "layer-responses"
@@ -111,7 +111,8 @@ def measure(path: str | Path, device: torch.device) -> dict:
     model, cfg = load_trained(path, device)
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     stds = response_stds(model, smoke.batches(data.val), device)  # the whole test set, except in a smoke run
-    return {"model": cfg.model, "checkpoint": str(path), "layers": [n for n, _ in stds], "stds": [s for _, s in stds]}
+    return {"model": cfg.model, "seed": cfg.seed, "checkpoint": str(path), "layers": [n for n, _ in stds],
+            "stds": [s for _, s in stds]}
 
 
 def label(model: str) -> str:
@@ -123,7 +124,7 @@ def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not checkpoints:
         models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
-        outcomes, finished = train_all([train_config(settings, m) for m in models], say=say)
+        outcomes, finished = train_all(configs_over_seeds(settings, [(m, "") for m in models]), say=say)
         if not finished:
             return None
         checkpoints = [str(o.run_dir) for o in outcomes]
@@ -134,8 +135,12 @@ def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | No
 
 
 def findings(nets: list[dict]) -> dict:
-    """Mean std per net; whether each ResNet's is below its plain twin's and falls with ResNet depth."""
-    means = {n["model"]: sum(n["stds"]) / len(n["stds"]) for n in nets}
+    """Mean std per model (averaged over its seeds' nets); whether each ResNet's is below its plain twin's
+    and falls with ResNet depth."""
+    per_model: dict[str, list[float]] = {}
+    for n in nets:
+        per_model.setdefault(n["model"], []).append(sum(n["stds"]) / len(n["stds"]))
+    means = {model: sum(values) / len(values) for model, values in per_model.items()}
     below_plain = {m: means[m] < means[m.replace("resnet", "plain")]
                    for m in means if m.startswith("resnet") and m.replace("resnet", "plain") in means}
     resnets = sorted((int("".join(c for c in m if c.isdigit())), v) for m, v in means.items() if m.startswith("resnet"))
@@ -146,12 +151,17 @@ def findings(nets: list[dict]) -> dict:
 def write_outputs(folder: Path, result: dict, say) -> dict:
     nets, f = result["nets"], result["findings"]
     deeper = {True: "yes", False: "no", None: "n/a (fewer than two ResNet depths)"}[f["deeper_resnet_smaller"]]
-    figure = figure7(folder / "figure7.png", {label(n["model"]): n["stds"] for n in nets})
-    rows = [[label(n["model"]), len(n["stds"]), f["mean_std"][n["model"]], max(n["stds"]), min(n["stds"]),
-             {True: "yes", False: "no"}.get(f["resnet_below_plain"].get(n["model"]), "-")] for n in nets]
+    first_seed = {}  # the figure draws one net per model, like the paper's
+    for n in nets:
+        first_seed.setdefault(n["model"], n)
+    figure = figure7(folder / "figure7.png", {label(m): n["stds"] for m, n in first_seed.items()})
+    rows = [[label(n["model"]), n.get("seed", "-"), len(n["stds"]), sum(n["stds"]) / len(n["stds"]), max(n["stds"]),
+             min(n["stds"]), {True: "yes", False: "no"}.get(f["resnet_below_plain"].get(n["model"]), "-")]
+            for n in nets]
     text = (
         "# Layer responses (std of each 3x3 conv's output after BN, before ReLU/addition)\n\n"
-        + markdown_table(["net", "3x3 layers", "mean std", "max std", "min std", "below its plain twin"], rows)
+        + markdown_table(["net", "seed", "3x3 layers", "mean std", "max std", "min std",
+                          "below its plain twin (mean over seeds)"], rows)
         + f"\nDeeper ResNet smaller (mean std falls with depth): {deeper}.\n\n{result['paper']}\n"
     )
     return publish(folder, result, text, figure, say)

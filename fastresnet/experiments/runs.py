@@ -18,10 +18,13 @@ so that no step is counted twice. A run folder with no checkpoint starts over.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import shutil
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +32,14 @@ from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
 from fastresnet.training.checkpoint import CHECKPOINT_NAME
+from fastresnet.training.fields import replace_fields
 from fastresnet.training.fields import to_dict
 from fastresnet.training.metrics import read_jsonl
 
 from .tables import write_json
 
 DONE_NAME = "done.json"
+LOCKS_NAME = ".locks"  # beside the run folders: one lock file per run
 # Fields that change how a run is shown or stopped, not what it computes.
 PRESENTATION_FIELDS = ("out_dir", "run_name", "progress", "plot", "stop_at_step")
 # The final training error is the mean over this last fraction of the iterations
@@ -62,6 +67,11 @@ def flat_values(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def named(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the run name its settings give."""
+    return replace_fields(cfg, run_name=run_name(cfg))
+
+
 @dataclass
 class RunOutcome:
     name: str  # run folder name
@@ -76,9 +86,31 @@ class RunOutcome:
         return self.status == "completed"
 
 
-def train_or_resume(cfg: TrainConfig) -> RunOutcome:
+@contextlib.contextmanager
+def run_lock(run_dir: Path, say=print):
+    """One process at a time trains a run: two experiment commands sharing an --out (one per core, say)
+    never train the same run twice or into each other; the second waits here, then finds it finished.
+    The lock is a file in a hidden folder beside the run's (a new run must not find its own folder existing)."""
+    locks = run_dir.parent / LOCKS_NAME
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{run_dir.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"    another process is training {run_dir.name}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
+def train_or_resume(cfg: TrainConfig, say=print) -> RunOutcome:
     """Train the run described by `cfg` (whose run_name and out_dir say where), or finish or skip it."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
+    with run_lock(run_dir, say):
+        return train_or_resume_locked(cfg, run_dir)
+
+
+def train_or_resume_locked(cfg: TrainConfig, run_dir: Path) -> RunOutcome:
+    """train_or_resume for a caller that holds the run's lock."""
     done = run_dir / DONE_NAME
     if done.is_file():
         return RunOutcome(cfg.run_name, cfg.model, run_dir, "completed", "finished earlier", summarize(run_dir))
@@ -108,6 +140,7 @@ def summarize(run_dir: Path) -> dict:
     return {
         "model": config["model"],
         "shortcut": config.get("shortcut") or "",
+        "seed": config["seed"],
         "params": count_params(model),
         "steps": last_step,
         "train_curve": [[r["step"], r["error"]] for r in train_records],
@@ -128,13 +161,35 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def over_seeds(summaries: list[dict]) -> dict:
+    """One net trained once per seed, as one summary: the first seed's curves, and each final error the
+    mean over the seeds, beside its per-seed values, sample std and best (the paper's "best (mean +- std)")."""
+    combined = dict(summaries[0], seeds=[s["seed"] for s in summaries])
+    for key in ("final_train_error", "final_test_error"):
+        values = [s[key] for s in summaries]
+        combined[key] = mean(values)
+        combined[f"{key}_seeds"] = values
+        combined[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        combined[f"{key}_best"] = min(values)
+    return combined
+
+
+def by_net(outcomes: list[RunOutcome]) -> dict[str, dict]:
+    """{model or model-shortcut: over_seeds(its runs' summaries)}, in the order the nets first trained."""
+    groups: dict[str, list[dict]] = {}
+    for outcome in outcomes:
+        s = outcome.summary
+        groups.setdefault(s["model"] + (f"-{s['shortcut']}" if s["shortcut"] else ""), []).append(s)
+    return {name: over_seeds(summaries) for name, summaries in groups.items()}
+
+
 def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], bool]:
     """Train the runs in order; stop at the first one that is interrupted. Returns (outcomes, all finished)."""
     outcomes = []
     for i, cfg in enumerate(configs, 1):
-        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''}: "
+        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''} seed {cfg.seed}: "
             f"{Path(cfg.out_dir) / cfg.run_name}")
-        outcome = train_or_resume(cfg)
+        outcome = train_or_resume(cfg, say)
         outcomes.append(outcome)
         if not outcome.finished:
             say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "

@@ -35,8 +35,7 @@ from fastresnet.data import DataConfig
 from fastresnet.data.build import is_fashion_mnist_folder
 from fastresnet.data.fashion_mnist import resolve_root
 from fastresnet.training import TrainConfig
-from fastresnet.training.config import replace_fields
-from fastresnet.training.fields import ConfigError, apply_flat
+from fastresnet.training.fields import ConfigError, apply_flat, replace_fields
 from fastresnet.training.recipes import read_recipe, recipe_values
 from fastresnet.training.rundir import environment
 
@@ -72,17 +71,21 @@ class Settings:
     milestones: tuple[int, ...] | None = None  # steps; None: the budget's (scaled with --iterations if given)
     eval_every: int | None = None  # epochs; None: the budget's
     batch_size: int = PAPER_BATCH
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # every net trains once per seed; tables give best (mean +- std) over them
     overrides: dict[str, str] = field(default_factory=dict)  # TrainConfig fields, dotted names
     progress: str = "auto"
     quick: bool = False  # Fashion-MNIST on a CPU: FASHION_MNIST_QUICK_BUDGET instead of the 15 epochs
     stop_at_step: int = 0  # > 0: every run stops (checkpointed) at this step, as if preempted (tests)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 image per step, got {self.batch_size}")
         if not self.dataset:
             self.dataset = "digits" if self.data is None else inferred_dataset(self.data)
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"--seeds {','.join(map(str, self.seeds))}: give distinct whole numbers >= 0")
         if self.quick and self.dataset != "fashion-mnist":
             raise ConfigError(f"--quick is a Fashion-MNIST preset; --dataset is {self.dataset}")
         if self.dataset == "digits" and self.data is not None:
@@ -137,8 +140,9 @@ def inferred_dataset(data: str) -> str:
     return "fashion-mnist" if is_fashion_mnist_folder(Path(data).expanduser()) else "cifar10"
 
 
-def train_config(settings: Settings, model: str, shortcut: str = "") -> TrainConfig:
-    """The `paper-cifar` recipe for `model` (with its ResNet-110 warm-up), the settings' budget and data."""
+def train_config(settings: Settings, model: str, shortcut: str = "", seed: int | None = None) -> TrainConfig:
+    """The `paper-cifar` recipe for `model` (with its ResNet-110 warm-up), the settings' budget and data;
+    `seed` None: the settings' first seed."""
     budget = settings.budget()
     if shortcut == "A":  # the CIFAR nets' default: the same run as no option given (degradation's ResNets)
         shortcut = ""
@@ -149,10 +153,16 @@ def train_config(settings: Settings, model: str, shortcut: str = "") -> TrainCon
         cfg, shortcut=shortcut, data=settings.data_config(), unit="step", length=float(budget.iterations),
         schedule="step" if budget.milestones else "constant", lr_milestones=tuple(float(m) for m in budget.milestones),
         eval_every=budget.eval_every, log_every=log_every, out_dir=str(settings.out / "runs"),
-        progress=settings.progress, seed=settings.seed, stop_at_step=settings.stop_at_step,
+        progress=settings.progress, seed=settings.seeds[0] if seed is None else seed, stop_at_step=settings.stop_at_step,
     )
     cfg = apply_flat(cfg, settings.overrides, "--set")
     return apply_flat(cfg, {"run_name": run_name(cfg)}, "run name")
+
+
+def configs_over_seeds(settings: Settings, nets: list[tuple[str, str]]) -> list[TrainConfig]:
+    """Every (model, shortcut) once per seed, all nets of a seed before the next seed: results come in
+    seed by seed, so a first table exists long before the last seed finishes."""
+    return [train_config(settings, model, shortcut, seed) for seed in settings.seeds for model, shortcut in nets]
 
 
 # --- the command-line flags every experiment shares
@@ -176,7 +186,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="steps where the lr is divided by 10, comma-separated (default: 1/2 and 3/4 of the run)")
     parser.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
     parser.add_argument("--batch-size", type=int, default=PAPER_BATCH, help="images per step")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed for every net")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated; every net trains once per seed (all nets of a seed first), and the "
+                        "tables give the test error as the paper does: best (mean +- std)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="any python -m fastresnet.train field, e.g. --set compile=off (repeatable)")
     parser.add_argument("--progress", default="auto", choices=("auto", "bar", "lines", "off"))
@@ -196,11 +208,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             milestones = tuple(int(m) for m in args.milestones.split(",") if m.strip())
         except ValueError:
             raise ConfigError(f"--milestones {args.milestones!r}: expected whole steps separated by commas") from None
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected whole numbers separated by commas") from None
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"--iterations must be >= 1, got {args.iterations}")
     return Settings(
         out=Path(args.out), data=args.data, dataset=args.dataset, iterations=args.iterations, milestones=milestones,
-        eval_every=args.eval_every, batch_size=args.batch_size, seed=args.seed, overrides=overrides,
+        eval_every=args.eval_every, batch_size=args.batch_size, seeds=seeds, overrides=overrides,
         progress=args.progress, quick=args.quick, stop_at_step=args.stop_at_step,
     )
 

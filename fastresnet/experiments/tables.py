@@ -16,6 +16,18 @@ def fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def over_seeds_cell(summary: dict, key: str = "final_test_error") -> str:
+    """A net's error as the paper gives it over several runs, "best (mean +- std)"; one run: its value."""
+    if len(summary.get("seeds", ())) < 2:
+        return fmt(summary[key])
+    return f"{fmt(summary[key + '_best'])} ({fmt(summary[key])} ± {fmt(summary[key + '_std'])})"
+
+
+def test_error_header(summary: dict) -> str:
+    seeds = len(summary.get("seeds", ()))
+    return "test error %" if seeds < 2 else f"test error %, best (mean ± std) of {seeds} seeds"
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
@@ -38,6 +50,11 @@ def write_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def read_json_if_any(path: Path):
+    """The JSON object in `path`, or None where there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_json(path: Path, obj) -> Path:

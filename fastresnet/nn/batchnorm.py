@@ -9,9 +9,9 @@ normalisation). SyncBatchNormAct2d reduces its training statistics across the pr
 nn.SyncBatchNorm does; in eval, and in training without a group of several processes, it is
 BatchNormAct2d.
 
-bn_act(bn, x, residual, relu) is the same for any BatchNorm module a model holds, which is how the
-fused blocks apply theirs: a module swapped in later (torch.nn.SyncBatchNorm.convert_sync_batchnorm)
-is honoured at the next call.
+The fused blocks apply whichever BatchNorm module a model holds now (one swapped in later by
+torch.nn.SyncBatchNorm.convert_sync_batchnorm is honoured at the next call): batch_norm_act with
+batch_norm_args(bn, x) where fusable(bn), else norm_act(bn, x, ...), the module's own computation.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastresnet.ops.bn_act import batch_norm_act, sync_batch_norm_act
+from fastresnet.ops.bn_act import batch_norm_act, update_running_stats
+from fastresnet.ops.conv_bn_act import bn_scale_shift
+from fastresnet.reference import affine_act_reference
 
 Activation = Union[str, bool, None]
 
@@ -52,19 +54,28 @@ def reduces_across_processes(bn: nn.Module) -> bool:
 _FUSABLE = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def bn_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """act(bn(x) + residual): through the fused op for a BatchNorm2d or a SyncBatchNorm that needs no
-    reduction across processes (or one of this module's classes), else batch_norm(bn, x), the add and
-    the ReLU (a FrozenBatchNorm2d, another BatchNorm subclass)."""
-    if isinstance(bn, (BatchNormAct2d, SyncBatchNormAct2d)) or type(bn) in _FUSABLE:
-        if not reduces_across_processes(bn):
-            return batch_norm_act(x, *batch_norm_args(bn, x), residual, relu)
-        if not x.is_cuda:
-            return synced_on_cpu(bn, x, residual, relu)
+def fusable(bn: nn.Module) -> bool:
+    """Whether batch_norm_act computes bn exactly: a BatchNorm2d, or a SyncBatchNorm that needs no
+    reduction across processes (or one of this module's classes)."""
+    return (isinstance(bn, (BatchNormAct2d, SyncBatchNormAct2d)) or type(bn) in _FUSABLE) and \
+        not reduces_across_processes(bn)
+
+
+def norm_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """act(bn(x) + residual) as bn's own forward computes it, for any BatchNorm module (a FrozenBatchNorm2d,
+    a SyncBatchNorm reducing across processes, another subclass); where fusable(bn), batch_norm_act with
+    batch_norm_args(bn, x) computes the same in one pass."""
+    if reduces_across_processes(bn) and not x.is_cuda:
+        return synced_on_cpu(bn, x, residual, relu)
     y = batch_norm(bn, x)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
+
+
+def folded_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of bn in eval mode from its statistics as they are now: what conv_bn_act applies."""
+    return bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, getattr(bn, "eps", 1e-5))
 
 
 def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
@@ -87,20 +98,20 @@ def _running_stats(bn):
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple:
-    """(weight, bias, running_mean, running_var, training, momentum, eps) of F.batch_norm for this forward
+    """(running_mean, running_var, weight, bias, training, momentum, eps) of F.batch_norm for this forward
     of bn, the batch counted: nn.BatchNorm2d.forward's reading of its options, line for line (batch
     statistics in training, and in eval when there are no running ones)."""
     bn._check_input_dim(x)
     factor = momentum_factor(bn)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return (bn.weight, bn.bias, *_running_stats(bn), batch_stats, factor, bn.eps)
+    return (*_running_stats(bn), bn.weight, bn.bias, batch_stats, factor, bn.eps)
 
 
 def synced_on_cpu(bn: nn.SyncBatchNorm, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     bn._check_input_dim(x)
     factor = momentum_factor(bn)
     group = bn.process_group or torch.distributed.group.WORLD
-    return sync_batch_norm_act(x, bn.weight, bn.bias, *_running_stats(bn), factor, bn.eps, group, residual, relu)
+    return sync_batch_norm_act(x, *_running_stats(bn), bn.weight, bn.bias, factor, bn.eps, group, residual, relu)
 
 
 def _relu_from_act(act: Activation) -> bool:
@@ -134,7 +145,9 @@ class _ActMixin:
         return fused.train(bn.training)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return bn_act(self, input, residual, self.apply_relu)
+        if reduces_across_processes(self):
+            return norm_act(self, input, residual, self.apply_relu)
+        return batch_norm_act(input, *batch_norm_args(self, input), residual, self.apply_relu)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={'relu' if self.apply_relu else None}"
@@ -154,9 +167,6 @@ class BatchNormAct2d(_ActMixin, nn.BatchNorm2d):
                  relu: Optional[bool] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.apply_relu = _relu_from_act(act if relu is None else bool(relu))
-
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return batch_norm_act(input, *batch_norm_args(self, input), residual, self.apply_relu)
 
 
 class SyncBatchNormAct2d(_ActMixin, nn.SyncBatchNorm):
@@ -185,3 +195,45 @@ class SyncBatchNormAct2d(_ActMixin, nn.SyncBatchNorm):
             if converted is not child:
                 setattr(module, name, converted)
         return module
+
+
+# ---------------------------------------------------------------------------
+# SyncBatchNorm across CPU processes (gloo), which torch's SyncBatchNorm does not run
+# ---------------------------------------------------------------------------
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the process group, whose gradient is the sum of every rank's gradient (each rank's loss
+    depends on every rank's share of the statistics)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def sync_batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float, group,
+                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """act(BatchNorm(x) + residual) with the batch statistics of the whole process group: what
+    nn.SyncBatchNorm computes in training, for the CPUs torch's does not run on (gloo). Eager and
+    differentiable: the per-channel sums are reduced in fp64 (no cancellation in E[x^2] - E[x]^2 at
+    the scales of activations), their gradient reduced back; running statistics as F.batch_norm's,
+    with the unbiased variance of the whole group's batch."""
+    xd = x.double()
+    local = torch.stack([xd.sum((0, 2, 3)), xd.square().sum((0, 2, 3)),
+                         xd.new_full((x.shape[1],), x.numel() // x.shape[1])])
+    sums, squares, counts = _AllReduceSum.apply(local, group)
+    mean = sums / counts
+    var = (squares / counts - mean.square()).clamp_min(0.0)
+    update_running_stats(running_mean, running_var, mean.float(), (var * counts / (counts - 1)).float(), momentum)
+    scale = torch.rsqrt(var + eps).float()
+    scale = scale * weight if weight is not None else scale
+    shift = bias if bias is not None else torch.zeros_like(scale)
+    return affine_act_reference(x, scale, shift, residual, relu, center=mean.float())

@@ -19,44 +19,43 @@ never slower than the one it replaced):
                  BN + ReLU applied as it loads its input), then bn_act_stats(+ shortcut): no normalised
                  activation is ever stored; the backward recomputes it (fastresnet.ops.conv_stats).
   "mixed"        the same, with cuDNN running the KxK convs (the normalised input written transiently).
-  "cudnn_graph"  cuDNN's own fusion of the same (fastresnet.ops.cudnn_graph; needs nvidia-cudnn-frontend).
   "cudnn_bnact"  cuDNN's convs, each BN (+ add) + ReLU one fused pass.
   "eager"        exactly the original block's forward.
-The first three compute BatchNorm statistics themselves, so they need plain nn.BatchNorm2d layers in
+The first two compute BatchNorm statistics themselves, so they need plain nn.BatchNorm2d layers in
 training; any other norm (a SyncBatchNorm reducing across processes, a FrozenBatchNorm2d, one that
 torch.nn.SyncBatchNorm.convert_sync_batchnorm swapped in after conversion) leaves "cudnn_bnact" and
-"eager", which apply each norm through fastresnet.nn.batchnorm.bn_act. The same goes for eval: a norm
-that cannot be folded runs unfolded, and so does an eval call that may want gradients (grad mode on, and
-an input or a parameter that requires grad): the folded ops have no backward.
+"eager", which apply each norm as its module does (fastresnet.nn.batchnorm). The same goes for eval: a
+norm that cannot be folded runs unfolded, and so does an eval call that may want gradients (grad mode on,
+and an input or a parameter that requires grad): the folded ops have no backward.
 
-Under torch.compile nothing is timed: a block uses the choice an earlier eager call made for that
-input (tune_dispatch makes them), else the fixed rule ("eager").
+Under torch.compile nothing is timed: a block uses the choice an earlier eager call made for that input
+(tune_dispatch makes them), else the default ("eager").
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastresnet import backend
-from fastresnet.nn.batchnorm import batch_norm, bn_act, momentum_factor
+from fastresnet.nn.batchnorm import batch_norm_args, folded_affine, fusable, momentum_factor, norm_act
 from fastresnet.nn.recognise import foldable_reason
-from fastresnet.ops import cudnn_graph, tuning
-from fastresnet.ops.bn_act import bn_act_stats, update_running_stats
-from fastresnet.ops.conv_bn_act import compute_dtype, conv_bn_act_modules
+from fastresnet.ops import tuning
+from fastresnet.ops.bn_act import batch_norm_act, bn_act_stats, update_running_stats
+from fastresnet.ops.conv_bn_act import compute_dtype, conv_bn_act
 from fastresnet.ops.conv_stats import conv_stats
+from fastresnet.ops.layout import fits_int32
 
-TUNED = tuning.Tuned("fused_block")
 MODES = ("train", "inference", "bn_act")
-PATHS = ("triton", "mixed", "cudnn_graph", "cudnn_bnact", "eager")
-CONV_STATS_PATHS = ("triton", "mixed", "cudnn_graph")  # the paths that compute BatchNorm statistics themselves
-FIXED_PATH = "eager"
+PATHS = ("triton", "mixed", "cudnn_bnact", "eager")
+DEFAULT_PATH = "eager"
 _MODE_PATH = {"inference": "eager", "bn_act": "cudnn_bnact"}  # the modes that choose nothing in training
+# The experimental shelf's statistics paths (fastresnet.experimental.blocks fills it): name -> the op that
+# runs each conv, with conv_stats' signature.
+EXPERIMENTAL: dict[str, Callable] = {}
 
 
 def _statistics_norm(bn: nn.Module) -> bool:
@@ -67,6 +66,21 @@ def _statistics_norm(bn: nn.Module) -> bool:
 def _conv_supported(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.bias is None and conv.padding_mode == "zeros"
             and tuple(conv.dilation) == (1, 1) and not isinstance(conv.padding, str))
+
+
+def statistics_applies(block: "_FusedBlock", x: Tensor) -> bool:
+    """The conv_stats paths can run this block on x: the kernels run there, every conv and norm is one they
+    take, and a bottleneck's widest activation (at most 4x its input) fits their 32-bit indexing."""
+    return backend.use_triton(x) and x.dtype.is_floating_point and fits_int32((4 * x.numel(),)) and all(
+        _conv_supported(conv) and _statistics_norm(bn) for conv, bn in block.statistics_pairs())
+
+
+FUSED_BLOCK = tuning.Op("fused_block", {  # run 2
+    "triton": statistics_applies,
+    "mixed": lambda block, x: x.is_cuda and statistics_applies(block, x),
+    "cudnn_bnact": lambda block, x: x.is_cuda and backend.use_triton(x),
+    "eager": None,
+})
 
 
 class _FusedBlock(nn.Module):
@@ -106,35 +120,71 @@ class _FusedBlock(nn.Module):
             return None
         return prefix, conv, bn
 
+    def _shortcut_input(self, x: Tensor) -> tuple[Optional[Tensor], Optional[tuple[nn.Module, nn.Module]]]:
+        """(what the projection conv reads, (conv, bn)) for a conv + BN projection, after its parameter-free
+        modules (timm's avg_down pool); else (the shortcut itself, None); (None, None) without one."""
+        if not self.residual:
+            return None, None
+        projection = self._projection()
+        if projection is None:
+            return (x if self.downsample is None else self.downsample(x)), None
+        prefix, conv, bn = projection
+        for module in prefix:
+            x = module(x)
+        return x, (conv, bn)
+
     # -- forward -------------------------------------------------------------
 
     def forward(self, x: Tensor, path: Optional[str] = None) -> Tensor:
-        """The block's output. `path` runs one training path by name (benchmarks and tests) instead of
-        the mode's choice. The loops over the convs sit here, so that a kernel launch is three calls below
-        the module: the op, its body, the kernels' launcher."""
-        if path is None and not self.training:
-            if self.mode == "bn_act" or self._wants_grad(x) or not self._foldable():
-                return self._forward_unfused(x, fused_bn=self.mode == "bn_act")
-            shortcut = self._folded_shortcut(x) if self.residual else None
-            out = x
-            for i, (conv, bn) in enumerate(self._pairs(), 1):
-                out = conv_bn_act_modules(conv, bn, out, shortcut if i == self.num_convs else None)
-            return out
+        """The block's output. `path` runs one training path by name (benchmarks, tests, timing) instead of
+        the mode's choice. Every path is written out here, so that a kernel launch is three calls below
+        the module: the op, its custom op's body, the kernels' launcher."""
         path = path or self._path_for(x)
-        if path not in CONV_STATS_PATHS:
-            if path not in PATHS:
-                raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-            return self._forward_unfused(x, fused_bn=path == "cudnn_bnact")
+        pairs, last = self._pairs(), self.num_convs - 1
+        if path == "folded":  # eval: each conv + BN (+ residual) (+ ReLU) one op, folded at this call
+            shortcut, projection = self._shortcut_input(x)
+            if projection is not None:
+                (conv, bn), (scale, shift) = projection, folded_affine(projection[1])
+                shortcut = conv_bn_act(shortcut, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                       conv.groups, scale=scale, shift=shift, relu=False)
+            out = x
+            for i, (conv, bn) in enumerate(pairs):
+                scale, shift = folded_affine(bn)
+                out = conv_bn_act(out, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                  scale=scale, shift=shift, residual=shortcut if i == last else None)
+            return out
+        if path in ("eager", "cudnn_bnact"):  # cuDNN's convs, each norm as its module computes it or fused
+            fused_bn, out = path == "cudnn_bnact", x
+            shortcut, projection = self._shortcut_input(x)
+            if projection is not None:
+                conv, bn = projection
+                y = conv(shortcut)
+                shortcut = (batch_norm_act(y, *batch_norm_args(bn, y), None, False) if fused_bn and fusable(bn)
+                            else norm_act(bn, y, None, False))
+            for i, (conv, bn) in enumerate(pairs):
+                y, residual = conv(out), shortcut if i == last else None
+                out = (batch_norm_act(y, *batch_norm_args(bn, y), residual, True) if fused_bn and fusable(bn)
+                       else norm_act(bn, y, residual, True))
+            return out
+        if path not in PATHS and path not in EXPERIMENTAL:
+            raise ValueError(f"unknown path {path!r}; expected one of {PATHS + tuple(EXPERIMENTAL)}")
         # Each conv emits its output's statistics, which the next applies on load; the last BN, the
         # shortcut's addition and the ReLU are one bn_act_stats.
         x = x.to(compute_dtype(x))
-        shortcut = self._conv_stats_shortcut(x, path) if self.residual else None
-        out, stats = x, None
-        for conv, bn in self._pairs():
-            out, *batch = _stats_conv(path, conv)(out, conv.weight.to(x.dtype), conv.stride, conv.padding, bn.eps,
-                                                  stats)
-            stats = _batch_statistics(bn, *batch, x)
-        return bn_act_stats(out, *stats, residual=shortcut, relu=True)
+        stats_conv = EXPERIMENTAL.get(path, conv_stats)
+        shortcut, projection = self._shortcut_input(x)
+        if projection is not None:
+            conv, bn = projection
+            y, *batch = stats_conv(shortcut, conv.weight.to(x.dtype), None, conv.stride, conv.padding, eps=bn.eps)
+            shortcut = bn_act_stats(y, *_batch_statistics(bn, *batch, x), relu=False)
+        elif shortcut is not None:
+            shortcut = shortcut.to(x.dtype)
+        out, norm = x, None
+        for conv, bn in pairs:
+            out, *batch = stats_conv(out, conv.weight.to(x.dtype), None, conv.stride, conv.padding, eps=bn.eps,
+                                     input_norm=norm, use_cudnn=path == "mixed" and tuple(conv.kernel_size) != (1, 1))
+            norm = _batch_statistics(bn, *batch, x)
+        return bn_act_stats(out, *norm, residual=shortcut, relu=True)
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         """The training forward through one named path."""
@@ -151,118 +201,45 @@ class _FusedBlock(nn.Module):
         projection = self._projection() if self.residual else None
         return all(foldable_reason(bn) is None for bn in norms + ([projection[2]] if projection else []))
 
-    def _folded_shortcut(self, x: Tensor) -> Tensor:
-        projection = self._projection()
-        if projection is None:
-            return x if self.downsample is None else self.downsample(x)
-        prefix, conv, bn = projection
-        for module in prefix:  # e.g. timm's avg_down AvgPool2d
-            x = module(x)
-        return conv_bn_act_modules(conv, bn, x, relu=False)
-
-    def _forward_unfused(self, x: Tensor, fused_bn: bool) -> Tensor:
-        """The original composition, each BN (+ add) + ReLU fused into one pass when fused_bn. A projection
-        shortcut's BN is applied here too rather than by its Sequential, so that any norm is honoured
-        (fastresnet.nn.batchnorm.batch_norm: a SyncBatchNorm across CPU processes)."""
-        shortcut = self._unfused_shortcut(x, fused_bn) if self.residual else None
-        out = x
-        for i, (conv, bn) in enumerate(self._pairs(), 1):
-            residual = shortcut if i == self.num_convs else None
-            if fused_bn:
-                out = bn_act(bn, conv(out), residual)
-            else:
-                out = batch_norm(bn, conv(out))
-                out = F.relu(out if residual is None else out + residual)
-        return out
-
-    def _unfused_shortcut(self, x: Tensor, fused_bn: bool) -> Tensor:
-        projection = self._projection()
-        if projection is None:
-            return x if self.downsample is None else self.downsample(x)
-        prefix, conv, bn = projection
-        for module in prefix:
-            x = module(x)
-        return bn_act(bn, conv(x), relu=False) if fused_bn else batch_norm(bn, conv(x))
-
-    def _conv_stats_shortcut(self, x: Tensor, path: str) -> Optional[Tensor]:
-        projection = self._projection()
-        if projection is None:
-            return x if self.downsample is None else self.downsample(x).to(x.dtype)
-        prefix, conv, bn = projection
-        for module in prefix:
-            x = module(x)
-        y, *batch = _stats_conv(path, conv)(x, conv.weight.to(x.dtype), conv.stride, conv.padding, bn.eps, None)
-        return bn_act_stats(y, *_batch_statistics(bn, *batch, x), relu=False)
-
-    # -- choosing the training path ------------------------------------------------------
+    # -- choosing the path ---------------------------------------------------------
 
     def _path_for(self, x: Tensor) -> str:
+        if not self.training:
+            if self.mode == "bn_act":
+                return "cudnn_bnact"
+            return "eager" if self._wants_grad(x) or not self._foldable() else "folded"
         if self.mode in _MODE_PATH:
             return _MODE_PATH[self.mode]
-        signature = self._signature(x)
-        if torch.compiler.is_compiling():  # no timing while tracing: an eager call's choice, else the rule
-            return TUNED.known(signature) or FIXED_PATH
-        chosen = TUNED.memo.get(signature)
-        if chosen is not None:
-            return chosen
-        paths = self.candidate_paths(x)
-        return TUNED.choose(
-            signature, x.device, names=paths, fixed=paths[0] if not x.is_cuda else FIXED_PATH,
-            key=lambda: self._problem_key(x), runs=lambda names: self._timed_steps(names, x),
-            outputs=lambda result: result,
-        )
+        return FUSED_BLOCK.choose(self._problem(x), x.device, self._default(x), args=(self, x),
+                                  timed=lambda name: self._timed_step(name, x))
 
-    def candidate_paths(self, x: Tensor) -> list[str]:
-        """The paths that can run this block's training forward on x (eager always can). On the CPU the
-        first is what runs: the Triton path under the interpreter (tests), else eager."""
-        if not backend.use_triton(x):
-            return ["eager"]
-        paths = ["triton"] if self._triton_supported(x) else []
-        if x.is_cuda:
-            if paths:  # "mixed" of a block without 1x1 convs: all cuDNN, still nothing normalised saved
-                paths.append("mixed")
-                if self._cudnn_graph_offered(x):
-                    paths.append("cudnn_graph")
-            paths.append("cudnn_bnact")
-        return paths + ["eager"]
+    def _default(self, x: Tensor) -> str:
+        """Where nothing is timed: "eager", but on the CPU the kernels where they apply (Triton's
+        interpreter: the tests)."""
+        if x.is_cuda or torch.compiler.is_compiling() or not statistics_applies(self, x):
+            return DEFAULT_PATH
+        return "triton"
 
-    def _statistics_pairs(self):
-        pairs = self._pairs()
+    def statistics_pairs(self):
+        """Every (conv, norm) of the block, the projection shortcut's included."""
         projection = self._projection() if self.residual else None
-        return pairs + ([projection[1:]] if projection is not None else [])
+        return self._pairs() + ([projection[1:]] if projection is not None else [])
 
-    def _triton_supported(self, x: Tensor) -> bool:
-        # The kernels index in int32; a bottleneck's widest activation is at most 4x its input.
-        return x.dtype.is_floating_point and 4 * x.numel() < 2**31 and all(
-            _conv_supported(conv) and _statistics_norm(bn) for conv, bn in self._statistics_pairs())
-
-    def _cudnn_graph_offered(self, x: Tensor) -> bool:
-        """The package imports, the device is CUDA, and the input is NHWC (the layout cuDNN's fused engines
-        take). Whether cuDNN has an engine for each conv is learnt on its first call
-        (fastresnet.ops.cudnn_graph.report()); where it has none, that conv runs unfused."""
-        return cudnn_graph.unavailable_reason(x.device) is None and x.is_contiguous(memory_format=torch.channels_last)
-
-    def _signature(self, x: Tensor) -> tuple:
+    def _problem(self, x: Tensor) -> tuple:
         layout = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        norms = tuple((type(bn), bn.training) for _, bn in self._statistics_pairs())
-        geometry = tuple((c.weight.shape, c.stride, c.padding) for c, _ in self._statistics_pairs())
-        return (type(self), self.residual, geometry, norms, x.shape, x.dtype, compute_dtype(x), layout,
-                x.device.type)
+        pairs = self.statistics_pairs()
+        norms = tuple((f"{type(bn).__module__}.{type(bn).__qualname__}", bn.training) for _, bn in pairs)
+        geometry = tuple((c.weight.shape, c.stride, c.padding) for c, _ in pairs)
+        return (type(self).__name__, self.residual, geometry, norms, x.shape, x.dtype, compute_dtype(x),
+                "cl" if layout else "any")
 
-    def _problem_key(self, x: Tensor) -> str:
-        convs = ",".join(f"{c.out_channels}x{c.in_channels}k{c.kernel_size[0]}s{c.stride[0]}"
-                         for c, _ in self._statistics_pairs())
-        layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "any"
-        return (f"fused_block:{type(self).__name__}:res{int(self.residual)}:{convs}:x{'x'.join(map(str, x.shape))}"
-                f":{str(x.dtype).removeprefix('torch.')}:{str(compute_dtype(x)).removeprefix('torch.')}:{layout}")
-
-    def _timed_steps(self, names, x: Tensor) -> dict:
-        """One forward + backward per path, returning the output and the gradients (what a new path is
-        checked on), never accumulating into .grad; the buffers are put back after each step (timing
-        steps must not count as training steps)."""
+    def _timed_step(self, path: str, x: Tensor) -> Callable[[], tuple]:
+        """One forward + backward through `path`, returning the output and the gradients, never
+        accumulating into .grad; the buffers are put back after each step (timing steps must not count as
+        training steps)."""
         saved = [b.detach().clone() for b in self.buffers()]
 
-        def step(path):
+        def step():
             try:
                 with torch.enable_grad():
                     x_ = x.detach().requires_grad_(x.requires_grad)
@@ -276,25 +253,17 @@ class _FusedBlock(nn.Module):
                     for buffer, value in zip(self.buffers(), saved):
                         buffer.copy_(value)
 
-        return {path: (lambda p=path: step(p)) for path in names}
-
-
-def _stats_conv(path: str, conv: nn.Conv2d):
-    """The op that runs `conv` on a statistics path: f(x, weight, stride, padding, eps, norm_input) ->
-    (y, mean, invstd, unbiased var)."""
-    if path == "cudnn_graph":
-        return cudnn_graph.conv_stats_graph
-    return functools.partial(conv_stats, use_cudnn=path == "mixed" and tuple(conv.kernel_size) != (1, 1))
+        return step
 
 
 def _batch_statistics(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, var_unbiased: Tensor, like: Tensor):
-    """(mean, invstd, gamma, beta) of bn for the next op, bn's running statistics updated from the batch."""
+    """(mean, invstd, weight, bias) of bn for the next op, bn's running statistics updated from the batch."""
     factor = momentum_factor(bn)
     if bn.track_running_stats and bn.running_mean is not None:
-        update_running_stats((bn.running_mean, bn.running_var), mean, var_unbiased, factor)
-    gamma = bn.weight if bn.weight is not None else like.new_ones(bn.num_features, dtype=torch.float32)
-    beta = bn.bias if bn.bias is not None else like.new_zeros(bn.num_features, dtype=torch.float32)
-    return mean, invstd, gamma, beta
+        update_running_stats(bn.running_mean, bn.running_var, mean, var_unbiased, factor)
+    weight = bn.weight if bn.weight is not None else like.new_ones(bn.num_features, dtype=torch.float32)
+    bias = bn.bias if bn.bias is not None else like.new_zeros(bn.num_features, dtype=torch.float32)
+    return mean, invstd, weight, bias
 
 
 class FusedBasicBlock(_FusedBlock):
@@ -319,7 +288,7 @@ class FusedBottleneck(_FusedBlock):
 
 def chosen_paths() -> list[str]:
     """The training paths the fused blocks of this process have chosen (for logs and reports)."""
-    return sorted(set(TUNED.memo.values()))
+    return sorted(set(FUSED_BLOCK.memo.values()))
 
 
 def tune_dispatch(model: nn.Module, *example_inputs: Tensor) -> list[dict]:

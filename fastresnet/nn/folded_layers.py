@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastresnet.nn.batchnorm import reduces_across_processes, synced_on_cpu
-from fastresnet.ops.conv_bn_act import conv_bn_act_modules
+from fastresnet.nn.batchnorm import folded_affine, reduces_across_processes, synced_on_cpu
+from fastresnet.ops.conv_bn_act import conv_bn_act
 
 
 class _Chain:
@@ -69,7 +69,9 @@ class _ConvBNActInEval:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             y = super(_PassThroughInEval, bn).forward(super().forward(x))  # the BN's own class's forward
             return F.relu(y) if relu else y
-        return conv_bn_act_modules(self, bn, x, relu=relu)
+        scale, shift = folded_affine(bn)
+        return conv_bn_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                           scale=scale, shift=shift, relu=relu)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,53 +1,48 @@
-"""One measured choice for every op that has more than one way to compute.
+"""One measured choice for every op that can compute a problem in more than one way.
 
-A fused Triton kernel is not always faster than cuDNN, and the library must
-never be slower than plain PyTorch. So every op that can run a problem (shape,
-strides, dtype, ...) in several ways asks its `Tuned` object which to run:
+A fused Triton kernel is not always faster than cuDNN, and the library must never be slower than
+plain PyTorch. So an op asks its `Op` once per call which path to run, then runs it:
 
-    CONV_BN_ACT = Tuned("conv_bn_act")
-    name = CONV_BN_ACT.choose(signature, x.device, names=..., fixed=..., key=..., runs=...)
+    CONV_BN_ACT = tuning.Op("conv_bn_act", {"cudnn_fused": None, "cudnn_affine": None, "triton": applies})
+    path = CONV_BN_ACT.choose(problem, x.device, default, timed=lambda name: lambda: ..., args=(x, weight, ...))
 
-The first call of a problem on a GPU times every allowed candidate on the real
-inputs (`runs`), keeps the fastest and remembers it: per `signature` in
-memory (a tuple: the hot path is one dict lookup), and under `key` (a string)
-in one JSON file per (GPU, torch, triton) under ~/.cache/fastresnet/
-($FASTRESNET_CACHE_DIR), written atomically. A file or an entry that does not
-parse, or was written for other versions, is ignored with a warning.
+`problem` is a tuple of what the choice depends on (shapes, strides, dtypes, flags). As it is, it keys
+the memory of this process (the hot path is one dict lookup); written out (`key()`), the disk cache.
+The first call of a problem on a device where candidates can be timed (a GPU) runs each candidate that
+applies (`applies(*args)`) on the real inputs (timed(name) gives the call to time), keeps the fastest and
+remembers it:
+in memory, and in one JSON file per (device, torch, triton) under ~/.cache/fastresnet/
+($FASTRESNET_CACHE_DIR), written atomically. A file or an entry that does not parse, or was written for
+other versions, is ignored with a warning. Timing and the cache live here alone: an op asks before it
+calls its custom op, which runs the path it is given.
 
-Safe by default: a candidate that has never run on a GPU (not in its op's
-`proven` table below, which names the bench/RESULTS.md run that showed it)
-takes part only with FASTRESNET_EXPERIMENTAL=1, and its first call is then
-compared with the op's known-good path: one that computes wrong warns and is
-left out, however fast. An illegal memory access cannot be caught that way,
-hence the opt-in.
+The candidates of the main tree have run on a GPU (bench/RESULTS.md names the run per op). Those that
+have not wait on the experimental shelf (fastresnet.experimental), whose candidates are offered only
+with FASTRESNET_EXPERIMENTAL=1 (bench/gpu_check.sh sets it); the switch loads the shelf.
 
-Switches, read when a problem is first met (`override()` and `clear()` make a
-change take effect inside a process):
-  FASTRESNET_DISPATCH=measure   (default) time the candidates as above.
-  FASTRESNET_DISPATCH=fixed     time nothing: every op runs its fixed rule.
+Switches, read when a problem is first met (`override()` and `clear()` make a change take effect inside
+a process):
+  FASTRESNET_DISPATCH=measure   (the default) time the candidates as above.
+  FASTRESNET_DISPATCH=default   time nothing: every op runs its default ("fixed" is the same).
   FASTRESNET_DISPATCH="conv_bn_act=cudnn_fused,batch_norm_act.backward=triton"
-                                pin candidates per op (a name of OPS, or a prefix of
-                                several: "batch_norm_act=triton" pins each batch_norm_act.*
-                                op that has "triton"); "op=fixed" gives that op its rule.
-                                A pinned candidate that cannot run a problem (cuBLASLt for
-                                a 3x3 conv) leaves that problem to the fixed rule. An
-                                unknown op or candidate is an error that lists the valid ones.
-  FASTRESNET_EXPERIMENTAL=1     let never-run candidates compete (bench/gpu_check.sh sets it).
-  FASTRESNET_TILES=fixed        time implementations but not the Triton kernels' tiles
-                                (each tile timed is a compile: a shorter first call).
+                                pin candidates per op (a name of OPS, or a prefix of several:
+                                "batch_norm_act=triton" pins each batch_norm_act.* op that has "triton");
+                                "op=default" gives that op its default. A pinned candidate that cannot run
+                                a problem leaves that problem to the default. An unknown op or candidate
+                                is an error that lists the valid ones.
+  FASTRESNET_EXPERIMENTAL=1     offer the experimental shelf's candidates too.
 
-Where nothing can be timed the fixed rule runs: off a GPU (on the CPU an op's
-rule runs its Triton kernels when Triton's interpreter is on, for the tests),
-and inside a CUDA-graph capture, where a choice already made (memory or disk)
-is kept and nothing new is remembered.
-
-`decisions()` lists every choice of this process with its times; each new one
-is also logged on the "fastresnet.tuning" logger (INFO).
+Where nothing can be timed the default runs: on a device that is not timed (the CPU: there the Triton
+kernels run in Triton's interpreter, for the tests), under torch.compile (a choice made eagerly before
+is kept), and inside a CUDA-graph capture (a choice made before, in memory or on disk, else the default,
+not remembered). `decisions()` lists every choice of this process with its times; each new one is also
+logged on the "fastresnet.tuning" logger (INFO).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import math
@@ -57,9 +52,9 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -68,68 +63,14 @@ log = logging.getLogger("fastresnet.tuning")
 CACHE_DIR_ENV = "FASTRESNET_CACHE_DIR"
 DISPATCH_ENV = "FASTRESNET_DISPATCH"
 EXPERIMENTAL_ENV = "FASTRESNET_EXPERIMENTAL"
-TILES_ENV = "FASTRESNET_TILES"
-# Bumped when a cached entry changes meaning; older files then count as stale. 3: candidates
-# namespaced per op, "triton" is the inference conv's rule tile, tiles are "rule" or "tile:<name>".
-CACHE_SCHEMA = 3
+DEFAULT = "default"
+# "fixed" is what the README first called the default: kept as a synonym.
+_SYNONYMS = {"fixed": DEFAULT}
+# Bumped when a cached entry changes meaning; older files then count as stale. 4: keys are the problem
+# tuples written out, the experimental candidates left the main tree.
+CACHE_SCHEMA = 4
 
-# The GPU runs that showed candidates running and computing right (bench/RESULTS.md).
-RUN_1 = "H200 run 1, 2026-11-27, git 940f6a4"
-RUN_2 = "H200 run 2, 2026-11-27, git f87519c"
-
-
-@dataclass(frozen=True)
-class Op:
-    """What an op may choose from.
-
-    candidates: every name it knows; "p:" stands for a family of names "p:<tile>".
-    proven: the candidates that have run on a GPU, each with the run that showed it.
-    check_against: the known-good candidate a new one is compared with on its first call
-        (None where the op passes its own reference).
-    family_rules: for a family, the candidate that runs its rule's tile ("triton:" -> "triton"),
-        so that FASTRESNET_TILES=fixed drops the family; a family without one keeps its first member.
-    """
-
-    candidates: tuple[str, ...]
-    proven: dict[str, str]
-    check_against: Optional[str] = None
-    family_rules: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def tiles_only(self) -> bool:
-        """Whether every candidate is a rule's tile or a family of other tiles (a kernel's tile choice)."""
-        return set(self.candidates) <= set(self.family_rules) | set(self.family_rules.values())
-
-
-_TILE_OP = Op(("rule", "tile:"), {"rule": RUN_2}, check_against="rule", family_rules={"tile:": "rule"})
-
-# Every op that chooses, in one table: the overrides are checked against it.
-OPS: dict[str, Op] = {
-    # Inference conv + folded BN (+ residual) (+ ReLU): fastresnet/ops/conv_bn_act.py
-    "conv_bn_act": Op(
-        ("cudnn_fused", "cudnn_affine", "triton", "triton:", "triton_gemm:", "cublaslt_fused"),
-        {"cudnn_fused": RUN_1, "cudnn_affine": RUN_1, "triton": RUN_1},
-        family_rules={"triton:": "triton"},
-    ),
-    # BatchNorm + add + ReLU (fastresnet/ops/bn_act.py), each stage on its own.
-    "batch_norm_act.forward": Op(("triton", "triton_single", "eager"), {"triton": RUN_1, "eager": RUN_1}, "triton"),
-    "batch_norm_act.backward": Op(("triton", "triton_pipelined", "eager"), {"triton": RUN_1, "eager": RUN_1},
-                                  "triton"),
-    "batch_norm_act.step": Op(("triton", "triton_single", "eager"), {"triton": RUN_2, "eager": RUN_2}, "triton"),
-    "batch_norm_act.eval": Op(("triton", "triton_wide", "triton_affine", "eager"),
-                              {"triton_affine": RUN_2, "eager": RUN_2}, "triton_affine"),
-    "batch_norm_act.eval_grad": Op(("triton", "eager"), {"triton": RUN_2, "eager": RUN_2}, "triton"),
-    # Training conv with BN statistics (fastresnet/ops/conv_stats.py): its backward, its kernels' tiles.
-    "conv_stats.backward": Op(("cudnn", "triton_wgrad", "triton_dgrad", "triton_bwd"), {"cudnn": RUN_2}, "cudnn"),
-    "conv_stats.tile": _TILE_OP,
-    "conv_wgrad.tile": Op(("rule", "tile:"), {}, check_against="rule", family_rules={"tile:": "rule"}),
-    "conv_dgrad.tile": Op(("rule", "tile:"), {}, check_against="rule", family_rules={"tile:": "rule"}),
-    # A fused training block's path (fastresnet/nn/blocks.py).
-    "fused_block": Op(("triton", "mixed", "cudnn_graph", "cudnn_bnact", "eager"),
-                      {"triton": RUN_2, "mixed": RUN_2, "cudnn_bnact": RUN_2, "eager": RUN_2}, "eager"),
-    # The whole training step under torch.compile: fused blocks or plain ones (fastresnet/training).
-    "train_step": Op(("fused", "plain"), {"fused": RUN_1, "plain": RUN_1}),
-}
+OPS: dict[str, "Op"] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -139,10 +80,9 @@ OPS: dict[str, Op] = {
 
 @dataclass(frozen=True)
 class Settings:
-    fixed: bool  # FASTRESNET_DISPATCH=fixed
-    pins: dict[str, str]  # op name or prefix -> candidate (or "fixed")
+    use_default: bool  # FASTRESNET_DISPATCH=default
+    pins: dict[str, str]  # op name or prefix -> candidate (or DEFAULT)
     experimental: bool
-    tiles_fixed: bool
 
     def pin_for(self, op: str) -> Optional[str]:
         """The pinned candidate of `op`: its own pin, else the pin of the longest prefix that it has."""
@@ -151,7 +91,7 @@ class Settings:
         parts = op.split(".")
         for n in range(len(parts) - 1, 0, -1):
             pin = self.pins.get(".".join(parts[:n]))
-            if pin is not None and (pin == "fixed" or _knows(OPS[op], pin)):
+            if pin is not None and (pin == DEFAULT or OPS[op].knows(pin, self.experimental)):
                 return pin
         return None
 
@@ -169,56 +109,56 @@ def override(spec: Optional[str]) -> None:
     clear()
 
 
+def experimental() -> bool:
+    """FASTRESNET_EXPERIMENTAL is on; then the shelf is loaded (once), which adds its candidates."""
+    on = os.environ.get(EXPERIMENTAL_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    if on:  # by name: the shelf depends on the main tree, never the other way
+        importlib.import_module("fastresnet.experimental")
+    return on
+
+
 def settings() -> Settings:
     spec = _override if _override is not None else os.environ.get(DISPATCH_ENV, "")
-    tiles = os.environ.get(TILES_ENV, "search").strip() or "search"
-    if tiles not in ("search", "fixed"):
-        raise ValueError(f"{TILES_ENV}={tiles!r}: expected 'search' (time every tile) or 'fixed' (one tile per rule)")
-    experimental = os.environ.get(EXPERIMENTAL_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-    fixed, pins = parse_dispatch(spec)
-    return Settings(fixed, pins, experimental, tiles == "fixed")
-
-
-@functools.lru_cache(maxsize=64)
-def _parsed(spec: str) -> tuple[bool, tuple[tuple[str, str], ...]]:
-    fixed, pins = False, []
-    for item in (part.strip() for part in spec.split(",")):
-        if item in ("", "measure"):
-            continue
-        if item == "fixed":
-            fixed = True
-            continue
-        op, sep, candidate = (s.strip() for s in item.partition("="))
-        if not sep:
-            raise ValueError(f"{DISPATCH_ENV}: {item!r} is neither 'measure', 'fixed' nor 'op=candidate'; {_ops_help()}")
-        matching = [name for name in OPS if name == op or name.startswith(op + ".")]
-        if not matching:
-            raise ValueError(f"{DISPATCH_ENV}: no op {op!r}; {_ops_help()}")
-        if candidate != "fixed" and not any(_knows(OPS[name], candidate) for name in matching):
-            valid = sorted({c for name in matching for c in OPS[name].candidates})
-            raise ValueError(f"{DISPATCH_ENV}: {op!r} has no candidate {candidate!r}; it has {valid} "
-                             "('p:' stands for 'p:<tile>') or 'fixed'")
-        pins.append((op, candidate))
-    return fixed, tuple(pins)
+    shelf = experimental()
+    use_default, pins = parse_dispatch(spec)
+    return Settings(use_default, pins, shelf)
 
 
 def parse_dispatch(spec: str) -> tuple[bool, dict[str, str]]:
-    """(everything fixed?, {op: pinned candidate}) of a FASTRESNET_DISPATCH value; raises on a bad one."""
-    fixed, pins = _parsed(spec)
-    return fixed, dict(pins)
+    """(everything on its default?, {op: pinned candidate}) of a FASTRESNET_DISPATCH value; raises on a
+    bad one."""
+    use_default, pins = _parsed(spec, experimental())
+    return use_default, dict(pins)
 
 
-def _ops_help() -> str:
-    return "ops: " + ", ".join(f"{name} {list(op.candidates)}" for name, op in OPS.items())
+@functools.lru_cache(maxsize=64)
+def _parsed(spec: str, shelf: bool) -> tuple[bool, tuple[tuple[str, str], ...]]:
+    use_default, pins = False, []
+    for item in (part.strip() for part in spec.split(",")):
+        item = _SYNONYMS.get(item, item)
+        if item in ("", "measure"):
+            continue
+        if item == DEFAULT:
+            use_default = True
+            continue
+        op, sep, candidate = (s.strip() for s in item.partition("="))
+        candidate = _SYNONYMS.get(candidate, candidate)
+        if not sep:
+            raise ValueError(f"{DISPATCH_ENV}: {item!r} is neither 'measure', 'default' nor 'op=candidate'; "
+                             f"{_ops_help(shelf)}")
+        matching = [name for name in OPS if name == op or name.startswith(op + ".")]
+        if not matching:
+            raise ValueError(f"{DISPATCH_ENV}: no op {op!r}; {_ops_help(shelf)}")
+        if candidate != DEFAULT and not any(OPS[name].knows(candidate, shelf) for name in matching):
+            valid = sorted({c for name in matching for c in OPS[name].offered(shelf)})
+            raise ValueError(f"{DISPATCH_ENV}: {op!r} has no candidate {candidate!r}; it has {valid} or 'default'"
+                             + ("" if shelf else f" ({EXPERIMENTAL_ENV}=1 offers the experimental ones)"))
+        pins.append((op, candidate))
+    return use_default, tuple(pins)
 
 
-def _knows(op: Op, candidate: str) -> bool:
-    family = candidate.partition(":")[0] + ":"
-    return candidate in op.candidates or (":" in candidate and family in op.candidates)
-
-
-def _family(name: str) -> Optional[str]:
-    return name.partition(":")[0] + ":" if ":" in name else None
+def _ops_help(shelf: bool) -> str:
+    return "ops: " + ", ".join(f"{name} {op.offered(shelf)}" for name, op in OPS.items())
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +167,6 @@ def _family(name: str) -> Optional[str]:
 
 _decisions: dict[str, dict] = {}  # key -> {"op", "choice", "times_ms", "source"}
 _disk: dict[str, dict] = {}  # cache file -> its entries, read once per process
-_tuned: list["Tuned"] = []
 
 
 def decisions() -> list[dict]:
@@ -244,8 +183,8 @@ def clear() -> None:
     """Forget this process's choices (the disk cache stays)."""
     _decisions.clear()
     _disk.clear()
-    for tuned in _tuned:
-        tuned.memo.clear()
+    for op in OPS.values():
+        op.memo.clear()
 
 
 def cache_dir() -> Path:
@@ -253,11 +192,15 @@ def cache_dir() -> Path:
 
 
 def environment_tag(device: torch.device) -> dict:
-    """What a measurement depends on besides the problem: the GPU and the software versions."""
-    import triton
+    """What a measurement depends on besides the problem: the device and the software versions."""
+    try:
+        import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"schema": CACHE_SCHEMA, "device": name, "torch": torch.__version__, "triton": triton.__version__}
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"schema": CACHE_SCHEMA, "device": name, "torch": torch.__version__, "triton": triton_version}
 
 
 def cache_path(tag: dict) -> Path:
@@ -352,7 +295,7 @@ def remembered(key: str, allowed: Sequence[str], device: torch.device) -> Option
 
 def export_decisions(path: Path, device: torch.device) -> int:
     """Write every decision known here for `device` (the disk cache, and this process's) to `path`, with
-    the GPU and versions they hold for; returns how many."""
+    the device and versions they hold for; returns how many."""
     _, tag, stored = _disk_entries(device)
     entries = {**stored, **{k: {f: v for f, v in e.items() if f != "source"} for k, e in _decisions.items()}}
     save_cache(Path(path), tag, entries)
@@ -361,7 +304,7 @@ def export_decisions(path: Path, device: torch.device) -> int:
 
 def import_decisions(path: Path, device: torch.device) -> int:
     """Add the decisions of a file written by export_decisions to this machine's cache; returns how many.
-    Raises ValueError, naming what differs, for a file made on another GPU or other versions, or one
+    Raises ValueError, naming what differs, for a file made on another device or other versions, or one
     that is not such a file."""
     path = Path(path)
     try:
@@ -387,22 +330,28 @@ def import_decisions(path: Path, device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Timing and checking
+# Timing
 # ---------------------------------------------------------------------------
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
-    """Median time of fn() in milliseconds, with CUDA events (after `warmup` untimed calls)."""
+    """Median time of fn() in milliseconds after `warmup` untimed calls: CUDA events on a GPU, the host
+    clock elsewhere (where a call returns when its work is done)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -417,11 +366,11 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -
     return times
 
 
-class Progress:
+class TuningProgress:
     """A line on `stream` as each candidate starts, so that a first call's measurement (every candidate
     compiled, then timed) is no silent pause: which problem and candidate, and an estimate of what is
     left of the problem from what its candidates so far took (their compiles included). A problem
-    measured inside a candidate's first call (a kernel's tile inside a backward path) is indented."""
+    measured inside a candidate's first call (a backward after each forward) is indented."""
 
     def __init__(self, stream=None):
         self.stream = stream if stream is not None else sys.stderr
@@ -467,55 +416,17 @@ class Progress:
         print("  " * len(self._open) + line, file=self.stream, flush=True)
 
 
-_progress: Optional[Progress] = None
+_progress: Optional[TuningProgress] = None
 
 
-def show_progress(progress: Optional[Progress]) -> None:
+def show_progress(progress: Optional[TuningProgress]) -> None:
     """Report every measurement to `progress` (None: quietly, the default)."""
     global _progress
     _progress = progress
 
 
-# ||out - expected|| / ||expected|| of a candidate that computes the same thing is rounding (bf16: about
-# 2^-8 per element): far below this unless the candidate computes something else.
-CHECK_RTOL = 3e-2
-
-
-def checked_on_first_call(op: str, name: str, run: Callable[[], object], expected: Callable[[], object],
-                          outputs: Callable[[object], Iterable] = lambda out: (out,),
-                          rtol: float = CHECK_RTOL) -> Callable[[], object]:
-    """run, whose first call (the measurement's first, untimed warm-up) also compares its output
-    tensors (`outputs(result)`, None entries skipped) with expected()'s; a mismatch warns and raises,
-    which leaves the candidate out of the measurement."""
-    checked = False
-
-    def call():
-        nonlocal checked
-        out = run()
-        if not checked:
-            for got, want in zip(outputs(out), outputs(expected())):
-                if got is None or want is None:
-                    continue
-                want = want.float()
-                error = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
-                if not error <= rtol:  # also catches NaN
-                    message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
-                    warnings.warn(message, RuntimeWarning, stacklevel=2)
-                    raise RuntimeError(message)
-            checked = True
-        return out
-
-    return call
-
-
 def can_measure(device: torch.device) -> bool:
-    """Whether candidates can be timed on `device` (a GPU); tests make the CPU pretend."""
-    return device.type == "cuda"
-
-
-def needs_proof(device: torch.device) -> bool:
-    """Whether a candidate must have run on a GPU before it may compete on `device` (a GPU: an illegal
-    memory access there ends the process; the CPU's interpreter cannot do that harm)."""
+    """Whether candidates are timed on `device`: a GPU (tests make the CPU pretend)."""
     return device.type == "cuda"
 
 
@@ -529,121 +440,138 @@ def capturing(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------
 
 
-class Tuned:
-    """The measured choice of one op of OPS (see the module docstring)."""
+def _text(value) -> str:
+    """One field of a problem as the disk cache's key writes it."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, bool):
+        return str(int(value))
+    if value is None:
+        return "-"
+    if isinstance(value, (tuple, list)):
+        if all(isinstance(v, bool) for v in value):
+            return "".join(str(int(v)) for v in value)
+        return "x".join(map(_text, value)) if all(isinstance(v, int) for v in value) else \
+            "(" + ",".join(map(_text, value)) + ")"
+    return str(value)
 
-    def __init__(self, name: str):
-        if name not in OPS:
-            raise KeyError(f"no op {name!r} in fastresnet.ops.tuning.OPS")
-        self.name, self.op = name, OPS[name]
-        self.memo: dict[tuple, str] = {}  # signature -> choice
-        _tuned.append(self)
 
-    def known(self, signature: tuple) -> Optional[str]:
-        """The choice already made for `signature`, or None."""
-        return self.memo.get(signature)
+class Op:
+    """The measured choice of one op: its candidates (name -> applies(*args), None where every problem
+    can run it), the experimental shelf's (offered only with FASTRESNET_EXPERIMENTAL=1), and the choices
+    made in this process."""
 
-    def remember(self, signature: tuple, choice: str) -> None:
-        """Fix the choice for `signature` without timing (a fallback when timing failed)."""
-        self.memo[signature] = choice
+    def __init__(self, name: str, candidates: dict[str, Optional[Callable[..., bool]]]):
+        self.name = name
+        self.candidates = dict(candidates)
+        self.shelf: dict[str, Optional[Callable[..., bool]]] = {}
+        self.families: dict[str, Callable[..., list[str]]] = {}  # the shelf's "prefix:" -> names(*args)
+        self.memo: dict[tuple, str] = {}  # (device, problem) -> choice
+        OPS[name] = self
 
-    def choose(self, signature: tuple, device: torch.device, *,
-               names: Sequence[str] | Callable[[], Sequence[str]], fixed: str, key: Callable[[], str],
-               runs: Callable[[Sequence[str]], dict[str, Callable[[], object]]],
-               expected: Optional[Callable[[], object]] = None,
-               outputs: Callable[[object], Iterable] = lambda out: (out,)) -> str:
-        """The candidate to run for the problem of `signature`.
+    def add_experimental(self, name: str, applies: Optional[Callable[..., bool]] = None) -> None:
+        """A candidate of the experimental shelf; a name ending in ":" is a family of them ("triton:" for
+        "triton:<tile>"), `applies` then giving the names that can run a problem."""
+        (self.families if name.endswith(":") else self.shelf)[name] = applies
 
-        names: the candidates that can run this problem (or a function giving them); fixed: the one
-        that runs where nothing is timed; key(): the problem as a string (the disk cache's key);
-        runs(names): zero-argument callables running those candidates on the real inputs;
-        expected(): the known-good result a never-run candidate's first call is compared with
-        (default: the op's check_against candidate); outputs(result): the tensors compared.
-        """
-        choice = self.memo.get(signature)
-        if choice is None:
-            choice, final = self._decide(device, names if callable(names) else lambda: names, fixed, key, runs,
-                                         expected, outputs)
-            if final:
-                self.memo[signature] = choice
+    def offered(self, shelf: bool) -> list[str]:
+        return list(self.candidates) + ([*self.shelf, *(f + "<tile>" for f in self.families)] if shelf else [])
+
+    def knows(self, candidate: str, shelf: bool) -> bool:
+        return candidate in self.offered(shelf) or (shelf and candidate.partition(":")[0] + ":" in self.families)
+
+    def key(self, problem: tuple) -> str:
+        """The problem as the disk cache's key: the op's name and each field written out."""
+        return ":".join([self.name, *map(_text, problem)])
+
+    def known(self, problem: tuple, device: torch.device) -> Optional[str]:
+        """The choice already made for `problem` on `device`, or None."""
+        try:
+            return self.memo.get((device, problem))
+        except TypeError:  # symbolic sizes (a trace with dynamic shapes) key nothing
+            return None
+
+    def remember(self, problem: tuple, device: torch.device, choice: str) -> None:
+        """Fix the choice for `problem` without timing (a fallback when timing failed)."""
+        self.memo[(device, problem)] = choice
+
+    def choose(self, problem: tuple, device: torch.device, default: str,
+               timed: Optional[Callable[[str], Callable[[], object]]], args: tuple = ()) -> str:
+        """The candidate to run for `problem` on `device`: remembered, else pinned, else timed (each
+        candidate that applies to `args`; timed(name) is a call running it on the real inputs, made for
+        every candidate before any is timed), else `default`. Under torch.compile nothing is timed: a
+        choice made before, a pin, or the default."""
+        try:
+            choice = self.memo.get((device, problem))
+        except TypeError:  # symbolic sizes (a trace with dynamic shapes): nothing to look up or time
+            return default
+        if choice is not None:
+            return choice
+        if torch.compiler.is_compiling():
+            pin = _pinned(self.name)
+            return pin if pin in self.candidates and (self.candidates[pin] is None or self.candidates[pin](*args)) \
+                else default
+        choice, final = self._decide(problem, device, default, timed, args)
+        if final:
+            self.memo[(device, problem)] = choice
         return choice
 
-    def allowed(self, names: Sequence[str], device: torch.device, current: Optional[Settings] = None) -> list[str]:
-        """The candidates of `names` that may be timed on `device` under the switches."""
-        current = current or settings()
-        names = list(names)
-        if current.tiles_fixed:
-            kept, seen = [], set()
-            for name in names:
-                family = _family(name)
-                if family is None:
-                    kept.append(name)
-                elif family not in self.op.family_rules and family not in seen:
-                    kept.append(name)  # a family without a rule tile keeps its first member
-                seen.add(family)
-            names = kept
-        if needs_proof(device) and not current.experimental:
-            names = [name for name in names if name in self.op.proven]
-        return names
+    def _applying(self, args: tuple, shelf: bool) -> list[str]:
+        table = {**self.candidates, **(self.shelf if shelf else {})}
+        names = [name for name, applies in table.items() if applies is None or applies(*args)]
+        return names + ([name for names_of in self.families.values() for name in names_of(*args)] if shelf else [])
 
-    def _decide(self, device, names, fixed, key, runs, expected, outputs) -> tuple[str, bool]:
-        """(choice, whether to remember it for the signature); names() is only asked where needed (it may
-        read the GPU's properties)."""
+    def _decide(self, problem, device, default, timed, args) -> tuple[str, bool]:
+        """(choice, whether to remember it)."""
         current = settings()
         pin = current.pin_for(self.name)
-        if pin is not None and pin != "fixed":
-            runnable = pin in names()
+        if pin is not None and pin != DEFAULT:
+            runnable = pin in self._applying(args, current.experimental)
             if not runnable:
-                log.info("tuning: %s pinned to %s, which cannot run %s: the fixed rule %s runs", self.name, pin,
-                         key(), fixed)
-            return (pin if runnable else fixed), True
-        if pin == "fixed" or current.fixed or not can_measure(device) or (current.tiles_fixed and self.op.tiles_only):
-            return fixed, True
-        allowed = self.allowed(names(), device, current)
-        if fixed not in allowed:
-            allowed.insert(0, fixed)
+                log.info("tuning: %s pinned to %s, which cannot run %s: its default %s runs", self.name, pin,
+                         self.key(problem), default)
+            return (pin if runnable else default), True
+        if pin == DEFAULT or current.use_default or not can_measure(device):
+            return default, True
+        allowed = self._applying(args, current.experimental)
+        if default not in allowed:
+            allowed.insert(0, default)
         if len(allowed) == 1:
             return allowed[0], True
-        problem = key()
-        if capturing(device):  # no timing inside a capture: a choice made before, else the rule (not kept)
-            choice = remembered(problem, allowed, device)
-            return (choice, True) if choice is not None else (fixed, False)
-        choice = remembered(problem, allowed, device)
-        if choice is None:
-            choice = self._measure(problem, allowed, device, runs, expected, outputs)
-        return choice, True
+        key = self.key(problem)
+        choice = remembered(key, allowed, device)
+        if choice is not None:
+            return choice, True
+        if capturing(device):  # no timing inside a capture: the default, not kept
+            return default, False
+        return self._measure(key, allowed, device, timed), True
 
-    def _measure(self, problem, allowed, device, runs, expected, outputs) -> str:
-        candidates = dict(runs(allowed))
-        unproven = [name for name in candidates if name not in self.op.proven]
-        if unproven:
-            if expected is None:
-                expected = runs([self.op.check_against])[self.op.check_against]
-            expected = functools.cache(expected)
-            for name in unproven:
-                candidates[name] = checked_on_first_call(self.name, name, candidates[name], expected, outputs)
+    def _measure(self, key: str, allowed: list[str], device: torch.device,
+                 timed: Callable[[str], Callable[[], object]]) -> str:
+        candidates = {name: timed(name) for name in allowed}
         if _progress is not None:
-            _progress.problem(self.name, problem, list(candidates))
-            candidates = {name: _progress.reporting(name, run) for name, run in candidates.items()}
+            _progress.problem(self.name, key, allowed)
+            candidates = {name: _progress.reporting(name, fn) for name, fn in candidates.items()}
         times = measure(candidates, device)
         if not times:
             if _progress is not None:
                 _progress.failed()
-            raise RuntimeError(f"fastresnet {self.name}: every candidate failed for {problem}: {sorted(candidates)}")
+            raise RuntimeError(f"fastresnet {self.name}: every candidate failed for {key}: {allowed}")
         choice = min(times, key=times.get)
         entry = {"op": self.name, "choice": choice, "times_ms": {k: round(v, 5) for k, v in times.items()}}
-        failed = [name for name in candidates if name not in times]
+        failed = [name for name in allowed if name not in times]
         if failed:  # remembered too: a later process need not try them again
             entry["failed"] = failed
-        _decisions[problem] = {**entry, "source": "measured"}
-        log.info("tuning %s -> %s (%s)", problem, choice,
-                 ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items())))
-        _remember_on_disk(device, problem, entry)
+        _decisions[key] = {**entry, "source": "measured"}
+        log.info("tuning %s -> %s (%s)", key, choice, ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items())))
+        _remember_on_disk(device, key, entry)
         if _progress is not None:
             _progress.chosen(choice, times)
         return choice
 
 
-def proven_candidates() -> dict[str, dict[str, str]]:
-    """{op: {candidate: the run that showed it}}: what a default run on a GPU can reach."""
-    return {name: dict(op.proven) for name, op in OPS.items()}
+@torch.compiler.assume_constant_result
+def _pinned(op: str) -> Optional[str]:
+    """The pinned candidate of `op` (not DEFAULT), read as a constant while torch.compile traces."""
+    pin = settings().pin_for(op)
+    return None if pin == DEFAULT else pin

@@ -48,16 +48,16 @@ DATA_ANNOTATION = "fastresnet.profile: data wait"
 # fastresnet's torch.autograd.Function classes: the profiler records their forward under the class
 # name and their backward as `<name>Backward` (rows `fastresnet::<name>`, `fastresnet::<name>Backward`,
 # beside the custom ops' `fastresnet::conv_stats`, `fastresnet::conv_stats_backward`).
-PROJECT_FUNCTIONS = ("BatchNormActTrain", "_AllReduceSum")
+PROJECT_FUNCTIONS = ("_AllReduceSum",)
 
-# fastresnet's Triton kernels (the @triton.jit functions that kernels/ launches) and the op row
+# fastresnet's Triton kernels (the @triton.jit functions that kernels/ and kernels/experimental/ launch) and the op row
 # they count under when no op is on the host stack at their launch (replayed in a CUDA graph).
 PROJECT_KERNELS = {
     "_conv_stats_fwd": "fastresnet::conv_stats",
     "_conv_wgrad": "fastresnet::conv_stats_backward",
     "_conv_dgrad_bn": "fastresnet::conv_stats_backward",
-    "_conv_bn_act_fwd": "fastresnet::conv_bn_act_inference",
-    "_conv1x1_gemm_bn_act": "fastresnet::conv_bn_act_inference",
+    "_conv_bn_act_fwd": "fastresnet::conv_bn_act",
+    "_conv1x1_gemm_bn_act": "fastresnet::conv_bn_act",
     "_affine_act_fwd": "fastresnet::bn_act",
     "_bn_eval_act_fwd": "fastresnet::bn_act",
     "_bn_train_fwd_single": "fastresnet::bn_act",
@@ -65,6 +65,7 @@ PROJECT_KERNELS = {
     "_bn_stats_finalize": "fastresnet::bn_act",
     "_bn_stats_merge": "fastresnet::bn_act",
     "_affine_act_bwd_reduce": "fastresnet::bn_act",
+    "_affine_act_bwd_reduce_pipelined": "fastresnet::bn_act",
     "_affine_act_bwd_dx": "fastresnet::bn_act",
 }
 

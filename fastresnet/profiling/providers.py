@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastresnet.data.loader import DatasetError, require_batches
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import make_train_step
@@ -136,6 +137,7 @@ def _amp_name(amp: torch.dtype | None) -> str:
 
 def endless_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, epoch after epoch (a profile may need more steps than an epoch has)."""
+    require_batches(loader)
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -143,7 +145,6 @@ def endless_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in loader:
             empty = False
             yield batch
-        if empty:
-            raise ConfigError(f"the training loader gives no batch ({loader.num_samples} images at batch size "
-                              f"{getattr(loader, 'batch_size', '?')}): lower --data.batch_size")
+        if empty:  # bad_files="skip" left out every file of the epoch
+            raise DatasetError(f"the training loader gave no batch in epoch {epoch}: every file was skipped as bad")
         epoch += 1

@@ -16,7 +16,6 @@ import argparse
 import inspect
 import json
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -26,8 +25,8 @@ from pathlib import Path
 from fastresnet.data import DataConfig
 from fastresnet.errors import ArgumentParser
 from fastresnet.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastresnet.training.config import TrainConfig
-from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, flatten, unknown_name_error
+from fastresnet.training.config import TrainConfig, saved_values
+from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, unknown_name_error
 from fastresnet.training.recipes import list_recipes, read_recipe, recipe_values
 
 
@@ -175,18 +174,6 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_invocation(argv: list[str] | None = None) -> Invocation:
-    """python -m fastresnet.train's flags, resolved; a ConfigError on any problem."""
-    from fastresnet.train import COMMAND  # late: that module imports this one
-
-    argv = sys.argv[1:] if argv is None else argv
-    args, invocation = COMMAND.invocation(argv)
-    if args.profile is not None and args.profile < 1:
-        raise ConfigError(f"--profile {args.profile}: the number of steps to profile must be >= 1")
-    invocation.profile = args.profile or 0
-    return invocation
-
-
 def resolve(given: dict[str, str], recipe: str = "", resume: str = "") -> Invocation:
     """The config of a run: TrainConfig's defaults < the recipe < the resumed run's saved config < `given`."""
     cfg = TrainConfig()
@@ -195,7 +182,7 @@ def resolve(given: dict[str, str], recipe: str = "", resume: str = "") -> Invoca
         raise ConfigError("--recipe cannot be combined with --resume: the resumed run keeps its saved config")
     if run_dir is not None:
         saved, source = read_saved_config(run_dir)
-        cfg = apply_flat(cfg, flatten(saved), source)
+        cfg = apply_flat(cfg, saved_values(saved), source)
     elif recipe:
         values = read_recipe(recipe)
         # The recipe's per-model table follows the model that will be trained.

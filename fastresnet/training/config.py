@@ -11,13 +11,11 @@ config of the run being resumed (`--resume DIR`), the command line.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from fastresnet.data import DataConfig
-
+from fastresnet.errors import ConfigError
 
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -48,7 +46,7 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine schedule
     warmup: float = 0.0  # warm-up length, in `unit`
     warmup_kind: Literal["linear", "constant"] = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout
-    warmup_lr: float = 0.0  # lr at the start of a linear warm-up, or during a constant one
+    warmup_lr: float = 0.0  # lr at the start of a linear warm-up, or during a constant one (scaled like lr)
     warmup_until_train_error: float = 0.0  # percent; > 0: warm-up ends once the training error is below it
 
     # --- optimizer and loss
@@ -80,26 +78,23 @@ class TrainConfig:
     stop_at_step: int = 0  # > 0: save and exit after this global step as if preempted (tests, fixed job slots)
 
 
-def replace_fields(cfg, **changes):
-    """`dataclasses.replace` that understands dotted names (`data.batch_size`)."""
-    nested: dict[str, dict] = {}
-    flat = {}
-    for name, value in changes.items():
-        head, _, rest = name.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[name] = value
-    for head, sub in nested.items():
-        flat[head] = replace_fields(flat.get(head, getattr(cfg, head)), **sub)
-    return dataclasses.replace(cfg, **flat)
+def saved_values(saved: dict) -> dict:
+    """A run's saved config (config.json, or its checkpoint's copy) as flat values to apply.
+
+    Configs saved while `data.num_classes` was 1000 by default on every back end hold 1000 where it
+    meant "not given" (a back end with its own count ignored it): it is read as not given, which
+    every back end takes as it took 1000 then."""
+    from fastresnet.training.fields import flatten
+
+    values = flatten(saved)
+    if values.get("data.num_classes") == 1000:
+        del values["data.num_classes"]
+    return values
 
 
 def validate(cfg: TrainConfig) -> None:
     """Semantic checks across fields (types were checked when the values were parsed)."""
     from fastresnet.models import list_models
-    from fastresnet.training.fields import ConfigError
-
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
@@ -138,10 +133,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 epochs, got {cfg.eval_every}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 epochs, got {cfg.checkpoint_every}")
     need(cfg.stop_at_step >= 0, f"stop_at_step must be >= 0, got {cfg.stop_at_step}")
+    need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")  # numpy's range
     need("/" not in cfg.run_name and "\\" not in cfg.run_name and cfg.run_name not in (".", ".."),
          f"--run_name {cfg.run_name!r}: a run name is one folder name inside --out_dir, not a path")
-    need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
-         f"--out_dir {cfg.out_dir}: that is a file, not a folder; give the folder the runs go in")
     if cfg.device != "auto":
         check_device(cfg.device)
     check_data_settings_apply(cfg)
@@ -158,8 +152,6 @@ def validate(cfg: TrainConfig) -> None:
 
 def check_schedule_settings_apply(cfg: TrainConfig) -> None:
     """A schedule setting away from its default that the run's schedule does not read is an error."""
-    from fastresnet.training.fields import ConfigError
-
     warm = cfg.warmup > 0 or cfg.warmup_until_train_error > 0
     readers = {  # field: (whether this run reads it, what does)
         "lr_decay": (cfg.schedule in ("step", "plateau"), "the step and plateau schedules"),
@@ -186,7 +178,6 @@ def check_data_settings_apply(cfg: TrainConfig) -> None:
 
     from fastresnet.data import resolve_backend
     from fastresnet.data.config import check_settings_apply
-    from fastresnet.training.fields import ConfigError
 
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     backend = resolve_backend(cfg.data, torch.device("cuda" if on_gpu else "cpu"))
@@ -199,8 +190,6 @@ def check_data_settings_apply(cfg: TrainConfig) -> None:
 def check_device(name: str) -> None:
     """The device exists here: a CUDA device needs a visible GPU of that index."""
     import torch
-
-    from fastresnet.training.fields import ConfigError
 
     try:
         device = torch.device(name)

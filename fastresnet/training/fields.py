@@ -14,11 +14,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from fastresnet.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem: a flag, a value, a run directory, a resume that cannot be right."""
+from fastresnet.errors import ConfigError
 
 
 def flat_fields(cls, prefix: str = "") -> dict[str, Any]:
@@ -128,10 +124,23 @@ def _coerce(value, kind):
     raise TypeError(f"fields of type {_type_name(kind)} cannot be set")
 
 
+def replace_fields(cfg, **changes):
+    """`dataclasses.replace` that understands dotted names (`data.batch_size`)."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for name, value in changes.items():
+        head, _, rest = name.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[name] = value
+    for head, sub in nested.items():
+        flat[head] = replace_fields(flat.get(head, getattr(cfg, head)), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
 def apply_flat(cfg, values: dict[str, Any], source: str):
     """A copy of `cfg` with dotted-name `values` checked and applied."""
-    from fastresnet.training.config import replace_fields
-
     known = flat_fields(type(cfg))
     checked = {}
     for name, value in values.items():

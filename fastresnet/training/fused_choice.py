@@ -13,8 +13,8 @@ forward and backward, after the compile (op "train_step" of fastresnet.ops.tunin
 calls, then the median of ten). The faster one is kept. The choice is stored in the tuning
 disk cache (per GPU and torch/triton versions) under a key of the model, batch shape,
 dtype, memory format and compile mode, so a later run of the same setting compiles
-only the winner. Switches: FASTRESNET_DISPATCH=fixed takes the rule without timing
-(FIXED_CHOICE), FASTRESNET_DISPATCH=train_step=fused (or =plain) pins one; the config's
+only the winner. Switches: FASTRESNET_DISPATCH=default takes the default without timing
+(DEFAULT_CHOICE), FASTRESNET_DISPATCH=train_step=fused (or =plain) pins one; the config's
 fused_blocks="on" or "off" skips all of this.
 
 The two models share their parameter and buffer tensors (a structural copy), so the
@@ -37,16 +37,15 @@ from fastresnet.ops import tuning
 
 log = logging.getLogger("fastresnet.training")
 
-TUNED = tuning.Tuned("train_step")
-CANDIDATES = ("fused", "plain")
+TRAIN_STEP = tuning.Op("train_step", {"fused": None, "plain": None})  # run 1
 # Without a measurement: plain + compile is plain PyTorch, so it cannot be slower than plain PyTorch.
-FIXED_CHOICE = "plain"
+DEFAULT_CHOICE = "plain"
 
 
 @dataclass
 class FusedChoice:
     choice: str  # "fused" or "plain"
-    source: str  # "measured", "disk cache", "fixed rule" or "pinned by FASTRESNET_DISPATCH"
+    source: str  # "measured", "disk cache", "default" or "pinned by FASTRESNET_DISPATCH"
     key: str  # the tuning cache's key
     times_ms: dict[str, float] = field(default_factory=dict)  # per training step (forward + backward)
 
@@ -63,7 +62,7 @@ def decision_key(model_name: str, model: nn.Module, batch: int, image_size: int,
     params = sum(p.numel() for p in model.parameters())
     dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     memory = "channels_last" if channels_last else "contiguous"
-    return (f"train_step:fused_or_plain:{model_name}:{params}params:{batch}x3x{image_size}x{image_size}:"
+    return (f"fused_or_plain:{model_name}:{params}params:{batch}x3x{image_size}x{image_size}:"
             f"{dtype_name}:{memory}:compile-{compile_mode}")
 
 
@@ -112,13 +111,13 @@ def choose_fused_or_plain(
     times: dict[str, float] = {}
     saved = [b.detach().clone() for b in model.buffers()]
     try:
-        choice = TUNED.choose((key,), images.device, names=CANDIDATES, fixed=FIXED_CHOICE, key=lambda: key,
-                              runs=lambda names: {name: (lambda n=name: timed_step(n)) for name in names})
-        entry = tuning.decision(key)
-        if current.pin_for(TUNED.name) in CANDIDATES:
+        choice = TRAIN_STEP.choose((key,), images.device, DEFAULT_CHOICE,
+                                   timed=lambda name: lambda: timed_step(name))
+        entry = tuning.decision(TRAIN_STEP.key((key,)))
+        if current.pin_for(TRAIN_STEP.name) in TRAIN_STEP.candidates:
             source = "pinned by FASTRESNET_DISPATCH"
         elif entry is None:
-            source = "fixed rule"
+            source = "default"
         else:
             source, times = entry["source"], dict(entry["times_ms"])
     finally:  # timing steps are not training steps, even when a candidate failed halfway
@@ -127,8 +126,8 @@ def choose_fused_or_plain(
                 buffer.copy_(value)
         for p in model.parameters():
             p.grad = None
-    result = FusedChoice(choice=choice, source=source, key=key, times_ms=times)
-    log.info("fused blocks auto -> %s [%s]", result.summary(), key)
+    result = FusedChoice(choice=choice, source=source, key=TRAIN_STEP.key((key,)), times_ms=times)
+    log.info("fused blocks auto -> %s [%s]", result.summary(), result.key)
     winner = module_for(choice)
     compiled = runners.get(choice)
     runners.clear()  # the loser's compiled graphs can go

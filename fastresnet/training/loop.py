@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from fastresnet.data import BadImageError, build_loaders
+from fastresnet.data.loader import require_batches
 from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
+from fastresnet.outputs import writable_folder
 from fastresnet.ops import tuning
 from fastresnet.training import distributed, smoke
 from fastresnet.training.checkpoint import (
@@ -54,6 +56,7 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     """Train (or continue, from a run directory) and return the final metrics and where outputs went."""
     validate(cfg)
+    writable_folder(resume or cfg.out_dir, "--resume" if resume else "--out_dir")  # before any data is read
     cfg = smoke.shrink(cfg)
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
@@ -90,7 +93,7 @@ class Trainer:
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights (DDP also broadcasts them)
         configure_cuda(cfg, device)
         if device.type == "cuda" and info.rank == 0:  # a first call's measurements, said as they happen
-            tuning.show_progress(tuning.Progress())  # (python -m fastresnet.tune makes them ahead)
+            tuning.show_progress(tuning.TuningProgress())  # (python -m fastresnet.tune makes them ahead)
 
         self.data = build_loaders(cfg.data, device=device, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         model = build_model(cfg, self.data.num_classes)
@@ -101,14 +104,11 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
 
+        require_batches(self.data.train)
         self.steps_per_epoch = len(self.data.train)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set gives 0 batches per epoch on this rank ({self.data.train.num_samples} images, "
-                f"batch {cfg.data.batch_size}): lower --data.batch_size"
-            )
         self.global_batch = cfg.data.batch_size * info.world_size
-        self.peak_lr = cfg.lr * (self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0)
+        self.lr_scale = self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0
+        self.peak_lr = cfg.lr * self.lr_scale
         self.total_steps = self._to_steps(cfg.length)
         self.smoke = smoke.on()
         if self.smoke:
@@ -166,7 +166,8 @@ class Trainer:
         return ScheduleSpec(
             peak_lr=self.peak_lr, total_steps=self.total_steps, kind=cfg.schedule,
             milestones=tuple(self._to_steps(m) for m in cfg.lr_milestones), decay=cfg.lr_decay, min_lr=cfg.min_lr,
-            warmup_steps=self._to_steps(cfg.warmup), warmup_kind=cfg.warmup_kind, warmup_lr=cfg.warmup_lr,
+            warmup_steps=self._to_steps(cfg.warmup), warmup_kind=cfg.warmup_kind,
+            warmup_lr=cfg.warmup_lr * self.lr_scale,  # the recipe's 0.01 is for the same base batch as its 0.1
             warmup_until_train_error=cfg.warmup_until_train_error,
             plateau_patience=cfg.plateau_patience, plateau_threshold=cfg.plateau_threshold,
         )

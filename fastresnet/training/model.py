@@ -111,7 +111,7 @@ def measure_fused_or_plain(model: nn.Module, cfg: TrainConfig, device: torch.dev
     )
     agreed = distributed.rank0_choice(choice.choice)
     if agreed != choice.choice:  # this rank measured otherwise; follow rank 0
-        choice = FusedChoice(choice=agreed, source=f"rank 0 (this rank measured {choice.summary()})", key=key,
+        choice = FusedChoice(choice=agreed, source=f"rank 0 (this rank measured {choice.summary()})", key=choice.key,
                              times_ms=choice.times_ms)
         winner = model if agreed == "plain" else use_fused_blocks(shared_copy(model), cfg, device, image_size)
         compiled = None

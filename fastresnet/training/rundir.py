@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import fastresnet
+from fastresnet.outputs import writable_folder
 from fastresnet.training import distributed
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import ConfigError, to_dict
@@ -49,7 +50,7 @@ LAUNCH_NAME = "launch.json"
 
 def create_run_dir(cfg: TrainConfig) -> Path:
     """A new run directory: --run_name's, refused if it exists; else <model>-<backend>-<time>[-N], free."""
-    out = Path(cfg.out_dir)
+    out = writable_folder(cfg.out_dir, "--out_dir")
     if cfg.run_name:
         return make_folder(out / cfg.run_name, cfg)
     name = default_run_name(cfg)

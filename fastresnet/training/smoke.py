@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 
+from fastresnet.errors import ConfigError
+
 VARIABLE = "FASTRESNET_SMOKE"
 STEPS = 1  # optimizer steps of a training run; profiled steps, and warm-up steps at most
 BATCH = 16  # images per batch at most, training and evaluation
@@ -19,8 +21,6 @@ def on() -> bool:
     """Whether FASTRESNET_SMOKE asks for smoke runs (1); 0 or unset: no. Any other value is a ConfigError."""
     text = os.environ.get(VARIABLE, "").strip()
     if text not in ("", "0", "1"):
-        from fastresnet.training.fields import ConfigError
-
         raise ConfigError(f"{VARIABLE}={text!r}: 1 for smoke runs, 0 or unset for real ones")
     return text == "1"
 
@@ -29,7 +29,7 @@ def shrink(cfg):
     """`cfg` with batches of at most BATCH images, under FASTRESNET_SMOKE=1; else `cfg` itself."""
     if not on():
         return cfg
-    from fastresnet.training.config import replace_fields
+    from fastresnet.training.fields import replace_fields
 
     return replace_fields(cfg, **{"data.batch_size": min(cfg.data.batch_size, BATCH),
                                   "data.val_batch_size": min(cfg.data.eval_batch_size, BATCH)})

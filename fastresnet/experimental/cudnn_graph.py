@@ -1,4 +1,4 @@
-"""cuDNN's own conv-BN training fusion, through its graph API, as a dispatch candidate.
+"""cuDNN's own conv-BN training fusion, through its graph API, as a fused-block path ("cudnn_graph").
 
 cuDNN exposes the fusion that fastresnet's Triton training path implements
 (statistics in the conv epilogue, normalise-on-load in the next conv) as one
@@ -9,12 +9,12 @@ operation graph, the pattern MLPerf's ResNet-50 runs on:
     sum = sum of y over (N, H, W)       # "genstats", fp32, per output channel
     sq  = sum of y^2 over (N, H, W)
 
-with scale = gamma * invstd and bias = beta - mean * scale of the previous
+with scale = weight * invstd and bias = bias - mean * scale of the previous
 BatchNorm. It ships in the optional `nvidia-cudnn-frontend` package
 (`pip install fastresnet[cudnn]`); without the package, or off CUDA, this
 module imports cleanly and offers nothing.
 
-conv_stats_graph() has conv_stats' meaning exactly (fastresnet.ops.conv_stats):
+conv_stats_graph() has conv_stats' meaning and arguments exactly (fastresnet.ops.conv_stats):
 it returns (y, mean, invstd, unbiased var) of the raw output, and its
 backward is conv_stats' (cuDNN dgrad and wgrad via aten.convolution_backward,
 then the Triton BatchNorm + ReLU backward). So a fused block can run every
@@ -42,19 +42,19 @@ Statistics: sum and sum of squares, and how that is guarded.
     fp32 epsilon * (1 + mean^2 / var), ~1e-6 there.
   - The finalisation (mean, var, invstd) runs in fp64 from the fp32 sums and
     clamps var at 0, so it adds no cancellation of its own.
-  - Never having run on a GPU, the path takes part only with
-    FASTRESNET_EXPERIMENTAL=1, and then the block's first timed call with it
-    is compared with the eager block (output and every gradient) by
-    fastresnet.ops.tuning's first-call check: statistics that cancel, or a
-    graph that computes anything else, leave the path out for that block.
+  - On the experimental shelf, the path takes part only with
+    FASTRESNET_EXPERIMENTAL=1, and then each conv's first call of a shape is
+    compared with conv_stats' own (fastresnet.experimental.checked):
+    statistics that cancel, or a graph that computes anything else, raise,
+    which leaves the path out of the block's measurement.
   What is not guarded: data whose mean drifts far from zero relative to its
   spread *after* the first call (a per-call check would need a host sync).
   Pin another path (FASTRESNET_DISPATCH=fused_block=mixed) for such models.
 
-Not verified on a GPU yet (written against nvidia-cudnn-frontend 1.32's
-Python API and cuDNN 9.19/9.24; on this CPU-only machine cuDNN's heuristics,
-queried deviceless for sm_90, propose plans for the fp16 graph; bf16 and fp32
-depend on the runtime-compiled engine, which only a GPU can answer).
+Written against nvidia-cudnn-frontend 1.32's Python API and cuDNN 9.19/9.24:
+cuDNN's heuristics, queried deviceless for sm_90, propose plans for the fp16
+graph; bf16 and fp32 depend on the runtime-compiled engine, which only a GPU
+can answer.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastresnet.ops.conv_stats import check_conv_inputs, conv_stats_input_grads, fp32_norm, save_conv_stats_context
+from fastresnet.experimental.common import checked
+from fastresnet.nn import blocks
+from fastresnet.ops import tuning
+from fastresnet.ops.conv_stats import conv_stats, conv_stats_grads, conv_stats_setup, validate
 from fastresnet.ops.layout import conv_output_shape, empty_conv_output, pair, with_strides_of
 
 log = logging.getLogger("fastresnet.cudnn_graph")
@@ -357,42 +360,36 @@ def _execute(built: _Graph, key: GraphKey, x: Tensor, weight: Tensor, scale: Opt
     return y, sums, sq_sums
 
 
-def _capturing(x: Tensor) -> bool:
-    """Whether x's CUDA stream is capturing a CUDA graph (never off CUDA)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
+def _unfused(x, weight, norm_mean, norm_invstd, norm_weight, norm_bias, stride, padding, eps):
     """conv_stats' cuDNN-conv path: the same results from a conv and a separate statistics pass."""
-    return torch.ops.fastresnet.conv_stats.default(
-        x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps, True, "auto"
-    )  # "auto": the backward path, unused here (this call is inside an op, below autograd)
+    return torch.ops.fastresnet.conv_stats.default(x, weight, norm_mean, norm_invstd, norm_weight, norm_bias, stride,
+                                                   padding, eps, "cudnn")
 
 
 @torch.library.custom_op("fastresnet::conv_stats_cudnn_graph", mutates_args=())
 def _conv_stats_graph_op(
     x: Tensor,
     weight: Tensor,
-    in_mean: Optional[Tensor],
-    in_invstd: Optional[Tensor],
-    in_gamma: Optional[Tensor],
-    in_beta: Optional[Tensor],
+    norm_mean: Optional[Tensor],
+    norm_invstd: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
     stride: Sequence[int],
     padding: Sequence[int],
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, unbiased var) as fastresnet::conv_stats, from one cuDNN graph."""
-    norm = None if in_mean is None else (in_mean, in_invstd, in_gamma, in_beta)
+    norm = None if norm_mean is None else (norm_mean, norm_invstd, norm_weight, norm_bias)
     key = graph_key(x.shape, weight.shape, x.dtype, stride, padding, norm is not None, x.device.index or 0)
     # Building a graph (a cuDNN handle, plans) cannot happen inside a CUDA-graph capture: a graph first
     # met there runs unfused, and is built by a later eager call.
-    entry = _entries.get(key) if _capturing(x) else _entry(key)
+    entry = _entries.get(key) if tuning.capturing(x.device) else _entry(key)
     if entry is None or entry.graph is None:
-        return _unfused(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps)
+        return _unfused(x, weight, norm_mean, norm_invstd, norm_weight, norm_bias, stride, padding, eps)
     scale = bias = None
-    if norm is not None:  # relu((x - mean) * invstd * gamma + beta) = relu(x * scale + bias)
-        scale = in_invstd * in_gamma
-        bias = in_beta - in_mean * scale
+    if norm is not None:  # relu((x - mean) * invstd * weight + bias) = relu(x * scale + shift)
+        scale = norm_invstd * norm_weight
+        bias = norm_bias - norm_mean * scale
     y, sums, sq_sums = _execute(entry.graph, key, x, weight, scale, bias)
     count = y.numel() // y.shape[1]
     mean, invstd, var_unbiased = stats_from_sums(sums, sq_sums, count, eps)
@@ -400,33 +397,46 @@ def _conv_stats_graph_op(
 
 
 @_conv_stats_graph_op.register_fake
-def _(x, weight, in_mean, in_invstd, in_gamma, in_beta, stride, padding, eps):
+def _(x, weight, norm_mean, norm_invstd, norm_weight, norm_bias, stride, padding, eps):
     out = empty_conv_output(x, weight, stride, padding)
     stat = x.new_empty(weight.shape[0], dtype=torch.float32)
     return out, stat, torch.empty_like(stat), torch.empty_like(stat)
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
-    """conv_stats' backward: the statistics mean the same, so the gradients are the same."""
-    return (*conv_stats_input_grads(ctx, grad_y), None, None, None)
+torch.library.register_autograd("fastresnet::conv_stats_cudnn_graph", conv_stats_grads,
+                                setup_context=conv_stats_setup)  # the statistics mean the same: so do the gradients
 
 
-torch.library.register_autograd(
-    "fastresnet::conv_stats_cudnn_graph", _backward, setup_context=save_conv_stats_context
-)
-
-
-def conv_stats_graph(x: Tensor, weight: Tensor, stride=1, padding=0, eps: float = 1e-5,
-                     norm_input=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fastresnet.ops.conv_stats.conv_stats through one cuDNN graph (same arguments, same results).
+def conv_stats_graph(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, *,
+                     eps: float = 1e-5, input_norm=None, use_cudnn: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fastresnet.ops.conv_stats.conv_stats through one cuDNN graph (same arguments, same results; every conv
+    runs through cuDNN, so use_cudnn changes nothing).
 
     Needs CUDA and nvidia-cudnn-frontend; where cuDNN has no engine for the graph, the op runs
     conv_stats' unfused cuDNN path instead (check with unsupported_reason() or report())."""
-    check_conv_inputs(x, weight, norm_input)
+    stride, padding = list(pair(stride)), list(pair(padding))
+    validate(input, weight, bias, input_norm, stride, padding)
     # Under torch.compile the eager call that chose this path has checked (and the import probe
     # is not traceable); the op itself is opaque to the compiler.
-    reason = None if torch.compiler.is_compiling() else unavailable_reason(x.device)
+    reason = None if torch.compiler.is_compiling() else unavailable_reason(input.device)
     if reason is not None:
         raise RuntimeError(f"conv_stats_graph: {reason}")
-    return torch.ops.fastresnet.conv_stats_cudnn_graph(x, weight, *fp32_norm(norm_input), list(pair(stride)),
-                                                       list(pair(padding)), eps)
+    norm = (None,) * 4 if input_norm is None else tuple(v.float() for v in input_norm)
+    return torch.ops.fastresnet.conv_stats_cudnn_graph(input, weight, *norm, stride, padding, eps)
+
+
+def _offered(block, x: Tensor) -> bool:
+    """The package imports, the device is CUDA, the block can run a statistics path, and the input is NHWC
+    (the layout cuDNN's fused engines take). Whether cuDNN has an engine for each conv is learnt on its
+    first call (report()); where it has none, that conv runs unfused."""
+    return (x.is_cuda and unavailable_reason(x.device) is None and x.is_contiguous(memory_format=torch.channels_last)
+            and blocks.statistics_applies(block, x))
+
+
+def _unfused_reference(input, weight, bias=None, stride=1, padding=0, *, eps=1e-5, input_norm=None, use_cudnn=True):
+    return conv_stats(input, weight, bias, stride, padding, eps=eps, input_norm=input_norm, use_cudnn=True)
+
+
+blocks.EXPERIMENTAL["cudnn_graph"] = checked("fused_block", "cudnn_graph", conv_stats_graph, _unfused_reference,
+                                             outputs=lambda out: out)
+blocks.FUSED_BLOCK.add_experimental("cudnn_graph", _offered)

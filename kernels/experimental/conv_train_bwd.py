@@ -1,7 +1,7 @@
-"""Backward of the training conv (kernels/conv_train.py) without a stored normalised input.
+"""Backward of the training conv (kernels/conv_train.py) without a stored normalised input: not run on a GPU yet.
 
 The forward computed y = conv(a, w) with a = relu(bn(x)) applied on load from
-the raw x and the batch statistics (mean, invstd) and affine (gamma, beta) of
+the raw x and the batch statistics (mean, invstd) and affine (weight, bias) of
 x's BatchNorm, so the backward must recompute a. cuDNN's backward needs a in
 memory (one elementwise pass that writes it) and leaves the BatchNorm + ReLU
 backward to two more passes. These kernels remove that traffic.
@@ -27,13 +27,13 @@ stride 1:
 rows m = input pixels (n, ih, iw), taps that fall outside grad_y masked to 0;
 the weight is packed [Cin, KH, KW, Cout] so each K step reads Cout-contiguous
 runs of grad_y and of the weight. The epilogue recomputes the ReLU mask from
-the raw x tile, z = (x - mean) * invstd * gamma + beta, and gives
+the raw x tile, z = (x - mean) * invstd * weight + bias, and gives
 
     g = grad_a where z > 0 else 0,   stored (the dx pass reads it back),
     partial sums over the row block of g and of g * (x - mean),
 
 which are the two per-channel sums the BatchNorm backward needs
-(dbeta = sum(g), dgamma = invstd * sum(g * (x - mean))). The BatchNorm
+(dbias = sum(g), dweight = invstd * sum(g * (x - mean))). The BatchNorm
 backward's reduction pass disappears; its elementwise pass (kernels/bn_act.py
 `_affine_act_bwd_dx` with BATCH_STATS) remains. The sums are taken of g as
 stored (rounded to its dtype), so they describe exactly the tensor that the
@@ -70,8 +70,8 @@ def _conv_wgrad(
     x_ptr,  # the conv's raw input [N, IN_H, IN_W, IN_C] through its strides
     mean_in_ptr,  # [IN_C] fp32 batch mean of x (NORM_INPUT only)
     invstd_in_ptr,  # [IN_C] fp32 1/sqrt(var + eps) of x (NORM_INPUT only)
-    gamma_in_ptr,  # [IN_C] fp32 BatchNorm weight (NORM_INPUT only)
-    beta_in_ptr,  # [IN_C] fp32 BatchNorm bias (NORM_INPUT only)
+    weight_in_ptr,  # [IN_C] fp32 BatchNorm weight (NORM_INPUT only)
+    bias_in_ptr,  # [IN_C] fp32 BatchNorm bias (NORM_INPUT only)
     part_ptr,  # [SPLIT, OUT_C, KH * KW * IN_C] fp32 out: grad_w partial of each row range
     BATCH, IN_H, IN_W, IN_C, OUT_H, OUT_W, OUT_C,
     ROWS,  # output pixels per split (a multiple of BLOCK_M); split s covers [s * ROWS, (s + 1) * ROWS)
@@ -125,7 +125,7 @@ def _conv_wgrad(
         if NORM_INPUT:
             # Rows past M meet zero gradients; only padding taps need the mask.
             a = _normalise_on_load(
-                a, a_ok, ci, ci_ok, mean_in_ptr, invstd_in_ptr, gamma_in_ptr, beta_in_ptr, HAS_PADDING
+                a, a_ok, ci, ci_ok, mean_in_ptr, invstd_in_ptr, weight_in_ptr, bias_in_ptr, HAS_PADDING
             ).to(grad_y_ptr.dtype.element_ty)
         acc = _dot_acc(tl.trans(gy), a, acc, DOT_IN_FP32, FP32_MODE)
 
@@ -140,8 +140,8 @@ def _conv_dgrad_bn(
     x_ptr,  # the conv's raw input [N, IN_H, IN_W, IN_C] through its strides (NORM_INPUT only)
     mean_in_ptr,  # [IN_C] fp32 batch mean of x (NORM_INPUT only)
     invstd_in_ptr,  # [IN_C] fp32 1/sqrt(var + eps) of x (NORM_INPUT only)
-    gamma_in_ptr,  # [IN_C] fp32 BatchNorm weight (NORM_INPUT only)
-    beta_in_ptr,  # [IN_C] fp32 BatchNorm bias (NORM_INPUT only)
+    weight_in_ptr,  # [IN_C] fp32 BatchNorm weight (NORM_INPUT only)
+    bias_in_ptr,  # [IN_C] fp32 BatchNorm bias (NORM_INPUT only)
     g_ptr,  # out [N, IN_H, IN_W, IN_C] through its strides: g (NORM_INPUT) or grad_x
     sum_g_part_ptr,  # [P, IN_C] fp32 out: sum of g over each row block (NORM_INPUT only)
     sum_gx_part_ptr,  # [P, IN_C] fp32 out: sum of g * (x - mean) over each row block (NORM_INPUT only)
@@ -190,8 +190,8 @@ def _conv_dgrad_bn(
         x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * stride_xc, mask=out_ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_in_ptr + offs_n, mask=n_ok, other=0.0)
         scale = tl.load(invstd_in_ptr + offs_n, mask=n_ok, other=0.0)
-        scale *= tl.load(gamma_in_ptr + offs_n, mask=n_ok, other=0.0)
-        shift = tl.load(beta_in_ptr + offs_n, mask=n_ok, other=0.0) - mean * scale
+        scale *= tl.load(weight_in_ptr + offs_n, mask=n_ok, other=0.0)
+        shift = tl.load(bias_in_ptr + offs_n, mask=n_ok, other=0.0) - mean * scale
         z = x * scale[None, :] + shift[None, :]  # as the forward's prologue computed it
         g = tl.where(z > 0.0, acc, 0.0).to(g_ptr.dtype.element_ty)
     else:
@@ -210,15 +210,8 @@ def _conv_dgrad_bn(
 # ---------------------------------------------------------------------------
 
 
-def _check_index_range(*tensors):
-    """The kernels index in int32."""
-    for t in tensors:
-        if t.numel() >= 2**31:
-            raise ValueError(f"tensor of shape {tuple(t.shape)} has >= 2**31 elements; split the batch")
-
-
 def _wgrad_tile(m: int, out_c: int, in_c: int, itemsize: int, interpreted: bool, device) -> _TileConfig:
-    """The fixed rule's wgrad tile, as a GEMM tile of grad_w: block_m = BLOCK_CO (its rows),
+    """The default wgrad tile, as a GEMM tile of grad_w: block_m = BLOCK_CO (its rows),
     block_n = BLOCK_CI (its columns), block_k = BLOCK_M (output pixels per reduction step).
 
     GPU: 128x128 grad_w tiles (64 wide for 64 channels) with a 64-pixel reduction step for
@@ -247,7 +240,7 @@ def _wgrad_split(m: int, out_c: int, in_c: int, taps: int, tile: _TileConfig, in
 
 
 # The tiles the measured dispatch times per shape (fastresnet.ops.conv_stats), besides
-# each launch helper's fixed rule, for sm_90 with 2-byte operands (K steps halve for fp32):
+# each launch helper's default, for sm_90 with 2-byte operands (K steps halve for fp32):
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in each kernel's GEMM terms. Each compiles for
 # sm_90a without spills under triton 3.6 and 3.8 (tests/compile_conv_train_for_hopper.py).
 # wgrad (rows: output channels, columns: input channels, K: output pixels), by input channels:
@@ -266,31 +259,31 @@ _DGRAD_TILES = {
 MAX_BWD_TILES = 3
 
 
-def _offered(fixed: _TileConfig, table, rows: int, cols: int, itemsize: int, device) -> list[_TileConfig]:
-    """fixed, then the table's tiles that fit the problem (no tile wider than the next power of two
+def _offered(default: _TileConfig, table, rows: int, cols: int, itemsize: int, device) -> list[_TileConfig]:
+    """default, then the table's tiles that fit the problem (no tile wider than the next power of two
     of its rows or columns) and the device (shallower pipelines before sm_90; shared memory)."""
     major, _ = torch.cuda.get_device_capability(device)
     shared_limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 48 * 1024
-    tiles = [fixed]
+    tiles = [default]
     for bm, bn, bk, warps, stages in table:
         if bm > _pow2_at_least(rows, 64, 256) or bn > _pow2_at_least(cols, 64, 256):
             continue
         if major < 9:
             stages = min(stages, 3 if major >= 8 else 2)
-        tile = _TileConfig(bm, bn, bk if itemsize <= 2 else bk // 2, fixed.group_m, warps, stages)
+        tile = _TileConfig(bm, bn, bk if itemsize <= 2 else bk // 2, default.group_m, warps, stages)
         if tile not in tiles and tile.shared_bytes(itemsize) <= shared_limit:
             tiles.append(tile)
     return tiles[:MAX_BWD_TILES]
 
 
 def _wgrad_tile_candidates(m: int, out_c: int, in_c: int, itemsize: int, device) -> list[_TileConfig]:
-    """The wgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the fixed rule's first."""
-    fixed = _wgrad_tile(m, out_c, in_c, itemsize, False, device)
-    return _offered(fixed, _WGRAD_TILES["wide" if in_c > 64 else "narrow"], out_c, in_c, itemsize, device)
+    """The wgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the default first."""
+    default = _wgrad_tile(m, out_c, in_c, itemsize, False, device)
+    return _offered(default, _WGRAD_TILES["wide" if in_c > 64 else "narrow"], out_c, in_c, itemsize, device)
 
 
 def _dgrad_tile(m: int, in_c: int, out_c: int, itemsize: int, norm_input: bool, interpreted: bool, device):
-    """The fixed rule's dgrad tile: kernels/conv.py's, at most 64 columns with the BatchNorm epilogue."""
+    """The default dgrad tile: kernels/conv.py's, at most 64 columns with the BatchNorm epilogue."""
     cfg = _tile_config(m, in_c, out_c, False, itemsize, interpreted, device)
     if norm_input and not interpreted and cfg.block_n > 64:
         # The BatchNorm-backward epilogue (an x tile, the mask, two sums) beside a 128x128 fp32
@@ -301,10 +294,10 @@ def _dgrad_tile(m: int, in_c: int, out_c: int, itemsize: int, norm_input: bool, 
 
 
 def _dgrad_tile_candidates(m: int, in_c: int, out_c: int, itemsize: int, norm_input: bool, device):
-    """The dgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the fixed rule's first."""
-    fixed = _dgrad_tile(m, in_c, out_c, itemsize, norm_input, False, device)
+    """The dgrad tiles worth timing on a GPU (at most MAX_BWD_TILES), the default first."""
+    default = _dgrad_tile(m, in_c, out_c, itemsize, norm_input, False, device)
     table = _DGRAD_TILES["bn_epilogue" if norm_input else "plain"]
-    return _offered(fixed, table, m, in_c, itemsize, device)
+    return _offered(default, table, m, in_c, itemsize, device)
 
 
 def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, interpreted=False, split=None,
@@ -312,10 +305,9 @@ def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, 
     """grad_w [Cout, KH, KW, Cin] fp32, contiguous, of y = conv2d(a, w) with a = x or relu(bn(x)).
 
     grad_y [N, Cout, OH, OW] and x [N, Cin, H, W], any layout (channels_last is the fast one);
-    norm_input: None, or (mean, invstd, gamma, beta) fp32 [Cin], the BatchNorm + ReLU that the
+    norm_input: None, or (mean, invstd, weight, bias) fp32 [Cin], the BatchNorm + ReLU that the
     forward applied to x on load. split: row ranges reduced separately (default: per shape).
-    tile: a _TileConfig in GEMM terms (see _wgrad_tile), or None for the fixed rule's."""
-    _check_index_range(grad_y, x)
+    tile: a _TileConfig in GEMM terms (see _wgrad_tile), or None for the default."""
     batch, in_c, in_h, in_w = x.shape
     _, _, out_h, out_w = grad_y.shape
     kh, kw = kernel_size
@@ -326,10 +318,10 @@ def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, 
     rows = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows)
     parts = torch.empty((split, out_c, kh, kw, in_c), device=x.device, dtype=torch.float32)
-    mean_in, invstd_in, gamma_in, beta_in = norm_input if norm_input is not None else (None,) * 4
+    mean_in, invstd_in, weight_in, bias_in = norm_input if norm_input is not None else (None,) * 4
     grid = (triton.cdiv(out_c, block_co) * triton.cdiv(in_c, block_ci) * kh * kw, split)
     _conv_wgrad[grid](
-        grad_y, x, mean_in, invstd_in, gamma_in, beta_in, parts,
+        grad_y, x, mean_in, invstd_in, weight_in, bias_in, parts,
         batch, in_h, in_w, in_c, out_h, out_w, out_c, rows,
         grad_y.stride(0), grad_y.stride(2), grad_y.stride(3), grad_y.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
@@ -344,11 +336,10 @@ def conv_wgrad(grad_y, x, out_c, kernel_size, stride, padding, norm_input=None, 
 def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False, tile=None):
     """Stride-1 dgrad of y = conv2d(a, weight): (g, sum_g_part, sum_gx_part).
 
-    With norm_input = (mean, invstd, gamma, beta) of a = relu(bn(x)): g = grad_a through the
+    With norm_input = (mean, invstd, weight, bias) of a = relu(bn(x)): g = grad_a through the
     ReLU mask, in x's dtype and layout, and [P, Cin] fp32 partial sums of g and g * (x - mean)
     over row blocks of the tile's BLOCK_M pixels. Without: g = grad_x and no partials (None).
     tile: a _TileConfig (rows: input pixels, columns: input channels), or None for _dgrad_tile's."""
-    _check_index_range(grad_y, x)
     batch, in_c, in_h, in_w = x.shape
     out_c, _, kh, kw = weight.shape
     _, _, out_h, out_w = grad_y.shape
@@ -364,10 +355,10 @@ def conv_dgrad_bn(grad_y, weight, x, padding, norm_input=None, interpreted=False
     if norm_input is not None:
         sum_g_part = torch.empty((parts, in_c), device=x.device, dtype=torch.float32)
         sum_gx_part = torch.empty_like(sum_g_part)
-    mean_in, invstd_in, gamma_in, beta_in = norm_input if norm_input is not None else (None,) * 4
+    mean_in, invstd_in, weight_in, bias_in = norm_input if norm_input is not None else (None,) * 4
     grid = (parts * triton.cdiv(in_c, cfg.block_n),)
     _conv_dgrad_bn[grid](
-        grad_y, packed, x, mean_in, invstd_in, gamma_in, beta_in, g, sum_g_part, sum_gx_part,
+        grad_y, packed, x, mean_in, invstd_in, weight_in, bias_in, g, sum_g_part, sum_gx_part,
         batch, in_h, in_w, in_c, out_h, out_w, out_c,
         grad_y.stride(0), grad_y.stride(2), grad_y.stride(3), grad_y.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
@@ -384,14 +375,14 @@ def batch_norm_bwd_from_g(g, x, norm_input, sum_g, sum_gxc):
     """grad_x of a = relu(bn(x)) (batch statistics) from g = grad_a through the ReLU mask and its
     two per-channel sums over all rows: the BatchNorm backward's elementwise pass alone
     (kernels/bn_act.py `_affine_act_bwd_dx`, RELU off: g is already masked)."""
-    mean, invstd, gamma, beta = norm_input
+    mean, invstd, weight, bias = norm_input
     n, c, h, w = x.shape
     m = n * h * w
     grad_x = torch.empty_like(x)
     block_m, block_c, num_warps = bn_act._elementwise_blocks(x)
     absent = bn_act.row_strides(None)
     bn_act._affine_act_bwd_dx[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-        g, x, None, grad_x, None, gamma, invstd, beta, mean, sum_g, sum_gxc,
+        g, x, None, grad_x, None, weight, invstd, bias, mean, sum_g, sum_gxc,
         m, c, h * w,
         *bn_act.row_strides(g), *bn_act.row_strides(x), *absent, *bn_act.row_strides(grad_x), *absent,
         RELU=False, BATCH_STATS=True, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,

@@ -1,4 +1,4 @@
-"""fastresnet.ops.cudnn_graph: cuDNN's conv + BatchNorm-statistics graph as a fused-block path.
+"""fastresnet.experimental.cudnn_graph: cuDNN's conv + BatchNorm-statistics graph as a fused-block path.
 
 On the CPU: the pure-Python shape and key logic, the statistics finalisation
 and the first-call check that guards it, the custom op's plumbing (forward,
@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastresnet import convert
-from fastresnet.ops import cudnn_graph, tuning
-from fastresnet.ops.cudnn_graph import GraphKey, channels_last_strides, graph_key, stats_from_sums
+from fastresnet.experimental import cudnn_graph
+from fastresnet.experimental.common import checked
+from fastresnet.experimental.cudnn_graph import GraphKey, channels_last_strides, graph_key, stats_from_sums
+from fastresnet.nn import blocks
+from fastresnet.ops import tuning
 from fastresnet.reference import conv_stats_reference
 from fastresnet.testing import assert_as_accurate_as, assert_close
 
@@ -45,7 +48,7 @@ def test_no_candidate_without_cuda():
     assert "CUDA" in cudnn_graph.unavailable_reason(torch.device("cpu"))
     block = convert(Bottleneck(16, 4), mode="train")
     x = _channels_last(torch.randn(2, 16, 4, 4))
-    assert "cudnn_graph" not in block.candidate_paths(x)
+    assert "cudnn_graph" not in blocks.FUSED_BLOCK._applying((block, x), True)
     with pytest.raises(RuntimeError, match="CUDA"):
         cudnn_graph.conv_stats_graph(x, torch.randn(8, 16, 1, 1))
 
@@ -63,7 +66,7 @@ def test_a_path_that_appears_later_is_measured_not_shadowed(fake_gpu_timing, mon
     block(x)
     assert len(block_timings()) == 1  # the same candidates: the disk cache answers
     tuning.clear()
-    monkeypatch.setattr(type(block), "candidate_paths", lambda self, x: ["triton", "cudnn_graph", "eager"])
+    monkeypatch.setitem(blocks.FUSED_BLOCK.shelf, "cudnn_graph", lambda block, x: True)
     block(x)  # cudnn_graph fails on the CPU (and is left out), but it was timed: not shadowed
     assert len(block_timings()) == 2
 
@@ -74,7 +77,7 @@ def test_imports_cleanly_without_the_package():
         "import sys; sys.modules['cudnn'] = None\n"
         "import torch\n"
         "from fastresnet.nn import blocks\n"
-        "from fastresnet.ops import cudnn_graph\n"
+        "from fastresnet.experimental import cudnn_graph\n"
         "print(cudnn_graph.unavailable_reason(torch.device('cuda')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -164,16 +167,16 @@ def test_stats_from_sums_match_var_mean():
 
 
 def test_the_first_call_check_rejects_sum_of_squares_cancellation():
-    """The statistics' guard is the tuner's first-call check of the block path: it compares what the
-    statistics do to the normalised output with the eager path's. mean 1e4, std 1: fp32 sums lose the
-    variance (rejected); mean 0: they keep it (accepted)."""
+    """The statistics' guard is the shelf's first-call check of the path: it compares what the statistics
+    do to the normalised output with the main tree's. mean 1e4, std 1: fp32 sums lose the variance
+    (rejected); mean 0: they keep it (accepted)."""
     for offset, fine in ((0.0, True), (1e4, False)):
         y = torch.randn(8, 4, 16, 16, dtype=torch.float64).add(offset).float()
         _, invstd, _ = stats_from_sums(*_sums(y.double()), y.numel() // 4, EPS)
         var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
         graph_out = ((y.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)).float()
         eager_out = ((y.double() - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + EPS).view(1, -1, 1, 1)).float()
-        check = tuning.checked_on_first_call("fused_block", "cudnn_graph", lambda: graph_out, lambda: eager_out)
+        check = checked("fused_block", "cudnn_graph", lambda: graph_out, lambda: eager_out)
         if fine:
             check()
         else:
@@ -232,8 +235,8 @@ def stand_in(monkeypatch):
 def _chain(x, w1, w2, g1, b1, g2, b2):
     from fastresnet.ops.bn_act import bn_act_stats
 
-    y1, m1, i1, v1 = cudnn_graph.conv_stats_graph(x, w1, 1, 1, EPS)
-    y2, m2, i2, v2 = cudnn_graph.conv_stats_graph(y1, w2, 2, 0, EPS, norm_input=(m1, i1, g1, b1))
+    y1, m1, i1, v1 = cudnn_graph.conv_stats_graph(x, w1, None, 1, 1, eps=EPS)
+    y2, m2, i2, v2 = cudnn_graph.conv_stats_graph(y1, w2, None, 2, 0, eps=EPS, input_norm=(m1, i1, g1, b1))
     return bn_act_stats(y2, m2, i2, g2, b2), (m1, v1, m2, v2)
 
 
@@ -261,7 +264,7 @@ def test_op_forward_gradients_and_statistics(stand_in, verdict):
     assert_close(out, ref, atol=2e-4, rtol=2e-4, name="output")
     for name, a, b in zip(("mean1", "var1", "mean2", "var2"), stats, ref_stats):
         assert_close(a, b.detach(), atol=2e-4, rtol=2e-4, name=name)
-    for name, a, b in zip(("x", "w1", "w2", "gamma1", "beta1", "gamma2", "beta2"), ours, eager):
+    for name, a, b in zip(("x", "w1", "w2", "weight1", "bias1", "weight2", "bias2"), ours, eager):
         scale = b.grad.abs().max().item() + 1e-6
         assert_close(a.grad / scale, b.grad / scale, atol=2e-4, rtol=2e-4, name=f"grad {name}")
     statuses = {e.status.split()[0].rstrip(":") for e in entries.values()}
@@ -276,17 +279,17 @@ def test_op_first_met_inside_a_cuda_graph_capture_runs_unfused(stand_in, monkeyp
     verdicts, entries = stand_in
     real_entry = cudnn_graph._entry
     monkeypatch.setattr(cudnn_graph, "_entries", entries)  # the stand-in's table is what _entries holds
-    monkeypatch.setattr(cudnn_graph, "_capturing", lambda x: True)
+    monkeypatch.setattr(tuning, "capturing", lambda device: True)
     monkeypatch.setattr(cudnn_graph, "_entry", lambda key: pytest.fail("built inside a capture"))
     x, w = _channels_last(torch.randn(2, 8, 5, 5)), torch.randn(4, 8, 3, 3)
-    y, mean, _, var = cudnn_graph.conv_stats_graph(x, w, 1, 1, EPS)
+    y, mean, _, var = cudnn_graph.conv_stats_graph(x, w, None, 1, 1, eps=EPS)
     ref = F.conv2d(x, w, None, 1, 1)
     assert_close(y, ref, atol=1e-4, rtol=1e-4, name="y")
     assert_close(mean, ref.mean((0, 2, 3)), atol=1e-4, rtol=1e-4, name="mean")
     assert not entries
-    monkeypatch.setattr(cudnn_graph, "_capturing", lambda x: False)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
     monkeypatch.setattr(cudnn_graph, "_entry", real_entry)
-    cudnn_graph.conv_stats_graph(x, w, 1, 1, EPS)
+    cudnn_graph.conv_stats_graph(x, w, None, 1, 1, eps=EPS)
     (entry,) = entries.values()
     assert entry.graph.graph.runs == 1
 
@@ -294,11 +297,12 @@ def test_op_first_met_inside_a_cuda_graph_capture_runs_unfused(stand_in, monkeyp
 def test_op_keeps_the_input_layout_and_compiles_opaquely(stand_in, monkeypatch):
     # An NCHW input: the graph runs NHWC, the op returns what its fake promised (x's layout).
     x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3)
-    y, mean, invstd, var = cudnn_graph.conv_stats_graph(x, w, 1, 1)
+    y, mean, invstd, var = cudnn_graph.conv_stats_graph(x, w, None, 1, 1)
     ref, *_ = conv_stats_reference(x, w, 1, 1)
     assert y.is_contiguous() and y.shape == ref.shape
     assert_close(y, ref, atol=1e-4, rtol=1e-4, name="y")
-    compiled = torch.compile(lambda a, b: cudnn_graph.conv_stats_graph(a, b, 1, 1)[0], fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda a, b: cudnn_graph.conv_stats_graph(a, b, None, 1, 1)[0], fullgraph=True,
+                             backend="eager")
     monkeypatch.setattr(cudnn_graph, "unavailable_reason", lambda device: pytest.fail("probed while compiling"))
     assert_close(compiled(x, w), ref, atol=1e-4, rtol=1e-4, name="compiled y")
 
@@ -326,13 +330,13 @@ def test_block_path_matches_torchvision_with_the_stand_in(stand_in):
 
 
 def test_a_graph_whose_statistics_are_off_never_wins_the_block(stand_in, fake_gpu_timing, monkeypatch):
-    """The path has not run on a GPU: its first timed step is compared with the eager block's output and
-    gradients, and with spoilt sums (a wrong mean) it warns and is left out, however fast."""
+    """The path has not run on a GPU: each conv's first call is compared with conv_stats' own, and with
+    spoilt sums (a wrong mean) it warns and is left out of the block's measurement, however fast."""
     verdicts, _ = stand_in
     verdicts["corrupt"] = 50.0
     ref = Bottleneck(16, 4)
     fused = convert(copy.deepcopy(ref), mode="train")
-    monkeypatch.setattr(type(fused), "candidate_paths", lambda self, x: ["triton", "cudnn_graph", "eager"])
+    monkeypatch.setitem(blocks.FUSED_BLOCK.shelf, "cudnn_graph", lambda block, x: True)
     fake_gpu_timing.winners["fused_block"] = "cudnn_graph"
     x = _channels_last(torch.randn(2, 16, 5, 5))
     with pytest.warns(RuntimeWarning, match="candidate cudnn_graph is off"):
@@ -480,11 +484,11 @@ def test_gpu_cudnn_graph_builds_for_resnet50_convs():
                 torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda"))
         w3 = _channels_last(torch.randn(64, 64, 3, 3, device="cuda", dtype=dtype) / 24)
         w1 = _channels_last(torch.randn(64, 64, 1, 1, device="cuda", dtype=dtype) / 8)
-        y, mean, invstd, _ = cudnn_graph.conv_stats_graph(x, w3, 1, 1, EPS, norm)
+        y, mean, invstd, _ = cudnn_graph.conv_stats_graph(x, w3, None, 1, 1, eps=EPS, input_norm=norm)
         ref, ref_mean, _, _ = conv_stats_reference(x, w3, 1, 1, norm)
         assert_close(y.float(), ref.float(), atol=5e-2, rtol=5e-2, name=f"{dtype} y")
         assert_close(mean, ref_mean, atol=2e-2, rtol=2e-2, name=f"{dtype} mean")
-        cudnn_graph.conv_stats_graph(x, w1, 1, 0, EPS)
+        cudnn_graph.conv_stats_graph(x, w1, None, 1, 0, eps=EPS)
         built[str(dtype)] = [r["status"] for r in cudnn_graph.report() if r["key"].dtype == dtype]
     print(json.dumps(built, indent=1))
     assert any(all(s.startswith("built") for s in statuses) for statuses in built.values()), built
@@ -494,7 +498,6 @@ def test_gpu_cudnn_graph_builds_for_resnet50_convs():
 @needs_package
 def test_gpu_measured_dispatch_times_the_cudnn_graph_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FASTRESNET_EXPERIMENTAL", "1")  # the path has not run on a GPU yet
     tuning.clear()
     ref, inplanes = _gpu_block("basic")
     fused = convert(copy.deepcopy(ref), mode="train")

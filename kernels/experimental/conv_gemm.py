@@ -33,7 +33,7 @@ prologue's values live across the K loop.
 Epilogue, in fp32 on the accumulator: y = acc * scale + shift (+ the
 residual tile, loaded by TMA) (ReLU), cast once to the output dtype.
 
-Requirements (checked by fastresnet.ops.conv_bn_act before this runs): C and Cout
+Requirements (checked by fastresnet.experimental.conv_bn_act before this runs): C and Cout
 multiples of 16 (TMA wants 16-byte aligned row strides and a 16-byte
 minimum box row), base pointers 16-byte aligned, x / residual / output laid
 out as contiguous [M, C] / [M, Cout] matrices (channels_last), fp16 or bf16
@@ -73,8 +73,8 @@ def _conv1x1_gemm_bn_act(
     res_desc,  # TMA descriptor of the residual as [M, OUT_C] (row stride OUT_C), box [BLOCK_M, BLOCK_N];
     #            read only when HAS_RESIDUAL (the launcher passes the output's descriptor otherwise)
     out_desc,  # TMA descriptor of the output as [M, OUT_C] (row stride OUT_C), box [BLOCK_M, BLOCK_N]
-    scale_ptr,  # [OUT_C] fp32, contiguous: multiplies the accumulator (folded BN: gamma / sqrt(var + eps))
-    shift_ptr,  # [OUT_C] fp32, contiguous: added after the scale (folded BN: beta - mean * scale)
+    scale_ptr,  # [OUT_C] fp32, contiguous: multiplies the accumulator (folded BN: weight / sqrt(var + eps))
+    shift_ptr,  # [OUT_C] fp32, contiguous: added after the scale (folded BN: bias - mean * scale)
     M,  # output pixels N * H * W
     OUT_C,  # output channels (GEMM columns)
     IN_C,  # input channels (GEMM reduction length)

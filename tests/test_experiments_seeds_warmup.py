@@ -1,0 +1,125 @@
+"""Experiments over several seeds (the paper's "best (mean +- std)") and the ResNet-110 warm-up comparison,
+scaled down to digits and a few steps."""
+
+import json
+import math
+
+import pytest
+
+from fastresnet.experiments import degradation, warmup
+from fastresnet.experiments.__main__ import main as experiments_main
+from fastresnet.experiments.runs import over_seeds
+from fastresnet.experiments.settings import Settings, configs_over_seeds
+from fastresnet.experiments.tables import over_seeds_cell, parse_markdown_table
+from fastresnet.training.fields import ConfigError
+
+
+def tiny(out, **kwargs) -> Settings:
+    return Settings(out=out, iterations=2, eval_every=0, batch_size=8, progress="off",
+                    overrides={"plot": "false"}, **kwargs)
+
+
+def test_over_seeds_is_the_papers_best_mean_and_std():
+    runs = [{"seed": s, "final_train_error": t, "final_test_error": e, "train_curve": [[1, t]]}
+            for s, t, e in ((0, 10.0, 7.0), (1, 12.0, 6.0), (2, 11.0, 8.0))]
+    combined = over_seeds(runs)
+    assert combined["seeds"] == [0, 1, 2] and combined["train_curve"] == [[1, 10.0]]  # the first seed's curves
+    assert combined["final_test_error"] == 7.0 and combined["final_test_error_best"] == 6.0
+    assert math.isclose(combined["final_test_error_std"], 1.0) and combined["final_test_error_seeds"] == [7.0, 6.0, 8.0]
+    assert combined["final_train_error"] == 11.0
+    assert over_seeds_cell(combined) == "6.00 (7.00 ± 1.00)"
+    assert over_seeds_cell(over_seeds(runs[:1])) == "7.00"
+
+
+def test_configs_train_every_net_of_a_seed_before_the_next_seed(tmp_path):
+    configs = configs_over_seeds(tiny(tmp_path, seeds=(0, 3)), [("plain20", ""), ("resnet20", "B")])
+    assert [(c.seed, c.model, c.shortcut) for c in configs] == [
+        (0, "plain20", ""), (0, "resnet20", "B"), (3, "plain20", ""), (3, "resnet20", "B")]
+    assert len({c.run_name for c in configs}) == 4
+    for bad in ((), (1, 1), (-1,)):
+        with pytest.raises(ConfigError, match="--seeds"):
+            tiny(tmp_path, seeds=bad)
+
+
+def test_degradation_over_two_seeds_reports_best_mean_and_std(tmp_path):
+    result = degradation.run(tiny(tmp_path, seeds=(0, 1)), (20, 32), say=lambda *_: None)
+    assert len(list((tmp_path / "runs").glob("[!.]*"))) == 8  # four nets, two seeds
+    assert result["runs"]["resnet20"]["seeds"] == [0, 1]
+    rows = parse_markdown_table((tmp_path / "degradation" / "table.md").read_text())
+    header = "test error %, best (mean ± std) of 2 seeds"
+    errors = result["runs"]["plain32"]["final_test_error_seeds"]
+    assert rows[1]["net"] == "plain-32"
+    assert rows[1][header] == f"{min(errors):.2f} ({sum(errors) / 2:.2f} ± {abs(errors[0] - errors[1]) / 2 ** 0.5:.2f})"
+
+
+def test_seeds_flag_is_checked(capsys):
+    assert experiments_main(["degradation", "--seeds", "0,x"]) == 2
+    assert "--seeds '0,x'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("warmup")
+    settings = Settings(out=out, iterations=8, eval_every=0, batch_size=8, progress="off",
+                        overrides={"plot": "false", "log_every": "1"})
+    first = warmup.run(settings, depth=20, steps=3, say=lambda *_: None)
+    said = []
+    again = warmup.run(settings, depth=20, steps=3, say=said.append)
+    return {"out": out, "settings": settings, "first": first, "again": again, "said": said}
+
+
+def test_warmup_trains_the_first_steps_with_and_without(warmed):
+    curves = warmed["first"]["curves"]
+    assert [r["step"] for r in curves["with warm-up"]["records"]] == [1, 2, 3]
+    with_lr = [r["lr"] for r in curves["with warm-up"]["records"]]
+    without_lr = {r["lr"] for r in curves["without warm-up"]["records"]}
+    # both lrs scale with the batch (8 of the recipe's 128); the warm-up may end after its first window
+    assert with_lr[0] == 0.01 * 8 / 128 and set(with_lr) <= {0.01 * 8 / 128, 0.1 * 8 / 128}
+    assert without_lr == {0.1 * 8 / 128}
+    runs = sorted(p.name for p in (warmed["out"] / "runs").glob("[!.]*"))
+    assert len(runs) == 2
+    table = parse_markdown_table((warmed["out"] / "warmup" / "table.md").read_text())
+    assert [row["run"] for row in table] == ["with warm-up", "without warm-up"]
+
+
+def test_warmup_again_reads_its_runs_without_training(warmed):
+    assert not any(line.startswith("resnet20 (") for line in warmed["said"])  # no "training ..." line
+    assert warmed["again"]["curves"] == warmed["first"]["curves"]
+
+
+def test_a_diverged_run_is_remembered_and_decides_the_verdict(warmed):
+    without = warmed["first"]["curves"]["without warm-up"]["run_dir"]
+    (warmed["out"] / "runs" / without.rsplit("/", 1)[1] / warmup.DIVERGED_NAME).write_text(
+        json.dumps({"message": "the loss became NaN", "step": 2}))
+    result = warmup.run(warmed["settings"], depth=20, steps=3, say=lambda *_: None)
+    assert result["curves"]["without warm-up"]["diverged"] == "the loss became NaN"
+    assert result["shown"] is True
+
+
+def test_warmup_flags_are_checked(tmp_path, capsys):
+    assert experiments_main(["warmup", "--depth", "18", "--out", str(tmp_path)]) == 2
+    assert experiments_main(["warmup", "--steps", "500", "--out", str(tmp_path)]) == 2  # digits runs 400 steps
+    err = capsys.readouterr().err
+    assert "--depth 18" in err and "--steps 500" in err
+
+
+def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    from fastresnet.experiments.runs import LOCKS_NAME, train_or_resume
+    from fastresnet.experiments.settings import train_config
+
+    cfg = train_config(tiny(tmp_path), "resnet20")
+    run_dir = tmp_path / "runs" / cfg.run_name
+    (tmp_path / "runs" / LOCKS_NAME).mkdir(parents=True)
+    said, outcome = [], {}
+    with open(tmp_path / "runs" / LOCKS_NAME / f"{cfg.run_name}.lock", "a") as held:  # "another process"
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: outcome.update(result=train_or_resume(cfg, said.append)))
+        waiter.start()
+        time.sleep(1.0)
+        assert not run_dir.exists() and said == [f"    another process is training {cfg.run_name}; waiting for it"]
+    waiter.join(timeout=300)
+    assert outcome["result"].finished and outcome["result"].action == "trained"
