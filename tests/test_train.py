@@ -275,3 +275,24 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing_and_a_longer_length
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 3]
     assert load_checkpoint(run)["step"] == 3
+
+
+def test_a_finished_run_whose_checkpoint_does_not_record_its_final_test_runs_it_once_and_then_is_finished(
+        short_run, tmp_path, capsys):
+    """A checkpoint saved before its run's final test, or written before checkpoints recorded the step of
+    their last evaluation: the first resume tests once more and records it; the next says finished."""
+    from fastresnet.train import main as train_main
+    from fastresnet.training.checkpoint import CHECKPOINT_NAME, save_atomic
+
+    run = Path(shutil.copytree(short_run[0], tmp_path / "run"))
+    state = load_checkpoint(run)
+    del state["evaluated_at"]
+    save_atomic(state, run / CHECKPOINT_NAME)
+    assert train_main(["--resume", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 2]
+    assert load_checkpoint(run)["evaluated_at"] == 2
+    before = digest(run)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run)]) == 0
+    assert digest(run) == before and "is finished" in capsys.readouterr().out

@@ -125,6 +125,7 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None
         self.last_eval: dict = {}
         self.evaluated_at = self.saved_at = -1  # the steps of the last evaluation and checkpoint
+        self.saved_evaluated_at = -1  # the step of the last evaluation that the checkpoint records
         self.restarted = False  # a torchelastic restart continuing its launch's run
         if resume is None:
             self.run_dir, self.restarted = open_run_dir(cfg, info.is_main)
@@ -182,7 +183,7 @@ class Trainer:
             status = self._run_epochs()
         except BadImageError as err:
             raise self._stopped_by(err) from err
-        if self.saved_at != self.step:
+        if (self.saved_at, self.saved_evaluated_at) != (self.step, self.evaluated_at):  # a final test run since
             self._save()
         self._report_skipped()
         if self.evaluated_at != self.step:  # else the evaluation at this step drew every record already
@@ -384,7 +385,7 @@ class Trainer:
     def _save(self) -> None:
         distributed.average_buffers(self.model)  # also a barrier: every rank reaches the save
         if not self.info.is_main:
-            self.saved_at = self.step
+            self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
             return
         state = {
             "format": FORMAT_VERSION,
@@ -403,7 +404,7 @@ class Trainer:
             "evaluated_at": self.evaluated_at,
         }
         self.last_good_checkpoint = save_atomic(state, self.run_dir / CHECKPOINT_NAME)
-        self.saved_at = self.step
+        self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, needs=RESUME_NEEDS)
@@ -421,7 +422,7 @@ class Trainer:
         self.resume_rng = state["rng"]
         self.last_eval = state.get("last_eval") or {}
         self.evaluated_at = state.get("evaluated_at", -1)  # a checkpoint from before it was kept: not known
-        self.saved_at = self.step
+        self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
         self.last_good_checkpoint = path
 
     # --- messages
