@@ -139,7 +139,7 @@ run_cuda_tests() {
 run_profile() {
     python3 -m fastresnet.profile --model resnet50 --data.backend synthetic --data.batch_size 256 \
         --data.image_size 224 --amp bf16 --channels_last true --compile default --fused_blocks on \
-        --providers torchvision+compile,fastresnet --steps 3 --warmup 2 --out "$out/logs/profile" &&
+        --providers torchvision+compile,fastresnet --steps 3 --warmup_steps 2 --out "$out/logs/profile" &&
         cp "$out"/logs/profile/profile.{md,png,json} "$out"/
 }
 

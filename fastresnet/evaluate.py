@@ -1,11 +1,13 @@
 """`python -m fastresnet.evaluate --checkpoint RUN_DIR|checkpoint.pt`: top-1 / top-5 of a trained model.
 
-The model and data settings come from the checkpoint's saved config; any training flag overrides
-them, e.g. the dataset location or 10-crop testing (the paper's standard):
+The model and data settings come from the checkpoint's saved config; the flags below override the
+ones evaluation reads, e.g. the dataset location or 10-crop testing (the paper's standard, on the
+ImageFolder back ends):
 
     python -m fastresnet.evaluate --checkpoint runs/resnet50-dali-... --data.root /data/imagenet --data.ten_crop true
 
 Single centre crop by default (data.ten_crop false). Prints one line and, with --output, writes JSON.
+Exit status: 0 done, 2 a mistake in the input (a flag, a checkpoint, a dataset), told in one line.
 """
 
 from __future__ import annotations
@@ -18,34 +20,43 @@ from pathlib import Path
 import torch
 
 from fastresnet.data import build_loaders
-from fastresnet.training import distributed
-from fastresnet.errors import command
+from fastresnet.training import distributed, smoke
+from fastresnet.errors import ConfigError, command
 from fastresnet.outputs import new_file
 from fastresnet.training.checkpoint import load_checkpoint, load_weights
-from fastresnet.training.cli import _normalize_flags, build_parser
+from fastresnet.training.cli import DATA_FIELDS, TRAIN_ONLY_DATA_FIELDS, Command
 from fastresnet.training.config import TrainConfig, saved_values, validate
-from fastresnet.training.fields import ConfigError, apply_flat, flat_fields, unknown_name_error
+from fastresnet.training.fields import apply_flat
 from fastresnet.training.loop import evaluate_model
 from fastresnet.training.model import amp_dtype, build_model
 
 NEEDS = ("model", "config", "step")  # what evaluation reads of a checkpoint
 
 
+def add_options(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
+                        help="a run directory or its checkpoint.pt")
+    parser.add_argument("--output", default="", metavar="FILE", help="write the results as JSON here (a new file)")
+
+
+COMMAND = Command(
+    prog="python -m fastresnet.evaluate", doc=__doc__, add_options=add_options, run_config=False,
+    usage="%(prog)s --checkpoint RUN_DIR|FILE [--output FILE] [--FIELD VALUE ...]",
+    fields=(*(name for name in DATA_FIELDS if name not in TRAIN_ONLY_DATA_FIELDS),
+            "device", "amp", "channels_last", "dist_backend"),
+    defaults_from="the checkpoint's",
+    refusal="the model and its training come from the checkpoint",
+    hints={name: "evaluate takes --checkpoint, not --recipe or --resume" for name in ("recipe", "resume")})
+
+
 def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
-    parser = build_parser(prog="python -m fastresnet.evaluate")
-    parser.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
-    parser.add_argument("--output", default="", help="write the results as JSON here (a new file)")
-    args, unknown = parser.parse_known_args(_normalize_flags(argv))
-    if unknown:
-        raise unknown_name_error(unknown[0].lstrip("-").partition("=")[0], flat_fields(TrainConfig))
-    if args.recipe or args.resume:
-        raise ConfigError("evaluate takes --checkpoint, not --recipe or --resume")
+    args, given = COMMAND.parse(argv)
     checkpoint = Path(args.checkpoint)
     state = load_checkpoint(checkpoint, needs=NEEDS)
     cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"{checkpoint} (saved config)")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "checkpoint", "output")}
     cfg = apply_flat(cfg, given, "command line")
     validate(cfg)
+    cfg = smoke.shrink(cfg)
     output = new_file(args.output, "--output") if args.output else None
     return checkpoint, cfg, output
 

@@ -5,12 +5,12 @@
         --providers torchvision,torchvision+compile,fastresnet --steps 5
     python -m fastresnet.train --profile 5 [training flags]          # the same, for the training run's config
 
-The step is built as the training program builds it, from the same flags (`python -m
-fastresnet.train --help`: model, batch, amp, channels_last, compile, fused blocks, data back end),
-once per provider (fastresnet.profiling.providers). After `--warmup` unprofiled steps, `--steps`
-steps run under torch.profiler. Written to `--out`, a new or empty folder (default: a new run
-directory under --out_dir; a folder that holds files is refused before anything runs, so that no
-profile is overwritten): profile.md (a table per provider: time, share, FLOPs, bytes and the
+The step is built as the training program builds it, from the training flags that shape a step
+(below: model, data, optimizer, amp, channels_last, compile, fused blocks; or a run's --recipe or
+--resume), once per provider (fastresnet.profiling.providers). After `--warmup_steps` unprofiled
+steps, `--steps` steps run under torch.profiler. Written to `--out`, a new or empty folder (default: a
+new run directory under --out_dir; a folder that holds files is refused before anything runs, so that
+no profile is overwritten): profile.md (a table per provider: time, share, FLOPs, bytes and the
 distance from the floor the measured ceilings set), profile.png (a stacked bar per provider),
 profile.json, and per provider <provider>/trace.json (open it in ui.perfetto.dev or
 chrome://tracing) and <provider>/kernels.tsv.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fastresnet.data import build_loaders
-from fastresnet.errors import ArgumentParser, command, out_of_memory_exit
+from fastresnet.errors import command, out_of_memory_exit
 from fastresnet.flops import count_macs
 from fastresnet.outputs import writable_folder
 from fastresnet.profiling import categories as cat
@@ -36,7 +36,8 @@ from fastresnet.profiling.capture import capture
 from fastresnet.profiling.providers import MODES, PROVIDERS, build_subject, endless_batches, parse_providers
 from fastresnet.profiling.work import Work
 from fastresnet.training import distributed
-from fastresnet.training.cli import parse_command
+from fastresnet.training.cli import STEP_FIELDS, Command
+from fastresnet.training import smoke
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import configure_cuda, seed_everything
@@ -49,33 +50,41 @@ class ProfileOptions:
     providers: tuple[str, ...] = ("fastresnet",)
     mode: str = "train"  # "train": the whole training step; "inference": the forward pass in eval mode
     steps: int = 5  # profiled steps
-    warmup: int = 3  # unprofiled steps before (compilation, autotuning, first-call measurements)
+    warmup_steps: int = 3  # unprofiled steps before (compilation, autotuning, first-call measurements)
     out: str = ""  # output folder; "" = <run directory>/profile
     ceilings: bool = True  # measure copy bandwidth and matrix rate in this process
 
 
-def options_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m fastresnet.profile", usage="%(prog)s [profile options] "
-                            "[training flags]", add_help=False, allow_abbrev=False)
+def add_options(parser) -> None:
     parser.add_argument("--providers", default="fastresnet",
                         help=f"comma-separated, one bar each: {', '.join(PROVIDERS)} (default: fastresnet)")
     parser.add_argument("--mode", default="train", choices=MODES, help="the training step or inference (default: train)")
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
-    parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default: 3)")
-    parser.add_argument("--out", default="", help="output folder (default: a run directory under --out_dir, /profile)")
+    parser.add_argument("--steps", type=int, default=5, metavar="N", help="profiled steps (default: 5)")
+    parser.add_argument("--warmup_steps", type=int, default=3, metavar="N",
+                        help="unprofiled steps first: compilation, autotuning, first-call measurements (default: 3)")
+    parser.add_argument("--out", default="", metavar="DIR",
+                        help="output folder, new or empty (default: profile/ in a new run directory under --out_dir)")
     parser.add_argument("--no_ceilings", action="store_true", help="do not measure copy bandwidth and matrix rate")
-    return parser
+
+
+COMMAND = Command(
+    prog="python -m fastresnet.profile", doc=__doc__, fields=(*STEP_FIELDS, "out_dir", "run_name"),
+    add_options=add_options,
+    usage="%(prog)s [--providers P,...] [--mode M] [--steps N] [--warmup_steps N] [--out DIR] [--no_ceilings] "
+    "[--recipe NAME|FILE | --resume RUN_DIR] [--FIELD VALUE ...]",
+    refusal="the profile times steps; it runs no schedule, evaluation or checkpoints",
+    hints={"profile": "that belongs to python -m fastresnet.train; here the count is --steps",
+           "warmup": "that is training's learning-rate warm-up; the profile's unprofiled steps are --warmup_steps"})
 
 
 def parse(argv: list[str]) -> tuple[TrainConfig, ProfileOptions, Path | None]:
-    args, invocation = parse_command(argv, options_parser(), __doc__)
-    if args.steps < 1 or args.warmup < 0:
-        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
+    args, invocation = COMMAND.invocation(argv)
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup_steps >= 0, got --steps {args.steps} "
+                          f"--warmup_steps {args.warmup_steps}")
     validate(invocation.config)  # before a run directory is made for it
-    if invocation.profile:
-        raise ConfigError("--profile belongs to python -m fastresnet.train; here the count is --steps")
     options = ProfileOptions(providers=tuple(parse_providers(args.providers)), mode=args.mode, steps=args.steps,
-                             warmup=args.warmup, out=args.out, ceilings=not args.no_ceilings)
+                             warmup_steps=args.warmup_steps, out=args.out, ceilings=not args.no_ceilings)
     return invocation.config, options, invocation.resume
 
 
@@ -93,6 +102,12 @@ def output_dir(cfg: TrainConfig, options: ProfileOptions, resume: Path | None) -
 def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, command: str = "") -> dict[str, Path]:
     """Profile each provider's step; write the outputs; return what was written (name -> path)."""
     validate(cfg)
+    if smoke.on():
+        cfg = smoke.shrink(cfg)
+        options = replace(options, steps=min(options.steps, smoke.STEPS),
+                          warmup_steps=min(options.warmup_steps, smoke.STEPS))
+        print(smoke.note(f"profile of {options.steps} step(s) after {options.warmup_steps}, batch "
+                         f"{cfg.data.batch_size}"), flush=True)
     if distributed.launched_by_torchrun():
         raise ConfigError("the profile runs in one process: start it with python, not torchrun")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
@@ -104,7 +119,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
     run = report.ProfileRun(
         title=f"{cfg.model} {'training step' if options.mode == 'train' else 'inference'}, batch {cfg.data.batch_size}",
         command=command, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        mode=options.mode, batch_size=cfg.data.batch_size, steps=options.steps, warmup=options.warmup,
+        mode=options.mode, batch_size=cfg.data.batch_size, steps=options.steps, warmup=options.warmup_steps,
         step_flops=passes * 2.0 * macs * cfg.data.batch_size,
         ceilings=ceilings.measure(device, amp_dtype(cfg, device, data.image_size)) if options.ceilings else None,
         environment=_versions(device))
@@ -112,7 +127,7 @@ def run_profile(cfg: TrainConfig, options: ProfileOptions, out_dir: Path, comman
         seed_everything(cfg.seed)
         subject = build_subject(provider, options.mode, cfg, device, data.num_classes, data.image_size)
         trace = out_dir / provider / "trace.json"
-        result = capture(subject, batches, device, options.steps, options.warmup, trace)
+        result = capture(subject, batches, device, options.steps, options.warmup_steps, trace)
         if options.mode == "train" and result.time_ms.get(cat.OPTIMIZER):
             result.work[cat.OPTIMIZER] = Work(bytes=subject.optimizer_bytes)
         run.results.append(report.ProviderResult(provider, subject.description, result, trace))

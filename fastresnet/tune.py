@@ -6,14 +6,15 @@
 
 The first call of each problem times its candidates (fastresnet.ops.tuning): on a GPU the fused-or-plain
 choice under torch.compile, every fused block's path, every conv's implementation, tile and backward,
-every BatchNorm stage. This command builds the run's model as the training program does, from the same
-flags (`python -m fastresnet.train --help`), and runs `--steps` training steps and one evaluation batch
-on random data of the run's shape, with a line of progress per timed candidate. The decisions land in the
-tuning cache (~/.cache/fastresnet, $FASTRESNET_CACHE_DIR), so the run itself times nothing; they are
-printed as a table. `--export FILE` writes this machine's decisions for its GPU and versions (a new
-file: one that exists is refused, as is a cache folder or an --export path that cannot be written, before
-anything is tuned); `--import FILE` adds such a file's to the cache here instead of tuning, refusing one
-made on another GPU or versions (with --export too, the cache is then exported).
+every BatchNorm stage. This command builds the run's model as the training program does, from the
+training flags that shape a step (below; or a run's --recipe or --resume), and runs `--steps` training
+steps and one evaluation batch on random data of the run's shape, with a line of progress per timed
+candidate. The decisions land in the tuning cache (~/.cache/fastresnet, $FASTRESNET_CACHE_DIR), so the
+run itself times nothing; they are printed as a table. `--export FILE` writes this machine's decisions
+for its GPU and versions (a new file: one that exists is refused, as is a cache folder or an --export
+path that cannot be written, before anything is tuned); `--import FILE` adds such a file's to the cache
+here instead of tuning, refusing one made on another GPU or versions (with --export too, the cache is
+then exported).
 On a CPU the same tuner times the CPU's candidates: the training precision of --amp auto (where the CPU
 has bf16 units), each conv's implementation in evaluation (with fused blocks); a plain fp32 model on a
 CPU without bf16 units has nothing to choose, and the table is empty.
@@ -29,30 +30,34 @@ from pathlib import Path
 
 import torch
 
-from fastresnet.errors import ArgumentParser, command, out_of_memory_exit
+from fastresnet.errors import command, out_of_memory_exit
 from fastresnet.ops import tuning
 from fastresnet.outputs import new_file, writable_folder
-from fastresnet.training import distributed
-from fastresnet.training.cli import parse_command
+from fastresnet.training import distributed, smoke
+from fastresnet.training.cli import STEP_FIELDS, Command
 from fastresnet.training.config import TrainConfig, validate
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import configure_cuda, evaluate_model, make_train_step, seed_everything
 from fastresnet.training.model import amp_dtype, build_model, build_optimizer, example_batch, prepare_model
 
 
-def options_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m fastresnet.tune", add_help=False, allow_abbrev=False,
-                            usage="%(prog)s [tune options] [training flags]")
+def add_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=1, help="training steps to run (default: 1)")
     parser.add_argument("--export", default="", metavar="FILE",
                         help="write the decisions known here to FILE, a new file")
     parser.add_argument("--import", dest="import_", default="", metavar="FILE",
                         help="add FILE's decisions (made on a machine like this one) to the cache instead of tuning")
-    return parser
+
+
+COMMAND = Command(
+    prog="python -m fastresnet.tune", doc=__doc__, fields=STEP_FIELDS, add_options=add_options,
+    usage="%(prog)s [--steps N] [--export FILE] [--import FILE] [--recipe NAME|FILE | --resume RUN_DIR] "
+    "[--FIELD VALUE ...]",
+    refusal="tuning times the steps of a run, not its schedule or its outputs")
 
 
 def parse(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
-    args, invocation = parse_command(argv, options_parser(), __doc__)
+    args, invocation = COMMAND.invocation(argv)
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     validate(invocation.config)
@@ -66,6 +71,7 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress |
         raise ConfigError("tune in one process (start it with python, not torchrun): the decisions are per GPU")
     _, device = distributed.setup(cfg.device, cfg.dist_backend)
     configure_cuda(cfg, device)
+    cfg = smoke.shrink(cfg)
     from fastresnet.data import build_loaders
 
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
@@ -75,7 +81,8 @@ def tune_run(cfg: TrainConfig, steps: int = 1, progress: tuning.TuningProgress |
         prepared = prepare_model(build_model(cfg, data.num_classes), cfg, device, data.image_size)
         amp = amp_dtype(cfg, device, data.image_size)
         optimizer = build_optimizer(prepared.module, cfg, device, lr=0.0)
-        step = make_train_step(prepared.runner, torch.nn.CrossEntropyLoss(), optimizer, amp, None)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        step = make_train_step(prepared.runner, criterion, optimizer, amp, None)
         images = example_batch(cfg, device, data.image_size)
         labels = torch.zeros(images.shape[0], dtype=torch.long, device=device)
         for _ in range(steps):

@@ -244,7 +244,7 @@ def test_conv_and_matmul_estimates():
 
 # --- the command on a CPU
 
-TINY = ["--model", "resnet20", "--data.batch_size", "2", "--steps", "2", "--warmup", "1"]
+TINY = ["--model", "resnet20", "--data.batch_size", "2", "--steps", "2", "--warmup_steps", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -287,7 +287,7 @@ def test_profile_of_resnet20_training_on_the_cpu(tmp_path, capsys):
 
 def test_profile_of_a_tiny_torchvision_model_beside_fastresnet(tmp_path):
     args = ["--model", "resnet18", "--data.backend", "synthetic", "--data.image_size", "32", "--data.batch_size", "2",
-            "--data.num_classes", "10", "--providers", "torchvision,fastresnet", "--steps", "1", "--warmup", "1",
+            "--data.num_classes", "10", "--providers", "torchvision,fastresnet", "--steps", "1", "--warmup_steps", "1",
             "--no_ceilings", "--out", str(tmp_path)]
     assert profile.main(args) == 0
     result = _check_outputs(tmp_path, ["torchvision", "fastresnet"])
@@ -333,6 +333,25 @@ def test_the_gpu_scripts_profile_command_parses():
         "resnet50", 256, 224, "bf16", "on", "default")
     assert options.providers == ("torchvision+compile", "fastresnet") and options.mode == "train"
     assert options.steps <= 5 and resume is None
+
+
+def test_a_cpu_profile_prints_no_error_line_from_the_profiler(tmp_path):
+    """A successful run says nothing that reads like a failure: Kineto's start and stop marks and its
+    "gpuGetDeviceCount failed" (a CUDA build without a GPU) are silenced on a CPU. A process of its own:
+    Kineto reads its log level once, when a profiler first starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-m", "fastresnet.profile", *TINY, "--steps", "1", "--warmup_steps", "0",
+                           "--no_ceilings", "--out", str(tmp_path)], env=env, text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ms/step" in done.stdout
+    noise = [line for line in done.stderr.splitlines() if "ERROR" in line or "USDT" in line]
+    assert not noise, "\n".join(noise)
 
 
 def test_train_profile_needs_a_positive_count(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,107 @@ def test_fused_blocks_train_like_the_plain_blocks_and_keep_the_state_dict(tmp_pa
     assert len(fused_losses) >= 5
     assert fused_losses == pytest.approx(plain_losses, rel=1e-3, abs=1e-4)
     assert fused_weights.keys() == plain_weights.keys()
+
+
+# --- what a newcomer reads of a run: its first figures, config.json, curves.png, a resume of a finished run
+
+
+def digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+SHORT_RUN = ["--unit", "step", "--length", "2", "--log_every", "1", "--progress", "lines", "--plot", "true"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A two-step digits run that logs every step, and the figures its curves.png was drawn from."""
+    from matplotlib.figure import Figure
+
+    from fastresnet.train import main as train_main
+
+    out, figures, save = tmp_path_factory.mktemp("short"), [], Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        figures.append(figure)
+        return save(figure, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", recording_savefig)
+        assert train_main([*SHORT_RUN, "--out_dir", str(out), "--run_name", "run"]) == 0
+    torch.set_num_threads(threads)
+    return out / "run", figures
+
+
+def test_the_first_logged_speed_is_a_measured_figure(short_run):
+    run, _ = short_run
+    first = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+    assert first["step"] == 1 and first["images_per_s"] > 0 and first["compute_images_per_s"] > 0, first
+    assert first["tflops"] > 0
+
+
+def test_config_json_holds_the_settings_the_back_end_reads_and_loads_back(short_run):
+    from fastresnet.train import parse
+    from fastresnet.training.config import saved_values
+    from fastresnet.training.fields import apply_flat
+
+    run, _ = short_run
+    config = json.loads((run / "config.json").read_text())
+    # num_classes: unset, the data's count (a number given is checked against it on every back end)
+    assert sorted(config["data"]) == ["backend", "batch_size", "drop_last", "dtype", "num_classes",
+                                      "val_batch_size"], config["data"]
+    assert config["data"]["num_classes"] is None
+    ran = parse([*SHORT_RUN, "--out_dir", str(run.parent), "--run_name", "run"]).config
+    assert apply_flat(TrainConfig(), saved_values(config), "config.json") == ran
+    saved = load_checkpoint(run)["config"]  # the checkpoint's copy, which resume falls back on: the same record
+    assert saved["data"] == config["data"] and apply_flat(TrainConfig(), saved_values(saved), "checkpoint") == ran
+
+
+def test_curves_have_a_legend_on_both_panels_and_name_the_data_set(short_run):
+    _, figures = short_run
+    figure = figures[-1]
+    error_axes, loss_axes = figure.axes[:2]
+    labels = [[text.get_text() for text in axes.get_legend().get_texts()] for axes in (error_axes, loss_axes)]
+    assert labels == [["train error", "test error"], ["train loss", "learning rate"]]
+    assert figure.get_suptitle() == "resnet20 on digits"
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing_and_a_longer_length_extends_it(short_run, tmp_path,
+                                                                                           capsys):
+    from fastresnet.train import main as train_main
+
+    run = Path(shutil.copytree(short_run[0], tmp_path / "run"))
+    before = digest(run)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run)]) == 0
+    assert digest(run) == before
+    out = capsys.readouterr().out
+    assert f"{run} is finished (step 2 of 2" in out and "nothing changed" in out, out
+
+    assert train_main(["--resume", str(run), "--length", "3"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 3]
+    assert load_checkpoint(run)["step"] == 3
+
+
+def test_a_finished_run_whose_checkpoint_does_not_record_its_final_test_runs_it_once_and_then_is_finished(
+        short_run, tmp_path, capsys):
+    """A checkpoint saved before its run's final test, or written before checkpoints recorded the step of
+    their last evaluation: the first resume tests once more and records it; the next says finished."""
+    from fastresnet.train import main as train_main
+    from fastresnet.training.checkpoint import CHECKPOINT_NAME, save_atomic
+
+    run = Path(shutil.copytree(short_run[0], tmp_path / "run"))
+    state = load_checkpoint(run)
+    del state["evaluated_at"]
+    save_atomic(state, run / CHECKPOINT_NAME)
+    assert train_main(["--resume", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 2]
+    assert load_checkpoint(run)["evaluated_at"] == 2
+    before = digest(run)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run)]) == 0
+    assert digest(run) == before and "is finished" in capsys.readouterr().out

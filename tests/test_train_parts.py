@@ -9,7 +9,7 @@ import torch
 
 from fastresnet.training import ConfigError, TrainConfig, evaluate_model, validate
 from fastresnet.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_atomic
-from fastresnet.training.cli import parse_invocation
+from fastresnet.train import parse as parse_invocation
 from fastresnet.training.metrics import EvalAccumulator, TrainAccumulator
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
 
@@ -36,10 +36,17 @@ def test_paper_cifar_warms_up_resnet110_only():
     assert r56.warmup_until_train_error == 0 and r56.warmup == 0
 
 
-@pytest.mark.parametrize("recipe", ["paper-cifar", "paper-imagenet", "fast-imagenet"])
-def test_every_recipe_is_valid(recipe):
-    cfg = parse("--recipe", recipe)
+@pytest.mark.parametrize("recipe, data", [("paper-cifar", []), ("paper-imagenet", ["--data.root", "imagenet"]),
+                                          ("fast-imagenet", ["--data.root", "imagenet"])])
+def test_every_recipe_is_valid(recipe, data):
+    cfg = parse("--recipe", recipe, *data)
     assert cfg.momentum > 0 and cfg.lr > 0
+
+
+def test_an_imagenet_recipe_without_its_folder_is_refused_not_run_on_digits():
+    with pytest.raises(ConfigError, match=r"--data.recipe paper-scale: the digits back end \(auto's choice without "
+                       r"--data.root\) does not read it"):
+        parse("--recipe", "paper-imagenet")
 
 
 def test_fast_imagenet_recipe_is_the_modern_one():

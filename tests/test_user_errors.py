@@ -257,7 +257,9 @@ def test_an_argument_the_parser_refuses_is_one_line_too(capsys, main, argv, mess
 
 def test_evaluate_with_another_model_names_both(finished_run, capsys):
     assert evaluate_main(["--checkpoint", str(finished_run), "--model", "resnet32"]) == 2
-    one_line_error(capsys, "holds weights of resnet20 that do not fit resnet32")
+    one_line_error(capsys, "--model: python -m fastresnet.evaluate does not use it", "come from the checkpoint")
+    assert evaluate_main(["--checkpoint", str(finished_run), "--data.num_classes", "7"]) == 2
+    one_line_error(capsys, "holds weights of resnet20 that do not fit resnet20 with 7 classes")
 
 
 # --- run directories

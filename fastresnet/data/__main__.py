@@ -1,13 +1,18 @@
-"""python -m fastresnet.data verify DIR | make-fake-imagenet DIR --classes K --images-per-class M
+"""`python -m fastresnet.data`: check a dataset folder, or write a small ImageNet-like one.
+
+    python -m fastresnet.data verify DIR                    # list every problem of a dataset folder
+    python -m fastresnet.data make-fake-imagenet DIR --classes K --images-per-class M   # real JPEGs
 
 verify exits 0 when the dataset in DIR has no problem, 1 when it lists problems, and 2 (one `error:`
 line) when DIR is no dataset: missing, or in none of the formats the back ends read.
-make-fake-imagenet writes only into a new or empty folder."""
+make-fake-imagenet writes only into a new or empty folder.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fastresnet.errors import ArgumentParser, UserError, command
 from fastresnet.outputs import writable_folder
@@ -17,15 +22,17 @@ from .verify import summarise, verify_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__)
+    parser = ArgumentParser(prog="python -m fastresnet.data", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser(
         "verify", help="check a dataset folder and list its problems: exit 0 none, 1 problems listed, "
-        "2 no dataset there")
+        "2 no dataset there", description="Check a dataset folder and list every problem it has.")
     verify.add_argument("root", help="ImageFolder root (train/, val/), one split folder, cifar-10-batches-py, "
                         "or a folder of Fashion-MNIST's IDX files (gzipped or not)")
     verify.add_argument("--workers", type=int, default=8, help="decoding threads")
-    fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs")
+    fake = commands.add_parser("make-fake-imagenet", help="write an ImageFolder of realistic JPEGs",
+                               description="Write an ImageFolder (train/ and val/) of realistic JPEGs.")
     fake.add_argument("root", help="output folder (train/ and val/ are created in it)")
     fake.add_argument("--classes", type=int, required=True, help="number of class folders")
     fake.add_argument("--images-per-class", type=int, required=True, help="train images per class")
@@ -53,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         tint=args.tint,
     )
-    print(f"wrote {root}/train and {root}/val: {args.classes} classes")
+    val = sum(1 for _ in (Path(root) / "val").glob("*/*.JPEG")) // args.classes  # as written (default: 1/10)
+    print(f"wrote {root}/train and {root}/val: {args.classes} classes, {args.images_per_class} train and {val} "
+          "val images per class")
     return 0
 
 

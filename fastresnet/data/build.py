@@ -9,7 +9,7 @@ import torch
 
 from fastresnet.errors import UserError
 
-from .config import DataConfig
+from .config import DataConfig, check_settings_apply
 from .loader import DataLoaders, DatasetError, DatasetNotFoundError, Shard
 
 
@@ -79,9 +79,7 @@ def _build(cfg: DataConfig, device: torch.device, shard: Shard) -> DataLoaders:
     backend = resolve_backend(cfg, device)
     if backend not in ("digits", "synthetic", "fashion-mnist") and cfg.root is None:
         raise ValueError(f"the {backend} back end reads a dataset folder: set DataConfig.root")
-    if backend in ("digits", "synthetic") and cfg.root is not None:  # the folder would be ignored
-        raise ValueError(f"the {backend} back end reads no dataset folder, but DataConfig.root is {cfg.root!r}: "
-                         "unset it, or choose the back end that reads it (auto picks one from the folder)")
+    check_settings_apply(cfg, backend)  # a setting the back end would ignore, such as a folder for digits
     if backend == "digits":
         from .digits import build_digits as build
     elif backend == "synthetic":

@@ -13,6 +13,32 @@ CIFAR_SPLITS = ("full", "45k5k")
 FASHION_MNIST_SPLITS = ("full", "55k5k")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+FOLDER_BACKENDS = ("dali", "nvjpeg", "torchvision")  # an ImageFolder of JPEGs, decoded and augmented per epoch
+# The back ends that read each field; the fields not named here every back end reads (backend,
+# batch_size, val_batch_size, dtype, and num_classes: the synthetic back end's count, every other's
+# check of its data's). A setting away from its default that the back end does not read is refused
+# (check_settings_apply), so a run never silently ignores one.
+READERS = {
+    "root": ("cifar10", "fashion-mnist", *FOLDER_BACKENDS),
+    "workers": FOLDER_BACKENDS,
+    "recipe": FOLDER_BACKENDS,
+    "image_size": ("synthetic", *FOLDER_BACKENDS),
+    "val_resize": FOLDER_BACKENDS,
+    "ten_crop": FOLDER_BACKENDS,
+    "drop_last": ("cifar10", "fashion-mnist", "digits", *FOLDER_BACKENDS),
+    "bad_files": FOLDER_BACKENDS,
+    "cifar_split": ("cifar10",),
+    "fashion_mnist_split": ("fashion-mnist",),
+    "hw_decoder_load": ("dali",),
+    "rrc_scale": FOLDER_BACKENDS,
+    "scale_range": FOLDER_BACKENDS,
+    "lighting_std": FOLDER_BACKENDS,
+    "synthetic_steps": ("synthetic",),
+    "synthetic_val_steps": ("synthetic",),
+    "pin_memory": ("nvjpeg", "torchvision"),
+}
+RECIPE_OF = {"rrc_scale": "rrc", "scale_range": "paper-scale", "lighting_std": "paper-scale"}  # read by one recipe only
+
 
 @dataclass
 class DataConfig:
@@ -95,3 +121,29 @@ def _check_range(name: str, bounds: tuple, *, low: float, high: float | None, wh
         upper = f" <= {high:g}" if high is not None else ""
         raise ValueError(f"DataConfig.{name} must be (min, max) with {low:g} < min <= max{upper} ({what}), "
                          f"got {tuple(bounds)}")
+
+
+def reads(backend: str, name: str, recipe: str = "rrc") -> bool:
+    """Whether the `backend` back end (with train augmentation `recipe`) reads DataConfig field `name`."""
+    return backend in READERS.get(name, BACKENDS) and RECIPE_OF.get(name, recipe) == recipe
+
+
+def check_settings_apply(cfg: DataConfig, backend: str, flag_prefix: str = "DataConfig.") -> None:
+    """A ValueError naming the first field set away from its default that `backend` does not read."""
+    defaults = DataConfig()
+    for name in READERS:
+        value = getattr(cfg, name)
+        if value == getattr(defaults, name) or reads(backend, name, cfg.recipe):
+            continue
+        if name == "root":
+            raise ValueError(f"{flag_prefix}root {value}: the {backend} back end reads no dataset folder; unset it, "
+                             "or choose the back end that reads it (auto picks one from the folder)")
+        if name in RECIPE_OF and backend in READERS[name]:
+            where = f"the {cfg.recipe} recipe does not use it, it is read only by the {RECIPE_OF[name]} recipe"
+        else:
+            chosen = "" if cfg.backend != "auto" else f" (auto's choice {'without' if cfg.root is None else 'for'} " \
+                f"{flag_prefix}root{'' if cfg.root is None else ' ' + cfg.root})"
+            where = f"the {backend} back end{chosen} does not read it, it is read only by {', '.join(READERS[name])}"
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(
+            value, bool) else value
+        raise ValueError(f"{flag_prefix}{name} {shown}: {where}; leave it out, or choose one that reads it")

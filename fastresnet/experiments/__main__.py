@@ -21,7 +21,8 @@ EXIT_INTERRUPTED = 1  # 2: a user error (fastresnet.errors)
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastresnet.experiments",
-                            description="The paper's experiments, one command each.")
+                            description="`python -m fastresnet.experiments NAME`: the paper's experiments, one "
+                            "command each (NAME --help lists its flags).")
     commands = parser.add_subparsers(dest="experiment", required=True, metavar="NAME")
     for name, module in EXPERIMENTS.items():
         sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],

@@ -25,6 +25,7 @@ from torch import nn
 
 from fastresnet.data import build_loaders
 from fastresnet.models import get_model
+from fastresnet.training import smoke
 from fastresnet.training.checkpoint import load_checkpoint
 from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import apply_flat, flatten
@@ -109,7 +110,7 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[nn.Module, Tra
 def measure(path: str | Path, device: torch.device) -> dict:
     model, cfg = load_trained(path, device)
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
-    stds = response_stds(model, data.val, device)
+    stds = response_stds(model, smoke.batches(data.val), device)  # the whole test set, except in a smoke run
     return {"model": cfg.model, "seed": cfg.seed, "checkpoint": str(path), "layers": [n for n, _ in stds],
             "stds": [s for _, s in stds]}
 

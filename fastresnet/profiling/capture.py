@@ -10,6 +10,7 @@ same window (`wall_ms`), the check on the trace's total.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,18 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 from fastresnet.profiling.categories import DATA_ANNOTATION
 from fastresnet.profiling.providers import Subject
 from fastresnet.profiling.timeline import Breakdown, breakdown, load_trace
+
+
+# Kineto, torch.profiler's tracer, logs its start and stop marks (level USDT, 5) and, in a CUDA build on a
+# machine without a GPU, "ERROR ... gpuGetDeviceCount failed": noise on a CPU, where it has no device
+# activity to tell about, and an ERROR line on a successful run. It reads KINETO_LOG_LEVEL once, when a
+# profiler first starts in the process; 6 is above its highest level. A level the user set is kept.
+KINETO_SILENT = "6"
+
+
+def quiet_profiler_on_cpu(device: torch.device) -> None:
+    if device.type == "cpu":
+        os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_SILENT)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -35,6 +48,7 @@ def capture(subject: Subject, batches, device: torch.device, steps: int, warmup:
     _synchronize(device)
 
     trace_path.parent.mkdir(parents=True, exist_ok=True)
+    quiet_profiler_on_cpu(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     started = finished = 0.0
     with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),

@@ -1,11 +1,13 @@
-"""The command line of `python -m fastresnet.train`: TrainConfig as flags.
+"""The command line of the commands that take TrainConfig's fields as flags: train, evaluate, tune, profile.
 
 Every leaf field of TrainConfig is a flag of the same name (`--lr`,
-`--data.batch_size`; `-` and `_` are interchangeable). Three flags are not
-fields: `--recipe NAME|FILE` picks the base values, `--resume RUN_DIR`
-continues a run from its checkpoint with its saved config (flags given with
-it still win, e.g. a longer `--length`; a recipe cannot be given with it),
-and `--profile N` profiles N steps instead of training (fastresnet.profile).
+`--data.batch_size`; `-` and `_` are interchangeable), defined here once. Each
+command (a `Command`) takes the fields that change what it does, and refuses
+the others by name: a setting is applied or refused, never ignored. The
+commands that prepare or time a training run (train, tune, profile) also take
+`--recipe NAME|FILE` (the base values) and `--resume RUN_DIR` (a run's saved
+config; flags given with it still win, e.g. a longer `--length`; a recipe
+cannot be given with it).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import argparse
 import inspect
 import json
 import re
-import sys
+import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastresnet.data import DataConfig
@@ -29,6 +32,21 @@ from fastresnet.training.recipes import list_recipes, read_recipe, recipe_values
 
 CONFIG_NAME = "config.json"
 
+# TrainConfig's fields by what they set, so that each command can name the ones it reads.
+MODEL_FIELDS = ("model", "shortcut", "zero_init_residual")
+SCHEDULE_FIELDS = ("unit", "length", "lr", "base_batch_size", "schedule", "lr_milestones", "lr_decay",
+                   "plateau_patience", "plateau_threshold", "min_lr", "warmup", "warmup_kind", "warmup_lr",
+                   "warmup_until_train_error")
+OPTIMIZER_FIELDS = ("momentum", "nesterov", "weight_decay", "no_bn_bias_decay", "label_smoothing", "optimizer_impl")
+SPEED_FIELDS = ("device", "amp", "channels_last", "compile", "fused_blocks", "cudnn_benchmark", "dist_backend")
+RUN_FIELDS = ("eval_every", "log_every", "progress", "out_dir", "run_name", "checkpoint_every", "plot", "seed",
+              "stop_at_step")
+DATA_FIELDS = tuple(name for name in flat_fields(TrainConfig) if name.startswith("data."))
+TRAIN_ONLY_DATA_FIELDS = ("data.recipe", "data.rrc_scale", "data.scale_range", "data.lighting_std",
+                          "data.drop_last", "data.synthetic_steps")  # the training split's augmentation and length
+STEP_FIELDS = (*MODEL_FIELDS, *DATA_FIELDS, *OPTIMIZER_FIELDS,  # what one training step of a run is made of
+               *(name for name in SPEED_FIELDS if name != "dist_backend"), "seed")
+
 
 @dataclass
 class Invocation:
@@ -38,29 +56,79 @@ class Invocation:
     profile: int = 0  # > 0: profile this many steps (fastresnet.profile) instead of training
 
 
-def build_parser(prog: str = "python -m fastresnet.train") -> ArgumentParser:
-    parser = ArgumentParser(
-        prog=prog,
-        description="Train a ResNet of the fastresnet zoo. With no arguments: ResNet-20 on the small "
-        "`digits` set, about a minute on a CPU.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--recipe", default="", help=f"a named recipe ({', '.join(list_recipes())}) or a .toml file")
-    parser.add_argument("--resume", default="", help="a run directory (or its checkpoint.pt) to continue")
-    parser.add_argument("--profile", type=int, default=None, metavar="N",
-                        help="profile N training steps instead of training: trace.json, profile.md and profile.png "
-                        "in the run directory's profile/ (python -m fastresnet.profile has more options)")
+@dataclass
+class Command:
+    """One command's command line: `--help` shows `doc` (the module docstring), `usage`, the command's own
+    options (`add_options`) and the TrainConfig `fields` it reads; any other TrainConfig field given is
+    refused, saying `refusal` (why it cannot apply here) or the flag's entry of `hints`."""
+
+    prog: str
+    doc: str
+    usage: str
+    fields: tuple[str, ...]
+    add_options: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    run_config: bool = True  # takes --recipe and --resume: a training run's config
+    refusal: str = ""
+    hints: dict[str, str] = field(default_factory=dict)  # flag name -> what to give this command instead
+    defaults_from: str = ""  # where unset fields come from, when not TrainConfig's defaults ("" = those)
+
+    def parser(self) -> ArgumentParser:
+        parser = ArgumentParser(prog=self.prog, usage=self.usage, description=self.doc.strip(), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_options(parser)
+        if self.run_config:
+            add_run_config_flags(parser.add_argument_group("a training run's config (one of)"))
+        add_field_flags(parser.add_argument_group(
+            "settings (fields of TrainConfig, with their units)"), self.fields, self.defaults_from)
+        return parser
+
+    def parse(self, argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+        """(the command's own options, the settings given: dotted field name -> text); a ConfigError for a
+        flag this command does not take, naming it."""
+        args, unknown = self.parser().parse_known_args(_normalize_flags(argv))
+        if unknown:
+            raise self._refusal(unknown[0])
+        given = {name: vars(args).pop(name) for name in self.fields}
+        return args, {name: value for name, value in given.items() if value is not None}
+
+    def invocation(self, argv: list[str]) -> tuple[argparse.Namespace, Invocation]:
+        """(the command's own options, the run's config resolved as defaults < recipe < resumed run < flags)."""
+        args, given = self.parse(argv)
+        return args, resolve(given, recipe=args.recipe, resume=args.resume)
+
+    def _refusal(self, arg: str) -> ConfigError:
+        if not arg.startswith("-"):
+            return ConfigError(f"unexpected argument {arg!r}: every setting is a --field value pair")
+        name = arg.lstrip("-").partition("=")[0]
+        if name in self.hints:
+            return ConfigError(f"--{name}: {self.hints[name]}")
+        if name in flat_fields(TrainConfig):
+            return ConfigError(f"--{name}: {self.prog} does not use it ({self.refusal}); "
+                               "--help lists the flags it takes")
+        return unknown_name_error(name, self.fields)
+
+
+def add_run_config_flags(group) -> None:
+    group.add_argument("--recipe", default="", metavar="NAME|FILE",
+                       help=f"a named recipe ({', '.join(list_recipes())}) or a .toml file")
+    group.add_argument("--resume", default="", metavar="RUN_DIR",
+                       help="a run directory (or its checkpoint.pt): its saved config, which the flags given override")
+
+
+def add_field_flags(group, fields: Iterable[str], defaults_from: str = "") -> None:
+    """One flag per dotted field name, its help the field's comment (units, meaning) and its default."""
+    kinds = flat_fields(TrainConfig)
     defaults = _flat_defaults(TrainConfig())
     comments = {**field_comments(TrainConfig), **field_comments(DataConfig, "data.")}
-    for name, kind in flat_fields(TrainConfig).items():
-        parser.add_argument(
+    for name in fields:
+        default = defaults_from or repr(defaults[name])
+        group.add_argument(
             "--" + name,
             dest=name,
             default=None,  # None = not given; defaults come from TrainConfig, the recipe or the resumed run
-            metavar=_metavar(kind),
-            help=f"{comments.get(name, '')} (default: {defaults[name]!r})".replace("%", "%%"),
+            metavar=_metavar(kinds[name]),
+            help=f"{comments.get(name, '')} (default: {default})".replace("%", "%%"),
         )
-    return parser
 
 
 def field_comments(cls, prefix: str = "") -> dict[str, str]:
@@ -74,6 +142,9 @@ def field_comments(cls, prefix: str = "") -> dict[str, str]:
 
 
 def _metavar(kind) -> str:
+    members = [member for member in typing.get_args(kind) if member is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(members) == 1:
+        return _metavar(members[0])  # an optional field: "none" unsets it
     origin = typing.get_origin(kind)
     if origin is typing.Literal:
         return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
@@ -103,34 +174,22 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_invocation(argv: list[str] | None = None) -> Invocation:
-    """Resolve defaults < recipe < resumed run's config < flags; raise ConfigError on any problem."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(_normalize_flags(argv))
-    if unknown:
-        name = unknown[0].lstrip("-").partition("=")[0]
-        if unknown[0].startswith("--"):
-            raise unknown_name_error(name, flat_fields(TrainConfig))
-        raise ConfigError(f"unexpected argument {unknown[0]!r}: every setting is a --field value pair")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "resume", "profile")}
-    if args.profile is not None and args.profile < 1:
-        raise ConfigError(f"--profile {args.profile}: the number of steps to profile must be >= 1")
-
+def resolve(given: dict[str, str], recipe: str = "", resume: str = "") -> Invocation:
+    """The config of a run: TrainConfig's defaults < the recipe < the resumed run's saved config < `given`."""
     cfg = TrainConfig()
-    resume = resolve_run_dir(args.resume) if args.resume else None
-    if resume is not None and args.recipe:
+    run_dir = resolve_run_dir(resume) if resume else None
+    if run_dir is not None and recipe:
         raise ConfigError("--recipe cannot be combined with --resume: the resumed run keeps its saved config")
-    if resume is not None:
-        saved, source = read_saved_config(resume)
+    if run_dir is not None:
+        saved, source = read_saved_config(run_dir)
         cfg = apply_flat(cfg, saved_values(saved), source)
-    elif args.recipe:
-        recipe = read_recipe(args.recipe)
+    elif recipe:
+        values = read_recipe(recipe)
         # The recipe's per-model table follows the model that will be trained.
-        model = given.get("model") or recipe.get("model") or cfg.model
-        cfg = apply_flat(cfg, recipe_values(recipe, model), f"recipe {args.recipe}")
+        model = given.get("model") or values.get("model") or cfg.model
+        cfg = apply_flat(cfg, recipe_values(values, model), f"recipe {recipe}")
     cfg = apply_flat(cfg, given, "command line")
-    return Invocation(config=cfg, resume=resume, recipe=args.recipe, profile=args.profile or 0)
+    return Invocation(config=cfg, resume=run_dir, recipe=recipe)
 
 
 def resolve_run_dir(path: str) -> Path:
@@ -156,16 +215,3 @@ def read_saved_config(run_dir: Path) -> tuple[dict, str]:
         raise ConfigError(f"--resume: {path} is not a run's config (a JSON object of TrainConfig fields); restore it, "
                           f"or delete it to resume with the copy of the config that {CHECKPOINT_NAME} holds")
     return saved, str(path)
-
-
-def parse_command(argv: list[str], options: argparse.ArgumentParser, doc: str) -> tuple[argparse.Namespace, Invocation]:
-    """(the command's own options, the training flags) of a command that takes both (fastresnet.profile,
-    fastresnet.tune); --help prints `doc`, the options and the training flags, and exits."""
-    if "-h" in argv or "--help" in argv:
-        print(doc.strip() + "\n\n" + options.format_help().replace("options:", f"{options.prog} options:", 1))
-        print("training flags (as python -m fastresnet.train's):")
-        build_parser(prog=f"{options.prog} [options]").print_help()
-        raise SystemExit(0)
-    args, rest = options.parse_known_args(_normalize_flags(argv))
-    return args, parse_invocation(rest)
-

@@ -103,6 +103,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.shortcut in ("", "A", "B", "C"), f"shortcut must be A, B, C or empty, got {cfg.shortcut!r}")
     need(not (cfg.shortcut and cfg.model.startswith("plain")),
          f"--shortcut {cfg.shortcut}: {cfg.model} is a plain net, it has no shortcuts (train a resnet to compare options)")
+    need(not (cfg.zero_init_residual and cfg.model.startswith("plain")),
+         f"--zero_init_residual true: {cfg.model} is a plain net, it has no residual branch to start at zero")
     need(cfg.length > 0, f"length must be > 0 ({cfg.unit}s), got {cfg.length}")
     need(cfg.unit == "epoch" or float(cfg.length).is_integer(), f"length in steps must be whole, got {cfg.length}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
@@ -112,6 +114,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.schedule == "step" or not cfg.lr_milestones,
          f"--lr_milestones {','.join(f'{m:g}' for m in cfg.lr_milestones)}: the {cfg.schedule} schedule does not use "
          "them; add --schedule step, or drop them")
+    check_schedule_settings_apply(cfg)
     need(list(cfg.lr_milestones) == sorted(cfg.lr_milestones), f"lr_milestones must ascend, got {cfg.lr_milestones}")
     need(all(m > 0 for m in cfg.lr_milestones), f"lr_milestones must be > 0, got {cfg.lr_milestones}")
     need(cfg.plateau_patience >= 1, f"plateau_patience must be >= 1 evaluation, got {cfg.plateau_patience}")
@@ -135,10 +138,51 @@ def validate(cfg: TrainConfig) -> None:
          f"--run_name {cfg.run_name!r}: a run name is one folder name inside --out_dir, not a path")
     if cfg.device != "auto":
         check_device(cfg.device)
+    check_data_settings_apply(cfg)
+    from fastresnet.training import smoke
+
+    smoke.on()  # a bad FASTRESNET_SMOKE value is the user's mistake too
     from fastresnet.ops import tuning
 
     try:  # the tuning switches (FASTRESNET_DISPATCH and kin): a mistake there is the user's too
         tuning.settings()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_schedule_settings_apply(cfg: TrainConfig) -> None:
+    """A schedule setting away from its default that the run's schedule does not read is an error."""
+    warm = cfg.warmup > 0 or cfg.warmup_until_train_error > 0
+    readers = {  # field: (whether this run reads it, what does)
+        "lr_decay": (cfg.schedule in ("step", "plateau"), "the step and plateau schedules"),
+        "plateau_patience": (cfg.schedule == "plateau", "the plateau schedule"),
+        "plateau_threshold": (cfg.schedule == "plateau", "the plateau schedule"),
+        "min_lr": (cfg.schedule == "cosine", "the cosine schedule"),
+        "warmup_kind": (warm, "a warm-up (--warmup or --warmup_until_train_error)"),
+        "warmup_lr": (warm, "a warm-up (--warmup or --warmup_until_train_error)"),
+    }
+    defaults = TrainConfig()
+    for name, (read, by) in readers.items():
+        value = getattr(cfg, name)
+        if not read and value != getattr(defaults, name):
+            shown = f"{value:g}" if isinstance(value, float) else value
+            this_run = "this run has no warm-up" if name.startswith("warmup") else f"this run's is {cfg.schedule}"
+            raise ConfigError(f"--{name} {shown}: it is read only by {by}, and {this_run}; "
+                              "drop it, or add what reads it")
+
+
+def check_data_settings_apply(cfg: TrainConfig) -> None:
+    """Every data setting applies to the back end the run will use (`auto` resolved as build_loaders
+    resolves it): one the back end does not read, away from its default, is an error naming it."""
+    import torch
+
+    from fastresnet.data import resolve_backend
+    from fastresnet.data.config import check_settings_apply
+
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    backend = resolve_backend(cfg.data, torch.device("cuda" if on_gpu else "cpu"))
+    try:
+        check_settings_apply(cfg.data, backend, flag_prefix="--data.")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

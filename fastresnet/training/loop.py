@@ -26,13 +26,13 @@ from fastresnet.errors import UserError
 from fastresnet.flops import count_macs
 from fastresnet.outputs import writable_folder
 from fastresnet.ops import tuning
-from fastresnet.training import distributed
+from fastresnet.training import distributed, smoke
 from fastresnet.training.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, capture_rng, check_resumable, load_checkpoint, load_weights, restore_rng,
     save_atomic,
 )
 from fastresnet.training.config import TrainConfig, validate
-from fastresnet.training.fields import ConfigError, to_dict
+from fastresnet.training.fields import ConfigError
 from fastresnet.training.metrics import (
     EvalAccumulator, JsonLines, Throughput, TrainAccumulator, memory_gib, peak_tflops, train_flops_per_image,
 )
@@ -40,7 +40,7 @@ from fastresnet.training.model import build_model, build_optimizer, prepare_mode
 from fastresnet.training.plot import plot_curves
 from fastresnet.training.precision import choose_amp
 from fastresnet.training.progress import Progress
-from fastresnet.training.rundir import open_run_dir, write_run_files
+from fastresnet.training.rundir import open_run_dir, run_config, write_run_files
 from fastresnet.training.schedule import LRSchedule, ScheduleSpec
 from fastresnet.training.signals import StopRequest
 
@@ -58,6 +58,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     """Train (or continue, from a run directory) and return the final metrics and where outputs went."""
     validate(cfg)
     writable_folder(resume or cfg.out_dir, "--resume" if resume else "--out_dir")  # before any data is read
+    cfg = smoke.shrink(cfg)
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     stop = StopRequest().install()
     try:
@@ -112,6 +113,9 @@ class Trainer:
         self.lr_scale = self.global_batch / cfg.base_batch_size if cfg.base_batch_size else 1.0
         self.peak_lr = cfg.lr * self.lr_scale
         self.total_steps = self._to_steps(cfg.length)
+        self.smoke = smoke.on()
+        if self.smoke:
+            self.total_steps = min(self.total_steps, smoke.STEPS)
         self.schedule = LRSchedule(self._schedule_spec())
         self.optimizer = build_optimizer(self.model, cfg, device, self.schedule.lr_at(0))
         self.optimizer_impl = "fused" if self.optimizer.defaults.get("fused") else (
@@ -123,6 +127,8 @@ class Trainer:
         self.resume_rng: dict | None = None
         self.last_good_checkpoint: Path | None = None
         self.last_eval: dict = {}
+        self.evaluated_at = self.saved_at = -1  # the steps of the last evaluation and checkpoint
+        self.saved_evaluated_at = -1  # the step of the last evaluation that the checkpoint records
         self.restarted = False  # a torchelastic restart continuing its launch's run
         if resume is None:
             self.run_dir, self.restarted = open_run_dir(cfg, info.is_main)
@@ -132,19 +138,23 @@ class Trainer:
             self.run_dir = resume
         if resume is not None:
             self._load(resume / CHECKPOINT_NAME)
-        writes = info.is_main
+        # A resumed run that had reached its length and its final evaluation: nothing to do, nothing to write.
+        self.finished = self.step >= self.total_steps and self.evaluated_at == self.step
+        writes = info.is_main and not self.finished
         self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl" if writes else None)
         self.metrics_log.drop_after(self.step)  # what a killed process logged after its last checkpoint
         self.reported_skips: set[str] = set()  # bad files listed so far (bad_files="skip")
-        self.progress = Progress(cfg.progress, enabled=writes, total_steps=self.total_steps,
+        self.progress = Progress(cfg.progress, enabled=info.is_main, total_steps=self.total_steps,
                                  steps_per_epoch=self.steps_per_epoch)
         if writes:
-            write_run_files(self.run_dir, cfg, device, info.world_size, speed=self._speed_settings())
+            write_run_files(self.run_dir, cfg, self.data.backend, device, info.world_size,
+                            speed=self._speed_settings())
         self.accumulator = TrainAccumulator(device)
         self.throughput = Throughput()
         self.window_steps = 0
         self.timed_steps = 0  # steps in the throughput window (the first step of a process is left out)
         self.first_step_of_process = True
+        self.first_step_speed: dict | None = None  # the window's speed while it holds only that first step
         self.flops_per_image = train_flops_per_image(self.macs)
         self.peak = peak_tflops(device, "bf16" if self.amp == torch.bfloat16 else "fp16" if self.amp else "off")
 
@@ -169,16 +179,18 @@ class Trainer:
     # --- the run
 
     def run(self) -> dict:
+        if self.finished:
+            return self._say_finished()
         self._announce()
-        self.evaluated_at = self.saved_at = -1
         try:
             status = self._run_epochs()
         except BadImageError as err:
             raise self._stopped_by(err) from err
-        if self.saved_at != self.step:
+        if (self.saved_at, self.saved_evaluated_at) != (self.step, self.evaluated_at):  # a final test run since
             self._save()
         self._report_skipped()
-        self._plot()
+        if self.evaluated_at != self.step:  # else the evaluation at this step drew every record already
+            self._plot()
         self.progress.close()
         result = {"status": status, "step": self.step, "epoch": self.epoch, "run_dir": str(self.run_dir),
                   "checkpoint": str(self.last_good_checkpoint), "skipped_files": len(self.reported_skips),
@@ -252,6 +264,8 @@ class Trainer:
     def _train_epoch(self) -> str:
         """Steps until the epoch ends ("epoch-done"), the run's length is reached, or a stop is requested."""
         batches = self._epoch_batches()
+        if self.first_step_of_process:  # the first window starts at the first batch, after the set-up
+            self.throughput.restart()
         self.model.train()
         while self.batches_done < self.steps_per_epoch and self.step < self.total_steps:
             with self.throughput.waiting():
@@ -267,7 +281,9 @@ class Trainer:
             self.timed_steps += 1
             if self.first_step_of_process:  # compilation, cuDNN autotuning, allocator growth: not speed
                 self.first_step_of_process = False
-                self.throughput.restart()
+                if self.device.type == "cuda":  # once per process: the step ends when its kernels do
+                    torch.cuda.synchronize(self.device)
+                self.first_step_speed = self.throughput.read(self.global_batch)  # and the next window starts
                 self.timed_steps = 0
             self.progress.tick(self.step, self.epoch)
             at_log = self.step % self.cfg.log_every == 0
@@ -312,8 +328,11 @@ class Trainer:
         if self.window_steps == 0:
             return
         window = self.accumulator.read()
-        speed = self.throughput.read(self.timed_steps * self.global_batch)
-        self.timed_steps = 0
+        # A window of the first step alone (--log_every 1, a one-step epoch) reports that step's own speed.
+        speed = self.first_step_speed
+        if self.timed_steps:
+            speed = self.throughput.read(self.timed_steps * self.global_batch)
+        self.timed_steps, self.first_step_speed = 0, None
         steps, self.window_steps = self.window_steps, 0
         self._check_finite(window, steps)
         if self.schedule.observe_train_error(self.step, window["error"]):
@@ -369,7 +388,7 @@ class Trainer:
     def _save(self) -> None:
         distributed.average_buffers(self.model)  # also a barrier: every rank reaches the save
         if not self.info.is_main:
-            self.saved_at = self.step
+            self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
             return
         state = {
             "format": FORMAT_VERSION,
@@ -382,12 +401,13 @@ class Trainer:
             "step": self.step,
             "rng_epoch_start": self.epoch_start_rng if self.batches_done else None,
             "rng": capture_rng(),
-            "config": to_dict(self.cfg),
+            "config": run_config(self.cfg, self.data.backend),
             "world_size": self.info.world_size,
             "last_eval": self.last_eval,
+            "evaluated_at": self.evaluated_at,
         }
         self.last_good_checkpoint = save_atomic(state, self.run_dir / CHECKPOINT_NAME)
-        self.saved_at = self.step
+        self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, needs=RESUME_NEEDS)
@@ -404,6 +424,8 @@ class Trainer:
         self.epoch_start_rng = state["rng_epoch_start"]
         self.resume_rng = state["rng"]
         self.last_eval = state.get("last_eval") or {}
+        self.evaluated_at = state.get("evaluated_at", -1)  # a checkpoint from before it was kept: not known
+        self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
         self.last_good_checkpoint = path
 
     # --- messages
@@ -422,11 +444,23 @@ class Trainer:
             f"speed: amp {self.precision.summary()}, channels_last {cfg.channels_last}, compile {p.compile_mode}, "
             f"fused blocks {p.fused_blocks}, SGD {self.optimizer_impl}"
         )
+        if self.smoke:
+            self.progress.note(smoke.note(f"run of {self.total_steps} step(s) and one batch per evaluation, "
+                                          f"batches of {smoke.BATCH} images at most"))
         if self.restarted:
             self.progress.note("restarted by torchelastic: continuing this launch's run "
                                + (f"from its checkpoint at step {self.step}" if self.step else "from the start"))
         if self.run_dir is not None:
             self.progress.note(f"outputs: {self.run_dir}")
+
+    def _say_finished(self) -> dict:
+        top1 = self.last_eval.get("top1")
+        score = f", test top-1 {top1:.2f}%" if top1 is not None else ""
+        self.progress.note(f"{self.run_dir} is finished (step {self.step} of {self.total_steps}{score}): nothing "
+                           "to do and nothing changed; a longer --length continues it")
+        return {"status": "completed", "step": self.step, "epoch": self.epoch, "run_dir": str(self.run_dir),
+                "checkpoint": str(self.last_good_checkpoint), "skipped_files": 0,
+                **{f"test_{k}": v for k, v in self.last_eval.items()}}
 
     def _speed_settings(self) -> dict:
         p = self.prepared
@@ -438,11 +472,20 @@ class Trainer:
             "fused_choice": p.fused_choice.as_dict() if p.fused_choice is not None else None,
             "optimizer": self.optimizer_impl,
             "dispatch": tuning.decisions(),
+            "smoke": self.smoke,  # a smoke run (FASTRESNET_SMOKE=1), not a result
         }
 
     def _plot(self) -> None:
         if self.cfg.plot and self.info.is_main:
-            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=f"{self.cfg.model}")
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png",
+                        title=f"{self.cfg.model} on {self._dataset_name()}")
+
+    def _dataset_name(self) -> str:
+        """The data set by name: the back end's own (digits, cifar10, ...), or an ImageFolder's folder name."""
+        backend = self.data.backend
+        if backend in ("dali", "nvjpeg", "torchvision"):
+            return f"{Path(self.cfg.data.root).resolve().name} ({backend})"
+        return backend
 
     def _say_where_outputs_went(self, result: dict) -> None:
         if not self.info.is_main:
@@ -491,7 +534,7 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, amp: torch.dt
     acc = EvalAccumulator(device)
     crops = getattr(loader, "crops", 1)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    for images, labels in loader:
+    for images, labels in smoke.batches(loader):
         with autocast:
             logits = model(images)
         logits = logits.float()

@@ -2,6 +2,7 @@
 
 Error (%) against iterations: training error thin, test error bold, in the
 same colour; and the training loss with the learning rate on a second axis.
+Each panel has its legend; the title names the model and the data set.
 matplotlib with the Agg back end (no display needed); if matplotlib is not
 installed the plot is skipped with a note, never the run.
 """
@@ -41,10 +42,12 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
     ax_err.legend()
 
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:red", lw=1.0, label="train loss")
+        steps = [r["step"] for r in train]
+        loss = ax_loss.plot(steps, [r["loss"] for r in train], color="tab:red", lw=1.0, label="train loss")
         ax_lr = ax_loss.twinx()
-        ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", lw=1.0, ls="--", label="lr")
+        lr = ax_lr.plot(steps, [r["lr"] for r in train], color="tab:gray", lw=1.0, ls="--", label="learning rate")
         ax_lr.set_ylabel("learning rate")
+        ax_loss.legend(handles=loss + lr)  # one legend for the lines of both y axes
     ax_loss.set_xlabel("iterations")
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)

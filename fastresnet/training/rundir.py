@@ -1,6 +1,6 @@
 """The run directory: everything a result needs to be traced.
 
-runs/<name>/config.json   the resolved TrainConfig
+runs/<name>/config.json   the resolved TrainConfig, less the data fields the run's back end does not read
 runs/<name>/env.json      versions, GPU, git revision, command line, world size, the speed
                           settings as resolved and the measured choices behind them
 runs/<name>/metrics.jsonl one JSON object per log interval and evaluation
@@ -180,9 +180,21 @@ def environment(device: torch.device, world_size: int) -> dict:
     return env
 
 
-def write_run_files(folder: Path, cfg: TrainConfig, device: torch.device, world_size: int,
+def run_config(cfg: TrainConfig, backend: str) -> dict:
+    """The run's config as config.json and the checkpoint record it: every field, less the data fields that
+    `backend` (the back end the run uses) does not read. Those hold their defaults (validate refuses any
+    other value), so loading the record into TrainConfig gives the run's config back exactly."""
+    from fastresnet.data.config import reads
+
+    record = to_dict(cfg)
+    record["data"] = {name: value for name, value in record["data"].items() if reads(backend, name, cfg.data.recipe)}
+    return record
+
+
+def write_run_files(folder: Path, cfg: TrainConfig, backend: str, device: torch.device, world_size: int,
                     speed: dict | None = None) -> None:
-    """config.json, and env.json with `speed`: what the speed settings resolved to and the measured
-    choices behind them (fused blocks or plain under compile, each op's dispatch)."""
-    write_json(folder / "config.json", to_dict(cfg))
+    """config.json (run_config: the fields `backend` reads), and env.json with `speed`: what the speed
+    settings resolved to and the measured choices behind them (fused blocks or plain under compile, each
+    op's dispatch)."""
+    write_json(folder / "config.json", run_config(cfg, backend))
     write_json(folder / "env.json", {**environment(device, world_size), "speed": speed or {}})
