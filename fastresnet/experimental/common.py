@@ -69,19 +69,24 @@ def checked(op: str, name: str, run: Callable, expected: Callable,
         if problem not in seen:
             with torch.no_grad():
                 wanted = outputs(expected(*args, **kwargs))
+            judged = True
             for got, want in zip(outputs(out), wanted):
                 if got is None or want is None or got.numel() == 0:
                     continue
-                # NaN and Inf where the main tree's path has them (an input holding some) are no mismatch
                 got, want = got.float(), want.float()
-                finite = want.isfinite()
-                error = math.nan if non_finite_mismatch(got, want) is not None else (
-                    (got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1e-30)).item()
+                if not want.isfinite().all():
+                    # Inputs that overflow or hold NaN/Inf: the finite values left beside them come from
+                    # cancellation of huge terms, in an order each path chooses, so only where NaN and Inf
+                    # sit is compared, and the problem is judged again on its next call.
+                    error, judged = (math.nan if non_finite_mismatch(got, want) else 0.0), False
+                else:
+                    error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
                 if not error <= rtol:  # also catches NaN
                     message = f"{op}: candidate {name} is off the reference by {error:.2e} (relative); left out"
                     warnings.warn(message, RuntimeWarning, stacklevel=2)
                     raise RuntimeError(message)
-            seen.add(problem)
+            if judged:
+                seen.add(problem)
         return out
 
     return call
