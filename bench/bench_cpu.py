@@ -43,6 +43,7 @@ from fastresnet.ops import onednn
 from fastresnet.training import TrainConfig
 from fastresnet.training.loop import make_train_step
 from fastresnet.training.model import build_optimizer, prepare_model
+from fastresnet.testing import randomize_bn
 from fastresnet.training.precision import choose_amp
 
 DEV = harness.device()
@@ -66,17 +67,6 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model
-
-
 # ---------------------------------------------------------------------------
 # ResNet-50 inference, batch 16 at 224
 # ---------------------------------------------------------------------------
@@ -85,7 +75,7 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 def test_resnet50_inference(benchmark):
     before = len(_choices())
     torch.manual_seed(0)
-    plain = _randomize_bn(torchvision.models.resnet50()).eval()
+    plain = randomize_bn(torchvision.models.resnet50())
     x = torch.randn(16, 3, 224, 224)
     models = {"eager fp32 NCHW": (plain, x)}
     cl_model, x_cl = copy.deepcopy(plain).to(memory_format=CL), x.contiguous(memory_format=CL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 # (atol, rtol) per dtype for comparing a fused op with its eager reference.
 TOLERANCES = {
@@ -44,6 +45,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol=None, rto
             f"{int((diff > allowed).sum())}/{diff.numel()} elements outside atol={atol:g} rtol={rtol:g}; "
             f"worst at flat index {worst}: {actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r}"
         )
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are the identity map), in eval."""
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.1)
+    return model.eval()
 
 
 def non_finite_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:

@@ -19,7 +19,7 @@ import fastresnet
 from fastresnet.ops import tuning
 from fastresnet.ops.conv_bn_act import CONV_BN_ACT, _cpu_path, conv_bn_act
 from fastresnet.reference import conv_bn_act_reference
-from fastresnet.testing import assert_close
+from fastresnet.testing import assert_close, randomize_bn
 
 # (name, in_channels, out_channels, kernel, stride, padding, dilation, height, width)
 CONV_KINDS = [
@@ -252,22 +252,11 @@ OP = torch.ops.fastresnet.conv_bn_act.default
 OP_TARGETS = (OP, torch.ops.fastresnet.conv_bn_act)  # dynamo's graphs name the packet
 
 
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
-
-
 def _bottleneck_net():
     """A stem conv-BN-ReLU chain and a projection Bottleneck: every kind of fused module, small."""
     stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
     block = Bottleneck(32, 16, stride=2, downsample=nn.Sequential(conv1x1(32, 64, 2), nn.BatchNorm2d(64)))
-    return _randomize_bn(nn.Sequential(stem, block))
+    return randomize_bn(nn.Sequential(stem, block))
 
 
 def _graphs_of(model, x):
@@ -343,7 +332,7 @@ def test_custom_op_passes_opcheck(channels_last):
 def test_gpu_compiled_converted_resnet_matches_eager(mode):
     """On the GPU the compiled converted model (inductor, bf16, channels_last) holds one custom op per conv
     and matches the eager converted model, also when CUDA graphs capture and replay it."""
-    model = _randomize_bn(torchvision.models.resnet18()).cuda().to(torch.bfloat16)
+    model = randomize_bn(torchvision.models.resnet18()).cuda().to(torch.bfloat16)
     model = model.to(memory_format=torch.channels_last)
     converted = fastresnet.convert(copy.deepcopy(model))
     x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)

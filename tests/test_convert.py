@@ -19,25 +19,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import fastresnet
 from fastresnet.models import get_model
 from fastresnet.nn import FusedBasicBlock, FusedBottleneck
-from fastresnet.testing import assert_close
+from fastresnet.testing import assert_close, randomize_bn
 
 
 @pytest.fixture
 def reference_path(monkeypatch):
     monkeypatch.setenv("FASTRESNET_FORCE_REFERENCE", "1")
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters (fresh ones are the identity map)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "running_var", None) is not None:
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0, 0.1)
-    return model.eval()
 
 
 def relative_error(actual, expected) -> float:

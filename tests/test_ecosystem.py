@@ -26,13 +26,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from test_convert import randomize_bn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import fastresnet
 from fastresnet.models import get_model
 from fastresnet.nn import BatchNormAct2d, FusedBasicBlock, FusedBottleneck, SyncBatchNormAct2d, blocks, folded_layers
-from fastresnet.testing import assert_as_accurate_as, relative_error
+from fastresnet.testing import assert_as_accurate_as, randomize_bn, relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
                                         "ignore::UserWarning")
