@@ -19,11 +19,13 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """Write fig to path atomically and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
+    _pyplot().close(fig)
     return path
 
 
@@ -49,9 +51,7 @@ def figure6(path: Path, plain: list[dict], residual: list[dict], depths: tuple[i
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     error_curves(left, plain, [f"plain-{d}" for d in depths], "plain networks")
     error_curves(right, residual, [f"ResNet-{d}" for d in depths], "residual networks")
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def figure7(path: Path, responses: dict[str, list[float]]) -> Path:
@@ -68,9 +68,7 @@ def figure7(path: Path, responses: dict[str, list[float]]) -> Path:
         ax.set_ylabel("std")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], title: str,
@@ -88,9 +86,7 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     right.set_ylabel("final test error (%)")
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def warmup_figure(path: Path, runs: dict[str, list[dict]], threshold: float, title: str) -> Path:
@@ -110,6 +106,4 @@ def warmup_figure(path: Path, runs: dict[str, list[dict]], threshold: float, tit
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
