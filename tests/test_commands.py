@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_user_errors import one_line_error
 
 from fastresnet import evaluate, profile, train, tune
 from fastresnet.data import DataConfig, build_loaders
@@ -39,15 +40,6 @@ def digits_run(tmp_path_factory) -> Path:
     assert train.main(args) == 0
     torch.set_num_threads(previous)
     return out / "digits"
-
-
-def one_line_error(capsys, *texts: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{err}"
-    for text in texts:
-        assert text in lines[0], f"{text!r} missing from: {lines[0]}"
-    return lines[0]
 
 
 # --- --help: each command's own
