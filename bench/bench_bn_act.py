@@ -52,17 +52,6 @@ PROVIDERS = ["fastresnet", "triton", "eager", "compile"]
 MODES = {"forward": 4, "backward": 7, "full": 11, "eval": 3}  # elements moved per activation element
 
 
-class BnAddRelu(nn.Module):
-    """The unfused sequence the fused kernel replaces."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
-
-    def forward(self, x, residual):
-        return torch.relu(self.bn(x) + residual)
-
-
 def shape_id(shape) -> str:
     return "x".join(map(str, shape))
 
@@ -76,7 +65,7 @@ def module_for(provider: str, channels: int, mode: str = "full") -> nn.Module:
     non-trivial running statistics."""
     key = (provider, channels, mode == "eval")
     if key not in _MODULES:
-        module = BatchNormAct2d(channels) if provider in ("fastresnet", "triton") else BnAddRelu(channels)
+        module = BatchNormAct2d(channels) if provider in ("fastresnet", "triton") else harness.BnAddRelu(channels)
         module = module.to(DEV).train(mode != "eval")
         bn = module if isinstance(module, BatchNormAct2d) else module.bn
         with torch.no_grad():

@@ -143,26 +143,15 @@ def test_resnet20_train_step(benchmark):
 # ---------------------------------------------------------------------------
 
 
-class BnAddRelu(nn.Module):
-    """What plain PyTorch runs: BatchNorm2d, the residual add and the ReLU."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
-
-    def forward(self, x, residual):
-        return torch.relu(self.bn(x) + residual)
-
-
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_bn_act_train(benchmark, shape):
     torch.manual_seed(0)
     x, residual = torch.randn(shape), torch.randn(shape)
     grad = torch.randn(shape)
     layouts = {"NCHW": torch.contiguous_format, "channels_last": CL}
-    modules = {"eager fp32 NCHW": (BnAddRelu(shape[1]), "NCHW"),
-               "eager fp32 channels_last": (BnAddRelu(shape[1]), "channels_last"),
-               "torch.compile fp32 channels_last": (torch.compile(BnAddRelu(shape[1])), "channels_last"),
+    modules = {"eager fp32 NCHW": (harness.BnAddRelu(shape[1]), "NCHW"),
+               "eager fp32 channels_last": (harness.BnAddRelu(shape[1]), "channels_last"),
+               "torch.compile fp32 channels_last": (torch.compile(harness.BnAddRelu(shape[1])), "channels_last"),
                "fastresnet fp32 channels_last": (BatchNormAct2d(shape[1]), "channels_last")}
     inputs = {name: [t.contiguous(memory_format=layouts[layout]).requires_grad_() for t in (x, residual)]
               for name, (_, layout) in modules.items()}

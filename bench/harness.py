@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,17 @@ class BenchSizes:
     cifar_batch: int  # images per step for the 32x32 CIFAR nets
     rounds: int  # timed repetitions (the median is reported)
     warmup_rounds: int  # untimed repetitions first: compilation, autotuning, caches
+
+
+class BnAddRelu(nn.Module):
+    """What plain PyTorch runs where the fused kernel runs: BatchNorm2d, the residual add and the ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x, residual):
+        return torch.relu(self.bn(x) + residual)
 
 
 def device() -> torch.device:
