@@ -10,7 +10,6 @@ CPU profile, and nothing more.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,18 +29,9 @@ class Ceilings:
                 "device": self.device}
 
 
-def _host_time_ms(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def _time_ms(fn, device: torch.device) -> float:
-    return time_ms(fn, device, reps=20) if device.type == "cuda" else _host_time_ms(fn)
+    # a CPU's copy and product take long: fewer calls there
+    return time_ms(fn, device, reps=20) if device.type == "cuda" else time_ms(fn, device, warmup=1, reps=5)
 
 
 def copy_bandwidth_gbs(device: torch.device | str = "cuda", nbytes: int | None = None) -> float:
