@@ -87,13 +87,13 @@ def _timed_steps(cfg, device: torch.device, problem: tuple):
                 model = model.to(memory_format=fmt)
                 generator = torch.Generator(device=device).manual_seed(0)
                 images = torch.randn(problem[1], 3, problem[2], problem[2], device=device, generator=generator)
-            built.update(model=model, images=images.contiguous(memory_format=fmt), step=training_step)
+            built.update(model=model, images=images.contiguous(memory_format=fmt))
         return built
 
     def timed(name: str):
         def run():
             b = setup()
-            b["step"](b["model"], b["images"], torch.bfloat16 if name == "bf16" else None)
+            training_step(b["model"], b["images"], torch.bfloat16 if name == "bf16" else None)
 
         return run
 
