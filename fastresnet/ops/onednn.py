@@ -111,9 +111,13 @@ def bf16_units() -> bool:
     training step), and no bf16 candidate is worth timing."""
     if isa_limit() in _NO_BF16_ISAS:
         return False
-    amx = _private(torch, "cpu", "_is_amx_tile_supported")
-    avx512_bf16 = _private(torch, "cpu", "_is_avx512_bf16_supported")
-    return bool((amx is not None and amx()) or (avx512_bf16 is not None and avx512_bf16()))
+    return _cpu_has("_is_amx_tile_supported") or _cpu_has("_is_avx512_bf16_supported")
+
+
+def _cpu_has(probe: str) -> bool:
+    """torch.cpu's private probe `probe`, False where this torch lacks it."""
+    fn = _private(torch, "cpu", probe)
+    return fn is not None and bool(fn())
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,9 +136,9 @@ def cpu_model() -> str:
 def cpu_features() -> list[str]:
     """What a CPU measurement depends on besides the model name: the ISA, the bf16 units, an ISA limit."""
     features = [torch.backends.cpu.get_cpu_capability()]
-    if _private(torch, "cpu", "_is_amx_tile_supported") is not None and torch.cpu._is_amx_tile_supported():
+    if _cpu_has("_is_amx_tile_supported"):
         features.append("AMX")
-    if _private(torch, "cpu", "_is_avx512_bf16_supported") is not None and torch.cpu._is_avx512_bf16_supported():
+    if _cpu_has("_is_avx512_bf16_supported"):
         features.append("AVX512-BF16")
     limit = isa_limit()
     if limit:
