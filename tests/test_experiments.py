@@ -97,14 +97,19 @@ def test_table_numbers_are_those_of_the_metrics_files(experiment):
     assert saved["verdict"]["shown"] == (saved["verdict"]["plain_rises"] and saved["verdict"]["residual_falls"])
 
 
-def test_verdict_needs_plain_rising_by_the_margin_and_residual_falling():
-    assert degradation.verdict([10.0, 12.0, 15.0], [9.0, 8.0, 7.5], margin=0.5)["shown"]
-    assert not degradation.verdict([10.0, 10.4], [9.0, 8.0], margin=0.5)["shown"]  # plain rises too little
-    assert not degradation.verdict([10.0, 12.0], [9.0, 9.0], margin=0.5)["shown"]  # ResNet does not fall
-    v = degradation.verdict([10.0, 12.0, 11.0], [9.0, 8.0, 7.0], margin=0.5)
-    assert not v["plain_rises"] and v["residual_falls"]
-    assert v["plain_increase_with_depth"] == [2.0, -1.0]
+def nets(*errors: float) -> list[dict]:
+    """One-seed summaries with these final training errors."""
+    return [{"final_train_error": e, "seeds": [0]} for e in errors]
 
+
+def test_verdict_needs_plain_rising_by_the_margin_and_residual_falling():
+    assert degradation.verdict(nets(10.0, 12.0, 15.0), nets(9.0, 8.0, 7.5), margin=0.5)["shown"]
+    assert not degradation.verdict(nets(10.0, 10.4), nets(9.0, 8.0), margin=0.5)["shown"]  # plain rises too little
+    assert not degradation.verdict(nets(10.0, 12.0), nets(9.0, 9.0), margin=0.5)["shown"]  # ResNet does not fall
+    v = degradation.verdict(nets(10.0, 12.0, 11.0), nets(9.0, 8.0, 7.0), margin=0.5)
+    assert not v["plain_rises"] and v["residual_falls"]
+    assert [s["difference"] for s in v["plain"]["steps"]] == [2.0, -1.0]
+    assert v["decided"] is None and v["word"] == "not shown on one seed (its spread not measured)"
 
 def hand_response_stds(checkpoint_dir, model_name):
     """Every response collected whole with forward hooks, then one torch.std over all of it."""

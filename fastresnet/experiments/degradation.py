@@ -8,7 +8,10 @@ training errors (mean over the last 10% of iterations) of consecutive depths,
     every deeper plain net is worse by more than `margin` percentage points, and
     every deeper residual net is better (lower by any amount),
 
-with each net's training error the mean over its seeds (`--seeds`).
+with each net's training error the mean over its seeds (`--seeds`). Over several
+seeds the verdict is decided only where each step that decides it clears twice
+its standard error (fastresnet.experiments.trends); one seed leaves the spread
+unmeasured, and the verdict says so.
 
 The verdict, the numbers and the criterion are printed and written.
 """
@@ -22,7 +25,8 @@ from . import paper
 from .figures import figure6
 from .runs import FINAL_WINDOW, by_net, train_all
 from .settings import ConfigError, Settings, configs_over_seeds, parse_depths, provenance
-from .tables import markdown_table, over_seeds_cell, publish, test_error_header
+from .tables import error_header, markdown_table, over_seeds_cell, publish
+from .trends import SPREADS, decided_over, steps_text, trend, verdict_word
 
 NAME = "degradation"
 DEPTHS = (20, 32, 44, 56, 110)  # the depths with both a plain and a residual CIFAR net in the zoo
@@ -37,20 +41,25 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="percentage points by which each deeper plain net must train worse")
 
 
-def verdict(plain_errors: list[float], residual_errors: list[float], margin: float) -> dict:
-    """Whether the degradation shows: plain training error rising with depth, residual falling."""
-    plain_steps = [b - a for a, b in zip(plain_errors, plain_errors[1:])]
-    residual_steps = [b - a for a, b in zip(residual_errors, residual_errors[1:])]
-    plain_rises = bool(plain_steps) and all(d > margin for d in plain_steps)
-    residual_falls = bool(residual_steps) and all(d < 0 for d in residual_steps)
+def verdict(plain: list[dict], residual: list[dict], margin: float) -> dict:
+    """Whether the degradation shows (plain training error rising with depth, residual falling), from
+    the nets' summaries in depth order, and whether their seeds decide it (trends.trend)."""
+    plain_trend = trend(plain, "final_train_error", rises_by=margin)
+    residual_trend = trend(residual, "final_train_error")
+    shown = plain_trend["holds"] and residual_trend["holds"]
+    decided = decided_over([plain_trend, residual_trend])
     return {
         "criterion": (f"final training error = mean over the last {FINAL_WINDOW:.0%} of iterations; shown if each "
-                      f"deeper plain net's is higher by more than {margin:g} points and each deeper ResNet's is lower"),
-        "plain_increase_with_depth": plain_steps,
-        "residual_increase_with_depth": residual_steps,
-        "plain_rises": plain_rises,
-        "residual_falls": residual_falls,
-        "shown": plain_rises and residual_falls,
+                      f"deeper plain net's is higher by more than {margin:g} points and each deeper ResNet's is "
+                      f"lower; decided if each such step is further than {SPREADS:g} standard errors over the "
+                      "seeds from its bound"),
+        "plain": plain_trend,
+        "residual": residual_trend,
+        "plain_rises": plain_trend["holds"],
+        "residual_falls": residual_trend["holds"],
+        "shown": shown,
+        "decided": decided,
+        "word": verdict_word(shown, decided),
     }
 
 
@@ -68,8 +77,7 @@ def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MAR
         "experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
         **provenance(settings),
         "depths": list(depths), "runs": summaries,
-        "verdict": verdict([s["final_train_error"] for s in plain], [s["final_train_error"] for s in residual],
-                           margin),
+        "verdict": verdict(plain, residual, margin),
         "paper": paper.FIGURE6_FINDING,
     }
     return write_outputs(settings.out / NAME, result, plain, residual, depths, say)
@@ -81,13 +89,14 @@ def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> d
     for kind, summaries in (("plain", plain), ("ResNet", residual)):
         for depth, s in zip(depths, summaries):
             paper_error = paper.TABLE6_TEST_ERROR.get(s["model"]) if kind == "ResNet" else None
-            rows.append([f"{kind}-{depth}", s["params"], s["final_train_error"], over_seeds_cell(s), paper_error])
+            rows.append([f"{kind}-{depth}", s["params"], over_seeds_cell(s, "final_train_error"), over_seeds_cell(s),
+                         paper_error])
     v = result["verdict"]
     text = (
         f"# Degradation ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", "train error %", test_error_header(plain[0]), "paper test error %"], rows)
-        + f"\nDegradation shown: **{'yes' if v['shown'] else 'no'}** "
-        f"(plain rises: {v['plain_rises']}, ResNet falls: {v['residual_falls']}).\n\n"
+        + markdown_table(["net", "params", error_header(plain[0], "train"), error_header(plain[0], "test"), "paper test error %"], rows)
+        + f"\nDegradation: **{v['word']}** (plain rises: {v['plain_rises']}, steps {steps_text(v['plain'])}; "
+        f"ResNet falls: {v['residual_falls']}, steps {steps_text(v['residual'])}).\n\n"
         f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"
     )
     return publish(folder, result, text, figure, say)

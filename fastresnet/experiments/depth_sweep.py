@@ -1,4 +1,9 @@
-"""`depth-sweep`: ResNet-20/32/44/56/110 (1202 on request), beside the paper's Table 6."""
+"""`depth-sweep`: ResNet-20/32/44/56/110 (1202 on request), beside the paper's Table 6.
+
+Table 6's finding up to 110 layers is that deeper is better: the verdict is shown when the test
+error (mean over the seeds) falls at every step in depth, and decided when each step clears twice
+its standard error over the seeds (fastresnet.experiments.trends).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from .figures import curves_and_finals
 from .runs import by_net, train_all
 from .settings import (FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET, Settings, configs_over_seeds,
                        parse_depths, provenance)
-from .tables import markdown_table, over_seeds_cell, publish, test_error_header
+from .tables import error_header, markdown_table, over_seeds_cell, publish
+from .trends import SPREADS, steps_text, trend, verdict_word
 
 NAME = "depth-sweep"
 DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -29,23 +35,34 @@ def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
     result = {"experiment": NAME, "dataset": settings.dataset, "budget": settings.budget().__dict__,
               **provenance(settings),
               "depths": list(depths), "runs": runs,
+              "verdict": deeper_is_better([runs[m] for m in models]),
               "paper_test_error": {m: paper.TABLE6_TEST_ERROR[m] for m in models},
               "paper_params": {m: paper.TABLE6_PARAMS[m] for m in models}}
     return write_outputs(settings.out / NAME, result, say)
 
 
+def deeper_is_better(summaries: list[dict]) -> dict:
+    t = trend(summaries, "final_test_error")
+    word = verdict_word(t["holds"], t["decided"]) if len(summaries) > 1 else "not decided: one depth, nothing to compare"
+    return {**t, "word": word,
+            "criterion": f"shown if each deeper ResNet's final test error (mean over the seeds) is lower; decided "
+                         f"if each such step is further than {SPREADS:g} standard errors over the seeds from 0"}
+
+
 def write_outputs(folder: Path, result: dict, say) -> dict:
     runs = result["runs"]
     models = list(runs)
+    v = result["verdict"]
     figure = curves_and_finals(folder / "depth_sweep.png", [runs[m] for m in models], models,
                                "ResNets by depth", result["paper_test_error"], "paper (Table 6, CIFAR-10)")
     rows = [[m, f"{runs[m]['params'] / 1e6:.2f}M", f"{result['paper_params'][m] / 1e6:.2f}M",
-             runs[m]["final_train_error"], over_seeds_cell(runs[m]), result["paper_test_error"][m]]
+             over_seeds_cell(runs[m], "final_train_error"), over_seeds_cell(runs[m]), result["paper_test_error"][m]]
             for m in models]
     text = (
         f"# Depth sweep ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", "paper params", "train error %", test_error_header(runs[models[0]]),
+        + markdown_table(["net", "params", "paper params", error_header(runs[models[0]], "train"), error_header(runs[models[0]], "test"),
                           "paper test error % (Table 6, CIFAR-10)"], rows)
+        + f"\nDeeper is better: **{v['word']}** (test error steps {steps_text(v)}).\n\nCriterion: {v['criterion']}.\n"
     )
     return publish(folder, result, text, figure, say)
 

@@ -17,7 +17,7 @@ from . import paper
 from .figures import curves_and_finals
 from .runs import by_net, train_all
 from .settings import ConfigError, Settings, configs_over_seeds, provenance
-from .tables import markdown_table, over_seeds_cell, publish, test_error_header
+from .tables import error_header, markdown_table, over_seeds_cell, publish
 
 NAME = "shortcuts"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -52,11 +52,11 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
     figure = curves_and_finals(folder / "shortcuts.png", [runs[o] for o in OPTIONS], list(OPTIONS),
                                f"{result['model']}: shortcut options", result["paper_top1_error"],
                                "paper (Table 3, ImageNet ResNet-34 top-1)")
-    rows = [[o, runs[o]["params"], runs[o]["final_train_error"], over_seeds_cell(runs[o]),
+    rows = [[o, runs[o]["params"], over_seeds_cell(runs[o], "final_train_error"), over_seeds_cell(runs[o]),
              result["paper_top1_error"][o]] for o in OPTIONS]
     text = (
         f"# Shortcut options, {result['model']} ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["option", "params", "train error %", test_error_header(runs["A"]),
+        + markdown_table(["option", "params", error_header(runs["A"], "train"), error_header(runs["A"], "test"),
                           "paper top-1 error % (Table 3, ImageNet ResNet-34)"], rows)
         + f"\nSpread {result['spread']:.2f} points: **{'small' if result['small'] else 'not small'}** "
         f"({result['criterion']}).\n\n{result['paper']}\n"

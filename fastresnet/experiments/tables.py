@@ -23,9 +23,10 @@ def over_seeds_cell(summary: dict, key: str = "final_test_error") -> str:
     return f"{fmt(summary[key + '_best'])} ({fmt(summary[key])} ± {fmt(summary[key + '_std'])})"
 
 
-def test_error_header(summary: dict) -> str:
+def error_header(summary: dict, kind: str) -> str:
+    """The header of over_seeds_cell's column of `kind` ("train" or "test") errors."""
     seeds = len(summary.get("seeds", ()))
-    return "test error %" if seeds < 2 else f"test error %, best (mean ± std) of {seeds} seeds"
+    return f"{kind} error %" if seeds < 2 else f"{kind} error %, best (mean ± std) of {seeds} seeds"
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
