@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,11 @@ def test_default_run_completes_and_says_where_outputs_went(tmp_path):
         assert (run / name).is_file(), name
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["git_revision"]
+    # the command as typed, so that pasting it reruns the run; the CPU named as the tuning cache names it
+    assert shlex.split(env["command"])[1:] == ["-m", "fastresnet.train", "--length", "0.3", "--out_dir", str(tmp_path),
+                                               "--run_name", "default"]
+    if not torch.cuda.is_available():
+        assert env["device_name"].endswith("] 1 threads"), env["device_name"]  # OMP_NUM_THREADS=1
     assert env["speed"]["fused_blocks"] == "off" and env["speed"]["compile"] == "off"  # auto on a CPU
     assert "fused blocks off" in out
     choice = env["speed"]["amp_choice"]  # what --amp auto resolved to, and why, in env.json and the first lines

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,7 +240,4 @@ def provenance(settings: Settings) -> dict:
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict:
     """Once per process: the git and device queries take a second or two."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment(device, world_size=1)
-    env["command"] = " ".join([sys.executable, "-m", "fastresnet.experiments", *sys.argv[1:]])
-    return env
+    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"), world_size=1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 import fastresnet
+from fastresnet.ops.onednn import describe_cpu
 from fastresnet.outputs import writable_folder
 from fastresnet.training import distributed
 from fastresnet.training.config import TrainConfig
@@ -166,9 +168,10 @@ def environment(device: torch.device, world_size: int) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "command": " ".join([sys.executable, "-m", "fastresnet.train", *sys.argv[1:]]),
+        # what was typed: a run trained by `python -m fastresnet.experiments` reruns from that command
+        "command": shlex.join([sys.executable, *sys.orig_argv[1:]]),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu(),
         "world_size": world_size,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
