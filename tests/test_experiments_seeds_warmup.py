@@ -51,7 +51,8 @@ def test_degradation_over_two_seeds_reports_best_mean_and_std(tmp_path):
     assert rows[1]["net"] == "plain-32"
     assert rows[1][header] == f"{min(errors):.2f} ({sum(errors) / 2:.2f} ± {abs(errors[0] - errors[1]) / 2 ** 0.5:.2f})"
     train = result["runs"]["plain32"]["final_train_error_seeds"]
-    assert rows[1]["train error %, best (mean ± std) of 2 seeds"].startswith(f"{min(train):.2f} ({sum(train) / 2:.2f} ± ")
+    train_cell = rows[1]["train error %, best (mean ± std) of 2 seeds"]
+    assert train_cell.startswith(f"{min(train):.2f} ({sum(train) / 2:.2f} ± ")
 
 
 def test_seeds_flag_is_checked(capsys):

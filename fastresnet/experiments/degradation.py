@@ -94,7 +94,8 @@ def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> d
     v = result["verdict"]
     text = (
         f"# Degradation ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", error_header(plain[0], "train"), error_header(plain[0], "test"), "paper test error %"], rows)
+        + markdown_table(["net", "params", error_header(plain[0], "train"), error_header(plain[0], "test"),
+                          "paper test error %"], rows)
         + f"\nDegradation: **{v['word']}** (plain rises: {v['plain_rises']}, steps {steps_text(v['plain'])}; "
         f"ResNet falls: {v['residual_falls']}, steps {steps_text(v['residual'])}).\n\n"
         f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"

@@ -43,7 +43,10 @@ def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
 
 def deeper_is_better(summaries: list[dict]) -> dict:
     t = trend(summaries, "final_test_error")
-    word = verdict_word(t["holds"], t["decided"]) if len(summaries) > 1 else "not decided: one depth, nothing to compare"
+    if len(summaries) > 1:
+        word = verdict_word(t["holds"], t["decided"])
+    else:
+        word = "not decided: one depth, nothing to compare"
     return {**t, "word": word,
             "criterion": f"shown if each deeper ResNet's final test error (mean over the seeds) is lower; decided "
                          f"if each such step is further than {SPREADS:g} standard errors over the seeds from 0"}
@@ -60,8 +63,8 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
             for m in models]
     text = (
         f"# Depth sweep ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
-        + markdown_table(["net", "params", "paper params", error_header(runs[models[0]], "train"), error_header(runs[models[0]], "test"),
-                          "paper test error % (Table 6, CIFAR-10)"], rows)
+        + markdown_table(["net", "params", "paper params", error_header(runs[models[0]], "train"),
+                          error_header(runs[models[0]], "test"), "paper test error % (Table 6, CIFAR-10)"], rows)
         + f"\nDeeper is better: **{v['word']}** (test error steps {steps_text(v)}).\n\nCriterion: {v['criterion']}.\n"
     )
     return publish(folder, result, text, figure, say)
