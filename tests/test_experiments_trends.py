@@ -2,7 +2,7 @@
 
 import math
 
-from fastresnet.experiments import degradation, depth_sweep
+from fastresnet.experiments import degradation, depth_sweep, layer_responses
 from fastresnet.experiments.runs import over_seeds
 from fastresnet.experiments.trends import decided_over, standard_error, steps_text, trend, verdict_word
 
@@ -53,3 +53,20 @@ def test_depth_sweep_verdict_reads_the_test_errors_in_depth_order():
     v = depth_sweep.deeper_is_better([net(8.0, 8.2, 7.8), net(7.0, 7.1, 6.9), net(7.2, 7.0, 7.4)])
     assert not v["holds"] and v["decided"] is False and [round(s["difference"], 2) for s in v["steps"]] == [-1.0, 0.2]
     assert depth_sweep.deeper_is_better([net(8.0)])["word"] == "not decided: one depth, nothing to compare"
+
+
+def test_layer_response_findings_over_seeds():
+    def nets(model, *means):  # one net per seed, each with two layers around its mean std
+        return [{"model": model, "seed": seed, "stds": [m - 0.1, m + 0.1]} for seed, m in enumerate(means)]
+
+    f = layer_responses.findings(nets("plain20", 1.0, 1.1, 0.9) + nets("resnet20", 0.8, 0.81, 0.79)
+                                 + nets("plain56", 1.8, 0.8, 2.8) + nets("resnet56", 0.7, 0.9, 0.8))
+    assert math.isclose(f["mean_std"]["plain56"], 1.8) and math.isclose(f["mean_std_spread"]["plain56"], 1.0)
+    assert f["resnet_below_plain"]["resnet20"]["holds"] and f["resnet_below_plain"]["resnet20"]["decided"]
+    assert f["resnet_below_plain"]["resnet56"]["holds"] and f["resnet_below_plain"]["resnet56"]["decided"] is False
+    deeper = f["deeper_resnet_smaller"]  # 0.80 to 0.80: no step down
+    assert not deeper["holds"] and [round(s["difference"], 6) for s in deeper["steps"]] == [0.0]
+    assert layer_responses.yes_no(f["resnet_below_plain"]["resnet56"]) == "yes (within the seeds' spread)"
+    one_seed = layer_responses.findings(nets("plain20", 1.0) + nets("resnet20", 0.8))
+    assert layer_responses.yes_no(one_seed["resnet_below_plain"]["resnet20"]) == "yes"
+    assert one_seed["deeper_resnet_smaller"] is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from .figures import figure7
 from .runs import train_all
 from .settings import Settings, configs_over_seeds, parse_depths, provenance
 from .tables import markdown_table, publish
+from .trends import steps_text, trend, verdict_word
 
 NAME = "layer-responses"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -116,8 +118,7 @@ def measure(path: str | Path, device: torch.device) -> dict:
 
 
 def label(model: str) -> str:
-    kind = "plain" if model.startswith("plain") else "ResNet"
-    return f"{kind}-{''.join(ch for ch in model if ch.isdigit())}"
+    return f"{'plain' if model.startswith('plain') else 'ResNet'}-{depth(model)}"
 
 
 def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | None = None, say=print) -> dict | None:
@@ -135,34 +136,59 @@ def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | No
 
 
 def findings(nets: list[dict]) -> dict:
-    """Mean std per model (averaged over its seeds' nets); whether each ResNet's is below its plain twin's
-    and falls with ResNet depth."""
-    per_model: dict[str, list[float]] = {}
+    """Per model, the mean response std over its seeds' nets (and their spread); whether each ResNet's is
+    below its plain twin's and whether it falls with ResNet depth, each with whether the seeds decide it."""
+    per_model: dict[str, list[dict]] = {}
     for n in nets:
-        per_model.setdefault(n["model"], []).append(sum(n["stds"]) / len(n["stds"]))
-    means = {model: sum(values) / len(values) for model, values in per_model.items()}
-    below_plain = {m: means[m] < means[m.replace("resnet", "plain")]
-                   for m in means if m.startswith("resnet") and m.replace("resnet", "plain") in means}
-    resnets = sorted((int("".join(c for c in m if c.isdigit())), v) for m, v in means.items() if m.startswith("resnet"))
-    deeper_smaller = all(b < a for (_, a), (_, b) in zip(resnets, resnets[1:])) if len(resnets) > 1 else None
-    return {"mean_std": means, "resnet_below_plain": below_plain, "deeper_resnet_smaller": deeper_smaller}
+        per_model.setdefault(n["model"], []).append(n)
+    models = {m: response_over_seeds(model_nets) for m, model_nets in per_model.items()}
+    below_plain = {m: trend([models[m.replace("resnet", "plain")], s], "response")
+                   for m, s in models.items() if m.startswith("resnet") and m.replace("resnet", "plain") in models}
+    resnets = [models[m] for m in sorted((m for m in models if m.startswith("resnet")), key=depth)]
+    return {"mean_std": {m: s["response"] for m, s in models.items()},
+            "mean_std_spread": {m: s["response_std"] for m, s in models.items()},
+            "resnet_below_plain": below_plain,
+            "deeper_resnet_smaller": trend(resnets, "response") if len(resnets) > 1 else None}
+
+
+def response_over_seeds(nets: list[dict]) -> dict:
+    """One model's nets (one per seed) as their mean response std and its spread, in the keys trends.trend reads."""
+    values = [sum(n["stds"]) / len(n["stds"]) for n in nets]
+    return {"response": sum(values) / len(values), "response_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": [n.get("seed") for n in nets]}
+
+
+def depth(model: str) -> int:
+    return int("".join(ch for ch in model if ch.isdigit()))
+
+
+def yes_no(t: dict | None) -> str:
+    """A table cell for a trend: yes or no, and over several seeds whether they decide it."""
+    if t is None:
+        return "-"
+    word = "yes" if t["holds"] else "no"
+    if t["decided"] is None:
+        return word
+    return f"{word} (decided)" if t["decided"] else f"{word} (within the seeds' spread)"
 
 
 def write_outputs(folder: Path, result: dict, say) -> dict:
     nets, f = result["nets"], result["findings"]
-    deeper = {True: "yes", False: "no", None: "n/a (fewer than two ResNet depths)"}[f["deeper_resnet_smaller"]]
+    deeper = f["deeper_resnet_smaller"]
+    deeper_text = ("not decided: fewer than two ResNet depths" if deeper is None else
+                   f"{verdict_word(deeper['holds'], deeper['decided'])} (steps {steps_text(deeper)})")
     first_seed = {}  # the figure draws one net per model, like the paper's
     for n in nets:
         first_seed.setdefault(n["model"], n)
     figure = figure7(folder / "figure7.png", {label(m): n["stds"] for m, n in first_seed.items()})
     rows = [[label(n["model"]), n.get("seed", "-"), len(n["stds"]), sum(n["stds"]) / len(n["stds"]), max(n["stds"]),
-             min(n["stds"]), {True: "yes", False: "no"}.get(f["resnet_below_plain"].get(n["model"]), "-")]
+             min(n["stds"]), yes_no(f["resnet_below_plain"].get(n["model"]))]
             for n in nets]
     text = (
         "# Layer responses (std of each 3x3 conv's output after BN, before ReLU/addition)\n\n"
         + markdown_table(["net", "seed", "3x3 layers", "mean std", "max std", "min std",
                           "below its plain twin (mean over seeds)"], rows)
-        + f"\nDeeper ResNet smaller (mean std falls with depth): {deeper}.\n\n{result['paper']}\n"
+        + f"\nDeeper ResNet smaller (mean std falls with depth): **{deeper_text}**.\n\n{result['paper']}\n"
     )
     return publish(folder, result, text, figure, say)
 
