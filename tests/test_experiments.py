@@ -15,7 +15,7 @@ from fastresnet.data import DataConfig, build_loaders
 from fastresnet.experiments import degradation, layer_responses
 from fastresnet.experiments.__main__ import main as experiments_main
 from fastresnet.experiments.runs import DONE_NAME
-from fastresnet.experiments.settings import PAPER_CIFAR_BUDGET, Settings, train_config
+from fastresnet.experiments.settings import PAPER_CIFAR_BUDGET, Settings, parse_depths, train_config
 from fastresnet.experiments.tables import parse_markdown_table
 from fastresnet.models import get_model
 from fastresnet.training.checkpoint import load_checkpoint
@@ -79,7 +79,7 @@ def test_rerun_of_a_finished_experiment_trains_nothing(experiment):
 
 def test_table_numbers_are_those_of_the_metrics_files(experiment):
     out = experiment["out"]
-    folder = out / "degradation"
+    folder = out / "degradation-depths-20-32"  # not the default 20,56: its own folder
     assert (folder / "figure6.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = parse_markdown_table((folder / "table.md").read_text())
     assert [r["net"] for r in rows] == list(NETS)
@@ -170,6 +170,15 @@ def test_run_names_follow_the_settings(tmp_path):
     assert a.run_name == train_config(tiny(tmp_path), "resnet20", "A").run_name  # A is the CIFAR default
     assert a.run_name != train_config(tiny(tmp_path), "resnet20", "B").run_name
     assert a.run_name != train_config(Settings(out=tmp_path, iterations=3), "resnet20").run_name
+
+
+def test_an_experiment_on_other_nets_or_seeds_keeps_each_ones_outputs(tmp_path):
+    default = parse_depths(degradation.DEFAULT_DEPTHS, degradation.DEPTHS)
+    assert Settings(out=tmp_path).outputs_folder("degradation", depths=(default, default)) == tmp_path / "degradation"
+    folder = Settings(out=tmp_path, seeds=(0, 1, 2)).outputs_folder("degradation", depths=((20, 32, 44, 56), default))
+    assert folder == tmp_path / "degradation-depths-20-32-44-56-seeds-0-1-2"
+    assert Settings(out=tmp_path, seeds=(1,)).outputs_folder("warmup", depth=(110, 110), steps=(400, 800)) == \
+        tmp_path / "warmup-steps-400-seeds-1"
 
 
 def test_a_config_field_added_at_its_default_keeps_the_run_names(tmp_path, monkeypatch):

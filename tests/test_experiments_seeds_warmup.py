@@ -45,7 +45,7 @@ def test_degradation_over_two_seeds_reports_best_mean_and_std(tmp_path):
     result = degradation.run(tiny(tmp_path, seeds=(0, 1)), (20, 32), say=lambda *_: None)
     assert len(list((tmp_path / "runs").glob("[!.]*"))) == 8  # four nets, two seeds
     assert result["runs"]["resnet20"]["seeds"] == [0, 1]
-    rows = parse_markdown_table((tmp_path / "degradation" / "table.md").read_text())
+    rows = parse_markdown_table((tmp_path / "degradation-depths-20-32-seeds-0-1" / "table.md").read_text())
     header = "test error %, best (mean ± std) of 2 seeds"
     errors = result["runs"]["plain32"]["final_test_error_seeds"]
     assert rows[1]["net"] == "plain-32"
@@ -81,7 +81,7 @@ def test_warmup_trains_the_first_steps_with_and_without(warmed):
     assert without_lr == {0.1 * 8 / 128}
     runs = sorted(p.name for p in (warmed["out"] / "runs").glob("[!.]*"))
     assert len(runs) == 2
-    table = parse_markdown_table((warmed["out"] / "warmup" / "table.md").read_text())
+    table = parse_markdown_table((warmed["out"] / "warmup-depth-20-steps-3" / "table.md").read_text())
     assert [row["run"] for row in table] == ["with warm-up", "without warm-up"]
 
 

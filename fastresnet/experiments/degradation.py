@@ -80,7 +80,8 @@ def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MAR
         "verdict": verdict(plain, residual, margin),
         "paper": paper.FIGURE6_FINDING,
     }
-    return write_outputs(settings.out / NAME, result, plain, residual, depths, say)
+    folder = settings.outputs_folder(NAME, depths=(depths, parse_depths(DEFAULT_DEPTHS, DEPTHS)))
+    return write_outputs(folder, result, plain, residual, depths, say)
 
 
 def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> dict:

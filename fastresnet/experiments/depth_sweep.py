@@ -38,7 +38,8 @@ def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
               "verdict": deeper_is_better([runs[m] for m in models]),
               "paper_test_error": {m: paper.TABLE6_TEST_ERROR[m] for m in models},
               "paper_params": {m: paper.TABLE6_PARAMS[m] for m in models}}
-    return write_outputs(settings.out / NAME, result, say)
+    folder = settings.outputs_folder(NAME, depths=(depths, parse_depths(default_depths(settings), DEPTHS)))
+    return write_outputs(folder, result, say)
 
 
 def deeper_is_better(summaries: list[dict]) -> dict:
@@ -77,9 +78,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-1202", action="store_true", help="add ResNet-1202 (19.4M parameters)")
 
 
-def main(args: argparse.Namespace, settings: Settings) -> dict | None:
+def default_depths(settings: Settings) -> str:
     cpu_preset = settings.base_budget() in (FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET)
-    depths = parse_depths(args.depths or (CPU_PRESET_DEPTHS if cpu_preset else DEFAULT_DEPTHS), DEPTHS)
+    return CPU_PRESET_DEPTHS if cpu_preset else DEFAULT_DEPTHS
+
+
+def main(args: argparse.Namespace, settings: Settings) -> dict | None:
+    depths = parse_depths(args.depths or default_depths(settings), DEPTHS)
     if args.with_1202:
         depths = tuple(sorted(set(depths) | {1202}))
     return run(settings, depths)

@@ -123,7 +123,8 @@ def label(model: str) -> str:
 
 def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | None = None, say=print) -> dict | None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not checkpoints:
+    given = bool(checkpoints)
+    if not given:
         models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
         outcomes, finished = train_all(configs_over_seeds(settings, [(m, "") for m in models]), say=say)
         if not finished:
@@ -132,7 +133,10 @@ def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | No
     nets = [measure(path, device) for path in checkpoints]
     result = {"experiment": NAME, **provenance(settings), "nets": nets, "findings": findings(nets),
               "paper": paper.FIGURE7_FINDING}
-    return write_outputs(settings.out / NAME, result, say)
+    # nets given as checkpoints are whatever nets they are: only trained ones are named by their depths
+    default = parse_depths(DEFAULT_DEPTHS, DEPTHS)
+    folder = settings.outputs_folder(NAME, depths=(default if given else depths, default))
+    return write_outputs(folder, result, say)
 
 
 def findings(nets: list[dict]) -> dict:

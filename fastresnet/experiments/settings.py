@@ -115,6 +115,16 @@ class Settings:
             raise ConfigError(f"--milestones {milestones}: each must lie inside the run's 1..{iterations - 1} steps")
         return Budget(iterations, milestones, self.eval_every if self.eval_every is not None else base.eval_every)
 
+    def outputs_folder(self, name: str, **choices: tuple) -> Path:
+        """Where experiment `name` writes its figure, table and numbers: <out>/<name>, suffixed with each
+        choice (key=(value, default)) that is not its default and with the seeds unless they are seed 0
+        alone, so that the same experiment run on other nets or seeds keeps each one's outputs."""
+        parts = [name]
+        parts += [f"{key}-{_joined(value)}" for key, (value, default) in choices.items() if value != default]
+        if self.seeds != (0,):
+            parts.append(f"seeds-{_joined(self.seeds)}")
+        return self.out / "-".join(parts)
+
     def data_config(self) -> DataConfig:
         if self.dataset == "digits":
             return DataConfig(backend="digits", batch_size=self.batch_size, val_batch_size=500)
@@ -132,6 +142,10 @@ class Settings:
             raise ConfigError(f"--data {self.data}: not a cifar-10-batches-py folder (no {root / 'data_batch_1'}) "
                               "nor a folder of Fashion-MNIST's IDX files")
         return DataConfig(backend="cifar10", root=str(root), batch_size=self.batch_size, val_batch_size=1000)
+
+
+def _joined(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def inferred_dataset(data: str) -> str:

@@ -22,6 +22,7 @@ from .tables import error_header, markdown_table, over_seeds_cell, publish
 NAME = "shortcuts"
 DEPTHS = (20, 32, 44, 56, 110)
 OPTIONS = ("A", "B", "C")
+DEFAULT_DEPTH = 20
 DEFAULT_THRESHOLD = 1.0  # percentage points; Table 3's spread is 0.84
 
 
@@ -44,7 +45,7 @@ def run(settings: Settings, depth: int, threshold: float = DEFAULT_THRESHOLD, sa
         "criterion": f"spread of final test errors (max - min over A, B, C) <= {threshold:g} points",
         "paper_top1_error": paper.TABLE3_TOP1_ERROR, "paper": paper.TABLE3_FINDING,
     }
-    return write_outputs(settings.out / NAME, result, say)
+    return write_outputs(settings.outputs_folder(NAME, depth=(depth, DEFAULT_DEPTH)), result, say)
 
 
 def write_outputs(folder: Path, result: dict, say) -> dict:
@@ -65,7 +66,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, default=20, help=f"the ResNet depth, from {DEPTHS}")
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help=f"the ResNet depth, from {DEPTHS}")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="percentage points of test error under which the options' spread counts as small")
 

@@ -26,6 +26,7 @@ from .tables import markdown_table, publish, read_json_if_any, write_json
 NAME = "warmup"
 DEPTHS = (20, 32, 44, 56, 110)  # the paper warms up 110 only; the shallower ones make quick tests
 THRESHOLD = 80.0  # percent training error: the paper's end of the warm-up
+DEFAULT_DEPTH = 110  # the paper warms up ResNet-110 only
 DEFAULT_STEPS = 800  # twice the paper's ~400 warm-up iterations
 DIVERGED_NAME = "diverged.json"
 VERDICT = {True: "yes", False: "no", None: f"not decided: neither run reached {THRESHOLD:g}% in these steps"}
@@ -101,7 +102,8 @@ def run(settings: Settings, depth: int, steps: int, say=print) -> dict | None:
               "shown": shown,
               "criterion": f"shown if without warm-up the run diverges or its training error first falls below "
                            f"{THRESHOLD:g}% later than with the warm-up (lr 0.01 until then)"}
-    return write_outputs(settings.out / NAME, result, say)
+    folder = settings.outputs_folder(NAME, depth=(depth, DEFAULT_DEPTH), steps=(steps, DEFAULT_STEPS))
+    return write_outputs(folder, result, say)
 
 
 def write_outputs(folder: Path, result: dict, say) -> dict:
@@ -126,7 +128,8 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, default=110, help=f"the ResNet depth, from {DEPTHS} (the paper's: 110)")
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+                        help=f"the ResNet depth, from {DEPTHS} (the paper's: {DEFAULT_DEPTH})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help="how many of the schedule's first steps to train and compare")
 
