@@ -74,7 +74,7 @@ class Settings:
     overrides: dict[str, str] = field(default_factory=dict)  # TrainConfig fields, dotted names
     progress: str = "auto"
     quick: bool = False  # Fashion-MNIST on a CPU: FASHION_MNIST_QUICK_BUDGET instead of the 15 epochs
-    stop_at_step: int = 0  # > 0: every run stops (checkpointed) at this step, as if preempted (tests)
+    stop_at_step: int = 0  # > 0: every run stops (checkpointed) at this step, as if preempted
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -205,7 +205,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="any python -m fastresnet.train field, e.g. --set compile=off (repeatable)")
     parser.add_argument("--progress", default="auto", choices=("auto", "bar", "lines", "off"))
-    parser.add_argument("--stop-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at-step", type=int, default=0, metavar="STEP",
+                        help="stop each run at this step with a checkpoint, as if interrupted (the same command "
+                        "without it continues): a slice of a long queue, or a check of a run's first steps")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
