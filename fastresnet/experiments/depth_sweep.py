@@ -43,6 +43,7 @@ def run(settings: Settings, depths: tuple[int, ...], say=print) -> dict | None:
 
 
 def deeper_is_better(summaries: list[dict]) -> dict:
+    """Table 6's finding on the nets' summaries in depth order: the test error falls at every step."""
     t = trend(summaries, "final_test_error")
     if len(summaries) > 1:
         word = verdict_word(t["holds"], t["decided"])
@@ -79,6 +80,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def default_depths(settings: Settings) -> str:
+    """--depths when not given: without ResNet-110 under the Fashion-MNIST CPU presets."""
     cpu_preset = settings.base_budget() in (FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET)
     return CPU_PRESET_DEPTHS if cpu_preset else DEFAULT_DEPTHS
 
