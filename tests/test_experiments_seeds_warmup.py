@@ -126,3 +126,29 @@ def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
         assert not run_dir.exists() and said == [f"    another process is training {cfg.run_name}; waiting for it"]
     waiter.join(timeout=300)
     assert outcome["result"].finished and outcome["result"].action == "trained"
+
+
+def test_a_run_another_process_trains_is_put_off_until_the_others_are_trained(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    from fastresnet.experiments.runs import DONE_NAME, LOCKS_NAME, train_all
+
+    configs = configs_over_seeds(tiny(tmp_path), [("resnet20", ""), ("plain20", "")])
+    busy, free = (tmp_path / "runs" / c.run_name for c in configs)
+    (tmp_path / "runs" / LOCKS_NAME).mkdir(parents=True)
+    said, result = [], {}
+    with open(tmp_path / "runs" / LOCKS_NAME / f"{configs[0].run_name}.lock", "a") as held:  # "another process"
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: result.update(done=train_all(configs, said.append)))
+        worker.start()
+        deadline = time.monotonic() + 300
+        while not (free / DONE_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (free / DONE_NAME).exists() and not busy.exists()  # the second run trained while the first waited
+        assert f"    another process is training {configs[0].run_name}; coming back to it after the others" in said
+    worker.join(timeout=300)
+    outcomes, finished = result["done"]
+    assert finished and [o.name for o in outcomes] == [c.run_name for c in configs]  # in the configs' order
+    assert [o.action for o in outcomes] == ["trained", "trained"] and (busy / DONE_NAME).exists()

@@ -87,9 +87,10 @@ class RunOutcome:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, say=print):
+def run_lock(run_dir: Path, say=print, wait: bool = True):
     """One process at a time trains a run: two experiment commands sharing an --out (one per core, say)
-    never train the same run twice or into each other; the second waits here, then finds it finished.
+    never train the same run twice or into each other. Yields whether this process holds the lock: the
+    second process waits here, then finds the run finished; with `wait` False it is told False at once.
     The lock is a file in a hidden folder beside the run's (a new run must not find its own folder existing)."""
     locks = run_dir.parent / LOCKS_NAME
     locks.mkdir(parents=True, exist_ok=True)
@@ -97,16 +98,20 @@ def run_lock(run_dir: Path, say=print):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             say(f"    another process is training {run_dir.name}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # the lock goes with the file's closing, also when the process dies
+        yield True  # the lock goes with the file's closing, also when the process dies
 
 
-def train_or_resume(cfg: TrainConfig, say=print) -> RunOutcome:
-    """Train the run described by `cfg` (whose run_name and out_dir say where), or finish or skip it."""
+def train_or_resume(cfg: TrainConfig, say=print, wait: bool = True) -> RunOutcome | None:
+    """Train the run described by `cfg` (whose run_name and out_dir say where), or finish or skip it.
+    None when another process is training it and `wait` is False."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    with run_lock(run_dir, say):
-        return train_or_resume_locked(cfg, run_dir)
+    with run_lock(run_dir, say, wait) as held:
+        return train_or_resume_locked(cfg, run_dir) if held else None
 
 
 def train_or_resume_locked(cfg: TrainConfig, run_dir: Path) -> RunOutcome:
@@ -184,17 +189,38 @@ def by_net(outcomes: list[RunOutcome]) -> dict[str, dict]:
 
 
 def train_all(configs: list[TrainConfig], say=print) -> tuple[list[RunOutcome], bool]:
-    """Train the runs in order; stop at the first one that is interrupted. Returns (outcomes, all finished)."""
-    outcomes = []
-    for i, cfg in enumerate(configs, 1):
-        say(f"[{i}/{len(configs)}] {cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''} seed {cfg.seed}: "
+    """Train the runs in order; stop at the first one that is interrupted. A run that another process is
+    training (a second queue on the other core) is put off until the others are done, then waited for, so
+    that two queues meeting on a run keep both cores training. Returns (outcomes in the configs' order,
+    all finished)."""
+    outcomes: dict[int, RunOutcome] = {}
+    attempts = [(i, False) for i in range(len(configs))]  # (index, wait for another process)
+    for i, wait in attempts:  # a run put off is appended, and so comes again after the others
+        cfg = configs[i]
+        say(f"[{i + 1}/{len(configs)}] {describe(cfg)}{', put off earlier' if wait else ''}: "
             f"{Path(cfg.out_dir) / cfg.run_name}")
-        outcome = train_or_resume(cfg, say)
-        outcomes.append(outcome)
-        if not outcome.finished:
-            say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "
-                "run the same command again to continue where it stopped")
-            return outcomes, False
-        say(f"    {outcome.action}: test error {outcome.summary['final_test_error']:.2f}%, "
-            f"final training error {outcome.summary['final_train_error']:.2f}%")
-    return outcomes, True
+        outcome = train_or_resume(cfg, say, wait)
+        if outcome is None:
+            say(f"    another process is training {cfg.run_name}; coming back to it after the others")
+            attempts.append((i, True))
+            continue
+        outcomes[i] = outcome
+        if not record(outcome, say):
+            break
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    return ordered, len(ordered) == len(configs) and all(o.finished for o in ordered)
+
+
+def describe(cfg: TrainConfig) -> str:
+    return f"{cfg.model}{' shortcut ' + cfg.shortcut if cfg.shortcut else ''} seed {cfg.seed}"
+
+
+def record(outcome: RunOutcome, say) -> bool:
+    """Say how a run ended; whether it finished."""
+    if not outcome.finished:
+        say(f"run {outcome.name} stopped ({outcome.status}) with a checkpoint; "
+            "run the same command again to continue where it stopped")
+        return False
+    say(f"    {outcome.action}: test error {outcome.summary['final_test_error']:.2f}%, "
+        f"final training error {outcome.summary['final_train_error']:.2f}%")
+    return True
