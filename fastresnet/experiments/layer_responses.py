@@ -146,8 +146,9 @@ def findings(nets: list[dict]) -> dict:
     for n in nets:
         per_model.setdefault(n["model"], []).append(n)
     models = {m: response_over_seeds(model_nets) for m, model_nets in per_model.items()}
-    below_plain = {m: trend([models[m.replace("resnet", "plain")], s], "response")
-                   for m, s in models.items() if m.startswith("resnet") and m.replace("resnet", "plain") in models}
+    plain_twins = {m: m.replace("resnet", "plain") for m in models if m.startswith("resnet")}
+    below_plain = {m: trend([models[plain], models[m]], "response")
+                   for m, plain in plain_twins.items() if plain in models}
     resnets = [models[m] for m in sorted((m for m in models if m.startswith("resnet")), key=depth)]
     return {"mean_std": {m: s["response"] for m, s in models.items()},
             "mean_std_spread": {m: s["response_std"] for m, s in models.items()},
