@@ -150,6 +150,15 @@ def test_layer_responses_equal_a_hand_computation_with_hooks(experiment):
     assert rows[0]["mean std"] == f"{sum(result['nets'][0]['stds']) / 19:.2f}"
 
 
+def test_layer_responses_of_a_run_saved_when_num_classes_defaulted_to_1000(experiment, tmp_path):
+    """Runs saved before data.num_classes became optional hold 1000 on every back end: measured as they trained."""
+    state = load_checkpoint(run_dir(experiment["out"], "plain20"))
+    state["config"]["data"]["num_classes"] = 1000
+    torch.save(state, tmp_path / "checkpoint.pt")
+    old = layer_responses.measure(tmp_path, torch.device("cpu"))
+    assert old["stds"] == layer_responses.measure(run_dir(experiment["out"], "plain20"), torch.device("cpu"))["stds"]
+
+
 def test_paper_recipe_on_cifar_and_resnet110_warmup(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

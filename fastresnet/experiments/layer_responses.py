@@ -28,8 +28,8 @@ from fastresnet.data import build_loaders
 from fastresnet.models import get_model
 from fastresnet.training import smoke
 from fastresnet.training.checkpoint import load_checkpoint
-from fastresnet.training.config import TrainConfig
-from fastresnet.training.fields import apply_flat, flatten
+from fastresnet.training.config import TrainConfig, saved_values
+from fastresnet.training.fields import apply_flat
 
 from . import paper
 from .figures import figure7
@@ -101,7 +101,7 @@ def response_stds(model: nn.Module, images_batches, device: torch.device | str =
 def load_trained(path: str | Path, device: torch.device) -> tuple[nn.Module, TrainConfig]:
     """A net and its TrainConfig from a run directory or a checkpoint file of `python -m fastresnet.train`."""
     state = load_checkpoint(path)
-    cfg = apply_flat(TrainConfig(), flatten(state["config"]), f"the config in {path}")
+    cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"the config in {path}")
     fc = state["model"]["fc.weight"]
     options = {"num_classes": fc.shape[0], **({"shortcut": cfg.shortcut} if cfg.shortcut else {})}
     model = get_model(cfg.model, **options)
