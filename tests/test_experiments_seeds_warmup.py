@@ -1,8 +1,12 @@
 """Experiments over several seeds (the paper's "best (mean +- std)") and the ResNet-110 warm-up comparison,
 scaled down to digits and a few steps."""
 
+import contextlib
+import fcntl
 import json
 import math
+import threading
+import time
 
 import pytest
 
@@ -106,20 +110,26 @@ def test_warmup_flags_are_checked(tmp_path, capsys):
     assert "--depth 18" in err and "--steps 500" in err
 
 
-def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
-    import fcntl
-    import threading
-    import time
+@contextlib.contextmanager
+def held_by_another_process(out, run_name: str):
+    """The run's lock, held as a second experiment command training it would hold it."""
+    from fastresnet.experiments.runs import LOCKS_NAME
 
-    from fastresnet.experiments.runs import LOCKS_NAME, train_or_resume
+    locks = out / "runs" / LOCKS_NAME
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{run_name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
+def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
+    from fastresnet.experiments.runs import train_or_resume
     from fastresnet.experiments.settings import train_config
 
     cfg = train_config(tiny(tmp_path), "resnet20")
     run_dir = tmp_path / "runs" / cfg.run_name
-    (tmp_path / "runs" / LOCKS_NAME).mkdir(parents=True)
     said, outcome = [], {}
-    with open(tmp_path / "runs" / LOCKS_NAME / f"{cfg.run_name}.lock", "a") as held:  # "another process"
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_by_another_process(tmp_path, cfg.run_name):
         waiter = threading.Thread(target=lambda: outcome.update(result=train_or_resume(cfg, said.append)))
         waiter.start()
         time.sleep(1.0)
@@ -129,18 +139,12 @@ def test_a_run_another_process_trains_is_waited_for_not_trained_twice(tmp_path):
 
 
 def test_a_run_another_process_trains_is_put_off_until_the_others_are_trained(tmp_path):
-    import fcntl
-    import threading
-    import time
-
-    from fastresnet.experiments.runs import DONE_NAME, LOCKS_NAME, train_all
+    from fastresnet.experiments.runs import DONE_NAME, train_all
 
     configs = configs_over_seeds(tiny(tmp_path), [("resnet20", ""), ("plain20", "")])
     busy, free = (tmp_path / "runs" / c.run_name for c in configs)
-    (tmp_path / "runs" / LOCKS_NAME).mkdir(parents=True)
     said, result = [], {}
-    with open(tmp_path / "runs" / LOCKS_NAME / f"{configs[0].run_name}.lock", "a") as held:  # "another process"
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_by_another_process(tmp_path, configs[0].run_name):
         worker = threading.Thread(target=lambda: result.update(done=train_all(configs, said.append)))
         worker.start()
         deadline = time.monotonic() + 300
