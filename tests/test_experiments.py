@@ -14,7 +14,7 @@ import torch
 from fastresnet.data import DataConfig, build_loaders
 from fastresnet.experiments import degradation, layer_responses
 from fastresnet.experiments.__main__ import main as experiments_main
-from fastresnet.experiments.runs import DONE_NAME
+from fastresnet.experiments.runs import DONE_NAME, by_epoch
 from fastresnet.experiments.settings import PAPER_CIFAR_BUDGET, Settings, parse_depths, train_config
 from fastresnet.experiments.tables import parse_markdown_table
 from fastresnet.models import get_model
@@ -95,6 +95,30 @@ def test_table_numbers_are_those_of_the_metrics_files(experiment):
         assert saved["runs"][model]["final_test_error"] == evals[-1]["top1_error"]
         assert int(row["params"]) == sum(p.numel() for p in get_model(model).parameters())
     assert saved["verdict"]["shown"] == (saved["verdict"]["plain_rises"] and saved["verdict"]["residual_falls"])
+
+
+def test_by_epoch_tables_are_those_of_the_metrics_files(experiment):
+    text = (experiment["out"] / "degradation-depths-20-32" / "table.md").read_text()
+    train_rows = parse_markdown_table(text.split("Training error % by epoch")[1])
+    test_rows = parse_markdown_table(text.split("Test error % after each epoch")[1])
+    for label, model in NETS.items():
+        records = read_jsonl(run_dir(experiment["out"], model) / "metrics.jsonl")
+        windows = [r["error"] for r in records if r["kind"] == "train"]  # two steps: all in epoch 1
+        evals = [r for r in records if r["kind"] == "eval"]
+        assert [r["epoch"] for r in train_rows] == [r["epoch"] for r in test_rows] == ["1"]
+        assert train_rows[0][label] == f"{sum(windows) / len(windows):.2f}"
+        assert test_rows[0][label] == f"{evals[-1]['top1_error']:.2f}"
+
+
+def test_by_epoch_counts_a_window_for_the_epoch_it_ends_in():
+    train = [{"epoch": e, "step": s, "error": err, "lr": lr} for e, s, err, lr in
+             [(0.5, 2, 40.0, 0.1), (1.0, 4, 30.0, 0.1), (1.5, 6, 20.0, 0.01), (2.25, 9, 10.0, 0.01)]]
+    evals = [{"epoch": 1.0, "step": 4, "top1_error": 35.0}, {"epoch": 2.25, "step": 9, "top1_error": 15.0}]
+    assert by_epoch(train, evals) == [
+        {"epoch": 1, "lr": 0.1, "train_error": 35.0, "test_error": 35.0},
+        {"epoch": 2, "lr": 0.01, "train_error": 20.0, "test_error": None},
+        {"epoch": 3, "lr": 0.01, "train_error": 10.0, "test_error": 15.0},  # a last, partial epoch counts as one
+    ]
 
 
 def nets(*errors: float) -> list[dict]:

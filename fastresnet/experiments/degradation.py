@@ -25,7 +25,7 @@ from . import paper
 from .figures import figure6
 from .runs import FINAL_WINDOW, by_net, train_all
 from .settings import ConfigError, Settings, configs_over_seeds, parse_depths, provenance
-from .tables import error_header, markdown_table, over_seeds_cell, publish
+from .tables import by_epoch_tables, error_header, markdown_table, over_seeds_cell, publish
 from .trends import SPREADS, decided_over, steps_text, trend, verdict_word
 
 NAME = "degradation"
@@ -86,9 +86,10 @@ def run(settings: Settings, depths: tuple[int, ...], margin: float = DEFAULT_MAR
 
 def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> dict:
     figure = figure6(folder / "figure6.png", plain, residual, depths)
-    rows = []
+    rows, labels = [], []
     for kind, summaries in (("plain", plain), ("ResNet", residual)):
         for depth, s in zip(depths, summaries):
+            labels.append(f"{kind}-{depth}")
             paper_error = paper.TABLE6_TEST_ERROR.get(s["model"]) if kind == "ResNet" else None
             rows.append([f"{kind}-{depth}", s["params"], over_seeds_cell(s, "final_train_error"), over_seeds_cell(s),
                          paper_error])
@@ -100,6 +101,7 @@ def write_outputs(folder: Path, result: dict, plain, residual, depths, say) -> d
         + f"\nDegradation: **{v['word']}** (plain rises: {v['plain_rises']}, steps {steps_text(v['plain'])}; "
         f"ResNet falls: {v['residual_falls']}, steps {steps_text(v['residual'])}).\n\n"
         f"Criterion: {v['criterion']}.\n\n{result['paper']}\n"
+        + by_epoch_tables(plain + residual, labels)
     )
     return publish(folder, result, text, figure, say)
 

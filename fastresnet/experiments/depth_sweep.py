@@ -15,7 +15,7 @@ from .figures import curves_and_finals
 from .runs import by_net, train_all
 from .settings import (FASHION_MNIST_CPU_BUDGET, FASHION_MNIST_QUICK_BUDGET, Settings, configs_over_seeds,
                        parse_depths, provenance)
-from .tables import error_header, markdown_table, over_seeds_cell, publish
+from .tables import by_epoch_tables, error_header, markdown_table, over_seeds_cell, publish
 from .trends import SPREADS, steps_text, trend, verdict_word
 
 NAME = "depth-sweep"
@@ -68,6 +68,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
         + markdown_table(["net", "params", "paper params", error_header(runs[models[0]], "train"),
                           error_header(runs[models[0]], "test"), "paper test error % (Table 6, CIFAR-10)"], rows)
         + f"\nDeeper is better: **{v['word']}** (test error steps {steps_text(v)}).\n\nCriterion: {v['criterion']}.\n"
+        + by_epoch_tables([runs[m] for m in models], models)
     )
     return publish(folder, result, text, figure, say)
 

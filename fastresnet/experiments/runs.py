@@ -150,10 +150,32 @@ def summarize(run_dir: Path) -> dict:
         "steps": last_step,
         "train_curve": [[r["step"], r["error"]] for r in train_records],
         "test_curve": [[r["step"], r["top1_error"]] for r in evals],
+        "by_epoch": by_epoch(train_records, evals),
         "final_train_error": mean([r["error"] for r in window]),
         "final_test_error": evals[-1]["top1_error"] if evals else math.nan,
         "run_dir": str(run_dir),
     }
+
+
+def by_epoch(train_records: list[dict], evals: list[dict]) -> list[dict]:
+    """Per epoch: the lr it ended at, the mean of the training-error windows logged in it (a window counts
+    for the epoch it ends in) and the test error after it (None where it was not tested). A last, partial
+    epoch counts as one."""
+    rows: dict[int, dict] = {}
+    for r in train_records + evals:
+        rows.setdefault(epoch_number(r), {"lr": None, "windows": [], "test_error": None})
+    for r in train_records:
+        rows[epoch_number(r)]["windows"].append(r["error"])
+        rows[epoch_number(r)]["lr"] = r["lr"]
+    for r in evals:
+        rows[epoch_number(r)]["test_error"] = r["top1_error"]
+    return [{"epoch": n, "lr": row["lr"], "train_error": mean(row["windows"]) if row["windows"] else None,
+             "test_error": row["test_error"]} for n, row in sorted(rows.items())]
+
+
+def epoch_number(record: dict) -> int:
+    """The epoch, from 1, that a record's step ends in: with 468 steps an epoch, steps 1 to 468 are epoch 1."""
+    return max(1, math.ceil(round(record["epoch"], 6)))
 
 
 def latest_per_step(records: list[dict]) -> list[dict]:

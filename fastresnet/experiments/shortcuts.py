@@ -17,7 +17,7 @@ from . import paper
 from .figures import curves_and_finals
 from .runs import by_net, train_all
 from .settings import ConfigError, Settings, configs_over_seeds, provenance
-from .tables import error_header, markdown_table, over_seeds_cell, publish
+from .tables import by_epoch_tables, error_header, markdown_table, over_seeds_cell, publish
 
 NAME = "shortcuts"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -61,6 +61,7 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
                           "paper top-1 error % (Table 3, ImageNet ResNet-34)"], rows)
         + f"\nSpread {result['spread']:.2f} points: **{'small' if result['small'] else 'not small'}** "
         f"({result['criterion']}).\n\n{result['paper']}\n"
+        + by_epoch_tables([runs[o] for o in OPTIONS], [f"option {o}" for o in OPTIONS])
     )
     return publish(folder, result, text, figure, say)
 

@@ -35,9 +35,34 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_epoch_tables(summaries: list[dict], labels: list[str]) -> str:
+    """Training and test error by epoch, a column per net, as markdown: where the curves of Figure 6 part
+    and meet, in numbers. Over several seeds a net's column is its first seed's run."""
+    seeds = {s["seed"] for s in summaries if len(s.get("seeds", ())) > 1}
+    note = f" (seed {seeds.pop()}'s runs)" if len(seeds) == 1 else ""
+    epochs = sorted({row["epoch"] for s in summaries for row in s["by_epoch"]})
+    lrs = {row["epoch"]: row["lr"] for row in summaries[0]["by_epoch"]}
+    text = ""
+    for kind, caption in (("train_error", "Training error % by epoch, the mean of its logged windows"),
+                          ("test_error", "Test error % after each epoch")):
+        cells = [{row["epoch"]: row[kind] for row in s["by_epoch"]} for s in summaries]
+        rows = [[e, lr_cell(lrs.get(e))] + [c.get(e) for c in cells] for e in epochs]
+        text += f"\n{caption}{note}:\n\n" + markdown_table(["epoch", "lr at its end"] + labels, rows)
+    return text
+
+
+def lr_cell(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
+
+
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
     """The first table in `text` as a list of {header: cell} (used by the tests and by readers)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    lines = []
+    for line in map(str.strip, text.splitlines()):
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:  # the first table ended
+            break
     if len(lines) < 2:
         return []
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
