@@ -6,15 +6,20 @@ ImageFolder back ends):
 
     python -m fastresnet.evaluate --checkpoint runs/resnet50-dali-... --data.root /data/imagenet --data.ten_crop true
 
-Single centre crop by default (data.ten_crop false). Prints one line and, with --output, writes JSON.
+Single centre crop by default (data.ten_crop false). `--bn_batches N` first recomputes BatchNorm's
+running statistics from N training batches (train-mode forward passes, each batch weighted equally):
+a test error that falls with it came from the running statistics, not from the weights.
+Prints one line and, with --output, writes JSON.
 Exit status: 0 done, 2 a mistake in the input (a flag, a checkpoint, a dataset), told in one line.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,11 +42,13 @@ def add_options(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
                         help="a run directory or its checkpoint.pt")
     parser.add_argument("--output", default="", metavar="FILE", help="write the results as JSON here (a new file)")
+    parser.add_argument("--bn_batches", type=int, default=0, metavar="N",
+                        help="recompute BatchNorm's running statistics from N training batches before testing")
 
 
 COMMAND = Command(
     prog="python -m fastresnet.evaluate", doc=__doc__, add_options=add_options, run_config=False,
-    usage="%(prog)s --checkpoint RUN_DIR|FILE [--output FILE] [--FIELD VALUE ...]",
+    usage="%(prog)s --checkpoint RUN_DIR|FILE [--output FILE] [--bn_batches N] [--FIELD VALUE ...]",
     fields=(*(name for name in DATA_FIELDS if name not in TRAIN_ONLY_DATA_FIELDS),
             "device", "amp", "channels_last", "dist_backend"),
     defaults_from="the checkpoint's",
@@ -49,8 +56,10 @@ COMMAND = Command(
     hints={name: "evaluate takes --checkpoint, not --recipe or --resume" for name in ("recipe", "resume")})
 
 
-def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
+def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None, int]:
     args, given = COMMAND.parse(argv)
+    if args.bn_batches < 0:
+        raise ConfigError(f"--bn_batches {args.bn_batches}: give a number of training batches, 1 or more")
     checkpoint = Path(args.checkpoint)
     state = load_checkpoint(checkpoint, needs=NEEDS)
     cfg = apply_flat(TrainConfig(), saved_values(state["config"]), f"{checkpoint} (saved config)")
@@ -58,10 +67,10 @@ def parse(argv: list[str]) -> tuple[Path, TrainConfig, Path | None]:
     validate(cfg)
     cfg = smoke.shrink(cfg)
     output = new_file(args.output, "--output") if args.output else None
-    return checkpoint, cfg, output
+    return checkpoint, cfg, output, args.bn_batches
 
 
-def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
+def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig, bn_batches: int = 0) -> dict:
     info, device = distributed.setup(cfg.device, cfg.dist_backend)
     state = load_checkpoint(checkpoint, needs=NEEDS)
     try:
@@ -73,23 +82,43 @@ def evaluate_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    result = evaluate_model(model, data.val, device, amp_dtype(cfg, device, data.image_size), cfg.channels_last)
+    amp = amp_dtype(cfg, device, data.image_size)
+    if bn_batches:
+        recompute_batchnorm_statistics(model, data.train, bn_batches, amp, cfg)
+    result = evaluate_model(model, data.val, device, amp, cfg.channels_last)
     result.update(crops=data.val.crops, model=cfg.model, backend=data.backend, checkpoint=str(checkpoint),
-                  step=state["step"], skipped_files=data.val.skipped)
+                  step=state["step"], skipped_files=data.val.skipped, bn_batches=bn_batches)
     return result
+
+
+def recompute_batchnorm_statistics(model: torch.nn.Module, train_loader, batches: int, amp, cfg: TrainConfig) -> None:
+    """Replace every BatchNorm's running mean and variance by their average over the first `batches`
+    training batches of epoch 0 (augmented as in training, drawn with the run's seed)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"--bn_batches: {cfg.model} has no BatchNorm layers whose statistics could be recomputed")
+    if batches > len(train_loader):
+        raise ConfigError(f"--bn_batches {batches}: the training set has {len(train_loader)} batches "
+                          f"of {cfg.data.batch_size}")
+    torch.manual_seed(cfg.seed)
+    train_loader.set_epoch(0)
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=amp) if amp is not None else nullcontext()
+    with autocast:
+        torch.optim.swa_utils.update_bn(itertools.islice(train_loader, batches), model)
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        checkpoint, cfg, output = parse(argv)
-        result = evaluate_checkpoint(checkpoint, cfg)
+        checkpoint, cfg, output, bn_batches = parse(argv)
+        result = evaluate_checkpoint(checkpoint, cfg, bn_batches)
     finally:
         distributed.teardown()
     if distributed.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     crops = f"{result['crops']}-crop" if result["crops"] > 1 else "centre crop"
+    if bn_batches:
+        crops += f", BatchNorm statistics from {bn_batches} training batches"
     print(f"{result['model']} at step {result['step']} on {result['backend']} ({result['images']} images, {crops}): "
           f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
           f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}")

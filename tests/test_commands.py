@@ -122,7 +122,7 @@ OPTION_VALUES = {
     "--val-images-per-class": "1", "--seed": "1", "--seeds": "0,1", "--depths": "20,32", "--depth": "20", "--margin": "1",
     "--threshold": "1", "--dataset": "digits", "--data": "{tmp}/cifar-10-batches-py", "--iterations": "10",
     "--milestones": "5", "--stop-at-step": "100", "--eval-every": "1", "--batch-size": "32", "--set": "compile=off",
-    "--progress": "off",
+    "--progress": "off", "--bn_batches": "2",
 }
 CONTEXT = {"--quick": ["--dataset", "fashion-mnist"]}  # what a flag needs beside it to apply
 REQUIRED = {  # arguments a command cannot parse without
