@@ -104,6 +104,7 @@ def recompute_batchnorm_statistics(model: torch.nn.Module, train_loader, batches
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=amp) if amp is not None else nullcontext()
     with autocast:
         torch.optim.swa_utils.update_bn(itertools.islice(train_loader, batches), model)
+    distributed.average_buffers(model)  # under torchrun each rank drew its own shard's batches
 
 
 @command
