@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from fastresnet.training.cli import DATA_FIELDS, TRAIN_ONLY_DATA_FIELDS, Command
 from fastresnet.training.config import TrainConfig, saved_values, validate
 from fastresnet.training.fields import apply_flat
 from fastresnet.training.loop import evaluate_model
-from fastresnet.training.model import amp_dtype, build_model
+from fastresnet.training.model import amp_autocast, amp_dtype, build_model
 
 NEEDS = ("model", "config", "step")  # what evaluation reads of a checkpoint
 
@@ -101,8 +100,7 @@ def recompute_batchnorm_statistics(model: torch.nn.Module, train_loader, batches
                           f"of {cfg.data.batch_size}")
     torch.manual_seed(cfg.seed)
     train_loader.set_epoch(0)
-    autocast = torch.autocast(next(model.parameters()).device.type, dtype=amp) if amp is not None else nullcontext()
-    with autocast:
+    with amp_autocast(next(model.parameters()).device.type, amp):
         torch.optim.swa_utils.update_bn(itertools.islice(train_loader, batches), model)
     distributed.average_buffers(model)  # under torchrun each rank drew its own shard's batches
 

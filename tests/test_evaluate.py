@@ -13,8 +13,8 @@ from fastresnet.training.checkpoint import load_checkpoint
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """ResNet-20 after two epochs of digits (88% test accuracy; 95% with recomputed statistics), and a copy of its checkpoint whose
-    BatchNorm running statistics are wrong."""
+    """ResNet-20 after two epochs of digits (88% test accuracy; 95% with recomputed statistics), and a
+    copy of its checkpoint whose BatchNorm running statistics are wrong."""
     out = tmp_path_factory.mktemp("evaluate")
     cfg = TrainConfig(model="resnet20", out_dir=str(out), run_name="run", progress="off", plot=False, length=2,
                       eval_every=0, data=DataConfig(backend="digits", batch_size=64))

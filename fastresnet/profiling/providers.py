@@ -15,7 +15,6 @@ rows differ only where the model differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from fastresnet.training.config import TrainConfig
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.loop import make_train_step
 from fastresnet.training.model import (
-    amp_dtype, build_model, build_optimizer, compile_mode, fused_blocks_plan, prepare_model,
+    amp_autocast, amp_dtype, build_model, build_optimizer, compile_mode, fused_blocks_plan, prepare_model,
 )
 
 PROVIDERS = ("fastresnet", "torchvision", "torchvision+compile")
@@ -116,8 +115,7 @@ def _place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Modul
 
 def _inference_step(runner: nn.Module, amp: torch.dtype | None, device: torch.device):
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), amp_autocast(device.type, amp):
             return runner(images)
 
     return step

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from fastresnet.training.fields import ConfigError
 from fastresnet.training.metrics import (
     EvalAccumulator, JsonLines, Throughput, TrainAccumulator, memory_gib, peak_tflops, train_flops_per_image,
 )
-from fastresnet.training.model import build_model, build_optimizer, prepare_model
+from fastresnet.training.model import amp_autocast, build_model, build_optimizer, prepare_model
 from fastresnet.training.plot import plot_curves
 from fastresnet.training.precision import choose_amp
 from fastresnet.training.progress import Progress
@@ -508,8 +507,7 @@ def make_train_step(runner: nn.Module, criterion: nn.Module, optimizer: torch.op
     device_type = next(runner.parameters()).device.type
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        autocast = torch.autocast(device_type, dtype=amp) if amp is not None else nullcontext()
-        with autocast:
+        with amp_autocast(device_type, amp):
             logits = runner(images)
             loss = criterion(logits, labels)
         if scaler is not None:
@@ -533,9 +531,8 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, amp: torch.dt
     model.eval()
     acc = EvalAccumulator(device)
     crops = getattr(loader, "crops", 1)
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     for images, labels in smoke.batches(loader):
-        with autocast:
+        with amp_autocast(device.type, amp):
             logits = model(images)
         logits = logits.float()
         if crops > 1:

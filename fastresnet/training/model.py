@@ -9,6 +9,7 @@ DistributedDataParallel under torchrun, torch.compile. Evaluation uses the modul
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ def amp_dtype(cfg: TrainConfig, device: torch.device, image_size: int) -> torch.
     """The autocast dtype, or None for fp32; auto is bf16 on CUDA, and on a CPU bf16 where a timed training
     step of this model at this image size says it is faster (fastresnet.training.precision), else fp32."""
     return choose_amp(cfg, device, image_size).dtype
+
+
+def amp_autocast(device_type: str, amp: torch.dtype | None):
+    """The context a forward pass runs under: autocast to `amp`, or none for fp32 (amp None)."""
+    return torch.autocast(device_type, dtype=amp) if amp is not None else nullcontext()
 
 
 def fused_blocks_plan(cfg: TrainConfig, device: torch.device, mode: str) -> str:
