@@ -31,7 +31,9 @@ def test_the_cpu_preset_on_a_cpu_and_the_papers_schedule_on_a_gpu(fm_root, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert settings.budget() == FASHION_MNIST_CPU_BUDGET
     cfg = train_config(settings, "resnet56")
-    assert (cfg.length, cfg.lr_milestones, cfg.unit) == (15 * 468, (3510, 5265), "step")  # 15 epochs, lr / 10 at 1/2, 3/4
+    assert (cfg.length, cfg.lr_milestones, cfg.unit) == (30 * 468, (7020, 10530), "step")  # 30 epochs, lr / 10 at 1/2, 3/4
+    fifteen_epochs = train_config(Settings(dataset="fashion-mnist", data=str(fm_root), iterations=15 * 468), "resnet56")
+    assert (fifteen_epochs.length, fifteen_epochs.lr_milestones) == (15 * 468, (3510, 5265))  # the first schedule's runs
     quick = Settings(dataset="fashion-mnist", data=str(fm_root), quick=True)
     assert quick.budget() == FASHION_MNIST_QUICK_BUDGET
     assert train_config(quick, "resnet56").run_name != cfg.run_name
@@ -106,7 +108,13 @@ def test_the_cpu_presets_run_names_are_pinned(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(settings_module, "resolve_root", lambda root: fashion_mnist.DEFAULT_ROOT)
-    settings = Settings(dataset="fashion-mnist", out=Path("/runs-go-here"))
-    names = {model: train_config(settings, model).run_name for model in ("plain20", "resnet20", "resnet110")}
-    assert names == {"plain20": "plain20-475147c3", "resnet20": "resnet20-2a154305",
-                     "resnet110": "resnet110-62f7bfcb"}
+    def names(**budget) -> dict:
+        settings = Settings(dataset="fashion-mnist", out=Path("/runs-go-here"), **budget)
+        models = ("plain20", "resnet20", "resnet56", "resnet110")
+        return {model: train_config(settings, model).run_name for model in models}
+
+    assert names() == {"plain20": "plain20-2489d035", "resnet20": "resnet20-64d4c5e6",
+                       "resnet56": "resnet56-83b13578", "resnet110": "resnet110-98180765"}
+    # the 15-epoch runs of the results page
+    assert names(iterations=15 * 468) == {"plain20": "plain20-475147c3", "resnet20": "resnet20-2a154305",
+                                          "resnet56": "resnet56-38e62c4d", "resnet110": "resnet110-62f7bfcb"}
