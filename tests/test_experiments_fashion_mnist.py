@@ -118,3 +118,19 @@ def test_the_cpu_presets_run_names_are_pinned(monkeypatch):
     # the 15-epoch runs of the results page
     assert names(iterations=15 * 468) == {"plain20": "plain20-475147c3", "resnet20": "resnet20-2a154305",
                                           "resnet56": "resnet56-38e62c4d", "resnet110": "resnet110-62f7bfcb"}
+
+
+def test_runs_on_a_cpu_train_fp32_whatever_its_bf16_units_and_bf16_is_another_run(monkeypatch):
+    """amp=auto on a CPU is a timed choice that differs between machines; the experiments pin fp32 there, so
+    one command trains the same runs on every CPU, and bf16 asked for by --set gets names of its own."""
+    from fastresnet.experiments import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "resolve_root", lambda root: fashion_mnist.DEFAULT_ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fp32 = train_config(Settings(dataset="fashion-mnist"), "resnet56")
+    assert fp32.amp == "off" and fp32.run_name == "resnet56-83b13578"
+    bf16 = train_config(Settings(dataset="fashion-mnist", overrides={"amp": "bf16"}), "resnet56")
+    assert bf16.amp == "bf16" and bf16.run_name not in ("resnet56-83b13578", "")
+    assert bf16.run_name.startswith("resnet56-")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_config(Settings(dataset="fashion-mnist"), "resnet56").amp == "auto"  # bf16 on every GPU

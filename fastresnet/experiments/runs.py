@@ -42,13 +42,16 @@ DONE_NAME = "done.json"
 LOCKS_NAME = ".locks"  # beside the run folders: one lock file per run
 # Fields that change how a run is shown or stopped, not what it computes.
 PRESENTATION_FIELDS = ("out_dir", "run_name", "progress", "plot", "stop_at_step")
+# Settings a run name leaves unsaid besides TrainConfig's defaults: fp32, which the experiments train in on
+# a CPU (settings.pinned_precision), as every run named before that did.
+UNSAID = {"amp": "off"}
 # The final training error is the mean over this last fraction of the iterations
 # (a single logging window is too noisy to compare nets by).
 FINAL_WINDOW = 0.1
 
 
 def run_name(cfg: TrainConfig) -> str:
-    defaults = flat_values(to_dict(TrainConfig()))
+    defaults = {**flat_values(to_dict(TrainConfig())), **UNSAID}
     settings = {k: v for k, v in flat_values(to_dict(cfg)).items()
                 if k not in PRESENTATION_FIELDS and (k not in defaults or v != defaults[k])}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]

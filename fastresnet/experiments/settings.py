@@ -173,7 +173,19 @@ def train_config(settings: Settings, model: str, shortcut: str = "", seed: int |
         progress=settings.progress, seed=settings.seeds[0] if seed is None else seed, stop_at_step=settings.stop_at_step,
     )
     cfg = apply_flat(cfg, settings.overrides, "--set")
+    cfg = pinned_precision(cfg, settings)
     return apply_flat(cfg, {"run_name": run_name(cfg)}, "run name")
+
+
+def pinned_precision(cfg: TrainConfig, settings: Settings) -> TrainConfig:
+    """fp32 where `amp=auto` would time the choice. On a CPU auto trains bf16 where the machine's bf16 units
+    win a timed step and fp32 elsewhere, so the same command would give fp32 runs on one CPU and bf16 runs
+    on another, under one name, and mix them in one table. On a CPU the experiments therefore train fp32,
+    the paper's precision and every recorded run's; `--set amp=bf16` asks for bf16 runs, which get names of
+    their own. On CUDA auto is bf16 on every GPU, so it stays."""
+    if cfg.amp == "auto" and not settings.on_gpu:
+        return replace_fields(cfg, amp="off")
+    return cfg
 
 
 def configs_over_seeds(settings: Settings, nets: list[tuple[str, str]]) -> list[TrainConfig]:
