@@ -63,11 +63,12 @@ def write_outputs(folder: Path, result: dict, say) -> dict:
     rows = [[m, f"{runs[m]['params'] / 1e6:.2f}M", f"{result['paper_params'][m] / 1e6:.2f}M",
              over_seeds_cell(runs[m], "final_train_error"), over_seeds_cell(runs[m]), result["paper_test_error"][m]]
             for m in models]
+    steps = f" (test error steps {steps_text(v)})" if v["steps"] else ""
     text = (
         f"# Depth sweep ({result['dataset']}, {result['budget']['iterations']} iterations)\n\n"
         + markdown_table(["net", "params", "paper params", error_header(runs[models[0]], "train"),
                           error_header(runs[models[0]], "test"), "paper test error % (Table 6, CIFAR-10)"], rows)
-        + f"\nDeeper is better: **{v['word']}** (test error steps {steps_text(v)}).\n\nCriterion: {v['criterion']}.\n"
+        + f"\nDeeper is better: **{v['word']}**{steps}.\n\nCriterion: {v['criterion']}.\n"
         + by_epoch_tables([runs[m] for m in models], models)
     )
     return publish(folder, result, text, figure, say)
