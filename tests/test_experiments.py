@@ -18,7 +18,7 @@ from fastresnet.experiments.runs import DONE_NAME, by_epoch
 from fastresnet.experiments.settings import PAPER_CIFAR_BUDGET, Settings, parse_depths, train_config
 from fastresnet.experiments.tables import parse_markdown_table
 from fastresnet.models import get_model
-from fastresnet.training.checkpoint import load_checkpoint
+from fastresnet.training.checkpoint import CheckpointError, load_checkpoint
 from fastresnet.training.fields import ConfigError
 from fastresnet.training.metrics import read_jsonl
 
@@ -181,6 +181,27 @@ def test_layer_responses_of_a_run_saved_when_num_classes_defaulted_to_1000(exper
     torch.save(state, tmp_path / "checkpoint.pt")
     old = layer_responses.measure(tmp_path, torch.device("cpu"))
     assert old["stds"] == layer_responses.measure(run_dir(experiment["out"], "plain20"), torch.device("cpu"))["stds"]
+
+
+def test_layer_responses_need_only_the_records_of_runs_trained_elsewhere(experiment, tmp_path):
+    """A finished run's record holds its responses, measured at its end: copied without its checkpoint (as
+    the results pages keep runs), it serves layer-responses with the numbers its checkpoint gives."""
+    import shutil
+
+    out = tmp_path / "elsewhere"
+    for model in ("plain20", "resnet20"):
+        shutil.copytree(run_dir(experiment["out"], model), out / "runs" / run_dir(experiment["out"], model).name,
+                        ignore=shutil.ignore_patterns("*.pt"))
+    result = layer_responses.run(tiny(out), (20,), say=lambda *_: None)
+    for net, model in zip(result["nets"], ("plain20", "resnet20")):
+        assert net["stds"] == layer_responses.measure(run_dir(experiment["out"], model), torch.device("cpu"))["stds"]
+    # a record from before runs kept their responses, without its checkpoint: an error naming what is missing
+    done = run_dir(out, "resnet20") / DONE_NAME
+    record = json.loads(done.read_text())
+    del record["responses"]
+    done.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"resnet20-\w+ finished before .* checkpoint.pt is not there"):
+        layer_responses.run(tiny(out), (20,), say=lambda *_: None)
 
 
 def test_paper_recipe_on_cifar_and_resnet110_warmup(tmp_path):

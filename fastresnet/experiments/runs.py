@@ -28,14 +28,17 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
-from fastresnet.training.checkpoint import CHECKPOINT_NAME
+from fastresnet.training.checkpoint import CHECKPOINT_NAME, CheckpointError
 from fastresnet.training.fields import replace_fields
 from fastresnet.training.fields import to_dict
 from fastresnet.training.metrics import read_jsonl
 
+from .responses import measure
 from .tables import write_json
 
 DONE_NAME = "done.json"
@@ -132,8 +135,23 @@ def train_or_resume_locked(cfg: TrainConfig, run_dir: Path) -> RunOutcome:
     outcome = RunOutcome(cfg.run_name, cfg.model, run_dir, result["status"], action)
     if outcome.finished:
         outcome.summary = summarize(run_dir)
-        write_json(done, {"result": result, "summary": outcome.summary})
+        responses = measure(run_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        write_json(done, {"result": result, "summary": outcome.summary, "responses": responses})
     return outcome
+
+
+def recorded_responses(run_dir: Path, device: torch.device) -> dict:
+    """A finished run's layer responses (responses.measure): those its record holds, measured when it
+    finished, so that the record alone, without the checkpoint, serves `layer-responses`; else, for a run
+    finished before records held them, measured now from its checkpoint."""
+    record = json.loads((run_dir / DONE_NAME).read_text())
+    if "responses" in record:
+        return record["responses"]
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise CheckpointError(f"{run_dir} finished before run records held their layer responses, and its "
+                              f"{CHECKPOINT_NAME} is not there to measure them (another machine trained it?): "
+                              "delete the folder to train it again, or put its checkpoint back")
+    return measure(run_dir, device)
 
 
 def summarize(run_dir: Path) -> dict:
