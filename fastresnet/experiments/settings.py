@@ -18,7 +18,9 @@ the data (`--dataset`, else inferred from `--data`):
   steps per epoch at batch 128), seconds on a GPU, minutes on a CPU.
 
 Any TrainConfig field can still be set with `--set field=value` (for example
-`--set compile=off`), and `--iterations` overrides every preset.
+`--set compile=off`), and `--iterations` overrides every preset. On a CPU the
+runs train fp32 unless `--set amp=bf16` (pinned_precision: `amp=auto` would
+differ from one CPU to the next).
 """
 
 from __future__ import annotations
