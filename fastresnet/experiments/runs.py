@@ -10,7 +10,8 @@ different budgets never mix; and a field added to TrainConfig later, at its
 default, leaves the names of runs that take hours to train unchanged.
 
 A run is finished when `done.json` sits beside its checkpoint (written after
-`train` returned "completed"). A run with a checkpoint but no `done.json` was
+`train` returned "completed", with the run's summary and its layer responses,
+so that its record serves every experiment without the checkpoint). A run with a checkpoint but no `done.json` was
 interrupted (SIGTERM, Ctrl-C, a crash, a kill): it is resumed from that
 checkpoint, after the metrics logged past the checkpoint's step are dropped
 so that no step is counted twice. A run folder with no checkpoint starts over.
