@@ -7,6 +7,7 @@ batch 8) is interrupted, resumed and re-run; the other tests read its runs.
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -186,8 +187,6 @@ def test_layer_responses_of_a_run_saved_when_num_classes_defaulted_to_1000(exper
 def test_layer_responses_need_only_the_records_of_runs_trained_elsewhere(experiment, tmp_path):
     """A finished run's record holds its responses, measured at its end: copied without its checkpoint (as
     the results pages keep runs), it serves layer-responses with the numbers its checkpoint gives."""
-    import shutil
-
     out = tmp_path / "elsewhere"
     for model in ("plain20", "resnet20"):
         shutil.copytree(run_dir(experiment["out"], model), out / "runs" / run_dir(experiment["out"], model).name,

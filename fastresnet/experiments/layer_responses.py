@@ -12,8 +12,6 @@ import argparse
 import statistics
 from pathlib import Path
 
-import torch
-
 from . import paper
 from .figures import figure7
 from .responses import measure
@@ -32,16 +30,15 @@ def label(model: str) -> str:
 
 
 def run(settings: Settings, depths: tuple[int, ...], checkpoints: list[str] | None = None, say=print) -> dict | None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = bool(checkpoints)
     if given:
-        nets = [measure(path, device) for path in checkpoints]
+        nets = [measure(path) for path in checkpoints]
     else:
         models = [f"plain{d}" for d in depths] + [f"resnet{d}" for d in depths]
         outcomes, finished = train_all(configs_over_seeds(settings, [(m, "") for m in models]), say=say)
         if not finished:
             return None
-        nets = [recorded_responses(o.run_dir, device) for o in outcomes]
+        nets = [recorded_responses(o.run_dir) for o in outcomes]
     result = {"experiment": NAME, **provenance(settings), "nets": nets, "findings": findings(nets),
               "paper": paper.FIGURE7_FINDING}
     # nets given as checkpoints are whatever nets they are: only trained ones are named by their depths

@@ -97,7 +97,9 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[nn.Module, Tra
     return model.to(device), cfg
 
 
-def measure(path: str | Path, device: torch.device) -> dict:
+def measure(path: str | Path, device: torch.device | None = None) -> dict:
+    """The responses of the net saved at `path`, on `device` (None: CUDA where there is one, else the CPU)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_trained(path, device)
     data = build_loaders(cfg.data, device=device, seed=cfg.seed)
     stds = response_stds(model, smoke.batches(data.val), device)  # the whole test set, except in a smoke run

@@ -29,8 +29,6 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from fastresnet.flops import count_params
 from fastresnet.models import get_model
 from fastresnet.training import TrainConfig, train
@@ -136,12 +134,11 @@ def train_or_resume_locked(cfg: TrainConfig, run_dir: Path) -> RunOutcome:
     outcome = RunOutcome(cfg.run_name, cfg.model, run_dir, result["status"], action)
     if outcome.finished:
         outcome.summary = summarize(run_dir)
-        responses = measure(run_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        write_json(done, {"result": result, "summary": outcome.summary, "responses": responses})
+        write_json(done, {"result": result, "summary": outcome.summary, "responses": measure(run_dir)})
     return outcome
 
 
-def recorded_responses(run_dir: Path, device: torch.device) -> dict:
+def recorded_responses(run_dir: Path) -> dict:
     """A finished run's layer responses (responses.measure): those its record holds, measured when it
     finished, so that the record alone, without the checkpoint, serves `layer-responses`; else, for a run
     finished before records held them, measured now from its checkpoint."""
@@ -152,7 +149,7 @@ def recorded_responses(run_dir: Path, device: torch.device) -> dict:
         raise CheckpointError(f"{run_dir} finished before run records held their layer responses, and its "
                               f"{CHECKPOINT_NAME} is not there to measure them (another machine trained it?): "
                               "delete the folder to train it again, or put its checkpoint back")
-    return measure(run_dir, device)
+    return measure(run_dir)
 
 
 def summarize(run_dir: Path) -> dict:
