@@ -103,6 +103,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert (state["epoch"], state["batches_done"], state["step"]) == (0, 10, 10)
     second = train(digits_config(tmp_path, run_name="resumed", **common), resume=first["run_dir"])
     assert second["status"] == "completed" and second["step"] == 26
+    env = json.loads((Path(second["run_dir"]) / "env.json").read_text())
+    assert env["started_at_step"] == 10  # and the first start's record kept, in order
+    assert [start["started_at_step"] for start in env["earlier_starts"]] == [0]
+    assert "earlier_starts" not in env["earlier_starts"][0]
 
     expected, actual = _weights(Path(straight["run_dir"])), _weights(Path(second["run_dir"]))
     assert expected.keys() == actual.keys()

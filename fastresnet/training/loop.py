@@ -147,7 +147,7 @@ class Trainer:
                                  steps_per_epoch=self.steps_per_epoch)
         if writes:
             write_run_files(self.run_dir, cfg, self.data.backend, device, info.world_size,
-                            speed=self._speed_settings())
+                            speed=self._speed_settings(), start_step=self.step)
         self.accumulator = TrainAccumulator(device)
         self.throughput = Throughput()
         self.window_steps = 0

@@ -2,7 +2,8 @@
 
 runs/<name>/config.json   the resolved TrainConfig, less the data fields the run's back end does not read
 runs/<name>/env.json      versions, GPU, git revision, command line, world size, the speed
-                          settings as resolved and the measured choices behind them
+                          settings as resolved and the measured choices behind them, the step
+                          this start began at, and a resumed run's earlier starts
 runs/<name>/metrics.jsonl one JSON object per log interval and evaluation
 runs/<name>/curves.png    the training curves
 runs/<name>/checkpoint.pt the latest checkpoint (atomic)
@@ -195,9 +196,23 @@ def run_config(cfg: TrainConfig, backend: str) -> dict:
 
 
 def write_run_files(folder: Path, cfg: TrainConfig, backend: str, device: torch.device, world_size: int,
-                    speed: dict | None = None) -> None:
+                    speed: dict | None = None, start_step: int = 0) -> None:
     """config.json (run_config: the fields `backend` reads), and env.json with `speed`: what the speed
     settings resolved to and the measured choices behind them (fused blocks or plain under compile, each
-    op's dispatch)."""
+    op's dispatch). A resumed run (`start_step` > 0) keeps the env.json of each earlier start."""
     write_json(folder / "config.json", run_config(cfg, backend))
-    write_json(folder / "env.json", {**environment(device, world_size), "speed": speed or {}})
+    env = {**environment(device, world_size), "started_at_step": start_step, "speed": speed or {}}
+    write_json(folder / "env.json", {**env, "earlier_starts": earlier_starts(folder / "env.json")})
+
+
+def earlier_starts(env_path: Path) -> list[dict]:
+    """The starts recorded in an existing env.json, oldest first. A run resumed on another machine, with
+    other threads or at another revision trains each part under different sums, so its record says
+    where each part trained."""
+    if not env_path.is_file():
+        return []
+    try:
+        previous = json.loads(env_path.read_text())
+    except json.JSONDecodeError:
+        return [{"unreadable": f"{env_path} was not valid JSON when the run resumed"}]
+    return previous.pop("earlier_starts", []) + [previous]
