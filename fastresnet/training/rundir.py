@@ -199,7 +199,8 @@ def write_run_files(folder: Path, cfg: TrainConfig, backend: str, device: torch.
                     speed: dict | None = None, start_step: int = 0) -> None:
     """config.json (run_config: the fields `backend` reads), and env.json with `speed`: what the speed
     settings resolved to and the measured choices behind them (fused blocks or plain under compile, each
-    op's dispatch). A resumed run (`start_step` > 0) keeps the env.json of each earlier start."""
+    op's dispatch). A run started again in its folder (a resume, a torchrun restart) keeps the env.json of
+    each earlier start."""
     write_json(folder / "config.json", run_config(cfg, backend))
     env = {**environment(device, world_size), "started_at_step": start_step, "speed": speed or {}}
     write_json(folder / "env.json", {**env, "earlier_starts": earlier_starts(folder / "env.json")})
