@@ -122,6 +122,24 @@ def test_by_epoch_counts_a_window_for_the_epoch_it_ends_in():
     ]
 
 
+def test_error_axis_ends_where_the_nets_part_not_at_their_first_steps():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    from fastresnet.experiments.figures import ERROR_AXIS_TOP, error_curves
+
+    summaries = [{"train_curve": [[1, 90.0], [9, 5.0]], "test_curve": [[9, final]]} for final in (6.0, 7.5)]
+    fig, ax = plt.subplots()
+    error_curves(ax, summaries, ["a", "b"], "t")
+    assert ax.get_ylim() == (0, ERROR_AXIS_TOP * 7.5)  # the worst final test error sets it, not step 1's 90%
+    summaries[1]["test_curve"] = [[9, 60.0]]
+    error_curves(ax, summaries, ["a", "b"], "t")
+    assert ax.get_ylim() == (0, 100)
+    plt.close(fig)
+
+
 def nets(*errors: float) -> list[dict]:
     """One-seed summaries with these final training errors."""
     return [{"final_train_error": e, "seeds": [0]} for e in errors]

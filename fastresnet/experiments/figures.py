@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 COLOURS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
+# The error axis ends at this multiple of the worst final test error, as the paper's Figure 6 ends at
+# 20%: the nets' last epochs, where they part, are what the figure compares, not their first steps.
+ERROR_AXIS_TOP = 3.0
 
 
 def _pyplot():
@@ -30,7 +33,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> None:
-    """Figure 6's style: training error thin, test error bold, one colour per net, against iterations."""
+    """Figure 6's style: training error thin, test error bold, one colour per net, against iterations,
+    the error axis from 0 to ERROR_AXIS_TOP times the worst final test error."""
     for colour, summary, label in zip(COLOURS, summaries, labels):
         train = summary["train_curve"]
         test = summary["test_curve"]
@@ -39,6 +43,9 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> No
         if test:
             ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label,
                     marker="o" if len(test) < 30 else None)
+    finals = [s["test_curve"][-1][1] for s in summaries if s["test_curve"]]
+    if finals:
+        ax.set_ylim(0, min(100.0, ERROR_AXIS_TOP * max(finals)))
     ax.set_title(title)
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
@@ -78,10 +85,12 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     error_curves(left, summaries, labels, title)
     x = range(len(labels))
-    right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4, label="this run")
+    colours = [COLOURS[i % len(COLOURS)] for i in x]  # each net's colour in the curves
+    right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4, label="this run",
+              color=colours)
     if paper:
         right.bar([i + 0.2 for i in x], [paper.get(label, float("nan")) for label in labels], width=0.4,
-                  label=paper_label)
+                  label=paper_label, color="lightgrey", edgecolor=colours)
     right.set_xticks(list(x), labels)
     right.set_ylabel("final test error (%)")
     right.grid(alpha=0.3, axis="y")
