@@ -122,21 +122,28 @@ def test_by_epoch_counts_a_window_for_the_epoch_it_ends_in():
     ]
 
 
-def test_error_axis_ends_where_the_nets_part_not_at_their_first_steps():
+def test_error_axis_ends_where_the_nets_part_not_at_their_first_steps(monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    from fastresnet.experiments.figures import ERROR_AXIS_TOP, error_curves
+    from fastresnet.experiments import figures
 
-    summaries = [{"train_curve": [[1, 90.0], [9, 5.0]], "test_curve": [[9, final]]} for final in (6.0, 7.5)]
+    def summary(final: float) -> dict:
+        return {"train_curve": [[1, 90.0], [9, final - 1]], "test_curve": [[9, final]]}
+
     fig, ax = plt.subplots()
-    error_curves(ax, summaries, ["a", "b"], "t")
-    assert ax.get_ylim() == (0, ERROR_AXIS_TOP * 7.5)  # the worst final test error sets it, not step 1's 90%
-    summaries[1]["test_curve"] = [[9, 60.0]]
-    error_curves(ax, summaries, ["a", "b"], "t")
+    figures.error_curves(ax, [summary(6.0), summary(7.5)], ["a", "b"], "t")
+    assert ax.get_ylim() == (0, figures.ERROR_AXIS_TOP * 7.5)  # the worst final test error, not step 1's 90%
+    figures.error_curves(ax, [summary(6.0), summary(60.0)], ["a", "b"], "t")
     assert ax.get_ylim() == (0, 100)
+    plt.close(fig)
+
+    # Figure 6's two panels share the axis: it holds the worst net of both, whichever panel draws last.
+    monkeypatch.setattr(figures, "_save", lambda fig, path: fig)
+    fig = figures.figure6(None, [summary(12.0)], [summary(6.0)], (56,))
+    assert [a.get_ylim() for a in fig.axes] == [(0, figures.ERROR_AXIS_TOP * 12.0)] * 2
     plt.close(fig)
 
 

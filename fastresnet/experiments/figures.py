@@ -43,9 +43,9 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> No
         if test:
             ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label,
                     marker="o" if len(test) < 30 else None)
-    finals = [s["test_curve"][-1][1] for s in summaries if s["test_curve"]]
-    if finals:
-        ax.set_ylim(0, min(100.0, ERROR_AXIS_TOP * max(finals)))
+    top = error_axis_top(summaries)
+    if top is not None:
+        ax.set_ylim(0, top)
     ax.set_title(title)
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
@@ -53,11 +53,20 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> No
     ax.legend(title="bold: test, thin: train", fontsize=8)
 
 
+def error_axis_top(summaries: list[dict]) -> float | None:
+    """ERROR_AXIS_TOP times the worst final test error of these nets (at most 100%); None without tests."""
+    finals = [s["test_curve"][-1][1] for s in summaries if s["test_curve"]]
+    return min(100.0, ERROR_AXIS_TOP * max(finals)) if finals else None
+
+
 def figure6(path: Path, plain: list[dict], residual: list[dict], depths: tuple[int, ...]) -> Path:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     error_curves(left, plain, [f"plain-{d}" for d in depths], "plain networks")
     error_curves(right, residual, [f"ResNet-{d}" for d in depths], "residual networks")
+    top = error_axis_top(plain + residual)  # the shared axis holds both panels' nets
+    if top is not None:
+        left.set_ylim(0, top)
     return _save(fig, path)
 
 
