@@ -32,9 +32,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> None:
+def error_curves(ax, summaries: list[dict], labels: list[str], title: str, top: float | None = None) -> None:
     """Figure 6's style: training error thin, test error bold, one colour per net, against iterations,
-    the error axis from 0 to ERROR_AXIS_TOP times the worst final test error."""
+    the error axis from 0 to `top` (default: error_axis_top of these nets)."""
     for colour, summary, label in zip(COLOURS, summaries, labels):
         train = summary["train_curve"]
         test = summary["test_curve"]
@@ -43,7 +43,8 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str) -> No
         if test:
             ax.plot([s for s, _ in test], [e for _, e in test], color=colour, lw=2.2, label=label,
                     marker="o" if len(test) < 30 else None)
-    top = error_axis_top(summaries)
+    if top is None:
+        top = error_axis_top(summaries)
     if top is not None:
         ax.set_ylim(0, top)
     ax.set_title(title)
@@ -62,11 +63,9 @@ def error_axis_top(summaries: list[dict]) -> float | None:
 def figure6(path: Path, plain: list[dict], residual: list[dict], depths: tuple[int, ...]) -> Path:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    error_curves(left, plain, [f"plain-{d}" for d in depths], "plain networks")
-    error_curves(right, residual, [f"ResNet-{d}" for d in depths], "residual networks")
-    top = error_axis_top(plain + residual)  # the shared axis holds both panels' nets
-    if top is not None:
-        left.set_ylim(0, top)
+    top = error_axis_top(plain + residual)  # the panels share the axis: it holds the nets of both
+    error_curves(left, plain, [f"plain-{d}" for d in depths], "plain networks", top)
+    error_curves(right, residual, [f"ResNet-{d}" for d in depths], "residual networks", top)
     return _save(fig, path)
 
 
