@@ -121,7 +121,6 @@ def test_resnet20_train_step(benchmark):
     for precision in PRECISIONS:
         steps[f"eager {precision} channels_last"] = (_step(copy.deepcopy(base).to(memory_format=CL), precision),
                                                      images_cl)
-    for precision in PRECISIONS:
         steps[f"torch.compile {precision} channels_last"] = (
             _step(torch.compile(copy.deepcopy(base).to(memory_format=CL)), precision), images_cl)
     cfg = TrainConfig(model="resnet20", data=DataConfig(backend="synthetic", batch_size=128))
