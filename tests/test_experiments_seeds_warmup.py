@@ -12,9 +12,9 @@ import pytest
 
 from fastresnet.experiments import degradation, warmup
 from fastresnet.experiments.__main__ import main as experiments_main
-from fastresnet.experiments.runs import over_seeds
+from fastresnet.experiments.runs import by_epoch_over_seeds, over_seeds
 from fastresnet.experiments.settings import Settings, configs_over_seeds
-from fastresnet.experiments.tables import over_seeds_cell, parse_markdown_table
+from fastresnet.experiments.tables import by_epoch_tables, over_seeds_cell, parse_markdown_table
 from fastresnet.training.fields import ConfigError
 
 
@@ -24,7 +24,8 @@ def tiny(out, **kwargs) -> Settings:
 
 
 def test_over_seeds_is_the_papers_best_mean_and_std():
-    runs = [{"seed": s, "final_train_error": t, "final_test_error": e, "train_curve": [[1, t]]}
+    runs = [{"seed": s, "final_train_error": t, "final_test_error": e, "train_curve": [[1, t]],
+             "by_epoch": [{"epoch": 1, "lr": 0.1, "train_error": t, "test_error": e}]}
             for s, t, e in ((0, 10.0, 7.0), (1, 12.0, 6.0), (2, 11.0, 8.0))]
     combined = over_seeds(runs)
     assert combined["seeds"] == [0, 1, 2] and combined["train_curve"] == [[1, 10.0]]  # the first seed's curves
@@ -33,6 +34,20 @@ def test_over_seeds_is_the_papers_best_mean_and_std():
     assert combined["final_train_error"] == 11.0
     assert over_seeds_cell(combined) == "6.00 (7.00 ± 1.00)"
     assert over_seeds_cell(over_seeds(runs[:1])) == "7.00"
+
+
+def test_by_epoch_over_seeds_is_their_mean_and_empty_where_a_seed_has_no_value():
+    def run(*rows):
+        return [{"epoch": e, "lr": 0.1, "train_error": t, "test_error": v} for e, t, v in rows]
+    combined = by_epoch_over_seeds([run((1, 30.0, 20.0), (2, 10.0, None)), run((1, 20.0, 10.0)),
+                                    run((1, 40.0, 30.0), (2, 20.0, 6.0))])
+    assert combined == [{"epoch": 1, "lr": 0.1, "train_error": 30.0, "test_error": 20.0},
+                        {"epoch": 2, "lr": 0.1, "train_error": None, "test_error": None}]  # the second run stopped after epoch 1
+    summaries = [{"seed": s, "final_train_error": 1.0, "final_test_error": 1.0, "by_epoch": run((1, t, t))}
+                 for s, t in ((0, 30.0), (1, 20.0))]
+    table = by_epoch_tables([over_seeds(summaries)], ["resnet20"])
+    assert "Training error % by epoch, the mean of its logged windows (mean over 2 seeds)" in table
+    assert parse_markdown_table(table.split("Test error % after each epoch")[1])[0]["resnet20"] == "25.00"
 
 
 def test_configs_train_every_net_of_a_seed_before_the_next_seed(tmp_path):

@@ -9,7 +9,8 @@ from fastresnet.experiments.trends import decided_over, standard_error, steps_te
 
 def net(*errors: float) -> dict:
     """A net trained once per error given, as runs.over_seeds combines its seeds."""
-    return over_seeds([{"seed": seed, "final_train_error": e, "final_test_error": e, "train_curve": []}
+    return over_seeds([{"seed": seed, "final_train_error": e, "final_test_error": e, "train_curve": [],
+                        "by_epoch": []}
                        for seed, e in enumerate(errors)])
 
 

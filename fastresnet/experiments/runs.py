@@ -208,15 +208,33 @@ def mean(values: list[float]) -> float:
 
 
 def over_seeds(summaries: list[dict]) -> dict:
-    """One net trained once per seed, as one summary: the first seed's curves, and each final error the
-    mean over the seeds, beside its per-seed values, sample std and best (the paper's "best (mean +- std)")."""
+    """One net trained once per seed, as one summary: the first seed's curves (a figure draws one run, as
+    the paper's do), the by-epoch errors as means over the seeds, and each final error the mean over the
+    seeds, beside its per-seed values, sample std and best (the paper's "best (mean +- std)")."""
     combined = dict(summaries[0], seeds=[s["seed"] for s in summaries])
+    if len(summaries) > 1:
+        combined["by_epoch"] = by_epoch_over_seeds([s["by_epoch"] for s in summaries])
     for key in ("final_train_error", "final_test_error"):
         values = [s[key] for s in summaries]
         combined[key] = mean(values)
         combined[f"{key}_seeds"] = values
         combined[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         combined[f"{key}_best"] = min(values)
+    return combined
+
+
+def by_epoch_over_seeds(runs: list[list[dict]]) -> list[dict]:
+    """by_epoch rows of several runs of one schedule as one: each error the mean over the runs, None in an
+    epoch where some run has none (a mean of the seeds that have it would mix seeds from epoch to epoch)."""
+    per_run = [{row["epoch"]: row for row in rows} for rows in runs]
+    combined = []
+    for epoch in sorted(set().union(*per_run)):
+        epoch_rows = [rows.get(epoch, {}) for rows in per_run]
+        row = {"epoch": epoch, "lr": next((r["lr"] for r in epoch_rows if r), None)}
+        for key in ("train_error", "test_error"):
+            values = [r.get(key) for r in epoch_rows]
+            row[key] = None if None in values else mean(values)
+        combined.append(row)
     return combined
 
 

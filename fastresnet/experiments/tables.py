@@ -37,9 +37,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def by_epoch_tables(summaries: list[dict], labels: list[str]) -> str:
     """Training and test error by epoch, a column per net, as markdown: where the curves of Figure 6 part
-    and meet, in numbers. Over several seeds a net's column is its first seed's run."""
-    seeds = {s["seed"] for s in summaries if len(s.get("seeds", ())) > 1}
-    note = f" (seed {seeds.pop()}'s runs)" if len(seeds) == 1 else ""
+    and meet, in numbers. Over several seeds a net's column is the mean over its seeds (runs.over_seeds)."""
+    seed_counts = {len(s.get("seeds", ())) for s in summaries}
+    note = ("" if max(seed_counts) < 2 else f" (mean over {max(seed_counts)} seeds)" if len(seed_counts) == 1
+            else " (mean over each net's seeds)")
     epochs = sorted({row["epoch"] for s in summaries for row in s["by_epoch"]})
     lrs = {row["epoch"]: row["lr"] for row in summaries[0]["by_epoch"]}
     text = ""
