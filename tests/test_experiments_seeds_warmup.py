@@ -39,10 +39,12 @@ def test_over_seeds_is_the_papers_best_mean_and_std():
 def test_by_epoch_over_seeds_is_their_mean_and_empty_where_a_seed_has_no_value():
     def run(*rows):
         return [{"epoch": e, "lr": 0.1, "train_error": t, "test_error": v} for e, t, v in rows]
-    combined = by_epoch_over_seeds([run((1, 30.0, 20.0), (2, 10.0, None)), run((1, 20.0, 10.0)),
-                                    run((1, 40.0, 30.0), (2, 20.0, 6.0))])
+    combined = by_epoch_over_seeds([run((1, 30.0, 20.0), (2, 10.0, None), (3, 5.0, 4.0)),
+                                    run((1, 20.0, 10.0), (2, 30.0, 8.0)),
+                                    run((1, 40.0, 30.0), (2, 20.0, 6.0), (3, 7.0, 5.0))])
     assert combined == [{"epoch": 1, "lr": 0.1, "train_error": 30.0, "test_error": 20.0},
-                        {"epoch": 2, "lr": 0.1, "train_error": None, "test_error": None}]  # the second run stopped after epoch 1
+                        {"epoch": 2, "lr": 0.1, "train_error": 20.0, "test_error": None},  # the first run not tested
+                        {"epoch": 3, "lr": 0.1, "train_error": None, "test_error": None}]  # the second stopped
     summaries = [{"seed": s, "final_train_error": 1.0, "final_test_error": 1.0, "by_epoch": run((1, t, t))}
                  for s, t in ((0, 30.0), (1, 20.0))]
     table = by_epoch_tables([over_seeds(summaries)], ["resnet20"])
