@@ -147,6 +147,30 @@ def test_error_axis_ends_where_the_nets_part_not_at_their_first_steps(monkeypatc
     plt.close(fig)
 
 
+def test_figures_say_which_seed_the_curves_are_and_that_the_bars_are_means(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    from fastresnet.experiments import figures
+
+    monkeypatch.setattr(figures, "_save", lambda fig, path: fig)
+    one = {"seed": 0, "seeds": [0], "train_curve": [[9, 5.0]], "test_curve": [[9, 6.0]], "final_test_error": 6.0}
+    three = dict(one, seeds=[0, 1, 2], final_test_error=6.5)
+
+    def legends(fig):
+        curves, bars = fig.axes
+        return curves.get_legend().get_title().get_text(), [t.get_text() for t in bars.get_legend().get_texts()]
+
+    fig = figures.curves_and_finals(None, [one], ["resnet20"], "t")
+    assert legends(fig) == ("bold: test, thin: train", ["this run"])
+    plt.close(fig)
+    fig = figures.curves_and_finals(None, [three, dict(three, seed=0)], ["resnet20", "resnet56"], "t")
+    assert legends(fig) == ("bold: test, thin: train\nthe runs of seed 0", ["mean of 3 seeds"])
+    plt.close(fig)
+
+
 def nets(*errors: float) -> list[dict]:
     """One-seed summaries with these final training errors."""
     return [{"final_train_error": e, "seeds": [0]} for e in errors]

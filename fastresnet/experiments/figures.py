@@ -34,7 +34,8 @@ def _save(fig, path: Path) -> Path:
 
 def error_curves(ax, summaries: list[dict], labels: list[str], title: str, top: float | None = None) -> None:
     """Figure 6's style: training error thin, test error bold, one colour per net, against iterations,
-    the error axis from 0 to `top` (default: error_axis_top of these nets)."""
+    the error axis from 0 to `top` (default: error_axis_top of these nets). A net trained on several
+    seeds draws its first seed's run (runs.over_seeds), as the paper draws one run, and the legend says so."""
     for colour, summary, label in zip(COLOURS, summaries, labels):
         train = summary["train_curve"]
         test = summary["test_curve"]
@@ -51,7 +52,20 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str, top: 
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
     ax.grid(alpha=0.3)
-    ax.legend(title="bold: test, thin: train", fontsize=8)
+    ax.legend(title="bold: test, thin: train" + seeds_line(summaries), fontsize=8)
+
+
+def seeds_line(summaries: list[dict]) -> str:
+    """The legend's line for nets trained on several seeds, whose curves are each one's first seed's run."""
+    first_seeds = {s["seed"] for s in summaries if seed_count([s]) > 1}
+    if not first_seeds:
+        return ""
+    return f"\nthe runs of seed {first_seeds.pop()}" if len(first_seeds) == 1 else "\neach net's first seed"
+
+
+def seed_count(summaries: list[dict]) -> int:
+    """How many seeds the nets trained on: 1 unless runs.over_seeds combined several."""
+    return max((len(s.get("seeds", ())) for s in summaries), default=1) or 1
 
 
 def error_axis_top(summaries: list[dict]) -> float | None:
@@ -94,8 +108,9 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     error_curves(left, summaries, labels, title)
     x = range(len(labels))
     colours = [COLOURS[i % len(COLOURS)] for i in x]  # each net's colour in the curves
-    right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4, label="this run",
-              color=colours)
+    seeds = seed_count(summaries)
+    right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4,
+              label="this run" if seeds < 2 else f"mean of {seeds} seeds", color=colours)
     if paper:
         right.bar([i + 0.2 for i in x], [paper.get(label, float("nan")) for label in labels], width=0.4,
                   label=paper_label, color="lightgrey", edgecolor=colours)
