@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .tables import seed_count
+
 COLOURS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
 # The error axis ends at this multiple of the worst final test error, as the paper's Figure 6 ends at
 # 20%: the nets' last epochs, where they part, are what the figure compares, not their first steps.
@@ -57,15 +59,10 @@ def error_curves(ax, summaries: list[dict], labels: list[str], title: str, top: 
 
 def seeds_line(summaries: list[dict]) -> str:
     """The legend's line for nets trained on several seeds, whose curves are each one's first seed's run."""
-    first_seeds = {s["seed"] for s in summaries if seed_count([s]) > 1}
+    first_seeds = {s["seed"] for s in summaries if seed_count(s) > 1}
     if not first_seeds:
         return ""
     return f"\nthe runs of seed {first_seeds.pop()}" if len(first_seeds) == 1 else "\neach net's first seed"
-
-
-def seed_count(summaries: list[dict]) -> int:
-    """How many seeds the nets trained on: 1 unless runs.over_seeds combined several."""
-    return max((len(s.get("seeds", ())) for s in summaries), default=1) or 1
 
 
 def error_axis_top(summaries: list[dict]) -> float | None:
@@ -108,7 +105,7 @@ def curves_and_finals(path: Path, summaries: list[dict], labels: list[str], titl
     error_curves(left, summaries, labels, title)
     x = range(len(labels))
     colours = [COLOURS[i % len(COLOURS)] for i in x]  # each net's colour in the curves
-    seeds = seed_count(summaries)
+    seeds = max(seed_count(s) for s in summaries)
     right.bar([i - 0.2 for i in x], [s["final_test_error"] for s in summaries], width=0.4,
               label="this run" if seeds < 2 else f"mean of {seeds} seeds", color=colours)
     if paper:

@@ -16,16 +16,21 @@ def fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def seed_count(summary: dict) -> int:
+    """How many seeds a net's summary stands for: 1 unless runs.over_seeds combined several."""
+    return len(summary.get("seeds", ())) or 1
+
+
 def over_seeds_cell(summary: dict, key: str = "final_test_error") -> str:
     """A net's error as the paper gives it over several runs, "best (mean +- std)"; one run: its value."""
-    if len(summary.get("seeds", ())) < 2:
+    if seed_count(summary) < 2:
         return fmt(summary[key])
     return f"{fmt(summary[key + '_best'])} ({fmt(summary[key])} ± {fmt(summary[key + '_std'])})"
 
 
 def error_header(summary: dict, kind: str) -> str:
     """The header of over_seeds_cell's column of `kind` ("train" or "test") errors."""
-    seeds = len(summary.get("seeds", ()))
+    seeds = seed_count(summary)
     return f"{kind} error %" if seeds < 2 else f"{kind} error %, best (mean ± std) of {seeds} seeds"
 
 
@@ -38,9 +43,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def by_epoch_tables(summaries: list[dict], labels: list[str]) -> str:
     """Training and test error by epoch, a column per net, as markdown: where the curves of Figure 6 part
     and meet, in numbers. Over several seeds a net's column is the mean over its seeds (runs.over_seeds)."""
-    seed_counts = {len(s.get("seeds", ())) for s in summaries}
-    note = ("" if max(seed_counts) < 2 else f" (mean over {max(seed_counts)} seeds)" if len(seed_counts) == 1
-            else " (mean over each net's seeds)")
+    seed_counts = {seed_count(s) for s in summaries}
+    note = ""
+    if max(seed_counts) > 1:
+        note = f" (mean over {max(seed_counts)} seeds)" if len(seed_counts) == 1 else " (mean over each net's seeds)"
     epochs = sorted({row["epoch"] for s in summaries for row in s["by_epoch"]})
     lrs = {row["epoch"]: row["lr"] for row in summaries[0]["by_epoch"]}
     text = ""

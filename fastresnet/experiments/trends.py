@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 
+from .tables import seed_count
+
 SPREADS = 2.0  # about 95% on a normal spread; with 3 seeds a step must clear the noise by a wide margin
 
 
 def standard_error(a: dict, b: dict, key: str) -> float | None:
     """The standard error of b[key] - a[key], both means over their seeds (runs.over_seeds); None for one seed."""
-    na, nb = len(a.get("seeds", ())), len(b.get("seeds", ()))
+    na, nb = seed_count(a), seed_count(b)
     if min(na, nb) < 2:
         return None
     return math.sqrt(a[f"{key}_std"] ** 2 / na + b[f"{key}_std"] ** 2 / nb)
